@@ -1,0 +1,203 @@
+"""The one config schema shared by every family and preset.
+
+Every field is defined here, once, with its meaning and unit; family files
+(`roformer.py`, `roformer_v2.py`, `gau.py`, `deepnet.py`) only change values.
+Overriding a field that is not defined here is an error (`--config.model.foo=1`
+names the unknown field and exits with code 2).
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Returns the full default config (the `tiny` RoFormer v1 MLM on the built-in corpus)."""
+  config = ml_collections.ConfigDict()
+
+  # Base PRNG seed (int). Per-step randomness is fold_in(key(seed), step).
+  config.seed = 0
+  # Training objective: 'mlm' (masked LM, BERT 15 % 80/10/10) or 'clm' (causal next-token LM).
+  config.objective = 'mlm'
+
+  # ---------------------------------------------------------------- model
+  config.model = model = ml_collections.ConfigDict()
+  # Architecture family: 'roformer' (v1: post-LN, biases, GELU), 'roformer_v2'
+  # (bias-free, parameter-free RMS norm), 'gau' (gated attention unit / FLASH / GAU-alpha).
+  model.family = 'roformer'
+  # Vocabulary size (tokens). The SentencePiece model is trained with this size.
+  model.vocab_size = 8000
+  # Model width d (features).
+  model.hidden_size = 128
+  # Number of blocks L (a GAU "block" is one GAU layer).
+  model.num_layers = 2
+  # Attention heads h (softmax attention families).
+  model.num_heads = 2
+  # Head size d_h (features); 0 means hidden_size // num_heads.
+  model.head_dim = 0
+  # FFN inner width F (features).
+  model.mlp_dim = 512
+  # Token-type (segment A/B) vocabulary; 0 disables token-type embeddings.
+  model.type_vocab_size = 2
+  # Dropout probability on embeddings, residual branches and attention weights.
+  model.dropout_rate = 0.0
+  # RoPE base (theta_i = rotary_base^(-2i/d_h)), SPEC 7.1.
+  model.rotary_base = 10000.0
+  # Softmax attention scale: 'standard' (1/sqrt(d_h)) or 'entropy_invariant'
+  # (log_512(n)/sqrt(d_h), n = valid keys clamped at 16), SPEC 7.4.
+  model.attention_scale = 'standard'
+  # Epsilon of every LayerNorm / RMSNorm.
+  model.norm_eps = 1e-12
+  # Residual form: 'post_ln' (x + G(x) then norm) or 'deepnorm' (norm(alpha*x + G(x)), SPEC 5).
+  model.residual = 'post_ln'
+  # DeepNorm alpha / beta; 0 means the encoder-only formulas (2N)^(1/4) and (8N)^(-1/4).
+  model.deepnorm_alpha = 0.0
+  model.deepnorm_beta = 0.0
+  # GAU expansion width e as a multiple of hidden_size (SPEC 6.1).
+  model.expansion_factor = 2
+  # GAU shared query/key width s (features).
+  model.shared_dim = 128
+  # GAU attention normalisation: 'relu2', 'softmax' or 'softmax_plus' (SPEC 6.1).
+  model.attention_norm = 'relu2'
+  # FLASH mixed-chunk attention chunk size c (tokens); 0 = plain quadratic GAU (SPEC 6.2).
+  model.chunk_size = 0
+  # Kernel init: 'normal' (std initializer_range), 'roformer_v2' (truncated normal L^-1/2),
+  # 'gau_alpha' (L^-1/3), SPEC 5.3.
+  model.init = 'normal'
+  # Std of the 'normal' init.
+  model.initializer_range = 0.02
+  # Activation/compute dtype ('float32' on CPU, 'bfloat16' on TPU) and parameter dtype.
+  model.dtype = 'float32'
+  model.param_dtype = 'float32'
+  # Rematerialisation per layer: 'none', 'full' or 'dots_with_no_batch_dims' (SPEC 8).
+  model.remat_policy = 'none'
+  # Scan over layers (compile time independent of depth).
+  model.scan_layers = True
+
+  # ---------------------------------------------------------------- data
+  config.data = data = ml_collections.ConfigDict()
+  # Local text files (glob, comma-separated globs allowed). Empty: use tfds_name or the
+  # built-in corpus (the Python standard library's .py files).
+  data.text_files = ''
+  # How local text files split into documents: 'file' (one per file) or 'line' (one per line).
+  data.text_unit = 'file'
+  # A TFDS dataset by name (e.g. 'wikipedia/20230601.en'); must have a text feature.
+  data.tfds_name = ''
+  # TFDS data dir for named datasets; empty means the TFDS default (~/tensorflow_datasets).
+  data.tfds_data_dir = ''
+  # Feature holding the text in a TFDS dataset.
+  data.tfds_text_key = 'text'
+  # Splits used for training and evaluation.
+  data.train_split = 'train'
+  data.eval_split = 'validation'
+  # Fraction of documents held out for validation (local files, built-in corpus).
+  data.validation_fraction = 0.02
+  # Where built TFDS datasets and trained tokenizers are cached; empty = ~/.cache/encoder_pretrain.
+  data.cache_dir = ''
+  # A SentencePiece .model to load; empty = train one on a sample of the training split.
+  data.tokenizer_model = ''
+  # Bytes of training text sampled to train the tokenizer.
+  data.tokenizer_sample_bytes = 4_000_000
+  # Tokens per packed row n.
+  data.seq_len = 128
+  # Rows per step over all processes (must divide over the data-parallel devices).
+  data.global_batch_size = 32
+  # MLM: fraction of non-special tokens selected, and of those the [MASK]/random fractions.
+  data.mask_rate = 0.15
+  data.mask_token_rate = 0.8
+  data.random_token_rate = 0.1
+  # Seed of the document shuffle (per epoch) and of the masking.
+  data.shuffle_seed = 0
+  # Grain read threads and prefetch buffer (elements).
+  data.num_threads = 2
+  data.prefetch_buffer_size = 64
+
+  # ---------------------------------------------------------------- optimizer
+  config.optim = optim = ml_collections.ConfigDict()
+  # 'adamw', 'adafactor', 'lamb' or 'sgdm' (SGD with heavy-ball momentum b1).
+  optim.name = 'adamw'
+  # Peak learning rate (for AdaFactor with parameter scaling: relative step size).
+  optim.learning_rate = 1e-3
+  # Schedule: 'linear' or 'cosine' decay after linear warmup, 'constant' (after warmup),
+  # 'rsqrt' (AdaFactor's relative step min(learning_rate, 1/sqrt(t))), or 'piecewise_linear'
+  # (multipliers at steps, optim.schedule_boundaries).
+  optim.schedule = 'linear'
+  # Linear warmup length (optimizer steps).
+  optim.warmup_steps = 50
+  # Final learning rate as a fraction of the peak.
+  optim.end_learning_rate_factor = 0.0
+  # Decoupled weight decay (skips biases and norm scales).
+  optim.weight_decay = 0.01
+  # Adam/LAMB first and second moment decays and epsilon; momentum for sgdm/adafactor.
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-6
+  # Global gradient-norm clip; 0 disables.
+  optim.grad_clip_norm = 1.0
+  # Micro-steps per optimizer update, and how to accumulate: 'multisteps' (optax.MultiSteps,
+  # exact, one extra buffer) or 'momentum' (hidden in momentum, no buffer, SPEC 2).
+  optim.accumulation_steps = 1
+  optim.accumulation = 'multisteps'
+  # Piecewise-linear multipliers ((step, multiplier), ...) for schedule='piecewise_linear'.
+  optim.schedule_boundaries = ((0, 1.0),)
+  # AdaFactor (SPEC 1): 'optax' (paper / Su formulation, optax.adafactor placement) or
+  # 'bert4keras' (momentum on the clipped update before parameter scaling, lr-scaled decay).
+  optim.adafactor_variant = 'optax'
+  # AdaFactor: factor second moments of matrices, scale steps by RMS(param) (eps2 = 1e-3),
+  # update clipping threshold d, and the beta2 exponent c (beta2hat_t = 1 - t^-c).
+  optim.factored = True
+  optim.parameter_scale = True
+  optim.clipping_threshold = 1.0
+  optim.decay_rate = 0.8
+  # Exponentiated-gradient step-size adaptation wrapped around the base optimizer (SPEC 3).
+  optim.eg = eg = ml_collections.ConfigDict()
+  eg.enabled = False
+  # Meta learning rates of the per-leaf scale S and of the per-coordinate gains p.
+  eg.scale_lr = 1e-3
+  eg.gain_lr = 1e-2
+  # Normalised (cosine / sign) or unnormalised (inner product) meta-gradients.
+  eg.normalized = True
+  # Clip ranges of S and p.
+  eg.scale_min = 0.1
+  eg.scale_max = 10.0
+  eg.gain_min = 0.01
+  eg.gain_max = 100.0
+  # Signal the scale aligns with: 'momentum' (EGDD) or 'gbar' (EMA of gradients), its
+  # granularity 'per_leaf' (EGDD) or 'global', and the EMA decay of gbar.
+  eg.scale_signal = 'momentum'
+  eg.scale_granularity = 'per_leaf'
+  eg.beta = 0.9
+
+  # ---------------------------------------------------------------- training loop
+  config.train = train = ml_collections.ConfigDict()
+  # Total optimizer steps.
+  train.num_train_steps = 300
+  # Console / metrics.jsonl / TensorBoard logging period (steps).
+  train.log_every_steps = 25
+  # Evaluation period (steps; the final step is always evaluated) and batches per evaluation.
+  train.eval_every_steps = 150
+  train.eval_steps = 8
+  # Checkpoint period (steps; the final step is always saved) and how many to keep.
+  train.checkpoint_every_steps = 100
+  train.keep_checkpoints = 2
+  # Peak FLOP/s of one device for MFU; 0 = look up by device kind (CPU: 100 GFLOP/s per core).
+  train.peak_flops_per_device = 0.0
+  # Stop after this many steps in this run (0 = run to num_train_steps); for tests and
+  # preemption drills.
+  train.stop_after_steps = 0
+
+  # ---------------------------------------------------------------- mesh
+  config.mesh = mesh = ml_collections.ConfigDict()
+  # Device mesh shape over ('data', 'fsdp', 'tensor'); one -1 takes the remaining devices.
+  mesh.shape = (-1, 1, 1)
+  # Logical axis -> mesh axis rules for parameters ('vocab', 'embed', 'heads', 'kv', 'mlp',
+  # 'layers') and activations ('batch', 'length').
+  mesh.logical_axis_rules = (
+      ('batch', ('data', 'fsdp')),
+      ('length', None),
+      ('vocab', 'tensor'),
+      ('embed', 'fsdp'),
+      ('heads', 'tensor'),
+      ('kv', None),
+      ('mlp', 'tensor'),
+      ('layers', None),
+  )
+  return config
