@@ -1,0 +1,314 @@
+"""TFDS datasets of raw text: local text files, the built-in corpus, or a TFDS dataset by name.
+
+Every source ends as `array_record` shards read by random access through
+`as_data_source` (no TensorFlow, DESIGN.md 2). Local sources are built once into
+`<cache_dir>/tfds/<name>_<fingerprint>` where the fingerprint hashes the file list, sizes,
+modification times and split settings, so editing the corpus rebuilds it and re-running
+does not.
+
+Non-UTF-8 input policy: a file whose first 8 KiB contain a NUL byte is treated as binary and
+skipped with a warning; any other file is decoded as UTF-8 with invalid bytes replaced by
+U+FFFD, and the number of replaced bytes is reported (warning at build time).
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import glob
+import hashlib
+import os
+import sys
+import sysconfig
+from typing import Iterator, Sequence
+
+from absl import logging
+import tensorflow_datasets as tfds
+
+tfds.disable_progress_bar()
+
+# Directory names skipped in the built-in corpus: test suites, IDLE and installed packages
+# are not on every Python install (SPEC-free choice documented in STACK.md 4: ~11 MB remain).
+_STDLIB_SKIP_DIRS = frozenset(
+    {'test', 'tests', 'idlelib', 'site-packages', 'dist-packages', '__pycache__'})
+_BINARY_SNIFF_BYTES = 8192
+_FEATURES = {'text': tfds.features.Text(), 'id': tfds.features.Text()}
+
+
+class DataError(ValueError):
+  """Bad data input (missing files, no usable text, bad split): the message says what to do."""
+
+
+# ------------------------------------------------------------------ reading local files
+
+_replaced_bytes = [0]
+
+
+def _count_and_replace(error: UnicodeDecodeError):
+  _replaced_bytes[0] += error.end - error.start
+  return '\ufffd', error.end
+
+
+codecs.register_error('encoder_pretrain_count_replace', _count_and_replace)
+
+
+@dataclasses.dataclass
+class TextFileScan:
+  """What a scan of local text files found.
+
+  Attributes:
+    files: the readable text files, sorted (paths).
+    binary_files: files skipped because they look binary (NUL byte in the first 8 KiB).
+    total_bytes: bytes of the text files.
+  """
+  files: list[str]
+  binary_files: list[str]
+  total_bytes: int
+
+
+def expand_globs(pattern: str, flag: str = '--config.data.text_files') -> list[str]:
+  """Expands a comma-separated list of globs (with `**`) into sorted regular files.
+
+  Raises:
+    DataError: no pattern given, or nothing matched.
+  """
+  patterns = [p.strip() for p in pattern.split(',') if p.strip()]
+  files = sorted({f for p in patterns for f in glob.glob(os.path.expanduser(p), recursive=True)
+                  if os.path.isfile(f)})
+  if not files:
+    raise DataError(
+        f'{flag}={pattern!r} matches no files. Check the path (globs such as '
+        f'"corpus/**/*.txt" need quotes in the shell so that Python expands them), or leave '
+        f'{flag} empty to train on the built-in corpus.')
+  return files
+
+
+def scan_text_files(files: Sequence[str], flag: str = '--config.data.text_files') -> TextFileScan:
+  """Sorts `files` into text and binary files (NUL-byte sniff).
+
+  Raises:
+    DataError: every file is binary or empty.
+  """
+  text, binary, total = [], [], 0
+  for path in files:
+    with open(path, 'rb') as f:
+      head = f.read(_BINARY_SNIFF_BYTES)
+    if b'\x00' in head:
+      binary.append(path)
+      continue
+    size = os.path.getsize(path)
+    if size:
+      text.append(path)
+      total += size
+  if binary:
+    logging.warning('skipping %d binary file(s) (NUL bytes), e.g. %s', len(binary), binary[0])
+  if not text:
+    raise DataError(
+        f'{flag}: the {len(files)} matched file(s) hold no usable text (all empty or binary, '
+        f'e.g. {files[0]}). Point the flag at UTF-8 text files.')
+  return TextFileScan(text, binary, total)
+
+
+def read_text(path: str) -> tuple[str, int]:
+  """Reads `path` as UTF-8, replacing invalid bytes; returns (text, replaced byte count)."""
+  before = _replaced_bytes[0]
+  with open(path, 'rb') as f:
+    text = f.read().decode('utf-8', errors='encoder_pretrain_count_replace')
+  return text, _replaced_bytes[0] - before
+
+
+def _is_validation(doc_id: str, fraction: float) -> bool:
+  """Deterministic hold-out: a document is in validation iff its id hashes below `fraction`."""
+  digest = hashlib.sha256(doc_id.encode('utf-8')).digest()
+  return int.from_bytes(digest[:8], 'big') / 2.0**64 < fraction
+
+
+def _documents(files: Sequence[str], text_unit: str) -> Iterator[tuple[str, str]]:
+  """Yields (doc_id, text) for every non-blank document; warns about replaced bytes."""
+  replaced_total, replaced_files = 0, 0
+  for path in files:
+    text, replaced = read_text(path)
+    if replaced:
+      replaced_total += replaced
+      replaced_files += 1
+    if text_unit == 'file':
+      if text.strip():
+        yield path, text
+    else:
+      for i, line in enumerate(text.splitlines()):
+        if line.strip():
+          yield f'{path}:{i}', line
+  if replaced_total:
+    logging.warning('%d file(s) were not valid UTF-8: %d invalid byte(s) replaced by U+FFFD',
+                    replaced_files, replaced_total)
+
+
+class _LocalTextBuilder(tfds.core.GeneratorBasedBuilder):
+  """Base of the local-text builders: documents from files, split by a hash of their id."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+
+  def __init__(self, *, files: Sequence[str], text_unit: str, validation_fraction: float,
+               **kwargs):
+    self._files = list(files)
+    self._text_unit = text_unit
+    self._validation_fraction = validation_fraction
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # Built directly: dataset_info_from_configs() reads files next to the builder's module.
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(_FEATURES))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    ids = [doc_id for doc_id, _ in _documents(self._files, self._text_unit)]
+    held_out = {i for i in ids if _is_validation(i, self._validation_fraction)}
+    if not held_out and len(ids) > 1:
+      # A small corpus can hash nothing into validation: hold out the lowest-hash document.
+      held_out = {min(ids, key=lambda i: hashlib.sha256(i.encode()).digest())}
+    if len(held_out) == len(ids) and ids:
+      held_out = set()
+    return {'train': self._generate_examples(held_out, False), 'validation': self._generate_examples(held_out, True)}
+
+  def _generate_examples(self, held_out: set[str], validation: bool):
+    for doc_id, text in _documents(self._files, self._text_unit):
+      if (doc_id in held_out) == validation:
+        yield doc_id, {'text': text, 'id': doc_id}
+
+
+class LocalTextFiles(_LocalTextBuilder):
+  """Local text files as a TFDS dataset (`--config.data.text_files=GLOB`).
+
+  Features: `text` (bytes, UTF-8) and `id` (`path` or `path:line`). Splits: `train` and
+  `validation` (documents whose id hashes below `validation_fraction`).
+  """
+
+
+class StdlibCorpus(_LocalTextBuilder):
+  """The built-in corpus: the Python standard library's `.py` files (about 11 MB).
+
+  Every Python install has it, so the main job trains on real, varied text with no download.
+  Test suites, IDLE and site-packages are excluded (not present on every install).
+  """
+
+
+def stdlib_files() -> list[str]:
+  """Returns the sorted `.py` files of this interpreter's standard library."""
+  root = sysconfig.get_paths()['stdlib']
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
+    found.extend(os.path.join(dirpath, f) for f in filenames if f.endswith('.py'))
+  return sorted(found)
+
+
+def _fingerprint(files: Sequence[str], *settings) -> str:
+  h = hashlib.sha256(repr(settings).encode())
+  for path in files:
+    st = os.stat(path)
+    h.update(f'{path}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+  return h.hexdigest()[:16]
+
+
+def default_cache_dir() -> str:
+  """`$XDG_CACHE_HOME/encoder_pretrain` or `~/.cache/encoder_pretrain`."""
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'encoder_pretrain')
+
+
+@dataclasses.dataclass
+class TextSource:
+  """A prepared text dataset.
+
+  Attributes:
+    name: human-readable source name for logs and checkpoint metadata.
+    fingerprint: identifies the content (tokenizer cache key, metadata).
+    train: random-access source of train records ({'text': bytes, ...}).
+    validation: random-access source of validation records.
+    text_key: feature holding the text.
+  """
+  name: str
+  fingerprint: str
+  train: Sequence
+  validation: Sequence
+  text_key: str
+
+
+def _from_builder(builder: tfds.core.DatasetBuilder, name: str, fingerprint: str,
+                  train_split: str, eval_split: str, text_key: str) -> TextSource:
+  splits = builder.info.splits
+  for flag, split in (('train_split', train_split), ('eval_split', eval_split)):
+    if split not in splits:
+      raise DataError(
+          f'--config.data.{flag}={split!r} is not a split of {name}; it has '
+          f'{", ".join(sorted(splits.keys()))}.')
+  if text_key not in builder.info.features:
+    raise DataError(
+        f'--config.data.tfds_text_key={text_key!r} is not a feature of {name}; it has '
+        f'{", ".join(builder.info.features.keys())}.')
+  sources = builder.as_data_source(split=[train_split, eval_split])
+  train, validation = sources
+  if not len(train):
+    raise DataError(f'{name}: the {train_split!r} split is empty; add more text.')
+  if not len(validation):
+    raise DataError(
+        f'{name}: the {eval_split!r} split is empty; add more documents or raise '
+        f'--config.data.validation_fraction.')
+  return TextSource(name, fingerprint, train, validation, text_key)
+
+
+def load_text_source(data_config, *, build: bool = True) -> TextSource:
+  """Resolves `config.data` to a prepared text dataset (building it if needed).
+
+  Order: `text_files` (local glob) if set, else `tfds_name` if set, else the built-in corpus.
+
+  Args:
+    data_config: the `config.data` ConfigDict.
+    build: build local datasets that are not cached yet (False: only check the inputs).
+
+  Returns:
+    A TextSource with random-access train and validation splits.
+
+  Raises:
+    DataError: the glob matches nothing, the files hold no text, the dataset or split does
+      not exist, or a split is empty.
+  """
+  cache_dir = data_config.cache_dir or default_cache_dir()
+  if data_config.text_files:
+    if data_config.text_unit not in ('file', 'line'):
+      raise DataError(f"--config.data.text_unit={data_config.text_unit!r}; use 'file' or 'line'.")
+    scan = scan_text_files(expand_globs(data_config.text_files))
+    name, cls, files = 'local_text_files', LocalTextFiles, scan.files
+    unit = data_config.text_unit
+  elif data_config.tfds_name:
+    return _load_named(data_config)
+  else:
+    name, cls, files, unit = 'stdlib_corpus', StdlibCorpus, stdlib_files(), 'file'
+    scan_text_files(files, flag='the built-in corpus')
+  fingerprint = _fingerprint(files, unit, data_config.validation_fraction, sys.version_info[:2])
+  data_dir = os.path.join(cache_dir, 'tfds', f'{name}_{fingerprint}')
+  builder = cls(files=files, text_unit=unit, validation_fraction=data_config.validation_fraction,
+                data_dir=data_dir, file_format='array_record')
+  if build:
+    builder.download_and_prepare()
+  return _from_builder(builder, f'{name}({len(files)} files)', fingerprint,
+                       'train', 'validation', 'text')
+
+
+def _load_named(data_config) -> TextSource:
+  name = data_config.tfds_name
+  data_dir = data_config.tfds_data_dir or None
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+  except Exception as e:  # TFDS raises several types for unknown names/configs.
+    raise DataError(
+        f'--config.data.tfds_name={name!r} is not a TFDS dataset this install knows ({e}). '
+        f'Check the name with `tfds.list_builders()`, or set --config.data.tfds_data_dir to '
+        f'the directory that holds it.') from None
+  if not builder.is_prepared():
+    logging.info('preparing TFDS dataset %s in %s', name, builder.data_dir)
+    builder.download_and_prepare(file_format='array_record')
+  fingerprint = hashlib.sha256(f'{name}\0{builder.data_dir}'.encode()).hexdigest()[:16]
+  return _from_builder(builder, name, fingerprint, data_config.train_split,
+                       data_config.eval_split, data_config.tfds_text_key)

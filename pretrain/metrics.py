@@ -1,0 +1,121 @@
+"""Metric sinks (console, `metrics.jsonl`, TensorBoard via tensorboardX) and MFU bookkeeping.
+
+Only process 0 writes files; every process may log to the console.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as logging_std
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+
+# Dense bf16 peak FLOP/s per device (vendor figures), matched by substring of device_kind.
+_PEAK_FLOPS = (
+    ('TPU v6', 918e12), ('TPU v5p', 459e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12),
+    ('TPU v5', 459e12), ('TPU v4', 275e12), ('TPU v3', 123e12), ('TPU v2', 45e12),
+    ('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L4', 121e12), ('V100', 125e12),
+)
+# Measured float32 matmul throughput of one CPU core (STACK.md 5: ~200 GFLOP/s on 2 cores).
+CPU_FLOPS_PER_CORE = 100e9
+
+
+def peak_flops(configured: float = 0.0) -> float:
+  """Total peak FLOP/s of all devices of this job.
+
+  Args:
+    configured: per-device peak from config.train.peak_flops_per_device; 0 = look up.
+
+  Returns:
+    Peak FLOP/s summed over `jax.device_count()` devices (CPU: cores x 100 GFLOP/s, however
+    many fake devices share them). 0 if unknown (MFU is then not reported).
+  """
+  devices = jax.devices()
+  if configured > 0:
+    return configured * len(devices)
+  if devices[0].platform == 'cpu':
+    return CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) * jax.process_count()
+  for name, flops in _PEAK_FLOPS:
+    if name in devices[0].device_kind:
+      return flops * len(devices)
+  return 0.0
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+class MetricWriter:
+  """Writes scalar metrics to `metrics.jsonl` and TensorBoard events under `workdir`.
+
+  Args:
+    workdir: run directory; events go to `<workdir>/tensorboard`.
+    enabled: write files (True on process 0 only).
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self._enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, split: str, scalars: Mapping[str, float]):
+    """Appends one line {'step', 'split', 'time', **scalars} and the TensorBoard scalars."""
+    if not self._enabled:
+      return
+    record = {'step': int(step), 'split': split, 'time': time.time()}
+    record.update({k: float(v) for k, v in scalars.items()})
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    for k, v in scalars.items():
+      self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
+    self._tb.flush()
+
+  def write_text(self, tag: str, text: str):
+    if self._enabled:
+      self._tb.add_text(tag, text, 0)
+
+  def close(self):
+    if self._enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def log_line(step: int, num_steps: int, scalars: Mapping[str, Any]) -> str:
+  """One console line: 'step 100/600 | loss 5.123 | acc 0.210 | lr 1.2e-03 | ...'."""
+  parts = [f'step {step}/{num_steps}']
+  fmt = {'loss': '{:.4f}', 'accuracy': '{:.4f}', 'learning_rate': '{:.2e}',
+         'grad_norm': '{:.3f}', 'tokens_per_sec': '{:,.0f}', 'mfu': '{:.1%}',
+         'perplexity': '{:.2f}'}
+  names = {'tokens_per_sec': 'tokens/s', 'learning_rate': 'lr', 'accuracy': 'acc'}
+  for k, v in scalars.items():
+    if k in fmt:
+      parts.append(f'{names.get(k, k)} {fmt[k].format(v)}')
+  return ' | '.join(parts)
+
+
+class _LibraryInfoFilter(logging_std.Filter):
+  """Drops INFO records that orbax, grain and TFDS send through the shared 'absl' logger."""
+
+  _NOISY = (f'{os.sep}orbax{os.sep}', f'{os.sep}grain{os.sep}', f'{os.sep}tensorflow_datasets{os.sep}',
+            f'{os.sep}etils{os.sep}')
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or not any(
+        n in record.pathname for n in self._NOISY)
+
+
+def quiet_library_logs():
+  """Keeps the console to this suite's lines (library warnings still show)."""
+  logging_std.getLogger('absl').addFilter(_LibraryInfoFilter())
