@@ -16,9 +16,35 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'launch/configs/roformer.py:tiny',
-    'Config file and preset, e.g. launch/configs/roformer.py:base.', lock_config=True)
+
+def fail(message: str, code: int = 2):
+  """Prints `message` as one paragraph on stderr and exits with `code` (no traceback)."""
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _flag_error_message(e: Exception) -> str:
+  """One readable sentence from a flag-parsing error (config_flags nests tracebacks in it)."""
+  message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+  if 'Traceback (most recent call last)' in message:  # an error inside the config file
+    message = message.strip().splitlines()[-1]
+  message = message.replace('\\n', ' ').replace('\\', '').replace("'", '')
+  message = ' '.join(message.split()).strip('"')
+  return (f'bad flag: {message} -- config fields and their meaning are in '
+          f'launch/configs/base.py; run with --helpfull for the flags.')
+
+
+# config_flags reports an unknown --config.x.y as AttributeError/KeyError and a value of the
+# wrong type as TypeError/ValueError; without --config it does so while defining the flag.
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+
+
+try:
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', 'launch/configs/roformer.py:tiny',
+      'Config file and preset, e.g. launch/configs/roformer.py:base.', lock_config=True)
+except _FLAG_ERRORS as _e:
+  fail(_flag_error_message(_e))
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/roformer_tiny',
                                'Run directory (checkpoints, metrics.jsonl, tensorboard/).')
 _COORDINATOR = flags.DEFINE_string(
@@ -27,19 +53,12 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (0-based).')
 
 
-def fail(message: str, code: int = 2):
-  """Prints `message` as one paragraph on stderr and exits with `code` (no traceback)."""
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(code)
-
-
 def parse_flags(argv):
   """absl flag parsing whose errors (unknown config field, bad value) exit with code 2."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(f'{e}. Fields and their meaning are listed in launch/configs/base.py; run with '
-         f'--helpfull for the flags.')
+  except _FLAG_ERRORS as e:
+    fail(_flag_error_message(e))
 
 
 def initialize_distributed():

@@ -7,3 +7,57 @@ os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pathlib
+import sysconfig
+
+import pytest
+
+# Real text every Python has: a few standard-library modules (tests never need ../shared).
+_CORPUS_MODULES = ('json/__init__.py', 'json/decoder.py', 'json/encoder.py', 'textwrap.py',
+                   'shlex.py', 'string.py', 'fnmatch.py', 'glob.py', 'bisect.py', 'heapq.py',
+                   'colorsys.py', 'keyword.py', 'numbers.py', 'operator.py', 'queue.py',
+                   'sched.py', 'abc.py', 'copy.py', 'csv.py', 'difflib.py')
+
+
+@pytest.fixture(scope='session')
+def text_corpus(tmp_path_factory) -> pathlib.Path:
+  """A directory of 20 UTF-8 text files (~400 KB) plus a Chinese file, written by the test."""
+  root = tmp_path_factory.mktemp('corpus')
+  stdlib = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  for i, name in enumerate(_CORPUS_MODULES):
+    (root / f'doc{i:02d}.txt').write_text((stdlib / name).read_text(encoding='utf-8'),
+                                          encoding='utf-8')
+  (root / 'poem.txt').write_text('床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。\n' * 20,
+                                 encoding='utf-8')
+  return root
+
+
+def make_tiny_config(corpus: pathlib.Path, cache_dir: pathlib.Path, **overrides):
+  """The RoFormer tiny preset shrunk for tests: d 32, 2 layers, n 32, batch 8, vocab 512."""
+  from launch.configs import roformer  # pylint: disable=g-import-not-at-top
+  config = roformer.get_config('tiny')
+  config.data.text_files = str(corpus / '*.txt')
+  config.data.cache_dir = str(cache_dir)
+  config.data.validation_fraction = 0.1
+  config.data.seq_len, config.data.global_batch_size = 32, 8
+  config.data.num_threads = 1
+  m = config.model
+  m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.mlp_dim = 512, 32, 2, 2, 64
+  t = config.train
+  t.num_train_steps, t.log_every_steps, t.eval_every_steps = 6, 2, 3
+  t.eval_steps, t.checkpoint_every_steps = 2, 3
+  config.optim.warmup_steps = 2
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+@pytest.fixture(scope='session')
+def cache_dir(tmp_path_factory) -> pathlib.Path:
+  """One TFDS/tokenizer cache for the whole session (datasets build once)."""
+  return tmp_path_factory.mktemp('cache')

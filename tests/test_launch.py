@@ -1,0 +1,118 @@
+"""`python -m launch.pretrain` end to end in a subprocess, and its bad-input errors (exit 2)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_flags(corpus, cache_dir, **overrides) -> list[str]:
+  """Command-line overrides that shrink the tiny preset (see conftest.make_tiny_config)."""
+  values = {
+      'data.text_files': f'{corpus}/*.txt', 'data.cache_dir': str(cache_dir),
+      'data.validation_fraction': 0.1, 'data.seq_len': 32, 'data.global_batch_size': 8,
+      'model.vocab_size': 512, 'model.hidden_size': 32, 'model.num_layers': 2,
+      'model.num_heads': 2, 'model.mlp_dim': 64, 'train.num_train_steps': 4,
+      'train.log_every_steps': 2, 'train.eval_every_steps': 4, 'train.eval_steps': 2,
+      'train.checkpoint_every_steps': 2, 'optim.warmup_steps': 1,
+  }
+  values.update(overrides)
+  return [f'--config.{k}={v}' for k, v in values.items()]
+
+
+def run_pretrain(workdir, flags, devices=1, timeout=300):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu')
+  cmd = [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
+         f'--workdir={workdir}', *flags]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(text_corpus, cache_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('run')
+  result = run_pretrain(workdir, tiny_flags(text_corpus, cache_dir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_pretrain_writes_checkpoints_metrics_and_events(trained_workdir):
+  workdir, result = trained_workdir
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
+  assert {'data', 'meta', 'state'} <= set(os.listdir(workdir / 'checkpoints' / '4'))
+  lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  train_lines = [l for l in lines if l['split'] == 'train']
+  assert [l['step'] for l in train_lines] == [2, 4]
+  assert {'loss', 'accuracy', 'learning_rate', 'tokens_per_sec', 'mfu'} <= set(train_lines[0])
+  assert [l['step'] for l in lines if l['split'] == 'eval'] == [4]
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['model']['hidden_size'] == 32
+  meta = json.loads((workdir / 'checkpoints' / '4' / 'meta' / 'metadata').read_text())
+  assert meta['model_shape']['hidden_size'] == 32 and len(meta['tokenizer']['sha256']) == 64
+  log = result.stderr
+  assert 'resolved config' in log and 'tokens/s' in log and 'ETA' in log and 'eval step 4' in log
+
+
+def test_second_run_resumes(trained_workdir, text_corpus, cache_dir):
+  workdir, _ = trained_workdir
+  result = run_pretrain(workdir, tiny_flags(text_corpus, cache_dir,
+                                            **{'train.num_train_steps': 6}))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'resuming from' in result.stderr and 'training steps 4 -> 6' in result.stderr
+  steps = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()
+           if json.loads(l)['split'] == 'train']
+  assert steps == [2, 4, 6]
+
+
+def _expect_input_error(result, *fragments):
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in result.stderr, result.stderr[-3000:]
+
+
+def test_glob_matching_nothing(tmp_path, cache_dir, text_corpus):
+  flags = tiny_flags(text_corpus, cache_dir, **{'data.text_files': f'{tmp_path}/none/*.txt'})
+  _expect_input_error(run_pretrain(tmp_path / 'w', flags), 'matches no files',
+                      '--config.data.text_files')
+
+
+def test_corpus_without_usable_text(tmp_path, cache_dir, text_corpus):
+  (tmp_path / 'empty.txt').write_text('')
+  (tmp_path / 'blob.txt').write_bytes(b'\x00\xff' * 100)
+  flags = tiny_flags(text_corpus, cache_dir, **{'data.text_files': f'{tmp_path}/*.txt'})
+  _expect_input_error(run_pretrain(tmp_path / 'w', flags), 'no usable text')
+
+
+def test_unknown_config_field(tmp_path, cache_dir, text_corpus):
+  flags = tiny_flags(text_corpus, cache_dir) + ['--config.model.hiden_size=64']
+  _expect_input_error(run_pretrain(tmp_path / 'w', flags), 'hiden_size')
+
+
+def test_hidden_size_not_divisible_by_heads(tmp_path, cache_dir, text_corpus):
+  flags = tiny_flags(text_corpus, cache_dir, **{'model.hidden_size': 30, 'model.num_heads': 4})
+  _expect_input_error(run_pretrain(tmp_path / 'w', flags), 'num_heads=4',
+                      'hidden_size=30')
+  assert not (tmp_path / 'w' / 'checkpoints').exists() or not os.listdir(
+      tmp_path / 'w' / 'checkpoints')
+
+
+def test_global_batch_not_dividing_devices(tmp_path, cache_dir, text_corpus):
+  flags = tiny_flags(text_corpus, cache_dir, **{'data.global_batch_size': 6})
+  _expect_input_error(run_pretrain(tmp_path / 'w', flags, devices=4),
+                      'global_batch_size=6', 'multiple of 4')
+
+
+def test_workdir_with_other_model_shape(trained_workdir, text_corpus, cache_dir):
+  workdir, _ = trained_workdir
+  before = sorted(os.listdir(workdir / 'checkpoints'))
+  flags = tiny_flags(text_corpus, cache_dir, **{'model.hidden_size': 64})
+  _expect_input_error(run_pretrain(workdir, flags), 'different model',
+                      'hidden_size: checkpoint 32 vs config 64')
+  assert sorted(os.listdir(workdir / 'checkpoints')) == before  # nothing touched
