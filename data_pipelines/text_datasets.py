@@ -291,7 +291,16 @@ def load_text_source(data_config, *, build: bool = True) -> TextSource:
   builder = cls(files=files, text_unit=unit, validation_fraction=data_config.validation_fraction,
                 data_dir=data_dir, file_format='array_record')
   if build:
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare()
+    except FileExistsError:
+      # Another process on a shared filesystem finished the same build first; theirs is
+      # identical (same files, same fingerprint), so use it.
+      builder = cls(files=files, text_unit=unit,
+                    validation_fraction=data_config.validation_fraction, data_dir=data_dir,
+                    file_format='array_record')
+      if not builder.is_prepared():
+        raise
   return _from_builder(builder, f'{name}({len(files)} files)', fingerprint,
                        'train', 'validation', 'text')
 

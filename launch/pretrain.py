@@ -65,6 +65,9 @@ def initialize_distributed():
   """Starts JAX's multi-controller runtime when there is more than one process."""
   import jax  # pylint: disable=g-import-not-at-top
   if _COORDINATOR.value:
+    if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+      # CPU processes need a collectives backend to talk to each other (local drills, tests).
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):

@@ -359,6 +359,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           f'({meta["tokenizer"].get("path")}); pass --config.data.tokenizer_model= that file, '
           f'or use a new --workdir.')
     pidx, pcount = jax.process_index(), jax.process_count()
+    if pcount > 1:
+      digests = multihost_utils.process_allgather(
+          np.frombuffer(bytes.fromhex(tokenizer.sha256), np.uint8))
+      if not np.all(digests == digests[0]):
+        raise ValueError(
+            'the processes trained different tokenizers; train one once and pass it to every '
+            'host with --config.data.tokenizer_model=PATH.')
     train_ds = pipeline.make_dataset(source.train, tokenizer, config, text_key=source.text_key,
                                      train=True, process_index=pidx, process_count=pcount)
     train_iter = iter(train_ds)

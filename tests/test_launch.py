@@ -116,3 +116,36 @@ def test_workdir_with_other_model_shape(trained_workdir, text_corpus, cache_dir)
   _expect_input_error(run_pretrain(workdir, flags), 'different model',
                       'hidden_size: checkpoint 32 vs config 64')
   assert sorted(os.listdir(workdir / 'checkpoints')) == before  # nothing touched
+
+
+def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir):
+  """JAX's multi-controller runtime with two local CPU processes of 2 devices each: both
+  finish, process 0 alone writes metrics, and the second launch resumes."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+
+  def launch(steps):
+    procs = [subprocess.Popen(
+        [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
+         f'--workdir={tmp_path}', f'--coordinator_address=localhost:{port}',
+         '--num_processes=2', f'--process_id={i}',
+         *tiny_flags(text_corpus, cache_dir, **{'train.num_train_steps': steps,
+                                                'data.text_unit': 'line'})],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+      assert p.returncode == 0, out[-3000:]
+    return outs
+
+  outs = launch(2)
+  assert 'mesh {\'data\': 4' in outs[0]
+  outs = launch(4)
+  assert all('resuming from' in out for out in outs)
+  steps = [json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()
+           if json.loads(l)['split'] == 'train']
+  assert steps == [2, 4]  # one writer: process 0
