@@ -46,6 +46,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.attention_scale = 'standard'
   # Epsilon of every LayerNorm / RMSNorm.
   model.norm_eps = 1e-12
+  # Norm type: 'layernorm' (RoFormer v1), 'rmsnorm' (with gain) or 'rmsnorm_noparam'
+  # (parameter-free RMS norm of RoFormer v2 / GAU-alpha, SPEC 7.2).
+  model.norm_type = 'layernorm'
+  # Biases in every dense layer and the MLM head (v1: True; v2 / GAU-alpha: False).
+  model.use_bias = True
   # Residual form: 'post_ln' (x + G(x) then norm) or 'deepnorm' (norm(alpha*x + G(x)), SPEC 5).
   model.residual = 'post_ln'
   # DeepNorm alpha / beta; 0 means the encoder-only formulas (2N)^(1/4) and (8N)^(-1/4).
@@ -59,6 +64,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.attention_norm = 'relu2'
   # FLASH mixed-chunk attention chunk size c (tokens); 0 = plain quadratic GAU (SPEC 6.2).
   model.chunk_size = 0
+  # GAU activation phi on U, V, Z: 'swish' (paper) or 'relu' (homogeneity tests, SPEC 6.5).
+  model.gau_activation = 'swish'
   # Kernel init: 'normal' (std initializer_range), 'roformer_v2' (truncated normal L^-1/2),
   # 'gau_alpha' (L^-1/3), SPEC 5.3.
   model.init = 'normal'
