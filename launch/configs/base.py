@@ -131,16 +131,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   optim.warmup_steps = 50
   # Final learning rate as a fraction of the peak.
   optim.end_learning_rate_factor = 0.0
-  # Decoupled weight decay (skips biases and norm scales).
+  # Decoupled weight decay (skips biases and norm scales); times lr except for
+  # adafactor_variant='optax', which follows optax (theta -= wd * theta, SPEC 1.2).
   optim.weight_decay = 0.01
-  # Adam/LAMB first and second moment decays and epsilon; momentum for sgdm/adafactor.
+  # Adam/LAMB first and second moment decays and epsilon; momentum for sgdm/adafactor
+  # (adafactor: 0 = no momentum buffer).
   optim.b1 = 0.9
   optim.b2 = 0.999
   optim.eps = 1e-6
   # Global gradient-norm clip; 0 disables.
   optim.grad_clip_norm = 1.0
   # Micro-steps per optimizer update, and how to accumulate: 'multisteps' (optax.MultiSteps,
-  # exact, one extra buffer) or 'momentum' (hidden in momentum, no buffer, SPEC 2).
+  # exact, one extra buffer), 'momentum' (hidden in momentum, no buffer, SPEC 2) or 'every_k'
+  # (Su: the optimizer runs every micro-step, its updates are applied every k-th).
+  # train.num_train_steps counts micro-steps (batches); schedules count optimizer updates.
   optim.accumulation_steps = 1
   optim.accumulation = 'multisteps'
   # Piecewise-linear multipliers ((step, multiplier), ...) for schedule='piecewise_linear'.
@@ -154,6 +158,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   optim.parameter_scale = True
   optim.clipping_threshold = 1.0
   optim.decay_rate = 0.8
+  # AdaFactor: factor DenseGeneral kernels (L, d, h, d_h) as (L, d, h*d_h) matrices (SPEC 1.4),
+  # and factor a second moment only if its second-largest axis has >= this many entries.
+  optim.factor_merge_small_axes = True
+  optim.min_dim_size_to_factor = 128
   # Exponentiated-gradient step-size adaptation wrapped around the base optimizer (SPEC 3).
   optim.eg = eg = ml_collections.ConfigDict()
   eg.enabled = False

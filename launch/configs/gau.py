@@ -1,0 +1,46 @@
+"""GAU presets (SPEC.md 6): GAU-alpha by default, FLASH mixed-chunk attention as variants.
+
+  python -m launch.pretrain --config=launch/configs/gau.py:tiny --workdir=runs/gau_tiny
+  python -m launch.pretrain --config=launch/configs/gau.py:flash_tiny --workdir=runs/flash_tiny
+
+GAU-alpha (SPEC 6.3): RoFormer v2 skeleton with each attention + FFN pair replaced by two GAU
+layers (so 2L GAU layers for an L-block shape), bias-free, parameter-free RMS post-norm,
+softmax_plus attention, shared dim s = 128, expansion e = 2d, truncated-normal L^-1/3 init,
+LAMB. FLASH (SPEC 6.2): relu^2 attention normalised by valid keys, mixed-chunk attention with
+chunk_size c (quadratic inside chunks, linear across them: cost linear in seq_len).
+
+| preset | GAU layers | hidden | s | e | seq_len x batch |
+|---|---|---|---|---|---|
+| tiny / flash_tiny | 8 | 128 | 128 | 256 | 128 x 32 (flash: c = 32) |
+| small | 12 | 384 | 128 | 768 | 256 x 64 |
+| base / flash_base | 24 | 768 | 128 | 1536 | 512 x 256 (flash: c = 256) |
+| large | 48 | 1536 | 128 | 3072 | 512 x 1024 |
+MEASURED
+"""
+
+from launch.configs import base
+from launch.configs import roformer
+
+PRESETS = ('tiny', 'small', 'base', 'large', 'flash_tiny', 'flash_base')
+
+
+def get_config(preset: str = 'tiny'):
+  """Returns the GAU config for `preset` (one of PRESETS)."""
+  preset = preset or 'tiny'
+  if preset not in PRESETS:
+    raise ValueError(f'unknown preset {preset!r}; choose one of {", ".join(PRESETS)}')
+  flash = preset.startswith('flash_')
+  config = roformer.apply_preset(base.get_base_config(), preset.removeprefix('flash_'))
+  m = config.model
+  m.family = 'gau'
+  m.num_layers *= 2  # two GAU layers replace one attention + FFN block
+  m.expansion_factor, m.shared_dim = 2, 128
+  m.use_bias, m.norm_type, m.norm_eps = False, 'rmsnorm_noparam', 1e-7
+  if flash:
+    m.attention_norm, m.init = 'relu2', 'normal'
+    m.chunk_size = 32 if preset == 'flash_tiny' else 256
+  else:
+    m.attention_norm, m.init = 'softmax_plus', 'gau_alpha'
+  o = config.optim
+  o.name, o.weight_decay, o.eps, o.learning_rate = 'lamb', 0.01, 1e-6, 1.76e-3
+  return config

@@ -1,0 +1,32 @@
+"""RoFormer v2 MLM presets (SPEC.md 7.2): no biases, parameter-free RMS norm (eps 1e-7),
+post-norm, RoPE, MLM head tied with no transform; truncated-normal L^-1/2 init (SPEC 5.3);
+LAMB with a piecewise-linear schedule as in the released MLM recipe.
+
+  python -m launch.pretrain --config=launch/configs/roformer_v2.py:tiny --workdir=runs/v2_tiny
+
+Shapes are those of launch/configs/roformer.py (tiny 128/4L, small 384/6L, base 768/12L,
+large 1536/24L; consecutive presets are exact growth pairs for launch.upscale).
+MEASURED
+"""
+
+from launch.configs import base
+from launch.configs import roformer
+
+
+def get_config(preset: str = 'tiny'):
+  """Returns the RoFormer v2 config for `preset` (one of roformer.PRESETS)."""
+  config = roformer.apply_preset(base.get_base_config(), preset or 'tiny')
+  m = config.model
+  m.family, m.use_bias, m.norm_type, m.norm_eps, m.init = (
+      'roformer_v2', False, 'rmsnorm_noparam', 1e-7, 'roformer_v2')
+  o = config.optim
+  o.name, o.weight_decay, o.eps = 'lamb', 0.01, 1e-6
+  o.learning_rate = 1.76e-3
+  # Released recipe (in micro-steps): linear warmup to 32k, then x0.5 at 320k, x0.1 at 1.28M,
+  # x0.01 at 2.56M; scaled here to the preset's length with the same shape.
+  n = config.train.num_train_steps
+  o.schedule = 'piecewise_linear'
+  o.warmup_steps = 0
+  o.schedule_boundaries = ((0, 0.0), (max(1, n // 80), 1.0), (n // 8, 0.5), (n // 2, 0.1),
+                           (n, 0.01))
+  return config
