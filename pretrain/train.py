@@ -345,6 +345,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     # Check the config and the mesh.
     mesh = mesh_lib.make_mesh(config.mesh)
     validate(config, mesh)
+    logging.info('resolved config:\n%s', config)
     ckpt = checkpointing.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
     meta = ckpt.read_meta()
     checkpointing.check_compatible(meta, config.model, workdir)
@@ -379,7 +380,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       os.makedirs(workdir, exist_ok=True)
       with open(os.path.join(workdir, 'config.json'), 'w') as f:
         f.write(config.to_json_best_effort(indent=2))
-    logging.info('resolved config:\n%s', config)
     logging.info('model %s: %s parameters; mesh %s; data %s (%d train / %d validation docs); '
                  'tokenizer %d pieces', config.model.family, f'{s.num_params:,}',
                  dict(mesh.shape), source.name, len(source.train), len(source.validation),
@@ -436,6 +436,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     stop_at = min(num_steps, start_step + train_cfg.stop_after_steps)
   logging.info('training steps %d -> %d of %d (%s tokens/step, %.3g FLOPs/step)', start_step,
                stop_at, num_steps, f'{tokens_per_step:,}', flops_per_step)
+  if start_step >= num_steps:
+    logging.info('the checkpoint is already at step %d of %d: evaluating only (raise '
+                 '--config.train.num_train_steps to train further)', start_step, num_steps)
   pending, window_start, run_start = [], time.time(), time.time()
   window_steps, steps_done = 0, 0
   eval_result = None

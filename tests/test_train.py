@@ -97,3 +97,42 @@ def test_workdir_with_other_model_shape_is_refused(text_corpus, cache_dir, tmp_p
   config.model.hidden_size = 64
   with pytest.raises(train.InputError, match='hidden_size: checkpoint 32 vs config 64'):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+OPTIMIZERS = {
+    'adafactor_optax': {'optim.name': 'adafactor', 'optim.b1': 0.0, 'optim.weight_decay': 0.0,
+                        'optim.learning_rate': 1e-2},
+    'adafactor_bert4keras_momentum_accumulation': {
+        'optim.name': 'adafactor', 'optim.adafactor_variant': 'bert4keras',
+        'optim.learning_rate': 1e-2, 'optim.accumulation': 'momentum',
+        'optim.accumulation_steps': 2},
+    'lamb_multisteps': {'optim.name': 'lamb', 'optim.accumulation_steps': 2},
+    'adamw_accumulation_in_momentum': {'optim.accumulation': 'momentum',
+                                       'optim.accumulation_steps': 3},
+    'sgdm_eg': {'optim.name': 'sgdm', 'optim.learning_rate': 0.5, 'optim.eg.enabled': True},
+    'adamw_eg': {'optim.eg.enabled': True},
+    'adamw_every_k': {'optim.accumulation': 'every_k', 'optim.accumulation_steps': 2},
+}
+FAST = ('adafactor_bert4keras_momentum_accumulation', 'sgdm_eg')
+
+
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in OPTIMIZERS])
+def test_optimizer_trains_and_resumes_identically(name, text_corpus, cache_dir, tmp_path):
+  """Each optimizer lowers the loss through the trainer, and a run stopped mid-way (inside an
+  accumulation window where there is one) resumes to the same bits."""
+  config = make_tiny_config(text_corpus, cache_dir, **OPTIMIZERS[name])
+  config.train.num_train_steps, config.train.log_every_steps = 10, 1
+  config.train.checkpoint_every_steps, config.train.eval_every_steps = 10, 10
+  full = train.train_and_evaluate(config, str(tmp_path / 'full'))
+  config.train.stop_after_steps = 5
+  train.train_and_evaluate(config, str(tmp_path / 'split'))
+  config.train.stop_after_steps = 0
+  assert train.train_and_evaluate(config, str(tmp_path / 'split')) == full
+  _, a = _final_state(tmp_path / 'full')
+  _, b = _final_state(tmp_path / 'split')
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  import json  # pylint: disable=g-import-not-at-top
+  losses = [json.loads(l)['loss'] for l in (tmp_path / 'full' / 'metrics.jsonl').read_text()
+            .splitlines() if json.loads(l)['split'] == 'train']
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
