@@ -1,0 +1,315 @@
+"""The encoder model shared by every family: embeddings -> L blocks -> LM head.
+
+  logits = model(tokens, segment_ids, positions, prediction_positions=None, dropout_rng=None)
+
+tokens, segment_ids, positions: int32 [b, n]. segment_ids 0 = padding, 1..k = packed
+documents; attention never crosses segments (nor reaches padding); objective 'clm' adds j <= i.
+positions restart at 0 in every segment and drive RoPE (no absolute position embedding).
+prediction_positions [b, P] (MLM): the final hidden states are gathered there before the head,
+so logits are [b, P, V]; None: logits for every position [b, n, V]. Logits are float32.
+dropout_rng: a PRNG key (training) or None (deterministic). Dropout keys are derived from it
+(split per layer and scanned), so the model holds no RNG state and `nnx.split` / `nnx.merge`
+inside a jitted pure step is safe.
+
+Parameter layout (scan_layers=True: every layers/... leaf has a leading L axis with logical
+name 'layers'; scan_layers=False: `layers` is a list, layers/<i>/... without the L axis;
+`stack_layers` / `unstack_layers` convert pure dicts between the two):
+
+  embedder/token/embedding                [V, d]         ('vocab', 'embed')   (tied LM head)
+  embedder/token_type/embedding           [T, d]         (None, 'embed')      if T > 0
+  embedder/norm/{scale,bias}              [d]            ('embed',)           v1 (LayerNorm)
+  RoFormer v1 / v2 / DeepNet block:
+  layers/attention/{query,key,value}/kernel [L, d, h, d_h] ('layers', 'embed', 'heads', 'kv')
+  layers/attention/{query,key,value}/bias   [L, h, d_h]    ('layers', 'heads', 'kv')     v1
+  layers/attention/out/kernel             [L, h, d_h, d] ('layers', 'heads', 'kv', 'embed')
+  layers/attention/out/bias               [L, d]         ('layers', 'embed')           v1
+  layers/attention_norm/{scale,bias}      [L, d]         ('layers', 'embed')           v1
+  layers/mlp/wi/kernel, bias              [L, d, F], [L, F]   ('layers', 'embed', 'mlp')
+  layers/mlp/wo/kernel, bias              [L, F, d], [L, d]   ('layers', 'mlp', 'embed')
+  layers/mlp_norm/{scale,bias}            [L, d]         ('layers', 'embed')           v1
+  GAU block (models/gau.py):
+  layers/uvz/kernel, bias                 [L, d, 2e+s]   ('layers', 'embed', 'mlp')
+  layers/qk/scale, bias                   [L, k, s]      ('layers', None, 'kv')  k = 2 or 4
+  layers/out/kernel, bias                 [L, e, d]      ('layers', 'mlp', 'embed')
+  head/transform/{kernel,bias}            [d, d], [d]    ('embed', 'mlp')              v1
+  head/norm/{scale,bias}                  [d]            ('embed',)                    v1
+  head/bias                               [V]            ('vocab',)                    v1
+
+v2 and GAU (bias-free, parameter-free RMSNorm by default) have no bias and no norm leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import attention
+from models import layers
+from models import rope
+
+REMAT_POLICIES = ('none', 'full', 'dots_with_no_batch_dims')
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+  """Hyper-parameters resolved from config.model (+ family defaults). See resolve()."""
+  family: str
+  vocab_size: int
+  hidden: int
+  num_layers: int
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  type_vocab_size: int
+  dropout_rate: float
+  rotary_base: float
+  attention_scale: str
+  norm_eps: float
+  norm: str
+  use_bias: bool
+  residual: str
+  residual_alpha: float
+  kernel_init: Any
+  dtype: Any
+  param_dtype: Any
+  remat_policy: str
+  scan_layers: bool
+  causal: bool
+  head_transform: bool
+  head_bias: bool
+  # GAU / FLASH
+  expansion: int
+  shared_dim: int
+  attention_norm: str
+  chunk_size: int
+  gau_activation: str
+
+  @property
+  def rope_dim(self) -> int:
+    return self.shared_dim if self.family == 'gau' else self.head_dim
+
+
+def deepnorm_constants(model_cfg) -> tuple[float, float]:
+  """Encoder-only DeepNorm (alpha, beta) = ((2N)^(1/4), (8N)^(-1/4)) unless set (SPEC 5.1)."""
+  n = model_cfg.num_layers
+  alpha = model_cfg.deepnorm_alpha if model_cfg.deepnorm_alpha > 0 else (2.0 * n) ** 0.25
+  beta = model_cfg.deepnorm_beta if model_cfg.deepnorm_beta > 0 else (8.0 * n) ** -0.25
+  return float(alpha), float(beta)
+
+
+def resolve(config) -> ArchSpec:
+  """config (full ConfigDict) -> ArchSpec. Call models.validate(config) first for clear errors."""
+  m = config.model
+  family = m.family
+  v1 = family == 'roformer'
+  head_dim = m.head_dim or m.hidden_size // m.num_heads
+  # model.use_bias / model.norm_type are authoritative (presets set them per family); the
+  # fallbacks only apply to configs that predate those fields.
+  use_bias = m.get('use_bias', None)
+  use_bias = v1 if use_bias is None else bool(use_bias)
+  norm = m.get('norm_type', None) or ('layernorm' if v1 else 'rmsnorm_noparam')
+  if m.residual == 'deepnorm':
+    alpha, beta = deepnorm_constants(m)
+  elif m.residual == 'post_ln':
+    alpha, beta = 1.0, None
+  else:
+    raise ValueError(f'unknown model.residual={m.residual!r}; choose post_ln or deepnorm')
+  return ArchSpec(
+      family=family, vocab_size=m.vocab_size, hidden=m.hidden_size, num_layers=m.num_layers,
+      num_heads=m.num_heads, head_dim=head_dim, mlp_dim=m.mlp_dim,
+      type_vocab_size=m.type_vocab_size, dropout_rate=float(m.dropout_rate),
+      rotary_base=float(m.rotary_base), attention_scale=m.attention_scale,
+      norm_eps=float(m.norm_eps), norm=norm, use_bias=use_bias, residual=m.residual,
+      residual_alpha=alpha,
+      kernel_init=layers.KernelInit(m.init, m.initializer_range, m.num_layers, beta),
+      dtype=layers.as_dtype(m.dtype), param_dtype=layers.as_dtype(m.param_dtype),
+      remat_policy=m.remat_policy, scan_layers=bool(m.scan_layers),
+      causal=config.objective == 'clm', head_transform=v1, head_bias=use_bias,
+      expansion=int(m.expansion_factor), shared_dim=int(m.shared_dim),
+      attention_norm=m.attention_norm, chunk_size=int(m.chunk_size),
+      gau_activation=m.get('gau_activation', 'swish'))
+
+
+def block_class(spec: ArchSpec):
+  if spec.family == 'gau':
+    from models import gau  # pylint: disable=g-import-not-at-top
+    return gau.GAUBlock
+  from models import transformer  # pylint: disable=g-import-not-at-top
+  return transformer.TransformerBlock
+
+
+class Embedder(nnx.Module):
+  """Token (+ token type 0) embeddings -> Norm -> dropout."""
+
+  def __init__(self, spec: ArchSpec, *, rngs: nnx.Rngs):
+    common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
+    init = spec.kernel_init('embed', (spec.vocab_size,), (spec.hidden,))
+    self.token = layers.Embed(spec.vocab_size, spec.hidden, init=init, vocab_axis='vocab',
+                              **common)
+    if spec.type_vocab_size > 0:
+      tinit = spec.kernel_init('embed', (spec.type_vocab_size,), (spec.hidden,))
+      self.token_type = layers.Embed(spec.type_vocab_size, spec.hidden, init=tinit,
+                                     vocab_axis=None, **common)
+    else:
+      self.token_type = None
+    self.norm = layers.make_norm(spec.norm, spec.hidden, eps=spec.norm_eps, **common)
+    self.dropout_rate = spec.dropout_rate
+
+  def __call__(self, tokens, key=None):
+    x = self.token(tokens)
+    if self.token_type is not None:
+      x = x + self.token_type.embedding[0].astype(x.dtype)  # every token has type 0
+    return layers.dropout(self.norm(x), self.dropout_rate, key)
+
+
+class LMHead(nnx.Module):
+  """v1: Dense(d, d) -> GELU -> LayerNorm -> tied E^T + bias. v2/GAU: dropout -> tied E^T."""
+
+  def __init__(self, spec: ArchSpec, *, rngs: nnx.Rngs):
+    common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
+    d = spec.hidden
+    if spec.head_transform:
+      self.transform = layers.Dense((d,), (d,), in_axes=('embed',), out_axes=('mlp',),
+                                    kernel_init=spec.kernel_init('head', (d,), (d,)),
+                                    use_bias=spec.use_bias, **common)
+      self.norm = layers.make_norm(spec.norm, d, eps=spec.norm_eps, **common)
+    else:
+      self.transform = self.norm = None
+    self.bias = (layers.make_param(rngs, layers.zeros_init, (spec.vocab_size,),
+                                   spec.param_dtype, ('vocab',)) if spec.head_bias else None)
+    self.dropout_rate = 0.0 if spec.head_transform else spec.dropout_rate
+
+  def __call__(self, x, embed: layers.Embed, key=None):
+    if self.transform is not None:
+      x = self.norm(layers.gelu(self.transform(x)))
+    x = layers.dropout(x, self.dropout_rate, key)
+    logits = embed.attend(x)
+    if self.bias is not None:
+      logits = logits + self.bias[...].astype(jnp.float32)
+    return logits
+
+
+def _remat(fn, policy: str, prevent_cse: bool):
+  """jax.checkpoint with the configured policy (SPEC 8); identity for 'none'."""
+  if policy == 'none':
+    return fn
+  if policy == 'full':
+    return jax.checkpoint(fn, prevent_cse=prevent_cse)
+  if policy == 'dots_with_no_batch_dims':
+    return jax.checkpoint(fn, prevent_cse=prevent_cse,
+                          policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  raise ValueError(f'unknown model.remat_policy={policy!r}; choose one of {REMAT_POLICIES}')
+
+
+def make_context(spec: ArchSpec, segment_ids, positions) -> dict:
+  """Per-call constants shared by all layers: segment_ids, RoPE sin/cos [b, n, r/2], and for
+  quadratic attention the mask [b, n, n] and the softmax scale."""
+  ctx = {'segment_ids': segment_ids}
+  ctx['sin'], ctx['cos'] = rope.sin_cos(positions, spec.rope_dim, spec.rotary_base)
+  if not (spec.family == 'gau' and spec.chunk_size > 0):
+    ctx['mask'] = attention.attention_mask(segment_ids, spec.causal)
+    ctx['scale'] = attention.attention_scale(spec.attention_scale, ctx['mask'], spec.rope_dim)
+  return ctx
+
+
+ACTIVATION_AXES = ('batch', 'length', None)
+
+
+def _block_fn(graphdef):
+  """A pure function (block_state, x, ctx, key) -> x for one block of this graphdef."""
+
+  def apply(state, x, ctx, key):
+    y = nnx.merge(graphdef, state)(x, ctx, key)
+    return layers.constrain(y, ACTIVATION_AXES)
+
+  return apply
+
+
+class Encoder(nnx.Module):
+  """The whole model; see the module docstring for the call and the parameter layout."""
+
+  def __init__(self, spec: ArchSpec, *, rngs: nnx.Rngs):
+    self.spec = nnx.static(spec) if hasattr(nnx, 'static') else spec
+    self.embedder = Embedder(spec, rngs=rngs)
+    block_cls = block_class(spec)
+    if spec.scan_layers:
+      @nnx.split_rngs(splits=spec.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0,
+                transform_metadata={nnx.PARTITION_NAME: 'layers'})
+      def make_layers(rngs):
+        return block_cls(spec, rngs=rngs)
+      self.layers = make_layers(rngs)
+    else:
+      self.layers = nnx.List([block_cls(spec, rngs=rngs) for _ in range(spec.num_layers)])
+    self.head = LMHead(spec, rngs=rngs)
+
+  def context(self, segment_ids, positions):
+    return make_context(self.spec, segment_ids, positions)
+
+  def encode(self, tokens, segment_ids, positions, dropout_rng=None):
+    """Final hidden states [b, n, d] (compute dtype)."""
+    k_embed, k_layers = layers.split_key(dropout_rng, 2)
+    x = layers.constrain(self.embedder(tokens, k_embed), ACTIVATION_AXES)
+    return self.run_layers(x, segment_ids, positions, k_layers)
+
+  def run_layers(self, x, segment_ids, positions, dropout_rng=None):
+    """The L blocks on embedded inputs x [b, n, d] (used by encode; handy for Jacobians)."""
+    spec = self.spec
+    k_layers = dropout_rng
+    ctx = self.context(segment_ids, positions)
+    layer_keys = None if k_layers is None else jax.random.split(k_layers, spec.num_layers)
+    # Blocks run as pure functions of their state (split / merge): remat and scan are then
+    # plain jax.checkpoint / jax.lax.scan, parameter paths do not depend on them, and the
+    # model works under any outer JAX transform (also grads w.r.t. inputs only).
+    if spec.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+      body = _remat(_block_fn(graphdef), spec.remat_policy, prevent_cse=False)
+
+      def step(x, layer):
+        layer_state, key = layer
+        return body(layer_state, x, ctx, key), None
+
+      x, _ = jax.lax.scan(step, x, (state, layer_keys))
+    else:
+      for i, block in enumerate(self.layers):
+        graphdef, state = nnx.split(block)
+        body = _remat(_block_fn(graphdef), spec.remat_policy, prevent_cse=True)
+        x = body(state, x, ctx, None if layer_keys is None else layer_keys[i])
+    return x
+
+  def __call__(self, tokens, segment_ids, positions, prediction_positions=None,
+               dropout_rng=None):
+    k_enc, k_head = layers.split_key(dropout_rng, 2)
+    x = self.encode(tokens, segment_ids, positions, k_enc)
+    if prediction_positions is not None:
+      x = jnp.take_along_axis(x, prediction_positions[..., None].astype(jnp.int32), axis=1)
+    return self.head(x, self.embedder.token, k_head)
+
+
+# ---------------------------------------------------------------- layout conversion
+
+def stack_layers(params: dict) -> dict:
+  """Pure param dict with layers as a list/dict {0: ..., 1: ...} -> stacked [L, ...] layout."""
+  out = dict(params)
+  items = params['layers']
+  seq = [items[i] for i in sorted(items)] if isinstance(items, dict) else list(items)
+  out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *seq)
+  return out
+
+
+def unstack_layers(params: dict) -> dict:
+  """Stacked [L, ...] layout -> {0: ..., 1: ...} (the scan_layers=False pure dict)."""
+  out = dict(params)
+  stacked = params['layers']
+  num = jax.tree.leaves(stacked)[0].shape[0]
+  out['layers'] = {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num)}
+  return out
+
+
+def num_params(model) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

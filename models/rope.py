@@ -1,0 +1,121 @@
+"""Rotary position embedding (RoPE), 1-D and 2-D (SPEC 7.1, 7.3).
+
+Layout: *interleaved* pairs (2i, 2i+1) of each head vector are rotated by the angle
+m * theta_i, theta_i = base^(-2i/d_h) (Su's RoPE, bert4keras and Hugging Face's RoFormer):
+
+  RoPE(q, m) = q * cos_m + rot(q) * sin_m,  rot(q) = [-q1, q0, -q3, q2, ...],
+  cos_m = [cos m theta_0, cos m theta_0, cos m theta_1, ...] (each value twice), sin_m likewise.
+
+LLaMA-style checkpoints use the "rotate_half" layout (pairs (i, i + d_h/2)); the two are the
+same map up to a fixed permutation of the head dimensions: `interleaved_to_rotate_half` /
+`rotate_half_to_interleaved` give the index arrays (apply them to the columns of W_q and W_k).
+
+Shapes: x [..., n, h, d_h] with positions [..., n] (the head axis is broadcast). A head axis
+is not required: pass `head_axis=False` for x [..., n, d] (GAU's single head).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def frequencies(dim: int, base: float = 10000.0) -> jax.Array:
+  """theta_i = base^(-2i/dim), i = 0..dim/2-1, float32 [dim/2]."""
+  if dim % 2:
+    raise ValueError(f'RoPE needs an even dimension, got {dim}; use an even head_dim')
+  return jnp.asarray(base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim), jnp.float32)
+
+
+def sin_cos(positions: jax.Array, dim: int, base: float = 10000.0):
+  """(sin, cos) of m * theta_i, float32 [..., n, dim/2] for positions [..., n]."""
+  angles = positions.astype(jnp.float32)[..., None] * frequencies(dim, base)
+  return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_sin_cos(x: jax.Array, sin: jax.Array, cos: jax.Array, head_axis: bool = True):
+  """Rotates interleaved pairs of x [..., n, (h,) d] by precomputed sin/cos [..., n, d/2].
+
+  Computed in float32; returns x's dtype.
+  """
+  if head_axis:
+    sin, cos = sin[..., None, :], cos[..., None, :]
+  xf = x.astype(jnp.float32)
+  x0, x1 = xf[..., 0::2], xf[..., 1::2]
+  y0 = x0 * cos - x1 * sin
+  y1 = x1 * cos + x0 * sin
+  return jnp.stack([y0, y1], axis=-1).reshape(x.shape).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0,
+               head_axis: bool = True) -> jax.Array:
+  """RoPE on x [..., n, h, d_h] (or [..., n, d] with head_axis=False) at positions [..., n]."""
+  sin, cos = sin_cos(positions, x.shape[-1], base)
+  return apply_sin_cos(x, sin, cos, head_axis)
+
+
+def rotation_matrix(m, dim: int, base: float = 10000.0) -> np.ndarray:
+  """The block-diagonal orthogonal matrix R_m (float64 numpy) with RoPE(q, m) = R_m q."""
+  theta = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+  r = np.zeros((dim, dim))
+  for i, t in enumerate(theta):
+    c, s = np.cos(m * t), np.sin(m * t)
+    r[2 * i:2 * i + 2, 2 * i:2 * i + 2] = [[c, -s], [s, c]]
+  return r
+
+
+def interleaved_to_rotate_half(dim: int) -> np.ndarray:
+  """Index array p with y = x[..., p]: interleaved layout -> rotate_half layout.
+
+  Interleaved pair i sits at (2i, 2i+1); rotate_half pair i sits at (i, i + dim/2).
+  """
+  return np.concatenate([np.arange(0, dim, 2), np.arange(1, dim, 2)])
+
+
+def rotate_half_to_interleaved(dim: int) -> np.ndarray:
+  """Inverse permutation of `interleaved_to_rotate_half`."""
+  return np.argsort(interleaved_to_rotate_half(dim))
+
+
+def apply_rope_rotate_half(x: jax.Array, positions: jax.Array, base: float = 10000.0):
+  """RoPE in the LLaMA / HF "rotate_half" layout (pairs (i, i + d/2)), for layout tests."""
+  sin, cos = sin_cos(positions, x.shape[-1], base)
+  sin = jnp.concatenate([sin, sin], -1)[..., None, :]
+  cos = jnp.concatenate([cos, cos], -1)[..., None, :]
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+  return x * cos + rotated * sin
+
+
+def apply_rope_2d(x: jax.Array, rows: jax.Array, cols: jax.Array, base: float = 10000.0,
+                  head_axis: bool = True) -> jax.Array:
+  """2-D RoPE (SPEC 7.3): 1-D RoPE with the row position on the first half of each head
+  vector and the column position on the second half; each half uses its own standard table
+  base^(-2i/(d_h/2)). x [..., n, h, d_h] (d_h divisible by 4), rows/cols [..., n].
+
+  R_{x,y} = blockdiag(R_x, R_y), so R_{x1,y1}^T R_{x2,y2} = R_{x2-x1, y2-y1}.
+  """
+  dim = x.shape[-1]
+  if dim % 4:
+    raise ValueError(f'2-D RoPE needs a head size divisible by 4, got {dim}')
+  half = dim // 2
+  first = apply_rope(x[..., :half], rows, base, head_axis)
+  second = apply_rope(x[..., half:], cols, base, head_axis)
+  return jnp.concatenate([first, second], axis=-1)
+
+
+def rotation_matrix_2d(row, col, dim: int, base: float = 10000.0) -> np.ndarray:
+  """blockdiag(R_row, R_col) on halves of size dim/2 (float64 numpy)."""
+  half = dim // 2
+  r = np.zeros((dim, dim))
+  r[:half, :half] = rotation_matrix(row, half, base)
+  r[half:, half:] = rotation_matrix(col, half, base)
+  return r
+
+
+def long_range_decay(m, dim: int = 128, base: float = 10000.0) -> float:
+  """Su's bound f(m) = (2/d) sum_{j=1}^{d/2} |sum_{i<j} e^{i m theta_i}| (SPEC 7.1)."""
+  theta = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+  partial = np.cumsum(np.exp(1j * m * theta))
+  return float(np.abs(partial).sum() * 2.0 / dim)

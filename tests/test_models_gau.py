@@ -1,0 +1,281 @@
+"""GAU / FLASH / GAU-alpha tests (SPEC 6.5 GAU-1..7, causal LM, entropy-invariant softmax)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import models
+from launch.configs import base
+from models import attention
+from models import encoder
+from models import gau
+
+V, D, S, L = 24, 16, 8, 2
+E = 2 * D
+
+
+def gau_config(**overrides):
+  config = base.get_base_config()
+  m = config.model
+  m.family, m.vocab_size, m.hidden_size, m.shared_dim, m.num_layers = 'gau', V, D, S, L
+  m.expansion_factor, m.norm_eps, m.initializer_range = 2, 1e-7, 0.2
+  m.use_bias, m.norm_type = False, 'rmsnorm_noparam'  # GAU-alpha, as launch/configs/gau.py
+  for k, v in overrides.items():
+    if k == 'objective':
+      config.objective = v
+    else:
+      setattr(m, k, v)
+  return config
+
+
+def make_block(config, seed=0):
+  return gau.GAUBlock(models.resolve(config), rngs=nnx.Rngs(params=seed))
+
+
+def block_mix(block, config, x, seg, pos):
+  """The GAU branch O of one layer under jit."""
+  spec = models.resolve(config)
+  graphdef, state = nnx.split(block)
+
+  @jax.jit
+  def f(state, x, seg, pos):
+    return nnx.merge(graphdef, state).mix(x, encoder.make_context(spec, seg, pos))
+
+  return f(state, x, seg, pos)
+
+
+def forward(model, *args):
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda state, *a: nnx.merge(graphdef, state)(*a))(state, *args)
+
+
+def rand(shape, seed=0, scale=1.0):
+  return scale * jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def ones_row(n, b=1):
+  return jnp.ones((b, n), jnp.int32), jnp.broadcast_to(jnp.arange(n), (b, n))
+
+
+def test_gau1_shapes_and_split_order():
+  config = gau_config()
+  block = make_block(config)
+  x = rand((2, 6, D))
+  u, v, z = block.projections(x)
+  assert u.shape == (2, 6, E) and v.shape == (2, 6, E) and z.shape == (2, 6, S)
+  kernel = block.uvz.kernel[...]
+  assert kernel.shape == (D, 2 * E + S)
+  h = jax.nn.silu(x @ kernel)
+  np.testing.assert_allclose(u, h[..., :E], atol=1e-6)
+  np.testing.assert_allclose(v, h[..., E:2 * E], atol=1e-6)
+  np.testing.assert_allclose(z, h[..., 2 * E:], atol=1e-6)
+  model = models.build(config, rngs=nnx.Rngs(params=0))
+  tokens = jnp.zeros((2, 6), jnp.int32)
+  logits = forward(model, tokens, *ones_row(6, 2))
+  assert logits.shape == (2, 6, V) and logits.dtype == jnp.float32
+  # GAU-alpha skeleton: no biases / offsets, parameter-free norms, tied head without bias.
+  names = {str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(
+      nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]}
+  assert names == {'kernel', 'scale', 'embedding'}
+
+
+def test_gau2_identity_attention_is_glu_ffn():
+  """A = I (every token its own segment, softmax) gives O = (U * V) W_o."""
+  config = gau_config(attention_norm='softmax')
+  block = make_block(config)
+  x = rand((1, 6, D))
+  seg = jnp.arange(1, 7)[None]
+  out = block_mix(block, config, x, seg, jnp.zeros((1, 6), jnp.int32))
+  u, v, _ = block.projections(x)
+  np.testing.assert_allclose(out, (u * v) @ block.out.kernel[...], atol=1e-5)
+
+
+def test_gau2_unit_gate_is_single_head_attention():
+  q, k, v = rand((2, 7, S), 1), rand((2, 7, S), 2), rand((2, 7, E), 3)
+  seg = jnp.array([[1] * 7, [1] * 5 + [0] * 2])
+  mask = attention.attention_mask(seg, causal=False)
+  ours = gau.gau_attention(q, k, v, mask, norm='softmax')
+  ref = attention.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None], mask,
+                                        1 / math.sqrt(S))[:, :, 0]
+  np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_entropy_invariant_softmax_equals_softmax_plus():
+  qk = rand((2, 30, 30), 4) * 3
+  seg = jnp.array([[1] * 30, [1] * 20 + [0] * 10])
+  mask = attention.attention_mask(seg, causal=False)
+  a = gau.attention_weights(qk, mask, 'softmax', S, 'entropy_invariant')
+  b = gau.attention_weights(qk, mask, 'softmax_plus', S)
+  np.testing.assert_allclose(a, b, atol=1e-7)
+  c = gau.attention_weights(qk, mask, 'softmax', S)
+  assert float(jnp.abs(a - c).max()) > 1e-3
+
+
+@pytest.mark.parametrize('norm,chunk', [('relu2', 0), ('softmax_plus', 0), ('relu2', 4)])
+def test_gau3_padding_invariance(norm, chunk):
+  config = gau_config(attention_norm=norm, chunk_size=chunk)
+  model = models.build(config, rngs=nnx.Rngs(params=0))
+  tokens = jax.random.randint(jax.random.key(0), (1, 16), 0, V)
+  n = 10
+  alone = forward(model, tokens[:, :n], *ones_row(n))
+  seg = (jnp.arange(16) < n).astype(jnp.int32)[None]
+  padded = forward(model, tokens, seg, jnp.arange(16)[None] * seg)
+  np.testing.assert_allclose(padded[:, :n], alone, atol=2e-5)
+
+
+@pytest.mark.parametrize('chunk', [0, 4])
+def test_gau4_rope_shift_invariance(chunk):
+  config = gau_config(chunk_size=chunk)
+  model = models.build(config, rngs=nnx.Rngs(params=0))
+  tokens = jax.random.randint(jax.random.key(1), (1, 12), 0, V)
+  seg, pos = ones_row(12)
+  np.testing.assert_allclose(forward(model, tokens, seg, pos + 7),
+                             forward(model, tokens, seg, pos), atol=1e-4)
+
+
+def causal_jacobian(model, x, seg, pos):
+  """|d out_i / d x_j| summed over features, [n_out, n_in], from row-wise gradients."""
+  graphdef, state = nnx.split(model)
+  r = jax.random.normal(jax.random.key(9), x.shape[-1:])
+
+  @jax.jit
+  def row(state, x, i):
+    fn = lambda x: jnp.dot(nnx.merge(graphdef, state).run_layers(x, seg, pos)[0, i], r)
+    return jnp.abs(jax.grad(fn)(x)[0]).sum(-1)
+
+  return np.stack([row(state, x, i) for i in range(x.shape[1])])
+
+
+@pytest.mark.parametrize('norm,chunk', [('relu2', 0), ('softmax_plus', 0), ('relu2', 4)])
+def test_gau5_causal_jacobian(norm, chunk):
+  config = gau_config(objective='clm', attention_norm=norm, chunk_size=chunk)
+  model = models.build(config, rngs=nnx.Rngs(params=0))
+  n = 10
+  x = rand((1, n, D), 5)
+  jac = causal_jacobian(model, x, *ones_row(n))
+  upper = np.triu(np.ones((n, n), bool), k=1)
+  assert jac[upper].max() == 0.0
+  assert np.diag(jac).min() > 0.0 and jac[~upper].sum() > 0.0
+  if norm != 'relu2':  # relu^2 can zero a pair exactly; softmax cannot
+    assert jac[~upper].min() > 0.0
+
+
+def test_gau6_flash_global_part_is_linear_attention():
+  b, n, c = 2, 12, 4
+  q_lin, k_lin, v = rand((b, n, S), 1), rand((b, n, S), 2), rand((b, n, E), 3)
+  zeros = jnp.zeros((b, n, S))
+  seg = jnp.array([[1] * n, [1] * 9 + [0] * 3])
+  out = gau.mixed_chunk_attention(zeros, zeros, q_lin, k_lin, v, seg, chunk_size=c,
+                                  causal=False, norm='relu2')  # relu2(0) = 0: local part off
+  valid = (seg != 0).astype(jnp.float32)[..., None]
+  kv = jnp.einsum('bjs,bje->bse', k_lin * valid, v)
+  ref = jnp.einsum('bis,bse->bie', q_lin, kv) / valid.sum(1, keepdims=True)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize('norm', ['relu2', 'softmax_plus'])
+def test_gau6_one_chunk_without_linear_part_equals_gau(norm):
+  n = 8
+  gau_cfg = gau_config(attention_norm=norm)
+  flash_cfg = gau_config(attention_norm=norm, chunk_size=n)
+  block = make_block(gau_cfg)
+  flash = make_block(flash_cfg, seed=1)
+  flash.uvz.kernel[...] = block.uvz.kernel[...]
+  flash.out.kernel[...] = block.out.kernel[...]
+  scale = block.qk.scale[...]
+  flash.qk.scale[...] = jnp.concatenate([scale, jnp.zeros_like(scale)])  # Q_lin = 0
+  x = rand((2, n, D), 6)
+  seg = jnp.array([[1] * n, [1] * 5 + [2] * 3])
+  pos = jnp.array([list(range(n)), list(range(5)) + list(range(3))])
+  np.testing.assert_allclose(block_mix(flash, flash_cfg, x, seg, pos),
+                             block_mix(block, gau_cfg, x, seg, pos), atol=1e-5)
+
+
+def naive_flash_causal(qq, kq, ql, kl, v, seg, c):
+  """Per-position loop: local = same chunk, j <= i, same segment, relu2 / visible keys;
+  global = every non-pad token of earlier chunks, divided by their count."""
+  qq, kq, ql, kl, v, seg = map(np.asarray, (qq, kq, ql, kl, v, seg))
+  b, n, s = qq.shape
+  out = np.zeros(v.shape, np.float64)
+  for bi in range(b):
+    for i in range(n):
+      g0 = (i // c) * c
+      keys = [j for j in range(g0, i + 1) if seg[bi, j] == seg[bi, i] != 0]
+      if keys:
+        a = np.array([max(qq[bi, i] @ kq[bi, j] / math.sqrt(s), 0.0) ** 2 for j in keys])
+        out[bi, i] += (a[:, None] * v[bi, keys]).sum(0) / len(keys)
+      prev = [j for j in range(g0) if seg[bi, j] != 0]
+      if prev:
+        out[bi, i] += sum((ql[bi, i] @ kl[bi, j]) * v[bi, j] for j in prev) / len(prev)
+  return out
+
+
+def test_gau6_flash_causal_equals_naive_loop():
+  b, n, c = 2, 10, 4  # padded to 12 inside
+  t = [rand((b, n, S), i) for i in range(4)]
+  v = rand((b, n, 6), 5)
+  seg = jnp.array([[1] * n, [1, 1, 1, 2, 2, 2, 2, 2, 0, 0]])
+  out = gau.mixed_chunk_attention(*t, v, seg, chunk_size=c, causal=True, norm='relu2')
+  ref = naive_flash_causal(*t, v, seg, c)
+  valid = np.asarray(seg) != 0
+  np.testing.assert_allclose(np.asarray(out)[valid], ref[valid], atol=1e-4, rtol=1e-5)
+
+
+def test_gau7_homogeneity_relu_gau():
+  config = gau_config(gau_activation='relu', attention_norm='relu2')
+  block = make_block(config)
+  x = rand((1, 8, D), 7)
+  seg, pos = ones_row(8)
+  out = block_mix(block, config, x, seg, pos)
+  lam = 0.5
+  block.uvz.kernel[...] = block.uvz.kernel[...] * lam
+  block.out.kernel[...] = block.out.kernel[...] * lam
+  np.testing.assert_allclose(block_mix(block, config, x, seg, pos), lam ** 7 * out,
+                             rtol=1e-4, atol=1e-7)
+
+
+def test_clm_runs_for_gau_and_flash():
+  for chunk in (0, 4):
+    model = models.build(gau_config(objective='clm', chunk_size=chunk), rngs=nnx.Rngs(params=0))
+    logits = forward(model, jnp.zeros((2, 9), jnp.int32), *ones_row(9, 2))
+    assert logits.shape == (2, 9, V) and bool(jnp.isfinite(logits).all())
+
+
+def test_gau_alpha_init_statistics():
+  """5.3: truncated normal, std 1.13684723/sqrt(fan) * L^(-1/3) (fan rule of bert4keras)."""
+  config = gau_config(init='gau_alpha', num_layers=8, hidden_size=64, shared_dim=32)
+  params = nnx.to_pure_dict(nnx.state(models.build(config, rngs=nnx.Rngs(params=0)), nnx.Param))
+  uvz = np.asarray(params['layers']['uvz']['kernel'])
+  # empirical std of N(0, sigma^2) truncated at +-2 sigma is 0.87962566 sigma
+  np.testing.assert_allclose(uvz.std(), 8 ** (-1 / 3) / math.sqrt(64), rtol=0.03)
+  sigma = 1.13684723 / math.sqrt(64) * 8 ** (-1 / 3)
+  assert np.abs(uvz).max() <= 2 * sigma + 1e-7
+  out = np.asarray(params['layers']['out']['kernel'])
+  np.testing.assert_allclose(out.std(), 8 ** (-1 / 3) / math.sqrt(128), rtol=0.03)
+
+
+def test_flops_gau_and_flash():
+  config = gau_config()
+  config.data.seq_len = 64
+  dense = 2 * D * (2 * E + S) + 2 * E * D
+  head = 2 * D * V
+  assert models.flops_per_token(config, 8) == pytest.approx(
+      3 * (L * (dense + 2 * 64 * S + 2 * 64 * E) + head * 8 / 64))
+  config.model.chunk_size = 16
+  assert models.flops_per_token(config, 8) == pytest.approx(
+      3 * (L * (dense + 2 * 16 * S + 2 * 16 * E + 4 * S * E) + head * 8 / 64))
+
+
+@pytest.mark.parametrize('preset', ['tiny', 'small', 'base', 'large', 'flash_tiny', 'flash_base'])
+def test_presets_validate_and_build_abstractly(preset):
+  from launch.configs import gau as gau_presets
+  config = gau_presets.get_config(preset)
+  models.validate(config)
+  model = nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(params=0)))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  assert params['layers']['uvz']['kernel'].shape[0] == config.model.num_layers
+  assert 'bias' not in params['layers']['uvz']

@@ -1,0 +1,113 @@
+"""RoFormer v2 tests (SPEC 7.2, 7.5 RV2-1..3)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import models
+from launch.configs import base
+from models import layers
+
+V, D, H, F = 40, 64, 4, 128
+
+
+def v2_config(**overrides):
+  config = base.get_base_config()
+  m = config.model
+  m.family, m.vocab_size, m.hidden_size, m.num_heads, m.mlp_dim, m.num_layers = (
+      'roformer_v2', V, D, H, F, 4)
+  m.norm_eps, m.init = 1e-7, 'roformer_v2'
+  m.use_bias, m.norm_type = False, 'rmsnorm_noparam'  # as launch/configs/roformer_v2.py
+  for k, v in overrides.items():
+    if k == 'objective':
+      config.objective = v
+    else:
+      setattr(m, k, v)
+  return config
+
+
+def leaf_names(tree):
+  return {str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_rv2_1_no_bias_gamma_beta():
+  model = models.build(v2_config(), rngs=nnx.Rngs(params=0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  assert leaf_names(params) == {'kernel', 'embedding'}
+  assert set(params) == {'embedder', 'layers'}  # tied head: no transform, no output bias
+  assert set(params['layers']) == {'attention', 'mlp'}  # norms are parameter-free
+  graphdef, state = nnx.split(model)
+  tokens = jax.random.randint(jax.random.key(0), (2, 10), 0, V)
+  seg, pos = jnp.ones((2, 10), jnp.int32), jnp.broadcast_to(jnp.arange(10), (2, 10))
+  logits = jax.jit(lambda s: nnx.merge(graphdef, s)(tokens, seg, pos))(state)
+  assert logits.shape == (2, 10, V) and bool(jnp.isfinite(logits).all())
+  # No bias: the tied head is exactly the hidden states times E^T.
+  hidden = jax.jit(lambda s: nnx.merge(graphdef, s).encode(tokens, seg, pos))(state)
+  np.testing.assert_allclose(logits, hidden @ params['embedder']['token']['embedding'].T,
+                             atol=1e-5)
+
+
+def test_rv2_2_parameter_free_rms_norm():
+  norm = layers.RMSNorm(D, eps=1e-7)
+  x = jax.random.normal(jax.random.key(1), (5, D)) * 3
+  y = norm(x)
+  np.testing.assert_allclose(norm(7.5 * x), y, atol=1e-6)
+  np.testing.assert_allclose(jnp.sqrt(jnp.mean(y ** 2, -1)), 1.0, atol=1e-6)
+  assert nnx.state(norm, nnx.Param) == nnx.State({})
+
+
+def test_rv2_3_init_stds():
+  """Truncated normal (+-2 sigma), sigma = 1.13684723/sqrt(fan) * L^(-1/2); fan = shape[0],
+  or shape[1] if shape[0] > 10000 or < 10 (SPEC 5.3)."""
+  num_layers = 4
+  params = nnx.to_pure_dict(nnx.state(models.build(v2_config(), rngs=nnx.Rngs(params=0)),
+                                      nnx.Param))
+  truncated_std = 0.87962566  # std of a unit normal truncated at +-2
+  def check(x, fan):
+    sigma = 1.13684723 / math.sqrt(fan) * num_layers ** -0.5
+    x = np.asarray(x)
+    np.testing.assert_allclose(x.std(), sigma * truncated_std, rtol=0.05)
+    assert np.abs(x).max() <= 2 * sigma + 1e-7
+  lay = params['layers']
+  check(lay['attention']['query']['kernel'], D)
+  check(lay['attention']['out']['kernel'], D)      # fan_in = h * d_h = D
+  check(lay['mlp']['wi']['kernel'], D)
+  check(lay['mlp']['wo']['kernel'], F)
+  check(params['embedder']['token']['embedding'], V)          # 10 <= V <= 10000: shape[0]
+  check(params['embedder']['token_type']['embedding'], D)     # shape[0] = 2 < 10: shape[1]
+  assert layers.su_fan(32000, 768) == 768 and layers.su_fan(8000, 768) == 8000
+
+
+@pytest.mark.parametrize('objective', ['mlm', 'clm'])
+def test_v2_packing_and_scan_equivalence(objective):
+  config = v2_config(objective=objective, num_layers=2, hidden_size=32, mlp_dim=64)
+  model = models.build(config, rngs=nnx.Rngs(params=0))
+  graphdef, state = nnx.split(model)
+  fwd = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
+  tokens = jax.random.randint(jax.random.key(2), (1, 9), 0, V)
+  seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 0]])
+  pos = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 0]])
+  packed = fwd(state, tokens, seg, pos)
+  alone = fwd(state, tokens[:, 4:8], jnp.ones((1, 4), jnp.int32), jnp.arange(4)[None])
+  np.testing.assert_allclose(packed[:, 4:8], alone, atol=1e-5)
+  config.model.scan_layers = False
+  unrolled = models.build(config, rngs=nnx.Rngs(params=1))
+  st = nnx.state(unrolled, nnx.Param)
+  nnx.replace_by_pure_dict(st, models.unstack_layers(nnx.to_pure_dict(nnx.state(model))))
+  nnx.update(unrolled, st)
+  g2, s2 = nnx.split(unrolled)
+  out2 = jax.jit(lambda s, *a: nnx.merge(g2, s)(*a))(s2, tokens, seg, pos)
+  np.testing.assert_allclose(out2, packed, atol=1e-5)
+
+
+@pytest.mark.parametrize('preset', ['tiny', 'small', 'base', 'large'])
+def test_presets_validate_and_build_abstractly(preset):
+  from launch.configs import roformer_v2 as v2_presets
+  config = v2_presets.get_config(preset)
+  models.validate(config)
+  model = nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(params=0)))
+  assert leaf_names(nnx.to_pure_dict(nnx.state(model, nnx.Param))) == {'kernel', 'embedding'}
