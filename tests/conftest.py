@@ -33,10 +33,13 @@ def text_corpus(tmp_path_factory) -> pathlib.Path:
   return root
 
 
-def make_tiny_config(corpus: pathlib.Path, cache_dir: pathlib.Path, **overrides):
-  """The RoFormer tiny preset shrunk for tests: d 32, 2 layers, n 32, batch 8, vocab 512."""
-  from launch.configs import roformer  # pylint: disable=g-import-not-at-top
-  config = roformer.get_config('tiny')
+def make_tiny_config(corpus: pathlib.Path, cache_dir: pathlib.Path, *,
+                     preset: str = 'roformer:tiny', **overrides):
+  """A family preset (`file:preset` under launch/configs) shrunk for tests: d 32, 2 layers,
+  n 32, batch 8, vocab 512 (GAU: s 16; FLASH: chunk 8). Overrides use dotted keys."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  module, name = preset.split(':')
+  config = importlib.import_module(f'launch.configs.{module}').get_config(name)
   config.data.text_files = str(corpus / '*.txt')
   config.data.cache_dir = str(cache_dir)
   config.data.validation_fraction = 0.1
@@ -44,6 +47,7 @@ def make_tiny_config(corpus: pathlib.Path, cache_dir: pathlib.Path, **overrides)
   config.data.num_threads = 1
   m = config.model
   m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.mlp_dim = 512, 32, 2, 2, 64
+  m.shared_dim, m.chunk_size = 16, 8 if m.chunk_size else 0
   t = config.train
   t.num_train_steps, t.log_every_steps, t.eval_every_steps = 6, 2, 3
   t.eval_steps, t.checkpoint_every_steps = 2, 3
