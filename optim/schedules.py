@@ -81,7 +81,8 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
   Args:
     config: the full ConfigDict; reads config.optim.{learning_rate, schedule, warmup_steps,
-      end_learning_rate_factor, schedule_boundaries} and config.train.num_train_steps.
+      end_learning_rate_factor, schedule_boundaries, accumulation_steps} and
+      config.train.num_train_steps (micro-batches; total updates = num_train_steps // k).
 
   Returns:
     schedule(step: int array, updates applied so far) -> learning rate (jax's default float:
@@ -94,7 +95,8 @@ def learning_rate_schedule(config) -> optax.Schedule:
   lr = float(o.learning_rate)
   name = o.schedule
   warmup = int(o.warmup_steps)
-  total = int(config.train.num_train_steps)
+  # train.num_train_steps counts micro-batches; the schedule spans the optimizer updates.
+  total = int(config.train.num_train_steps) // max(int(o.accumulation_steps), 1)
   end = lr * float(o.end_learning_rate_factor)
   decay_steps = max(total - warmup, 1)
   if name == 'linear':

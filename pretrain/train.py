@@ -405,6 +405,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                       in_shardings=(s.state_shardings['params'], mesh_lib.batch_sharding(mesh)))
   base_key = jax.random.key(config.seed)
   schedule = optim.learning_rate_schedule(config)
+  accumulation = max(config.optim.accumulation_steps, 1)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
 
   num_steps = train_cfg.num_train_steps
@@ -464,7 +465,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         scalars = summarize(sums)
         del scalars['perplexity']
         scalars['grad_norm'] = float(np.mean([m['grad_norm'] for m in fetched]))
-        scalars['learning_rate'] = float(schedule(step - 1))
+        # The rate of the last optimizer update (updates = micro-steps // accumulation).
+        scalars['learning_rate'] = float(schedule(max(step // accumulation - 1, 0)))
         tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
         scalars['tokens_per_sec'] = tps
         scalars['steps_per_sec'] = window_steps / max(elapsed, 1e-9)

@@ -127,7 +127,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # 'rsqrt' (AdaFactor's relative step min(learning_rate, 1/sqrt(t))), or 'piecewise_linear'
   # (multipliers at steps, optim.schedule_boundaries).
   optim.schedule = 'linear'
-  # Linear warmup length (optimizer steps).
+  # Linear warmup length (optimizer updates).
   optim.warmup_steps = 50
   # Final learning rate as a fraction of the peak.
   optim.end_learning_rate_factor = 0.0
@@ -183,7 +183,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- training loop
   config.train = train = ml_collections.ConfigDict()
-  # Total optimizer steps.
+  # Total training steps in micro-batches (optimizer updates = num_train_steps //
+  # optim.accumulation_steps).
   train.num_train_steps = 300
   # Console / metrics.jsonl / TensorBoard logging period (steps).
   train.log_every_steps = 25
