@@ -301,6 +301,23 @@ class PreemptionWatcher:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def adopt_growth_values(config, meta):
+  """A workdir written by `launch.upscale` fixes a few values the grown weights need (LayerNorm
+  eps / k, the trained DeepNorm alpha, the source run's tokenizer): apply them, so that
+  `launch.pretrain` continues the grown model with the plain preset command."""
+  lineage = (meta or {}).get('lineage') or []
+  if not lineage:
+    return
+  overrides = dict(lineage[-1].get('upscale', {}).get('config_overrides', {}))
+  if not config.data.tokenizer_model and meta.get('tokenizer', {}).get('path'):
+    overrides['data.tokenizer_model'] = meta['tokenizer']['path']
+  for key, value in overrides.items():
+    section, field = key.split('.')
+    if config[section][field] != value:
+      logging.info('grown checkpoint: using %s=%r (set by launch.upscale)', key, value)
+      config[section][field] = value
+
+
 def validate(config, mesh=None):
   """Checks the config before any work starts.
 
@@ -348,6 +365,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     logging.info('resolved config:\n%s', config)
     ckpt = checkpointing.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
     meta = ckpt.read_meta()
+    adopt_growth_values(config, meta)
     checkpointing.check_compatible(meta, config.model, workdir)
 
     # Load dataset and tokenizer.

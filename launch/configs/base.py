@@ -200,6 +200,27 @@ def get_base_config() -> ml_collections.ConfigDict:
   # preemption drills.
   train.stop_after_steps = 0
 
+  # ---------------------------------------------------------------- upscale
+  # Lossless growth by launch.upscale (SPEC 4); the fields of the target (large) config.
+  config.upscale = upscale = ml_collections.ConfigDict()
+  # Width growth: 'auto' ('su' with norm gains, 'unit' for parameter-free norms), 'su' (Su's
+  # corrected table: stream x 1/sqrt(k), eps -> eps/k) or 'unit' (stream x 1, eps unchanged).
+  upscale.width_method = 'auto'
+  # Symmetry breaking: 'none' (exact copies), 'noise' (relative Gaussian noise; not exact) or
+  # 'zero_out' (new units: random incoming, zero outgoing weights; exact).
+  upscale.symmetry_breaking = 'none'
+  # Std of 'noise' relative to each grown kernel's RMS.
+  upscale.noise_sigma = 1e-3
+  # Depth growth: 'auto', 'zero_branch' (parameter-free norms) or 'norm_transfer' (norms with
+  # gain/offset: the norm before a new block hands its affine part to the new block).
+  upscale.depth_method = 'auto'
+  # Where new blocks go: 'interleave', 'append' or comma-separated indices in the grown stack.
+  upscale.depth_positions = 'interleave'
+  # Optimizer state of the grown run: 'reset' or 'map' (moments mapped like gradients).
+  upscale.optimizer_state = 'reset'
+  # Seed of the random values given to new units and to the noise.
+  upscale.seed = 0
+
   # ---------------------------------------------------------------- mesh
   config.mesh = mesh = ml_collections.ConfigDict()
   # Device mesh shape over ('data', 'fsdp', 'tensor'); one -1 takes the remaining devices.

@@ -1,0 +1,807 @@
+"""Function-preserving growth of a trained encoder's parameter tree (SPEC 4; kexue 8444).
+
+Pure functions on pure-dict parameter trees (the layout of models/encoder.py); no files.
+
+  p = upscale.plan(small_config, large_config, upscale.Options(...))   # GrowthError if refused
+  params = upscale.grow_params(small_params, p)
+  opt_state = upscale.grow_opt_state(small_opt_state, p, fresh_large_opt_state)  # 'map' only
+  config = upscale.grown_config(large_config, p)   # large_config + the values growth needs
+  p.report()                                       # JSON-able summary (exactness, notes)
+
+What grows (every factor an integer >= 1, for roformer (v1), roformer_v2, DeepNet = any family
+with residual='deepnorm', gau (GAU / GAU-alpha / FLASH)):
+  width  hidden_size d -> k d; num_heads h -> k_h h; head_dim d_h -> k_dh d_h (zero-slot RoPE);
+         mlp_dim F -> k_F F; GAU e = expansion_factor * d -> k_e e; GAU shared_dim s -> k_s s;
+  depth  num_layers L -> L' >= L: zero-branch blocks inserted at `Options.depth_positions`.
+
+The scale-tracking calculus (SPEC 4.1): every activation site carries c * E(x), E an expansion
+of its feature axis: Rep_k (interleaved copies; the stream, F, e, v dims), Tile_k (heads),
+Pad (old units kept, new units appended: `zero_out` symmetry breaking) or zero-slot (RoPE
+dims: old pair p -> new pair k p, so the standard frequency table still matches; q and k
+scaled by k^(1/4) each). A weight from site (c_in, E_in) to site (c_out, E_out) becomes
+c_out / (copies_in c_in) * E_out(E_in^T(W)); biases c_out E_out(b); norm gains c_out E(g).
+Stream scale c_s:
+  'su'   c_s = 1/sqrt(k) (Su's table, corrected: FFN b2 -> Rep(b2)/sqrt(k), not b2/2), norm
+         eps -> eps/k; needs norms with parameters (LayerNorm / RMSNorm with gain).
+  'unit' c_s = 1, eps unchanged on the stream; the only choice for parameter-free RMS norms
+         (RoFormer v2, GAU-alpha), where the tied embedding then carries 1/k and the embedding
+         norm would need eps/k^2 (one shared eps: growth sets eps/k^2, stream norms deviate by
+         O(eps), SPEC 4.3).
+  v1's MLM head LayerNorm sees GELU output (c = 1), so under 'su' it would keep eps while the
+  stream norms need eps/k: with one shared eps the head deviates by O(eps (1 - 1/k) / var)
+  (1e-12 at BERT's eps = 1e-12); 'unit' is exact for v1 with eps unchanged.
+Depth (SPEC 4.6): a new block has its last projections (attention out, FFN wo, GAU out and
+their biases) zero and random incoming weights. Post-norm with a parameter-free norm: Norm(x +
+0) = x up to eps. With gains/offsets (v1's LayerNorm) zero-branch insertion alone is not
+exact; 'norm_transfer' moves the preceding norm's gain and offset into the new block's last
+norm (the preceding norm becomes c_s * identity), which is exact up to O(eps). DeepNet keeps
+the trained alpha (grown_config sets model.deepnorm_alpha/beta to the source's values).
+Symmetry breaking (SPEC 4.7): 'none' (copies; exact), 'noise' (N(0, (sigma RMS(W))^2) on every
+grown kernel; not exact), 'zero_out' (new F / head / v-dim / e units get random incoming and
+zero outgoing weights, and parameter-free-RMS models pad the stream with zeros instead of
+copying it: exact).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import zlib
+from fractions import Fraction
+from typing import Any, Sequence
+
+import numpy as np
+
+from models import encoder
+
+WIDTH_METHODS = ('auto', 'su', 'unit')
+SYMMETRY_BREAKING = ('none', 'noise', 'zero_out')
+DEPTH_METHODS = ('auto', 'zero_branch', 'norm_transfer')
+OPTIMIZER_STATE = ('reset', 'map')
+
+# Leaves that end a residual branch: zero in an inserted block (SPEC 4.6).
+_BRANCH_END = {('attention', 'out'), ('mlp', 'wo'), ('out',)}
+
+
+class GrowthError(ValueError):
+  """The requested growth is invalid or cannot be exact; the message names the alternatives."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How to grow (the fields of config.upscale; see options_from_config).
+
+  Attributes:
+    width_method: 'auto' ('su' for norms with parameters, 'unit' for parameter-free norms),
+      'su' (stream scale 1/sqrt(k), eps/k) or 'unit' (stream scale 1).
+    symmetry_breaking: 'none', 'noise' or 'zero_out' (module docstring).
+    noise_sigma: relative std of the 'noise' perturbation (times each leaf's RMS).
+    depth_method: 'auto', 'zero_branch' (parameter-free norms only) or 'norm_transfer'.
+    depth_positions: 'interleave' (spread evenly), 'append' (at the end) or a comma-separated
+      list of the new blocks' indices in the grown stack (0-based), e.g. '1,3'.
+    optimizer_state: 'reset' (fresh optimizer state) or 'map' (moments mapped the way the
+      gradients map; second moments with the squared factors; new units zero).
+    seed: seed of the random values given to new units.
+  """
+  width_method: str = 'auto'
+  symmetry_breaking: str = 'none'
+  noise_sigma: float = 1e-3
+  depth_method: str = 'auto'
+  depth_positions: str = 'interleave'
+  optimizer_state: str = 'reset'
+  seed: int = 0
+
+
+def options_from_config(config) -> Options:
+  """Options from `config.upscale.*` (missing fields take the defaults above)."""
+  u = config.get('upscale', None) if hasattr(config, 'get') else None
+  u = u or {}
+  defaults = Options()
+  values = {f.name: u.get(f.name, getattr(defaults, f.name)) for f in dataclasses.fields(Options)}
+  values['noise_sigma'] = float(values['noise_sigma'])
+  values['seed'] = int(values['seed'])
+  values['depth_positions'] = str(values['depth_positions'])
+  return Options(**values)
+
+
+# ----------------------------------------------------------------------------- axis maps
+
+@dataclasses.dataclass(frozen=True)
+class AxisMap:
+  """How one feature axis (one activation site) grows from `old` to `new` entries.
+
+  Attributes:
+    old, new: sizes.
+    kind: 'same' (no change), 'rep' (interleaved copies: new i*k + r <- old i), 'tile'
+      (new r*old + i <- old i), 'pad' (old first, new units after), 'slots' (zero-slot for
+      RoPE pairs: old pair p -> new pair k p, the other pairs are new), 'concat' (parts) or
+      'pair_rep' (Su's PairRep [x1,x2,x1,x2,x3,x4,...]; not exact with the standard RoPE
+      table, SPEC 4.4: kept for the negative-control tests only).
+    scale: c, the site carries c * E(x).
+    new_produce: what producers (weights writing this site) put in new entries: 'zero' (the
+      new entries must stay 0) or 'free' (new units: random).
+    new_consume: what consumers (weights reading this site) put in rows of new entries:
+      'zero' (the new units are live, so their outgoing weights must be 0) or 'free'.
+    parts: sub-maps of a 'concat' axis (GAU's fused [U, V, Z] projection).
+  """
+  old: int
+  new: int
+  kind: str = 'same'
+  scale: float = 1.0
+  new_produce: str = 'free'
+  new_consume: str = 'free'
+  parts: tuple = ()
+
+  def layout(self, role: str, mode: str):
+    """(index into old [new] (-1 = new entry), factor [new], is_new [new], must_zero [new]).
+
+    role: 'produce' (this is an output axis of the leaf) or 'consume' (an input axis).
+    mode: 'param' (parameter map) or 'grad' (gradient map, SPEC 4.7: producers
+      1/(copies c), consumers c).
+    """
+    if self.kind == 'concat':
+      outs = [p.layout(role, mode) for p in self.parts]
+      offsets = np.cumsum([0] + [p.old for p in self.parts[:-1]])
+      idx = np.concatenate([np.where(o[0] >= 0, o[0] + off, -1) for o, off in zip(outs, offsets)])
+      return (idx,) + tuple(np.concatenate([o[i] for o in outs]) for i in (1, 2, 3))
+    n, m = self.old, self.new
+    copies = 1
+    if self.kind == 'same':
+      idx = np.arange(n)
+    elif self.kind == 'rep':
+      copies = m // n
+      idx = np.repeat(np.arange(n), copies)
+    elif self.kind == 'tile':
+      copies = m // n
+      idx = np.tile(np.arange(n), copies)
+    elif self.kind == 'pad':
+      idx = np.concatenate([np.arange(n), -np.ones(m - n, np.int64)])
+    elif self.kind == 'pair_rep':  # Su's PairRep of RoPE pairs: NOT exact (SPEC 4.4), tests only
+      copies = m // n
+      pairs = np.arange(n).reshape(-1, 2)
+      idx = np.concatenate([np.tile(pair, copies) for pair in pairs])
+    elif self.kind == 'slots':
+      k = m // n
+      idx = -np.ones(m, np.int64)
+      pairs = np.arange(n // 2)
+      idx[2 * k * pairs] = 2 * pairs
+      idx[2 * k * pairs + 1] = 2 * pairs + 1
+    else:
+      raise ValueError(f'unknown axis map kind {self.kind!r}')
+    c = self.scale
+    if mode == 'param':
+      fac = c if role == 'produce' else 1.0 / (copies * c)
+    else:
+      fac = 1.0 / (copies * c) if role == 'produce' else c
+    is_new = idx < 0
+    rule = self.new_produce if role == 'produce' else self.new_consume
+    factor = np.where(is_new, 0.0, fac)
+    return idx, factor, is_new, is_new & (rule == 'zero')
+
+
+def _same(n: int, scale: float = 1.0) -> AxisMap:
+  return AxisMap(n, n, 'same', scale)
+
+
+def _copies(n: int, k: int, kind: str, zero_out: bool, scale: float = 1.0) -> AxisMap:
+  """An inner axis of live units: copies ('rep'/'tile') or, for zero_out, new live units with
+  random incoming and zero outgoing weights."""
+  if k == 1:
+    return _same(n, scale)
+  if zero_out:
+    return AxisMap(n, k * n, 'pad', scale, new_produce='free', new_consume='zero')
+  return AxisMap(n, k * n, kind, scale)
+
+
+def _slots(n: int, k: int, scale: float, new_produce: str) -> AxisMap:
+  """Zero-slot RoPE dims (SPEC 4.4 R2)."""
+  if k == 1:
+    return _same(n, scale)
+  return AxisMap(n, k * n, 'slots', scale, new_produce=new_produce, new_consume='zero')
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclasses.dataclass
+class Plan:
+  """A validated growth from one architecture to another (build with `plan`)."""
+  src: encoder.ArchSpec
+  dst: encoder.ArchSpec
+  options: Options
+  factors: dict[str, int]
+  width_method: str
+  stream_kind: str
+  c_stream: float
+  c_embed: float
+  c_head: float
+  eps_factor: float
+  depth_method: str
+  new_layers: tuple[int, ...]
+  maps: dict[str, Any]
+  exactness: str
+  notes: list[str]
+  config_overrides: dict[str, Any]
+
+  def report(self) -> dict[str, Any]:
+    """A JSON-able summary (stored in the lineage of the grown checkpoint)."""
+    shape = lambda s: {'family': s.family, 'hidden_size': s.hidden, 'num_layers': s.num_layers,
+                       'num_heads': s.num_heads, 'head_dim': s.head_dim, 'mlp_dim': s.mlp_dim,
+                       'expansion': s.expansion, 'shared_dim': s.shared_dim}
+    return {
+        'from': shape(self.src), 'to': shape(self.dst),
+        'factors': dict(self.factors), 'options': dataclasses.asdict(self.options),
+        'width_method': self.width_method, 'stream_expansion': self.stream_kind,
+        'stream_scale': self.c_stream, 'embedding_scale': self.c_embed,
+        'depth_method': self.depth_method, 'new_layers': list(self.new_layers),
+        'exactness': self.exactness, 'notes': list(self.notes),
+        'config_overrides': dict(self.config_overrides),
+    }
+
+
+def _ratio(name: str, old: int, new: int, flag: str, what: str = '') -> int:
+  if new < old or new % old:
+    multiples = ', '.join(str(old * i) for i in (1, 2, 3, 4))
+    raise GrowthError(
+        f'{name} {old} -> {new} is not a growth by an integer factor; choose --config.{flag} '
+        f'so that {what or flag.split(".")[-1]} is a multiple of {old} ({multiples}, ...).')
+  return new // old
+
+
+def _require_equal(src, dst, fields: Sequence[tuple[str, str]]):
+  for attr, flag in fields:
+    a, b = getattr(src, attr), getattr(dst, attr)
+    if a != b:
+      raise GrowthError(
+          f'{flag} differs ({a!r} in the source, {b!r} in the target); growth keeps it: set '
+          f'--config.{flag}={a!r}.')
+
+
+def _has_norm_params(spec) -> bool:
+  return spec.norm in ('layernorm', 'rmsnorm')
+
+
+def _depth_positions(option: str, old: int, new: int) -> tuple[int, ...]:
+  """Indices (in the grown stack) of the inserted blocks."""
+  extra = new - old
+  if extra == 0:
+    return ()
+  if option == 'append':
+    return tuple(range(old, new))
+  if option == 'interleave':
+    # New block j goes after original block round((j+1) * old / extra) - 1.
+    after = [max(0, round((j + 1) * old / extra) - 1) for j in range(extra)]
+    return tuple(a + 1 + j for j, a in enumerate(sorted(after)))
+  try:
+    positions = tuple(sorted(int(p) for p in option.replace(' ', '').split(',') if p != ''))
+  except ValueError:
+    positions = None
+  if (positions is None or len(positions) != extra or len(set(positions)) != extra
+      or min(positions) < 0 or max(positions) >= new):
+    raise GrowthError(
+        f'upscale.depth_positions={option!r} must be "interleave", "append" or {extra} distinct '
+        f'comma-separated indices in [0, {new}) naming the new blocks in the grown stack '
+        f'(num_layers {old} -> {new}).')
+  return positions
+
+
+def _stream_scales(src, k: int, method: str, zero_out: bool):
+  """(width method, stream dict): the residual stream's expansion and the scales of its sites
+  (SPEC 4.1/4.2), and the eps factor. Squares are exact fractions, so eps * factor is exact
+  (1e-12 / 2 = 5e-13).
+
+  c_s: the stream (every block norm's output); c_e: the (tied) embedding; c_h: the input of
+  the tied logits when a head transform + norm sits in between (v1: k c_h c_e = 1).
+  """
+  param_free = src.norm == 'rmsnorm_noparam'
+  if method == 'auto':
+    method = 'unit' if param_free else 'su'
+  if param_free and method == 'su':
+    raise GrowthError(
+        "upscale.width_method='su' needs norms with a gain (its stream scale 1/sqrt(k) "
+        'must be undone by the norm), but model.norm_type=rmsnorm_noparam outputs scale 1 '
+        "(SPEC 4.5); use width_method='unit' (or 'auto'), which is exact for this model.")
+  kind = 'pad' if (zero_out and param_free and k > 1) else 'rep'
+  c_norm = math.sqrt(k) if kind == 'pad' else 1.0  # Norm(E(x)) = c_norm E(Norm(x))
+  mult = k if kind == 'rep' else 1                   # <E(a), E(b)> = mult <a, b>
+  if param_free:
+    cs2 = Fraction(k) if kind == 'pad' else Fraction(1)
+  else:
+    cs2 = Fraction(1, k) if method == 'su' else Fraction(1)
+  ce2 = cs2 if src.head_transform else 1 / (mult * mult * cs2)
+  c_e = math.sqrt(ce2)
+  c_h = 1.0 / (mult * c_e) if src.head_transform else math.sqrt(cs2)
+  # A norm fed by c E(x) needs eps c^2 (/ k for pad). One shared eps: the embedding norm's
+  # factor is used (its input has the smallest mean square).
+  dilution = k if kind == 'pad' else 1
+  want = {'embedding norm': ce2 / dilution, 'block norms': cs2 / dilution}
+  if src.head_transform:
+    want['MLM head norm'] = Fraction(1)
+  eps_fraction = want['embedding norm']
+  notes = []
+  for name, f in want.items():
+    if f != eps_fraction and src.norm_eps > 0:
+      notes.append(f'{name} needs eps*{float(f):.6g} but the model has one eps (set to eps*'
+                   f'{float(eps_fraction):.6g}): relative deviation '
+                   f'~{abs(float(f - eps_fraction)) * src.norm_eps:.2g} / mean square of its input')
+  return method, {'kind': kind, 'c_s': math.sqrt(cs2), 'c_e': c_e, 'c_h': c_h,
+                  'c_norm': c_norm, 'eps_fraction': eps_fraction, 'eps_notes': notes}
+
+
+def _axis_maps(src, dst, factors: dict, stream: dict, zero_out: bool, notes: list) -> dict:
+  """The AxisMap of every activation site (SPEC 4.1), keyed by site name."""
+  k, c_s = factors['hidden'], stream['c_s']
+  kind = 'same' if k == 1 else stream['kind']
+  stream_map = AxisMap(src.hidden, dst.hidden, kind, c_s, new_produce='zero',
+                       new_consume='free')
+  maps: dict[str, Any] = {
+      'stream': stream_map,
+      'embed': dataclasses.replace(stream_map, scale=stream['c_e']),
+      'norm_scale': dataclasses.replace(stream_map, scale=c_s / stream['c_norm']),
+      'norm_bias': stream_map,
+      'head_hidden': _copies(src.hidden, k, 'rep', False),
+      'head_norm': AxisMap(src.hidden, dst.hidden, 'same' if k == 1 else 'rep', stream['c_h']),
+  }
+  if src.family == 'gau':
+    ke, ks = factors['expansion'], factors['shared_dim']
+    e_map = _copies(src.expansion * src.hidden, ke, 'rep', zero_out)
+    z_map = _slots(src.shared_dim, ks, 1.0, 'free')
+    maps['e'] = e_map
+    maps['uvz'] = AxisMap(2 * e_map.old + z_map.old, 2 * e_map.new + z_map.new, 'concat',
+                          parts=(e_map, e_map, z_map))
+    a_quad = ks ** 0.25
+    rows = [(a_quad, 'zero'), (a_quad, 'free')]  # q rows: new slots 0; k rows: random
+    if src.chunk_size > 0:
+      rows += [(1.0, 'zero'), (1.0, 'free')]  # FLASH's linear part has no 1/sqrt(s)
+    maps['qk_rows'] = tuple(_slots(src.shared_dim, ks, a, rule) for a, rule in rows)
+  else:
+    kh, kdh, kf = factors['heads'], factors['head_dim'], factors['mlp']
+    a = kdh ** 0.25
+    maps.update({
+        'heads': _copies(src.num_heads, kh, 'tile', zero_out),
+        'dh_q': _slots(src.head_dim, kdh, a, 'zero'),
+        'dh_k': _slots(src.head_dim, kdh, a, 'free'),
+        'dh_v': _copies(src.head_dim, kdh, 'rep', zero_out),
+        'mlp': _copies(src.mlp_dim, kf, 'rep', zero_out),
+    })
+    if kdh > 1:
+      notes.append(f'head_dim {src.head_dim} -> {dst.head_dim} by zero-slot RoPE (SPEC 4.4 R2): '
+                   'old pair p sits at pair k*p (same frequency), q and k scaled by k^(1/4)')
+  return maps
+
+
+def plan(src_config, dst_config, options: Options | None = None) -> Plan:
+  """Validates the growth src -> dst (full ConfigDicts) and fixes every map and scale.
+
+  Raises:
+    GrowthError: not a growth (non-integer factor, shrinking, a changed non-shape field), or
+      a growth that cannot be exact with the chosen options; the message names what would be.
+  """
+  options = options or options_from_config(dst_config)
+  for name, value, choices in (('width_method', options.width_method, WIDTH_METHODS),
+                               ('symmetry_breaking', options.symmetry_breaking,
+                                SYMMETRY_BREAKING),
+                               ('depth_method', options.depth_method, DEPTH_METHODS),
+                               ('optimizer_state', options.optimizer_state, OPTIMIZER_STATE)):
+    if value not in choices:
+      raise GrowthError(f'upscale.{name}={value!r} is not supported; choose one of '
+                        f'{", ".join(map(repr, choices))}.')
+  if options.symmetry_breaking == 'noise' and not options.noise_sigma > 0:
+    raise GrowthError(f'upscale.noise_sigma={options.noise_sigma} must be > 0 with '
+                      "symmetry_breaking='noise' (typical 1e-3..1e-2).")
+  if src_config.objective != dst_config.objective:
+    raise GrowthError(f'objective differs ({src_config.objective!r} vs '
+                      f'{dst_config.objective!r}); set --config.objective={src_config.objective}.')
+  src, dst = encoder.resolve(src_config), encoder.resolve(dst_config)
+  _require_equal(src, dst, [
+      ('family', 'model.family'), ('vocab_size', 'model.vocab_size'),
+      ('type_vocab_size', 'model.type_vocab_size'), ('norm', 'model.norm_type'),
+      ('use_bias', 'model.use_bias'), ('residual', 'model.residual'),
+      ('rotary_base', 'model.rotary_base'), ('attention_scale', 'model.attention_scale')])
+  if src.family == 'gau':
+    _require_equal(src, dst, [('attention_norm', 'model.attention_norm'),
+                              ('chunk_size', 'model.chunk_size'),
+                              ('gau_activation', 'model.gau_activation')])
+  notes: list[str] = []
+  k = _ratio('hidden_size', src.hidden, dst.hidden, 'model.hidden_size')
+  factors = {'hidden': k}
+  if src.family == 'gau':
+    e_src, e_dst = src.expansion * src.hidden, dst.expansion * dst.hidden
+    factors['expansion'] = _ratio('GAU e = expansion_factor * hidden_size', e_src, e_dst,
+                                  'model.expansion_factor', 'expansion_factor * hidden_size')
+    factors['shared_dim'] = _ratio('shared_dim', src.shared_dim, dst.shared_dim,
+                                   'model.shared_dim')
+  else:
+    factors['heads'] = _ratio('num_heads', src.num_heads, dst.num_heads, 'model.num_heads')
+    factors['head_dim'] = _ratio('head_dim', src.head_dim, dst.head_dim, 'model.head_dim')
+    factors['mlp'] = _ratio('mlp_dim', src.mlp_dim, dst.mlp_dim, 'model.mlp_dim')
+  if dst.num_layers < src.num_layers:
+    raise GrowthError(f'num_layers {src.num_layers} -> {dst.num_layers} would remove blocks; '
+                      f'set --config.model.num_layers >= {src.num_layers}.')
+  factors['layers_added'] = dst.num_layers - src.num_layers
+
+  zero_out = options.symmetry_breaking == 'zero_out'
+  method, stream = _stream_scales(src, k, options.width_method, zero_out)
+  exact = 'yes' if not stream['eps_notes'] else 'up to O(eps)'
+  notes.extend(stream['eps_notes'])
+  maps = _axis_maps(src, dst, factors, stream, zero_out, notes)
+
+  # Depth.
+  depth_method = options.depth_method
+  new_layers = _depth_positions(options.depth_positions, src.num_layers, dst.num_layers)
+  if depth_method == 'auto':
+    depth_method = 'norm_transfer' if _has_norm_params(src) else 'zero_branch'
+  if new_layers:
+    if depth_method == 'zero_branch' and _has_norm_params(src):
+      raise GrowthError(
+          f"upscale.depth_method='zero_branch' is not exact for post-norm with "
+          f'model.norm_type={src.norm} (LN(g*n + b) != g*n + b, SPEC 4.6); use '
+          "depth_method='norm_transfer' (exact up to O(eps): the preceding norm's gain and "
+          "offset move into the new block), or 'auto'.")
+    if src.norm_eps > 0:
+      exact = 'up to O(eps)' if exact == 'yes' else exact
+      notes.append(f'inserted blocks re-normalise a normalised stream: relative deviation '
+                   f'~{src.norm_eps:.2g} (eps)')
+  if options.symmetry_breaking == 'noise':
+    exact = 'no'
+    notes.append(f'noise symmetry breaking (sigma {options.noise_sigma:g} x RMS per leaf) '
+                 'changes the function by O(sigma)')
+  if zero_out and stream['kind'] == 'rep' and k > 1:
+    notes.append('zero_out: the stream is copied (Rep; zero-padding the stream is exact only '
+                 'for parameter-free RMS norms); copies are separated through the new inner '
+                 'units after the first updates')
+
+  # Config values the grown model needs.
+  overrides: dict[str, Any] = {}
+  eps_fraction = stream['eps_fraction']
+  new_eps = src.norm_eps * eps_fraction.numerator / eps_fraction.denominator
+  if new_eps != dst.norm_eps:
+    overrides['model.norm_eps'] = new_eps
+  if src.residual == 'deepnorm':
+    if dst.residual_alpha != src.residual_alpha:
+      notes.append(f'DeepNet: alpha kept at the trained {src.residual_alpha:.6g}; the formula '
+                   f'(2N)^(1/4) for N = {dst.num_layers} would give '
+                   f'{(2.0 * dst.num_layers) ** 0.25:.6g} (SPEC 4.6)')
+    overrides['model.deepnorm_alpha'] = src.residual_alpha
+    overrides['model.deepnorm_beta'] = src.kernel_init.deepnorm_beta
+  return Plan(src=src, dst=dst, options=options, factors=factors, width_method=method,
+              stream_kind=maps['stream'].kind, c_stream=stream['c_s'], c_embed=stream['c_e'],
+              c_head=stream['c_h'], eps_factor=float(eps_fraction), depth_method=depth_method,
+              new_layers=new_layers,
+              maps=maps, exactness=exact, notes=notes, config_overrides=overrides)
+
+
+def grown_config(dst_config, p: Plan):
+  """A copy of dst_config with the values the grown parameters need (Plan.config_overrides)."""
+  config = copy.deepcopy(dst_config)
+  for key, value in p.config_overrides.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+# ----------------------------------------------------------------------------- leaf rules
+
+def _leaf_rule(p: Plan, path: tuple[str, ...]):
+  """(kind, [(AxisMap, role) or None per axis]) for a leaf; layer leaves exclude the L axis.
+
+  kind: 'kernel', 'embedding', 'bias', 'scale' (norm gain / GAU scale-offset gain) or 'qk'.
+  """
+  m = p.maps
+  st, name = path[:-1], path[-1]
+  produce = lambda a: (a, 'produce')
+  consume = lambda a: (a, 'consume')
+  norm = {'scale': ('scale', [produce(m['norm_scale'])]),
+          'bias': ('bias', [produce(m['norm_bias'])])}
+  if st[0] == 'embedder':
+    if st[-1] == 'norm':
+      return norm[name]
+    return 'embedding', [None, produce(m['embed'])]
+  if st[0] == 'head':
+    if st == ('head',) and name == 'bias':
+      return 'bias', [None]
+    if st[-1] == 'transform':
+      if name == 'kernel':
+        return 'kernel', [consume(m['stream']), produce(m['head_hidden'])]
+      return 'bias', [produce(m['head_hidden'])]
+    if st[-1] == 'norm':
+      return ('scale' if name == 'scale' else 'bias'), [produce(m['head_norm'])]
+  if st[0] == 'layers':
+    st = st[1:]
+    if st and st[-1] in ('attention_norm', 'mlp_norm', 'norm'):
+      return norm[name]
+    if p.src.family == 'gau':
+      if st == ('uvz',):
+        return (('kernel', [consume(m['stream']), produce(m['uvz'])]) if name == 'kernel'
+                else ('bias', [produce(m['uvz'])]))
+      if st == ('out',):
+        return (('kernel', [consume(m['e']), produce(m['stream'])]) if name == 'kernel'
+                else ('bias', [produce(m['stream'])]))
+      if st == ('qk',):
+        return 'qk', name
+    else:
+      if st[0] == 'attention' and st[1] in ('query', 'key', 'value'):
+        dh = m[{'query': 'dh_q', 'key': 'dh_k', 'value': 'dh_v'}[st[1]]]
+        out = [produce(m['heads']), produce(dh)]
+        return (('kernel', [consume(m['stream'])] + out) if name == 'kernel' else ('bias', out))
+      if st == ('attention', 'out'):
+        return (('kernel', [consume(m['heads']), consume(m['dh_v']), produce(m['stream'])])
+                if name == 'kernel' else ('bias', [produce(m['stream'])]))
+      if st == ('mlp', 'wi'):
+        return (('kernel', [consume(m['stream']), produce(m['mlp'])]) if name == 'kernel'
+                else ('bias', [produce(m['mlp'])]))
+      if st == ('mlp', 'wo'):
+        return (('kernel', [consume(m['mlp']), produce(m['stream'])]) if name == 'kernel'
+                else ('bias', [produce(m['stream'])]))
+  raise GrowthError(f'models/upscale.py has no growth rule for parameter {"/".join(path)}; '
+                    'the model layout changed: add a rule in _leaf_rule.')
+
+
+def _rng(seed: int, path: tuple[str, ...], salt: str = '') -> np.random.Generator:
+  return np.random.default_rng([seed, zlib.crc32(('/'.join(path) + salt).encode())])
+
+
+def _rms(y: np.ndarray, mask: np.ndarray, stacked: bool) -> np.ndarray:
+  """RMS of y over entries where mask is False (per layer if stacked), broadcastable to y."""
+  keep = ~mask
+  axes = tuple(range(1 if stacked else 0, y.ndim))
+  num = np.sum(np.where(keep, y * y, 0.0), axis=axes, keepdims=True)
+  den = np.maximum(np.sum(np.broadcast_to(keep, y.shape), axis=axes, keepdims=True), 1)
+  return np.sqrt(num / den)
+
+
+def _mean(y: np.ndarray, mask: np.ndarray, stacked: bool) -> np.ndarray:
+  keep = ~mask
+  axes = tuple(range(1 if stacked else 0, y.ndim))
+  num = np.sum(np.where(keep, y, 0.0), axis=axes, keepdims=True)
+  den = np.maximum(np.sum(np.broadcast_to(keep, y.shape), axis=axes, keepdims=True), 1)
+  return num / den
+
+
+def _apply(x: np.ndarray, axes, kind: str, mode: str, power: int, stacked: bool,
+           rng: np.random.Generator | None) -> np.ndarray:
+  """Applies per-axis maps to one leaf (float64). axes excludes the L axis when stacked."""
+  offset = 1 if stacked else 0
+  y = np.asarray(x, np.float64)
+  if len(axes) + offset != y.ndim:
+    raise GrowthError(f'leaf of shape {y.shape} does not match its growth rule '
+                      f'({len(axes)} feature axes); the model layout changed.')
+  new_any = np.zeros((1,) * y.ndim, bool)
+  zero_any = np.zeros((1,) * y.ndim, bool)
+  for i, rule in enumerate(axes):
+    if rule is None:
+      continue
+    amap, role = rule
+    ax = i + offset
+    idx, fac, is_new, must_zero = amap.layout(role, mode)
+    shape = [1] * y.ndim
+    shape[ax] = len(idx)
+    y = np.take(y, np.where(idx >= 0, idx, 0), axis=ax) * (fac ** power).reshape(shape)
+    new_any = new_any | is_new.reshape(shape)
+    zero_any = zero_any | must_zero.reshape(shape)
+  new_any = np.broadcast_to(new_any, y.shape)
+  if mode == 'grad' or not new_any.any():
+    return np.where(new_any, 0.0, y)
+  if kind in ('kernel', 'embedding'):
+    std = _rms(y, new_any, stacked)
+    fill = rng.standard_normal(y.shape) * std
+  elif kind == 'scale':
+    fill = np.broadcast_to(_mean(y, new_any, stacked), y.shape)
+  else:
+    fill = 0.0
+  y = np.where(new_any, fill, y)
+  return np.where(np.broadcast_to(zero_any, y.shape), 0.0, y)
+
+
+def _grow_leaf(p: Plan, path: tuple[str, ...], x, mode: str, power: int = 1) -> np.ndarray:
+  stacked = path[0] == 'layers'
+  kind, axes = _leaf_rule(p, path)
+  rng = _rng(p.options.seed, path)
+  if kind == 'qk':  # [L, m, s]: one map per row (q rows zero-slot with new zeros, k rows free)
+    x = np.asarray(x, np.float64)
+    rows = p.maps['qk_rows']
+    if x.shape[1] != len(rows):
+      raise GrowthError(f'{"/".join(path)} has {x.shape[1]} rows, expected {len(rows)}.')
+    sub = 'scale' if axes == 'scale' else 'bias'
+    out = [_apply(x[:, r], [(rows[r], 'produce')], sub, mode, power, True, rng)
+           for r in range(len(rows))]
+    return np.stack(out, axis=1)
+  return _apply(x, axes, kind, mode, power, stacked, rng)
+
+
+# ----------------------------------------------------------------------------- trees
+
+def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
+  out = {}
+  for key, value in tree.items():
+    path = prefix + (key,)
+    if isinstance(value, dict):
+      out.update(_flatten(value, path))
+    else:
+      out[path] = value
+  return out
+
+
+def _unflatten(flat: dict[tuple, Any]) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def _stacked(params: dict) -> dict:
+  layers = params.get('layers')
+  if isinstance(layers, (list, tuple)) or (isinstance(layers, dict) and layers
+                                           and all(isinstance(k, int) for k in layers)):
+    seq = [layers[i] for i in sorted(layers)] if isinstance(layers, dict) else list(layers)
+    out = dict(params)
+    out['layers'] = _unflatten({path: np.stack([np.asarray(_flatten(l)[path]) for l in seq])
+                                for path in _flatten(seq[0])})
+    return out
+  return params
+
+
+def _unstacked(params: dict) -> dict:
+  out = dict(params)
+  flat = _flatten(params['layers'])
+  num = next(iter(flat.values())).shape[0]
+  out['layers'] = {i: _unflatten({path: v[i] for path, v in flat.items()}) for i in range(num)}
+  return out
+
+
+def _norm_names(p: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(first, last) norm of a block (the same for a one-norm GAU block)."""
+  if p.src.family == 'gau':
+    return ('norm',), ('norm',)
+  return ('attention_norm',), ('mlp_norm',)
+
+
+def _insert_layers(p: Plan, flat: dict[tuple, np.ndarray], mode: str) -> dict:
+  """Inserts zero-branch blocks at p.new_layers into stacked leaves (SPEC 4.6)."""
+  if not p.new_layers:
+    return flat
+  flat = dict(flat)
+  layer_paths = [path for path in flat if path[0] == 'layers']
+  blocks = [{path[1:]: flat[path][i] for path in layer_paths}
+            for i in range(flat[layer_paths[0]].shape[0])]
+  first, last = _norm_names(p)
+  transfer = p.depth_method == 'norm_transfer' and _has_norm_params(p.src)
+  stats = {path[1:]: (_rms(flat[path], np.zeros((1,) * flat[path].ndim, bool), False),
+                      flat[path].mean(axis=0)) for path in layer_paths}
+  for position in p.new_layers:
+    rng = _rng(p.options.seed, ('layers', str(position)), 'depth')
+    block = {}
+    for sub, value in blocks[0].items():
+      rms, mean = stats[sub]
+      if mode == 'grad' or sub[:-1] in _BRANCH_END or sub[-1] == 'bias':
+        block[sub] = np.zeros_like(value)
+      elif sub[:-1] in (first, last):  # norm gain: c_s * identity
+        block[sub] = np.full_like(value, p.c_stream)
+      elif sub[-1] == 'scale':  # GAU q/k gains: the layers' mean
+        block[sub] = np.array(mean)
+      else:
+        block[sub] = rng.standard_normal(value.shape) * float(np.squeeze(rms))
+    if transfer:
+      # The new block's last norm takes over the preceding norm's gain and offset; the
+      # preceding norm becomes c_s * identity (gradient mode: its moments move along).
+      if position == 0:
+        owner, keys = flat, {n: ('embedder', 'norm', n) for n in ('scale', 'bias')}
+      else:
+        owner, keys = blocks[position - 1], {n: last + (n,) for n in ('scale', 'bias')}
+      for name, key in keys.items():
+        if last + (name,) not in block or key not in owner:
+          continue
+        old = owner[key]
+        block[last + (name,)] = np.array(old)
+        owner[key] = (np.zeros_like(old) if mode == 'grad' or name == 'bias'
+                      else np.full_like(old, p.c_stream))
+    blocks.insert(position, block)
+  for path in layer_paths:
+    flat[path] = np.stack([b[path[1:]] for b in blocks])
+  return flat
+
+
+def _grow_tree(p: Plan, params: dict, mode: str, power: int = 1) -> dict:
+  """Width then depth growth of a stacked-or-not pure dict of arrays; returns numpy leaves
+  in the dst layout (scan_layers)."""
+  flat = _flatten(_stacked(params))
+  dtypes = {path: np.asarray(v).dtype for path, v in flat.items()}
+  out = {path: _grow_leaf(p, tuple(str(k) for k in path), v, mode, power)
+         for path, v in flat.items()}
+  if mode == 'param' and p.options.symmetry_breaking == 'noise':
+    for path, y in out.items():
+      kind, _ = _leaf_rule(p, tuple(str(k) for k in path))
+      if kind in ('kernel', 'embedding') and y.shape != np.shape(flat[path]):
+        rng = _rng(p.options.seed, tuple(str(k) for k in path), 'noise')
+        stacked = path[0] == 'layers'
+        rms = _rms(y, np.zeros((1,) * y.ndim, bool), stacked)
+        out[path] = y + p.options.noise_sigma * rms * rng.standard_normal(y.shape)
+  out = _insert_layers(p, out, mode)
+  out = {path: y.astype(dtypes[path]) for path, y in out.items()}
+  tree = _unflatten(out)
+  return tree if p.dst.scan_layers else _unstacked(tree)
+
+
+def grow_params(params: dict, p: Plan) -> dict:
+  """The grown parameter tree (numpy arrays, the source leaves' dtypes) for plan p.
+
+  params: the source's pure dict (nnx.to_pure_dict(nnx.state(model, nnx.Param))), stacked
+  (scan_layers=True) or not; the result follows the target's scan_layers.
+  """
+  return _grow_tree(p, params, 'param')
+
+
+def grow_like_gradient(tree: dict, p: Plan, power: int = 1) -> dict:
+  """Maps a parameter-shaped tree the way gradients map (SPEC 4.7): copies of a unit split
+  the gradient (producers 1/(copies c), consumers c); new units and inserted blocks get 0.
+  power=2 maps second moments (squared factors)."""
+  return _grow_tree(p, tree, 'grad', power)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+_SECOND_MOMENT_NAMES = ('nu', 'v', 'v_row', 'v_col', 'nu_hat', 'vhat', 'second_moment')
+
+
+def _path_names(path) -> tuple:
+  return tuple(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))) for k in path)
+
+
+def grow_opt_state(src_opt_state, p: Plan, fresh_opt_state, src_params: dict):
+  """Maps optimizer state for optimizer_state='map'.
+
+  Every sub-tree of the state with the parameters' structure and shapes (Adam/LAMB mu, nu;
+  SGD momentum trace; EMA buffers) is mapped with `grow_like_gradient` (power 2 for second
+  moments: fields named nu/v/...); a scalar step counter next to a mapped field is kept; every
+  other leaf takes the fresh state's value (e.g. the learning-rate schedule's counter: the
+  grown run starts its own schedule).
+
+  Raises:
+    GrowthError: the state holds non-scalar leaves that are not parameter-shaped (factored
+      AdaFactor statistics, ...): use optimizer_state='reset'.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  param_paths = {path: np.shape(v) for path, v in _flatten(src_params).items()}
+  flat_src = {_path_names(path): leaf
+              for path, leaf in jax.tree_util.tree_flatten_with_path(src_opt_state)[0]}
+  fresh_leaves = jax.tree_util.tree_flatten_with_path(fresh_opt_state)[0]
+  # Group the source state's parameter-shaped leaves by the prefix before the parameter path.
+  groups: dict[tuple, dict] = {}
+  for path, leaf in flat_src.items():
+    for start in range(len(path)):
+      suffix = path[start:]
+      if suffix in param_paths and param_paths[suffix] == np.shape(leaf):
+        groups.setdefault(path[:start], {})[suffix] = np.asarray(leaf)
+        break
+    else:
+      if np.ndim(leaf) > 0:
+        raise GrowthError(
+            f'optimizer state leaf {"/".join(map(str, path))} (shape {np.shape(leaf)}) is not '
+            "shaped like a parameter and cannot be mapped; use upscale.optimizer_state='reset' "
+            '(or an unfactored optimizer such as adamw/lamb/sgdm).')
+  mapped: dict[tuple, np.ndarray] = {}
+  for prefix, flat in groups.items():
+    name = str(prefix[-1]) if prefix else ''
+    power = 2 if name in _SECOND_MOMENT_NAMES else 1
+    tree = grow_like_gradient(_unflatten(flat), p, power)
+    for suffix, value in _flatten(tree).items():
+      mapped[prefix + suffix] = value
+  kept_prefixes = {prefix[:-1] for prefix in groups if prefix}
+  leaves, used = [], 0
+  for path, fresh in fresh_leaves:
+    key = _path_names(path)
+    if key in mapped:
+      used += 1
+      leaves.append(np.asarray(mapped[key]).astype(np.asarray(fresh).dtype))
+    elif np.ndim(fresh) == 0 and key[:-1] in kept_prefixes and key in flat_src:
+      leaves.append(np.asarray(flat_src[key]))
+    else:
+      leaves.append(np.asarray(fresh))
+  if used != len(mapped):
+    raise GrowthError('the grown optimizer state does not line up with the fresh one (was it '
+                      "built by the same optimizer?); use upscale.optimizer_state='reset'.")
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh_opt_state), leaves)
