@@ -65,3 +65,13 @@ def make_tiny_config(corpus: pathlib.Path, cache_dir: pathlib.Path, *,
 def cache_dir(tmp_path_factory) -> pathlib.Path:
   """One TFDS/tokenizer cache for the whole session (datasets build once)."""
   return tmp_path_factory.mktemp('cache')
+
+
+@pytest.fixture
+def x64():
+  """float64 for the duration of one test (NumPy-reference comparisons, SPEC 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  previous = jax.config.read('jax_enable_x64')
+  jax.config.update('jax_enable_x64', True)
+  yield
+  jax.config.update('jax_enable_x64', previous)

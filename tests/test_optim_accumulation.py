@@ -11,14 +11,6 @@ from launch.configs import base as base_config
 from optim import adafactor as af
 
 
-@pytest.fixture
-def x64():
-  previous = jax.config.read('jax_enable_x64')
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', previous)
-
-
 def make_config(**optim_fields):
   config = base_config.get_base_config()
   config.train.num_train_steps = 60

@@ -9,14 +9,6 @@ import pytest
 from optim import adafactor as af
 
 
-@pytest.fixture
-def x64():
-  previous = jax.config.read('jax_enable_x64')
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', previous)
-
-
 def rms(x):
   return np.sqrt(np.mean(np.square(x)))
 

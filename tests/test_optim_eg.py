@@ -10,14 +10,6 @@ import optim
 from launch.configs import base as base_config
 
 
-@pytest.fixture
-def x64():
-  previous = jax.config.read('jax_enable_x64')
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', previous)
-
-
 SHAPES = {'a': (4, 3), 'b': (5,)}
 
 
