@@ -29,4 +29,8 @@ def get_config(preset: str = 'tiny'):
   o.warmup_steps = 0
   o.schedule_boundaries = ((0, 0.0), (max(1, n // 80), 1.0), (n // 8, 0.5), (n // 2, 0.1),
                            (n, 0.01))
+  if preset in ('tiny', 'flash_tiny'):
+    # CPU demo: the recipe's LAMB at 1.76e-3 is tuned for 1M steps and barely moves a few
+    # hundred (eval loss 8.8 after 200 steps vs 6.2 with AdamW, benchmarks/families.py).
+    o.name, o.schedule, o.learning_rate, o.warmup_steps = 'adamw', 'linear', 2e-3, 50
   return config
