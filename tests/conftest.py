@@ -75,3 +75,15 @@ def x64():
   jax.config.update('jax_enable_x64', True)
   yield
   jax.config.update('jax_enable_x64', previous)
+
+
+@pytest.fixture(scope='session')
+def tiny_data(text_corpus, cache_dir):
+  """(config, source, tokenizer) of make_tiny_config: the dataset and tokenizer, built once."""
+  from data_pipelines import text_datasets  # pylint: disable=g-import-not-at-top
+  from data_pipelines import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  config = make_tiny_config(text_corpus, cache_dir)
+  source = text_datasets.load_text_source(config.data)
+  tok = tokenizer_lib.load_or_train(config.data, config.model, source.train, source.text_key,
+                                    source.fingerprint)
+  return config, source, tok

@@ -5,20 +5,15 @@ import collections
 import numpy as np
 import pytest
 
-from conftest import make_tiny_config
 from data_pipelines import objectives
 from data_pipelines import pipeline
-from data_pipelines import text_datasets
 from data_pipelines import tokenizer as tokenizer_lib
 
 
-@pytest.fixture(scope='module')
-def prepared(text_corpus, cache_dir):
-  config = make_tiny_config(text_corpus, cache_dir)
-  source = text_datasets.load_text_source(config.data)
-  tok = tokenizer_lib.load_or_train(config.data, config.model, source.train, source.text_key,
-                                    source.fingerprint)
-  return config, source, tok
+@pytest.fixture
+def prepared(tiny_data):
+  config, source, tok = tiny_data
+  return config.copy_and_resolve_references(), source, tok
 
 
 def _records(texts):

@@ -9,8 +9,7 @@ import pytest
 
 from conftest import make_tiny_config
 from pretrain import train
-from test_train import _losses  # pylint: disable=unused-import
-import test_train
+from test_train import _losses
 
 CASES = [
     ('roformer:tiny', 'clm'),
@@ -41,12 +40,13 @@ def test_family_trains_with_falling_loss(preset, objective, text_corpus, cache_d
 
 
 @pytest.mark.parametrize('preset,objective', [c for c in CASES if c[0] != 'roformer:tiny'])
-def test_family_sharded_matches_single_device(preset, objective, text_corpus, cache_dir):
+def test_family_sharded_matches_single_device(preset, objective, text_corpus, cache_dir,
+                                              tiny_data):
   config = make_tiny_config(text_corpus, cache_dir, preset=preset, objective=objective,
                             **{'optim.name': 'sgdm', 'optim.learning_rate': 0.5,
                                'optim.eg.enabled': False, 'optim.accumulation_steps': 1})
   config.optim.schedule, config.optim.warmup_steps = 'constant', 0
-  data = test_train.data.__wrapped__(text_corpus, cache_dir)
+  data = tiny_data[1:]
   single, _ = _losses(config, data, jax.devices()[:1])
   config.mesh.shape = (2, 2, 2)
   sharded, _ = _losses(config, data, jax.devices())

@@ -8,18 +8,13 @@ import pytest
 
 from conftest import make_tiny_config
 from data_pipelines import pipeline
-from data_pipelines import text_datasets
-from data_pipelines import tokenizer as tokenizer_lib
 from pretrain import mesh as mesh_lib
 from pretrain import train
 
 
-@pytest.fixture(scope='module')
-def data(text_corpus, cache_dir):
-  config = make_tiny_config(text_corpus, cache_dir)
-  source = text_datasets.load_text_source(config.data)
-  tok = tokenizer_lib.load_or_train(config.data, config.model, source.train, source.text_key,
-                                    source.fingerprint)
+@pytest.fixture
+def data(tiny_data):
+  _, source, tok = tiny_data
   return source, tok
 
 
