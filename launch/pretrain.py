@@ -9,42 +9,21 @@ Exit codes: 0 done (or preempted after saving), 2 bad input (the message says wh
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-
-def fail(message: str, code: int = 2):
-  """Prints `message` as one paragraph on stderr and exits with `code` (no traceback)."""
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(code)
-
-
-def _flag_error_message(e: Exception) -> str:
-  """One readable sentence from a flag-parsing error (config_flags nests tracebacks in it)."""
-  message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-  if 'Traceback (most recent call last)' in message:  # an error inside the config file
-    message = message.strip().splitlines()[-1]
-  message = message.replace('\\n', ' ').replace('\\', '').replace("'", '')
-  message = ' '.join(message.split()).strip('"')
-  return (f'bad flag: {message} -- config fields and their meaning are in '
-          f'launch/configs/base.py; run with --helpfull for the flags.')
-
-
-# config_flags reports an unknown --config.x.y as AttributeError/KeyError and a value of the
-# wrong type as TypeError/ValueError; without --config it does so while defining the flag.
-_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+from launch.cli import FLAG_ERRORS, fail, flag_error_message
 
 
 try:
   _CONFIG = config_flags.DEFINE_config_file(
       'config', 'launch/configs/roformer.py:tiny',
       'Config file and preset, e.g. launch/configs/roformer.py:base.', lock_config=True)
-except _FLAG_ERRORS as _e:
-  fail(_flag_error_message(_e))
+except FLAG_ERRORS as _e:
+  fail(flag_error_message(_e))
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/roformer_tiny',
                                'Run directory (checkpoints, metrics.jsonl, tensorboard/).')
 _COORDINATOR = flags.DEFINE_string(
@@ -57,8 +36,8 @@ def parse_flags(argv):
   """absl flag parsing whose errors (unknown config field, bad value) exit with code 2."""
   try:
     return flags.FLAGS(argv)
-  except _FLAG_ERRORS as e:
-    fail(_flag_error_message(e))
+  except FLAG_ERRORS as e:
+    fail(flag_error_message(e))
 
 
 def initialize_distributed():

@@ -30,6 +30,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from launch.cli import FLAG_ERRORS, fail
+
 # Source-run data fields reused unless given on the command line (same corpus and tokenizer).
 INHERITED_FIELDS = ('objective', 'model.vocab_size', 'model.type_vocab_size',
                     'data.text_files', 'data.text_unit', 'data.tfds_name', 'data.tfds_data_dir',
@@ -39,19 +41,11 @@ INHERITED_FIELDS = ('objective', 'model.vocab_size', 'model.type_vocab_size',
 UPSCALE_PREFIX = '--config.upscale.'
 
 
-def fail(message: str, code: int = 2):
-  """Prints `message` as one paragraph on stderr and exits with `code` (no traceback)."""
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(code)
-
-
-_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
-
 try:
   _CONFIG = config_flags.DEFINE_config_file(
       'config', None, 'Target config file and preset, e.g. launch/configs/roformer.py:small.',
       lock_config=True)
-except _FLAG_ERRORS as _e:
+except FLAG_ERRORS as _e:
   fail(f'bad flag: {_e}')
 _FROM = flags.DEFINE_string('from_workdir', None, 'Workdir of the trained (small) model.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'New workdir for the grown model (empty).')
@@ -334,7 +328,7 @@ def parse_flags(argv):
   sys.argv[:] = [a for a in sys.argv if not (a.startswith(UPSCALE_PREFIX) and '=' in a)]
   try:
     return flags.FLAGS(rest)
-  except _FLAG_ERRORS as e:
+  except FLAG_ERRORS as e:
     message = ' '.join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
     fail(f'bad flag: {message} -- config fields are in launch/configs/base.py; growth options '
          'are --config.upscale.<field> (models/upscale.py Options).')
