@@ -126,12 +126,11 @@ class Runner:
     self.s = train.setup(config, self.mesh)
     self.state = train.init_state(config, self.s)
     self.key = jax.random.key(config.seed)
-    self.eval_step = jax.jit(train.make_eval_step(self.s.graphdef, config))
+    self.eval_step = train.jit_eval_step(self.s, config)
 
   def run_micro(self, batches, k):
     """Trainer step per micro-batch; returns per-update loss (mean of its k micro losses)."""
-    step = jax.jit(train.make_train_step(self.s.graphdef, self.s.tx, self.config),
-                   donate_argnums=0)
+    step = train.jit_train_step(self.s, self.config)
     losses = []
     for b in batches:
       self.state, m = step(self.state, b, self.key)

@@ -37,9 +37,7 @@ def compile_seconds(config) -> float:
   batch = {'inputs': i32(b, n), 'segment_ids': i32(b, n), 'positions': i32(b, n),
            'mlm_positions': i32(b, p), 'mlm_targets': i32(b, p),
            'mlm_weights': jax.ShapeDtypeStruct((b, p), jnp.float32)}
-  step = jax.jit(train.make_train_step(s.graphdef, s.tx, config),
-                 in_shardings=(s.state_shardings, mesh_lib.batch_sharding(mesh), None),
-                 donate_argnums=0)
+  step = train.jit_train_step(s, config)
   start = time.time()
   step.lower(s.abstract_state, batch, jax.random.key(0)).compile()
   return time.time() - start

@@ -277,7 +277,7 @@ def run(from_workdir: str, config, workdir: str, step: int | None = None,
   # Check on a held-out batch.
   def heldout_metrics(s, cfg, prm):
     batch = mesh_lib.global_batch(heldout, mesh)
-    sums = jax.jit(train.make_eval_step(s.graphdef, cfg))(prm, batch)
+    sums = train.jit_eval_step(s, cfg)(prm, batch)
 
     def logits_fn(prm):
       model = nnx.merge(s.graphdef, prm)

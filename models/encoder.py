@@ -186,7 +186,9 @@ class LMHead(nnx.Module):
 
   def __call__(self, x, embed: layers.Embed, key=None):
     if self.transform is not None:
-      x = self.norm(layers.gelu(self.transform(x)))
+      # Constrained like every residual-stream activation: see gather_positions.
+      x = layers.constrain(self.transform(x), ACTIVATION_AXES)
+      x = self.norm(layers.gelu(x))
     x = layers.dropout(x, self.dropout_rate, key)
     logits = embed.attend(x)
     if self.bias is not None:
@@ -287,8 +289,21 @@ class Encoder(nnx.Module):
     k_enc, k_head = layers.split_key(dropout_rng, 2)
     x = self.encode(tokens, segment_ids, positions, k_enc)
     if prediction_positions is not None:
-      x = jnp.take_along_axis(x, prediction_positions[..., None].astype(jnp.int32), axis=1)
+      x = gather_positions(x, prediction_positions)
     return self.head(x, self.embedder.token, k_head)
+
+
+def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
+  """Rows of x at positions: x [b, n, d], positions int [b, P] -> [b, P, d] (x.dtype).
+
+  Operand and result are constrained to ACTIVATION_AXES (batch split, features whole), so the
+  gather and its transpose (a scatter-add) are row-local on every mesh. Left to choose, XLA
+  picked layouts whose partitioning gave wrong gradients on a (2, 2, 2) mesh
+  (benchmarks/repro/gather_grad_sharding.py). A position outside [0, n) is clamped.
+  """
+  x = layers.constrain(x, ACTIVATION_AXES)
+  y = jnp.take_along_axis(x, positions[..., None].astype(jnp.int32), axis=1, mode='clip')
+  return layers.constrain(y, ACTIVATION_AXES)
 
 
 # ---------------------------------------------------------------- layout conversion

@@ -6,9 +6,11 @@ Data parallelism is `mesh.shape = (-1, 1, 1)`, which is what `pmap` did.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
+from flax import nnx
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
@@ -85,3 +87,39 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   """Assembles per-process NumPy batches into global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def jit(fn: Callable, mesh: Mesh, logical_axis_rules: Sequence[tuple[str, Any]],
+        **jit_kwargs) -> Callable:
+  """`jax.jit(fn, **jit_kwargs)`, traced and run under `mesh` and the logical axis rules.
+
+  The models' activation sharding constraints (`models.layers.constrain`) read the mesh and
+  the rules from the context at trace time and are silently no-ops without them; a step
+  jitted outside that context leaves XLA free to pick activation shardings, and on a
+  (2, 2, 2) mesh it picked ones whose gather/scatter partitioning is wrong
+  (benchmarks/repro/gather_grad_sharding.py, docs/design.md). Every compiled step of the
+  trainer goes through here so the constraints always apply.
+
+  Args:
+    fn: the pure function to compile.
+    mesh: the device mesh.
+    logical_axis_rules: config.mesh.logical_axis_rules.
+    **jit_kwargs: passed to jax.jit (in_shardings, out_shardings, donate_argnums, ...).
+
+  Returns:
+    A callable with fn's signature; its `.lower(*args)` lowers in the same context (for
+    ahead-of-time compilation).
+  """
+  jitted = jax.jit(fn, **jit_kwargs)
+  rules = tuple(tuple(r) for r in logical_axis_rules)
+
+  def in_context(method):
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+      with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        return method(*args, **kwargs)
+    return run
+
+  call = in_context(jitted)
+  call.lower = in_context(jitted.lower)
+  return call

@@ -61,27 +61,38 @@ def _predictions(batch: dict[str, jax.Array], objective: str):
 
 
 def loss_and_metrics(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-  """Weighted token cross-entropy.
+  """Weighted token cross-entropy with integer labels.
 
   Args:
-    logits: float32 [b, P, V]; targets: int32 [b, P]; weights: float32 [b, P].
+    logits: float [b, P, V] (cast to float32); targets: int32 [b, P]; weights: float32 [b, P].
 
   Returns:
     (mean loss over weighted tokens, sums) where sums = {'loss_sum', 'correct_sum',
     'weight_sum'} (float32 scalars, summed so they aggregate exactly over steps and hosts).
   """
-  # One-hot form on purpose: with vocab-sharded logits gathered at MLM positions, the
-  # backward pass of optax.softmax_cross_entropy_with_integer_labels (a gather over the
-  # sharded vocab axis) came out wrong on a (2, 2, 2) mesh (jax 0.12.0.1, CPU; gradients off
-  # by up to 12 % while the loss matched). The elementwise form partitions cleanly.
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-  xent = -jnp.sum(jax.nn.one_hot(targets, logits.shape[-1], dtype=log_probs.dtype) * log_probs,
-                  axis=-1)
+  logits = logits.astype(jnp.float32)
+  xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   weight_sum = jnp.sum(weights)
   sums = {'loss_sum': jnp.sum(xent * weights), 'correct_sum': jnp.sum(correct * weights),
           'weight_sum': weight_sum}
   return sums['loss_sum'] / jnp.maximum(weight_sum, 1.0), sums
+
+
+def model_loss(params, graphdef, batch: dict[str, jax.Array], objective: str,
+               dropout_rng: jax.Array | None = None):
+  """The training loss of one batch: (mean loss, sums of `loss_and_metrics`).
+
+  Args:
+    params: pure dict of parameters; graphdef: the model structure (nnx.split).
+    batch: the pipeline's arrays (inputs, segment_ids, positions, and mlm_* or targets /
+      weights); objective: 'mlm' or 'clm'; dropout_rng: a key (training) or None.
+  """
+  targets, weights, positions = _predictions(batch, objective)
+  model = nnx.merge(graphdef, params)
+  logits = model(batch['inputs'], batch['segment_ids'], batch['positions'],
+                 prediction_positions=positions, dropout_rng=dropout_rng)
+  return loss_and_metrics(logits, targets, weights)
 
 
 def summarize(sums: dict[str, float]) -> dict[str, float]:
@@ -104,16 +115,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config) -> Calla
   use_dropout = config.model.dropout_rate > 0
 
   def train_step(state: State, batch, base_key):
-    targets, weights, positions = _predictions(batch, objective)
     dropout_rng = jax.random.fold_in(base_key, state['step']) if use_dropout else None
-
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params)
-      logits = model(batch['inputs'], batch['segment_ids'], batch['positions'],
-                     prediction_positions=positions, dropout_rng=dropout_rng)
-      return loss_and_metrics(logits, targets, weights)
-
-    (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    (_, sums), grads = jax.value_and_grad(model_loss, has_aux=True)(
+        state['params'], graphdef, batch, objective, dropout_rng)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     out = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
@@ -130,13 +134,27 @@ def make_eval_step(graphdef, config) -> Callable:
   objective = config.objective
 
   def eval_step(params, batch):
-    targets, weights, positions = _predictions(batch, objective)
-    model = nnx.merge(graphdef, params)
-    logits = model(batch['inputs'], batch['segment_ids'], batch['positions'],
-                   prediction_positions=positions, dropout_rng=None)
-    return loss_and_metrics(logits, targets, weights)[1]
+    return model_loss(params, graphdef, batch, objective)[1]
 
   return eval_step
+
+
+def jit_train_step(s: 'Setup', config) -> Callable:
+  """The compiled train step `(state, batch, base_key) -> (state, metrics)` on `s.mesh`:
+  state sharded as `s.state_shardings` and donated, batch split over the batch axes, traced
+  under the mesh and logical axis rules (`mesh_lib.jit`)."""
+  return mesh_lib.jit(make_train_step(s.graphdef, s.tx, config), s.mesh,
+                      config.mesh.logical_axis_rules,
+                      in_shardings=(s.state_shardings, mesh_lib.batch_sharding(s.mesh), None),
+                      out_shardings=(s.state_shardings, None), donate_argnums=0)
+
+
+def jit_eval_step(s: 'Setup', config) -> Callable:
+  """The compiled eval step `(params, batch) -> sums` on `s.mesh` (see jit_train_step)."""
+  return mesh_lib.jit(make_eval_step(s.graphdef, config), s.mesh,
+                      config.mesh.logical_axis_rules,
+                      in_shardings=(s.state_shardings['params'],
+                                    mesh_lib.batch_sharding(s.mesh)))
 
 
 # ----------------------------------------------------------------------------- state
@@ -416,11 +434,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     raise InputError(str(e)) from e
   meta = checkpoint_meta(config, tokenizer, mesh, source.name, lineage)
 
-  train_step = jax.jit(make_train_step(s.graphdef, s.tx, config),
-                       in_shardings=(s.state_shardings, mesh_lib.batch_sharding(mesh), None),
-                       out_shardings=(s.state_shardings, None), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(s.graphdef, config),
-                      in_shardings=(s.state_shardings['params'], mesh_lib.batch_sharding(mesh)))
+  train_step = jit_train_step(s, config)
+  eval_step = jit_eval_step(s, config)
   base_key = jax.random.key(config.seed)
   schedule = optim.learning_rate_schedule(config)
   accumulation = max(config.optim.accumulation_steps, 1)

@@ -23,9 +23,7 @@ def _losses(config, data, devices, num_steps=4):
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   s = train.setup(config, mesh)
   state = train.init_state(config, s)
-  step_fn = jax.jit(train.make_train_step(s.graphdef, s.tx, config),
-                    in_shardings=(s.state_shardings, mesh_lib.batch_sharding(mesh), None),
-                    out_shardings=(s.state_shardings, None), donate_argnums=0)
+  step_fn = train.jit_train_step(s, config)
   it = iter(pipeline.make_dataset(source.train, tok, config))
   losses = []
   for _ in range(num_steps):
