@@ -15,6 +15,7 @@ from __future__ import annotations
 from flax import nnx
 
 from models import encoder
+from models import layers
 from models.encoder import Encoder, resolve, stack_layers, unstack_layers
 from models.flops import flops_per_token
 
@@ -62,6 +63,8 @@ def validate(config) -> None:
                        'choose hidden_size, num_heads or model.head_dim so that head_dim is even')
     if m.mlp_dim <= 0:
       raise ValueError(f'model.mlp_dim={m.mlp_dim} must be positive')
+  _choice('model.mlp_activation', m.mlp_activation, tuple(layers.ACTIVATIONS))
+  _choice('model.causal_normalizer', m.causal_normalizer, ('visible', 'n'))
   _choice('model.attention_scale', m.attention_scale, ('standard', 'entropy_invariant'))
   _choice('model.residual', m.residual, ('post_ln', 'deepnorm'))
   _choice('model.init', m.init, ('normal', 'roformer_v2', 'gau_alpha'))

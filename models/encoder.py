@@ -82,6 +82,9 @@ class ArchSpec:
   causal: bool
   head_transform: bool
   head_bias: bool
+  mlp_activation: str
+  embed_dropout_first: bool
+  causal_normalizer: str
   # GAU / FLASH
   expansion: int
   shared_dim: int
@@ -132,7 +135,9 @@ def resolve(config) -> ArchSpec:
       causal=config.objective == 'clm', head_transform=v1, head_bias=use_bias,
       expansion=int(m.expansion_factor), shared_dim=int(m.shared_dim),
       attention_norm=m.attention_norm, chunk_size=int(m.chunk_size),
-      gau_activation=m.get('gau_activation', 'swish'))
+      gau_activation=m.get('gau_activation', 'swish'),
+      mlp_activation=m.mlp_activation, embed_dropout_first=not v1,
+      causal_normalizer=m.causal_normalizer)
 
 
 def block_class(spec: ArchSpec):
@@ -144,7 +149,9 @@ def block_class(spec: ArchSpec):
 
 
 class Embedder(nnx.Module):
-  """Token (+ token type 0) embeddings -> Norm -> dropout."""
+  """Token (+ token type 0) embeddings, then Norm -> Dropout (v1, as Hugging Face's
+  RoFormerEmbeddings) or Dropout -> Norm (v2 and GAU-alpha, as bert4keras' RoFormerV2 and
+  GAU_alpha build their embeddings; SPEC 7.2, 6.3)."""
 
   def __init__(self, spec: ArchSpec, *, rngs: nnx.Rngs):
     common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
@@ -159,16 +166,20 @@ class Embedder(nnx.Module):
       self.token_type = None
     self.norm = layers.make_norm(spec.norm, spec.hidden, eps=spec.norm_eps, **common)
     self.dropout_rate = spec.dropout_rate
+    self.dropout_first = spec.embed_dropout_first
 
   def __call__(self, tokens, key=None):
     x = self.token(tokens)
     if self.token_type is not None:
       x = x + self.token_type.embedding[0].astype(x.dtype)  # every token has type 0
+    if self.dropout_first:
+      return self.norm(layers.dropout(x, self.dropout_rate, key))
     return layers.dropout(self.norm(x), self.dropout_rate, key)
 
 
 class LMHead(nnx.Module):
-  """v1: Dense(d, d) -> GELU -> LayerNorm -> tied E^T + bias. v2/GAU: dropout -> tied E^T."""
+  """v1: Dense(d, d) -> act -> LayerNorm -> tied E^T + bias (act = model.mlp_activation, as
+  Hugging Face's hidden_act drives both). v2/GAU: dropout -> tied E^T."""
 
   def __init__(self, spec: ArchSpec, *, rngs: nnx.Rngs):
     common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
@@ -183,12 +194,13 @@ class LMHead(nnx.Module):
     self.bias = (layers.make_param(rngs, layers.zeros_init, (spec.vocab_size,),
                                    spec.param_dtype, ('vocab',)) if spec.head_bias else None)
     self.dropout_rate = 0.0 if spec.head_transform else spec.dropout_rate
+    self.activation = spec.mlp_activation
 
   def __call__(self, x, embed: layers.Embed, key=None):
     if self.transform is not None:
       # Constrained like every residual-stream activation: see gather_positions.
       x = layers.constrain(self.transform(x), ACTIVATION_AXES)
-      x = self.norm(layers.gelu(x))
+      x = self.norm(layers.activation(self.activation)(x))
     x = layers.dropout(x, self.dropout_rate, key)
     logits = embed.attend(x)
     if self.bias is not None:

@@ -11,6 +11,10 @@ One GAU layer on X [b, n, d] (post-norm, so X is the raw residual stream):
 
 Attention normalisations (l = number of keys the query may attend to, padding-aware):
   'relu2'        relu(Q K^T / sqrt(s))^2 / l            (Su / bert4keras squared_relu)
+                 causal LM, model.causal_normalizer: 'visible' (default) l = keys j <= i of
+                 the query's document, as bert4keras 0.11.5 computes it (its boolean causal
+                 mask is summed into l); 'n' l = all keys of the document, the fixed
+                 normaliser of the FLASH paper's pseudo-code (Hua et al. 2022; SPEC 6.1)
   'softmax'      softmax(scale * Q K^T), scale from model.attention_scale (standard or
                  entropy-invariant, SPEC 7.4)
   'softmax_plus' softmax(log_512(max(l, 16)) * Q K^T / sqrt(s))   (GAU-alpha)
@@ -18,13 +22,12 @@ Attention normalisations (l = number of keys the query may attend to, padding-aw
 FLASH (model.chunk_size = c > 0, SPEC 6.2): four scale-offsets of Z give Q_quad, K_quad,
 Q_lin, K_lin. The sequence is padded to a multiple of c (pads masked). Per chunk g:
   local  : norm(Q_quad,g K_quad,g^T) V_g within the chunk (segment- and causal-masked)
-  global : non-causal Q_lin,g (sum_h K_lin,h^T V_h) / n_valid;
-           causal Q_lin,g (sum_{h<g} K_lin,h^T V_h) / ((g-1) c)  (prefix sums over chunks;
-           zero for g = 1; the divisor counts the summed non-pad tokens)
+  global : non-causal Q_lin,g (sum_{j in doc} K_lin,j^T V_j) / |doc|;
+           causal Q_lin,g (sum_{j in doc, chunk(j) < g} K_lin,j^T V_j) / (their count)
+           (prefix sums over chunks; zero in the document's first chunk)
   O_g = (U_g * (local + global)) W_o.
-Cost is linear in n. Limitation: the global (linear) part masks padding but does not separate
-packed documents of one row (the local part does); for causal LM this only adds earlier
-context, never future tokens.
+Both parts stay inside the query's packed document (`mixed_chunk_attention`); cost is linear
+in n.
 """
 
 from __future__ import annotations
@@ -43,12 +46,18 @@ NORMS = ('relu2', 'softmax', 'softmax_plus')
 
 
 def attention_weights(qk: jax.Array, mask: jax.Array, norm: str, shared_dim: int,
-                      scale_kind: str = 'standard') -> jax.Array:
-  """A from raw scores qk = Q K^T [..., n_q, n_k] (float32) and a boolean mask of that shape."""
+                      scale_kind: str = 'standard',
+                      relu2_divisor: jax.Array | None = None) -> jax.Array:
+  """A from raw scores qk = Q K^T [..., n_q, n_k] (float32) and a boolean mask of that shape.
+
+  relu2_divisor [..., n_q, 1]: the l of relu2 (default: the keys the mask lets each query
+  see); see `relu2_divisor` for the causal choice.
+  """
   num_keys = mask.sum(-1, keepdims=True).astype(jnp.float32)
   if norm == 'relu2':
     a = jnp.square(jax.nn.relu(qk / math.sqrt(shared_dim)))
-    return jnp.where(mask, a, 0.0) / jnp.maximum(num_keys, 1.0)
+    divisor = num_keys if relu2_divisor is None else relu2_divisor.astype(jnp.float32)
+    return jnp.where(mask, a, 0.0) / jnp.maximum(divisor, 1.0)
   if norm == 'softmax_plus' or (norm == 'softmax' and scale_kind == 'entropy_invariant'):
     scale = attention.entropy_invariant_factor(num_keys) / math.sqrt(shared_dim)
   elif norm == 'softmax':
@@ -60,10 +69,11 @@ def attention_weights(qk: jax.Array, mask: jax.Array, norm: str, shared_dim: int
 
 
 def gau_attention(q, k, v, mask, *, norm: str, scale_kind: str = 'standard',
-                  dropout_rate: float = 0.0, dropout_key=None) -> jax.Array:
+                  relu2_divisor: jax.Array | None = None, dropout_rate: float = 0.0,
+                  dropout_key=None) -> jax.Array:
   """Quadratic GAU attention A V. q, k [b, n, s]; v [b, n, e]; mask [b, n, n] -> [b, n, e]."""
   qk = jnp.einsum('bis,bjs->bij', q, k, preferred_element_type=jnp.float32)
-  a = attention_weights(qk, mask, norm, q.shape[-1], scale_kind)
+  a = attention_weights(qk, mask, norm, q.shape[-1], scale_kind, relu2_divisor)
   a = layers.dropout(a, dropout_rate, dropout_key)
   return jnp.einsum('bij,bje->bie', a.astype(v.dtype), v)
 
@@ -77,12 +87,48 @@ def _pad_to(x: jax.Array, length: int, axis: int = 1) -> jax.Array:
   return jnp.pad(x, widths)
 
 
+def run_bounds(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """First and last index of the run of equal segment ids each token lies in.
+
+  segment_ids [b, n] -> (start, end) int32 [b, n], end inclusive. Packing writes every
+  document as one contiguous run, so a run is a document (padding, id 0, forms runs too).
+  """
+  n = segment_ids.shape[1]
+  t = jnp.arange(n, dtype=jnp.int32)[None]
+  change = segment_ids[:, 1:] != segment_ids[:, :-1]
+  first = jnp.concatenate([jnp.ones_like(change[:, :1]), change], axis=1)
+  last = jnp.concatenate([change, jnp.ones_like(change[:, :1])], axis=1)
+  start = jax.lax.cummax(jnp.where(first, t, 0), axis=1)
+  end = jax.lax.cummin(jnp.where(last, t, n - 1), axis=1, reverse=True)
+  return start, end
+
+
+def _take_chunks(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x [b, G', ...] indexed on axis 1 by index [b, G] -> [b, G, ...]."""
+  index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1, mode='clip')
+
+
 def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, segment_ids, *, chunk_size: int,
                           causal: bool, norm: str, scale_kind: str = 'standard',
-                          dropout_rate: float = 0.0, dropout_key=None) -> jax.Array:
-  """FLASH local + global attention (see the module docstring).
+                          causal_normalizer: str = 'visible', dropout_rate: float = 0.0,
+                          dropout_key=None) -> jax.Array:
+  """FLASH local + global attention (see the module docstring), segment-aware.
 
-  q_*, k_* [b, n, s]; v [b, n, e]; segment_ids [b, n] (0 = pad). Returns [b, n, e].
+  q_*, k_* [b, n, s]; v [b, n, e]; segment_ids [b, n] (0 = pad; each document one contiguous
+  run, as packing writes it). Returns [b, n, e]. No token sees another document: the local
+  part masks by segment, and the global part sums k v^T over the query's own document only,
+  still in O(n (c + e) s) time and O((n / c) s e) memory.
+
+  Global part for a query i in chunk g, document D (a run [start, end]): with chunk sums
+  F_h = sum_{j in h} k_j v_j^T and their exclusive prefix sums, the part of D before chunk g,
+  B_g = sum_{j in D, j < g c} k_j v_j^T, and after it, A_g = sum_{j in D, j >= (g+1) c}, are
+  prefix differences plus one partial chunk each; only the chunk's first document can reach
+  back and only its last can reach forward, so B_g and A_g are one [s, e] matrix per chunk.
+    non-causal: q_i (B_g [D first in g] + sum_{j in g, j in D} k_j v_j^T + A_g [D last in g])
+                / |D|
+    causal:     q_i B_g [D first in g] / (g c - start)      (zero when D starts in chunk g)
+  With one document per row this is the original FLASH global part (kexue 8934).
   """
   b, n, _ = q_quad.shape
   c = chunk_size
@@ -95,27 +141,56 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, segment_ids, *, chunk
   seg_c = seg.reshape(b, num_chunks, c)
 
   # Local quadratic attention inside each chunk.
-  local_mask = (seg_c[..., :, None] == seg_c[..., None, :]) & (seg_c[..., :, None] != 0)
+  same_doc = (seg_c[..., :, None] == seg_c[..., None, :]) & (seg_c[..., :, None] != 0)
+  local_mask = same_doc
   if causal:
     local_mask = local_mask & jnp.tril(jnp.ones((c, c), bool))
+  num_keys = None
+  if causal and causal_normalizer == 'n':
+    num_keys = same_doc.sum(-1, keepdims=True)  # the chunk's keys of the document
   qk = jnp.einsum('bgis,bgjs->bgij', qq, kq, preferred_element_type=jnp.float32)
-  a = attention_weights(qk, local_mask, norm, q_quad.shape[-1], scale_kind)
+  a = attention_weights(qk, local_mask, norm, q_quad.shape[-1], scale_kind, num_keys)
   a = layers.dropout(a, dropout_rate, dropout_key)
   local = jnp.einsum('bgij,bgje->bgie', a.astype(vv.dtype), vv)
 
-  # Global linear attention over chunks (pads contribute nothing).
-  kl = kl * valid.reshape(b, num_chunks, c, 1).astype(kl.dtype)
-  kv = jnp.einsum('bgjs,bgje->bgse', kl, vv, preferred_element_type=jnp.float32)
-  counts = valid.reshape(b, num_chunks, c).sum(-1).astype(jnp.float32)  # [b, G]
+  # Global linear attention within each document (pads contribute nothing).
+  f32 = jnp.float32
+  start, end = run_bounds(seg)
+  start_c, end_c = start.reshape(b, num_chunks, c), end.reshape(b, num_chunks, c)
+  chunk_first = start_c[..., 0]                                     # [b, G] run start
+  kl = (kl * valid.reshape(b, num_chunks, c, 1).astype(kl.dtype)).astype(f32)
+  vv32, ql32 = vv.astype(f32), ql.astype(f32)
+  sums = jnp.einsum('bgjs,bgje->bgse', kl, vv32)                    # F_h
+  zero = jnp.zeros_like(sums[:, :1])
+  prefix = jnp.concatenate([zero, jnp.cumsum(sums, axis=1)], axis=1)  # [b, G + 1, s, e]
+  kl_x = jnp.concatenate([kl, jnp.zeros_like(kl[:, :1])], axis=1)   # a zero chunk G
+  vv_x = jnp.concatenate([vv32, jnp.zeros_like(vv32[:, :1])], axis=1)
+  offsets = jnp.arange(c, dtype=jnp.int32)
+
+  def prefix_at(t):
+    """sum_{j < t} k_j v_j^T for token indices t [b, G] in [0, n_pad]: [b, G, s, e]."""
+    h, r = t // c, t % c
+    below = (offsets[None, None] < r[..., None]).astype(f32)        # [b, G, c]
+    partial = jnp.einsum('bgjs,bgj,bgje->bgse', _take_chunks(kl_x, h), below,
+                         _take_chunks(vv_x, h))
+    return _take_chunks(prefix, h) + partial
+
+  chunk_start = jnp.arange(num_chunks, dtype=jnp.int32)[None] * c  # [1, G]
+  before = prefix[:, :-1] - prefix_at(chunk_first)                  # B_g
+  first_doc = (start_c == chunk_first[..., None]).astype(f32)       # [b, G, c]
+  glob = first_doc[..., None] * jnp.einsum('bgis,bgse->bgie', ql32, before)
   if causal:
-    kv = jnp.cumsum(kv, axis=1) - kv  # exclusive prefix sum: chunks h < g
-    denom = jnp.cumsum(counts, axis=1) - counts
+    count = (chunk_start - chunk_first).astype(f32)[..., None, None]
   else:
-    kv = jnp.broadcast_to(kv.sum(1, keepdims=True), kv.shape)
-    denom = jnp.broadcast_to(counts.sum(1, keepdims=True), counts.shape)
-  glob = jnp.einsum('bgis,bgse->bgie', ql.astype(jnp.float32), kv)
-  glob = glob / jnp.maximum(denom, 1.0)[..., None, None]
-  out = local.astype(jnp.float32) + glob
+    after = prefix_at(end_c[..., -1] + 1) - prefix[:, 1:]          # A_g
+    last_doc = (end_c == end_c[..., -1:]).astype(f32)
+    same_run = (start_c[..., :, None] == start_c[..., None, :]).astype(f32)
+    inside = jnp.einsum('bgis,bgjs->bgij', ql32, kl) * same_run
+    glob = (glob + jnp.einsum('bgij,bgje->bgie', inside, vv32) +
+            last_doc[..., None] * jnp.einsum('bgis,bgse->bgie', ql32, after))
+    count = (end_c - start_c + 1).astype(f32)[..., None]
+  glob = glob / jnp.maximum(count, 1.0)
+  out = local.astype(f32) + glob
   return out.reshape(b, n_pad, -1)[:, :n].astype(v.dtype)
 
 
@@ -151,6 +226,7 @@ class GAUBlock(nnx.Module):
     self.e, self.s = e, s
     self.norm_kind, self.scale_kind = spec.attention_norm, spec.attention_scale
     self.chunk_size, self.causal = spec.chunk_size, spec.causal
+    self.causal_normalizer = spec.causal_normalizer
     self.dropout_rate, self.alpha = spec.dropout_rate, spec.residual_alpha
     self.activation = spec.gau_activation
     common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
@@ -180,11 +256,16 @@ class GAUBlock(nnx.Module):
       av = mixed_chunk_attention(
           q_quad, k_quad, q_lin, k_lin, v, ctx['segment_ids'], chunk_size=self.chunk_size,
           causal=self.causal, norm=self.norm_kind, scale_kind=self.scale_kind,
-          dropout_rate=self.dropout_rate, dropout_key=key)
+          causal_normalizer=self.causal_normalizer, dropout_rate=self.dropout_rate,
+          dropout_key=key)
     else:
       q, k = qks
+      divisor = None
+      if self.causal and self.causal_normalizer == 'n':
+        divisor = attention.attention_mask(ctx['segment_ids'], False).sum(-1, keepdims=True)
       av = gau_attention(q, k, v, ctx['mask'], norm=self.norm_kind, scale_kind=self.scale_kind,
-                         dropout_rate=self.dropout_rate, dropout_key=key)
+                         relu2_divisor=divisor, dropout_rate=self.dropout_rate,
+                         dropout_key=key)
     return self.out(u * av.astype(u.dtype))
 
   def __call__(self, x, ctx, key=None):

@@ -239,3 +239,26 @@ def split_key(key: jax.Array | None, num: int):
 def gelu(x: jax.Array) -> jax.Array:
   """Exact (erf) GELU, Hugging Face's 'gelu'."""
   return jax.nn.gelu(x, approximate=False)
+
+
+# Feed-forward activations by config name (model.mlp_activation), Hugging Face's meanings:
+# 'gelu' exact erf GELU (RoFormer v1, BERT), 'gelu_tanh' its tanh approximation (HF
+# 'gelu_new'), 'relu' (the released RoFormer-v2 checkpoints), 'swish' x * sigmoid(x).
+ACTIVATIONS = {
+    'gelu': gelu,
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'relu': jax.nn.relu,
+    'swish': jax.nn.silu,
+}
+
+
+def activation(name: str):
+  """The elementwise function for model.mlp_activation `name` (a key of ACTIVATIONS).
+
+  Raises:
+    ValueError: unknown name, listing the choices.
+  """
+  if name not in ACTIVATIONS:
+    raise ValueError(f'model.mlp_activation={name!r} is not supported; choose one of '
+                     f'{", ".join(ACTIVATIONS)}')
+  return ACTIVATIONS[name]

@@ -1,7 +1,9 @@
 """The RoFormer block (v1, v2 and DeepNet variants): attention + FFN, post-norm residuals.
 
   x = Norm(a * x + Dropout(Attention(x)))      a = 1 (post_ln) or DeepNorm alpha
-  x = Norm(a * x + Dropout(FFN(x)))            FFN = Dense(F) -> GELU -> Dense(d)
+  x = Norm(a * x + Dropout(FFN(x)))            FFN = Dense(F) -> act -> Dense(d)
+
+act = model.mlp_activation: GELU for v1 (RoFormer, as BERT), ReLU for the released v2.
 
 v1: biases, LayerNorm with scale and bias. v2: no biases, parameter-free RMSNorm.
 """
@@ -15,10 +17,12 @@ from models import layers
 
 
 class MLP(nnx.Module):
-  """wi [d, F] ('embed', 'mlp') -> GELU -> wo [F, d] ('mlp', 'embed')."""
+  """wi [d, F] ('embed', 'mlp') -> activation -> wo [F, d] ('mlp', 'embed')."""
 
   def __init__(self, hidden: int, mlp_dim: int, *, use_bias: bool,
-               kernel_init: layers.KernelInit, dtype, param_dtype, rngs: nnx.Rngs):
+               kernel_init: layers.KernelInit, activation: str = 'gelu', dtype, param_dtype,
+               rngs: nnx.Rngs):
+    self.activation = activation
     common = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.wi = layers.Dense((hidden,), (mlp_dim,), in_axes=('embed',), out_axes=('mlp',),
                            kernel_init=kernel_init('mlp_in', (hidden,), (mlp_dim,)), **common)
@@ -26,7 +30,7 @@ class MLP(nnx.Module):
                            kernel_init=kernel_init('mlp_out', (mlp_dim,), (hidden,)), **common)
 
   def __call__(self, x):
-    return self.wo(layers.gelu(self.wi(x)))
+    return self.wo(layers.activation(self.activation)(self.wi(x)))
 
 
 class TransformerBlock(nnx.Module):
@@ -47,7 +51,7 @@ class TransformerBlock(nnx.Module):
         scale_kind=spec.attention_scale, **common)
     self.attention_norm = layers.make_norm(spec.norm, spec.hidden, eps=spec.norm_eps, **common)
     self.mlp = MLP(spec.hidden, spec.mlp_dim, use_bias=spec.use_bias,
-                   kernel_init=spec.kernel_init, **common)
+                   kernel_init=spec.kernel_init, activation=spec.mlp_activation, **common)
     self.mlp_norm = layers.make_norm(spec.norm, spec.hidden, eps=spec.norm_eps, **common)
 
   def _residual(self, x, y):

@@ -397,7 +397,8 @@ def plan(src_config, dst_config, options: Options | None = None) -> Plan:
       ('family', 'model.family'), ('vocab_size', 'model.vocab_size'),
       ('type_vocab_size', 'model.type_vocab_size'), ('norm', 'model.norm_type'),
       ('use_bias', 'model.use_bias'), ('residual', 'model.residual'),
-      ('rotary_base', 'model.rotary_base'), ('attention_scale', 'model.attention_scale')])
+      ('rotary_base', 'model.rotary_base'), ('attention_scale', 'model.attention_scale'),
+      ('mlp_activation', 'model.mlp_activation')])
   if src.family == 'gau':
     _require_equal(src, dst, [('attention_norm', 'model.attention_norm'),
                               ('chunk_size', 'model.chunk_size'),

@@ -174,7 +174,8 @@ def test_gau6_flash_global_part_is_linear_attention():
   valid = (seg != 0).astype(jnp.float32)[..., None]
   kv = jnp.einsum('bjs,bje->bse', k_lin * valid, v)
   ref = jnp.einsum('bis,bse->bie', q_lin, kv) / valid.sum(1, keepdims=True)
-  np.testing.assert_allclose(out, ref, atol=1e-5)
+  keep = np.asarray(seg) != 0  # outputs at padding are unused (and zero)
+  np.testing.assert_allclose(np.asarray(out)[keep], np.asarray(ref)[keep], atol=1e-5)
 
 
 @pytest.mark.parametrize('norm', ['relu2', 'softmax_plus'])
@@ -195,34 +196,72 @@ def test_gau6_one_chunk_without_linear_part_equals_gau(norm):
                              block_mix(block, gau_cfg, x, seg, pos), atol=1e-5)
 
 
-def naive_flash_causal(qq, kq, ql, kl, v, seg, c):
-  """Per-position loop: local = same chunk, j <= i, same segment, relu2 / visible keys;
-  global = every non-pad token of earlier chunks, divided by their count."""
+def naive_flash(qq, kq, ql, kl, v, seg, c, causal, causal_normalizer='visible'):
+  """Per-position loop over the definition. Local: same chunk, same document (j <= i if
+  causal), relu2 / l. Global: keys of the query's document, causal: those in earlier chunks
+  divided by their count; non-causal: all of them divided by the document's length."""
   qq, kq, ql, kl, v, seg = map(np.asarray, (qq, kq, ql, kl, v, seg))
   b, n, s = qq.shape
   out = np.zeros(v.shape, np.float64)
   for bi in range(b):
     for i in range(n):
+      if seg[bi, i] == 0:
+        continue
+      doc = [j for j in range(n) if seg[bi, j] == seg[bi, i]]
       g0 = (i // c) * c
-      keys = [j for j in range(g0, i + 1) if seg[bi, j] == seg[bi, i] != 0]
-      if keys:
-        a = np.array([max(qq[bi, i] @ kq[bi, j] / math.sqrt(s), 0.0) ** 2 for j in keys])
-        out[bi, i] += (a[:, None] * v[bi, keys]).sum(0) / len(keys)
-      prev = [j for j in range(g0) if seg[bi, j] != 0]
-      if prev:
-        out[bi, i] += sum((ql[bi, i] @ kl[bi, j]) * v[bi, j] for j in prev) / len(prev)
+      keys = [j for j in doc if g0 <= j < g0 + c and (j <= i or not causal)]
+      a = np.array([max(qq[bi, i] @ kq[bi, j] / math.sqrt(s), 0.0) ** 2 for j in keys])
+      l = len([j for j in doc if g0 <= j < g0 + c]) if causal_normalizer == 'n' else len(keys)
+      out[bi, i] += (a[:, None] * v[bi, keys]).sum(0) / l
+      glob = [j for j in doc if j < g0] if causal else doc
+      if glob:
+        out[bi, i] += sum((ql[bi, i] @ kl[bi, j]) * v[bi, j] for j in glob) / len(glob)
   return out
 
 
-def test_gau6_flash_causal_equals_naive_loop():
-  b, n, c = 2, 10, 4  # padded to 12 inside
+PACKINGS = [
+    [1] * 10,
+    [1, 1, 1, 2, 2, 2, 2, 2, 0, 0],                  # a document starting mid-chunk; padding
+    [1, 2, 2, 2, 2, 2, 2, 2, 2, 3],                  # one document spanning three chunks
+    [1, 1, 2, 3, 3, 3, 3, 4, 4, 0],                  # several documents inside one chunk
+]
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_gau6_flash_equals_naive_loop(causal):
+  b, n, c = len(PACKINGS), 10, 4  # padded to 12 inside
   t = [rand((b, n, S), i) for i in range(4)]
   v = rand((b, n, 6), 5)
-  seg = jnp.array([[1] * n, [1, 1, 1, 2, 2, 2, 2, 2, 0, 0]])
-  out = gau.mixed_chunk_attention(*t, v, seg, chunk_size=c, causal=True, norm='relu2')
-  ref = naive_flash_causal(*t, v, seg, c)
+  seg = jnp.array(PACKINGS)
+  out = gau.mixed_chunk_attention(*t, v, seg, chunk_size=c, causal=causal, norm='relu2')
+  ref = naive_flash(*t, v, seg, c, causal)
   valid = np.asarray(seg) != 0
   np.testing.assert_allclose(np.asarray(out)[valid], ref[valid], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize('chunk', [0, 4])
+def test_causal_normalizer_n_divides_by_all_keys_of_the_document(chunk):
+  """'visible' (default) divides relu2 weights by the keys j <= i; 'n' by all keys of the
+  document (in the chunk, for FLASH), so the two differ by that ratio at every position."""
+  b, n = len(PACKINGS), 10
+  t = [rand((b, n, S), i) for i in range(4)]
+  v = rand((b, n, 6), 5)
+  seg = jnp.array(PACKINGS)
+  valid = np.asarray(seg) != 0
+  if chunk:
+    ql_off = [t[0], t[1], jnp.zeros_like(t[2]), t[3]]  # local part only
+    out = {cn: gau.mixed_chunk_attention(*ql_off, v, seg, chunk_size=chunk, causal=True,
+                                         norm='relu2', causal_normalizer=cn)
+           for cn in ('visible', 'n')}
+    ref = naive_flash(*ql_off, v, seg, chunk, True, 'n')
+  else:
+    mask = attention.attention_mask(seg, causal=True)
+    full = attention.attention_mask(seg, causal=False).sum(-1, keepdims=True)
+    out = {'visible': gau.gau_attention(t[0], t[1], v, mask, norm='relu2'),
+           'n': gau.gau_attention(t[0], t[1], v, mask, norm='relu2', relu2_divisor=full)}
+    ref = naive_flash(t[0], t[1], jnp.zeros_like(t[2]), t[3], v, seg, n, True, 'n')
+  np.testing.assert_allclose(np.asarray(out['n'])[valid], ref[valid], atol=1e-4, rtol=1e-5)
+  assert not np.allclose(np.asarray(out['n'])[valid], np.asarray(out['visible'])[valid])
 
 
 def test_gau7_homogeneity_relu_gau():

@@ -64,6 +64,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.attention_norm = 'relu2'
   # FLASH mixed-chunk attention chunk size c (tokens); 0 = plain quadratic GAU (SPEC 6.2).
   model.chunk_size = 0
+  # Feed-forward activation of RoFormer/DeepNet blocks (and v1's MLM head transform): 'gelu'
+  # (exact erf, RoFormer v1), 'gelu_tanh', 'relu' (released RoFormer-v2) or 'swish'.
+  model.mlp_activation = 'gelu'
+  # Causal LM with relu2 attention (GAU / FLASH): divide each query's weights by the keys it
+  # sees, 'visible' (j <= i; bert4keras), or by all keys of its document, 'n' (FLASH paper).
+  model.causal_normalizer = 'visible'
   # GAU activation phi on U, V, Z: 'swish' (paper) or 'relu' (homogeneity tests, SPEC 6.5).
   model.gau_activation = 'swish'
   # Kernel init: 'normal' (std initializer_range), 'roformer_v2' (truncated normal L^-1/2),

@@ -6,7 +6,11 @@
 GAU-alpha (SPEC 6.3): RoFormer v2 skeleton with each attention + FFN pair replaced by two GAU
 layers (so 2L GAU layers for an L-block shape), bias-free, parameter-free RMS post-norm,
 softmax_plus attention, shared dim s = 128, expansion e = 2d, truncated-normal L^-1/3 init,
-LAMB. FLASH (SPEC 6.2): relu^2 attention normalised by valid keys, mixed-chunk attention with
+and the released training recipe for small/base/large: LAMB at 1.76e-3, weight decay 0.01,
+no warmup, learning-rate multipliers {0: 1, 160k: 0.5, 640k: 0.1, 1.28M: 0.01}
+(the released recipe of ZhuiyiTechnology/GAU-alpha, SPEC 6.3; its keys are steps of a
+1.28M-step run), scaled here to the preset's num_train_steps with the same shape (160k/1.28M
+= 1/8, 640k/1.28M = 1/2, 1.28M -> the last step). FLASH presets keep the linear schedule. FLASH (SPEC 6.2): relu^2 attention normalised by valid keys, mixed-chunk attention with
 chunk_size c (quadratic inside chunks, linear across them: cost linear in seq_len).
 
 | preset | GAU layers | hidden | s | e | seq_len x batch |
@@ -45,6 +49,10 @@ def get_config(preset: str = 'tiny'):
     m.attention_norm, m.init = 'softmax_plus', 'gau_alpha'
   o = config.optim
   o.name, o.weight_decay, o.eps, o.learning_rate = 'lamb', 0.01, 1e-6, 1.76e-3
+  if not flash:
+    n = config.train.num_train_steps
+    o.schedule, o.warmup_steps = 'piecewise_linear', 0
+    o.schedule_boundaries = ((0, 1.0), (n // 8, 0.5), (n // 2, 0.1), (n, 0.01))
   if preset in ('tiny', 'flash_tiny'):
     # CPU demo: the recipe's LAMB at 1.76e-3 is tuned for 1M steps and barely moves a few
     # hundred (eval loss 8.8 after 200 steps vs 6.2 with AdamW, benchmarks/families.py).

@@ -1,6 +1,9 @@
 """RoFormer v2 MLM presets (SPEC.md 7.2): no biases, parameter-free RMS norm (eps 1e-7),
 post-norm, RoPE, MLM head tied with no transform; truncated-normal L^-1/2 init (SPEC 5.3);
-LAMB with a piecewise-linear schedule as in the released MLM recipe.
+ReLU feed-forward (the released checkpoints: `hidden_act: relu` in the configs of
+ZhuiyiTechnology/roformer-v2's chinese_roformer-v2-char_{small,base,large} and their ports,
+e.g. PaddleNLP's roformer_v2_chinese_char_*; SPEC 7.2); LAMB with a piecewise-linear schedule
+as in the released MLM recipe.
 
   python -m launch.pretrain --config=launch/configs/roformer_v2.py:tiny --workdir=runs/v2_tiny
 
@@ -20,6 +23,7 @@ def get_config(preset: str = 'tiny'):
   m = config.model
   m.family, m.use_bias, m.norm_type, m.norm_eps, m.init = (
       'roformer_v2', False, 'rmsnorm_noparam', 1e-7, 'roformer_v2')
+  m.mlp_activation = 'relu'
   o = config.optim
   o.name, o.weight_decay, o.eps = 'lamb', 0.01, 1e-6
   o.learning_rate = 1.76e-3
