@@ -111,3 +111,47 @@ def test_presets_validate_and_build_abstractly(preset):
   models.validate(config)
   model = nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(params=0)))
   assert leaf_names(nnx.to_pure_dict(nnx.state(model, nnx.Param))) == {'kernel', 'embedding'}
+
+
+@pytest.mark.parametrize('activation', ['relu', 'gelu', 'swish', 'gelu_tanh'])
+def test_mlp_activation_is_the_configured_one(activation):
+  config = v2_config(mlp_activation=activation)
+  model = models.build(config, rngs=nnx.Rngs(params=0))
+  x = jax.random.normal(jax.random.key(1), (2, 5, D))
+  wi = model.layers.mlp.wi.kernel[...][0]  # layer 0 of the stacked [L, ...] kernels
+  wo = model.layers.mlp.wo.kernel[...][0]
+  manual = {'relu': jax.nn.relu, 'gelu': lambda h: jax.nn.gelu(h, approximate=False),
+            'swish': jax.nn.silu, 'gelu_tanh': lambda h: jax.nn.gelu(h, approximate=True)}
+  from models import transformer  # pylint: disable=g-import-not-at-top
+  one = transformer.MLP(D, F, use_bias=False, kernel_init=models.resolve(config).kernel_init,
+                        activation=activation, dtype=jnp.float32, param_dtype=jnp.float32,
+                        rngs=nnx.Rngs(params=0))
+  one.wi.kernel[...], one.wo.kernel[...] = wi, wo
+  np.testing.assert_allclose(one(x), manual[activation](x @ wi) @ wo, rtol=1e-5, atol=1e-6)
+
+
+def test_v2_presets_use_relu_and_v1_gelu():
+  from launch.configs import roformer, roformer_v2  # pylint: disable=g-import-not-at-top
+  for preset in roformer.PRESETS:
+    assert roformer_v2.get_config(preset).model.mlp_activation == 'relu'
+    assert roformer.get_config(preset).model.mlp_activation == 'gelu'
+
+
+@pytest.mark.parametrize('family', ['roformer_v2', 'gau', 'roformer'])
+def test_embedding_dropout_order_follows_the_reference(family):
+  """v2 / GAU-alpha (bert4keras): Dropout -> RMSNorm, so every token's output has RMS 1 even
+  with dropout; v1 (Hugging Face): LayerNorm -> Dropout, so dropped entries are exactly 0."""
+  config = v2_config(dropout_rate=0.5)
+  if family == 'gau':
+    config.model.family, config.model.shared_dim = 'gau', 16
+  if family == 'roformer':
+    config.model.family, config.model.use_bias, config.model.norm_type = (
+        'roformer', True, 'layernorm')
+  model = models.build(config, rngs=nnx.Rngs(params=0))
+  tokens = jax.random.randint(jax.random.key(0), (2, 10), 0, V)
+  out = np.asarray(model.embedder(tokens, jax.random.key(3)))
+  rms = np.sqrt(np.mean(out ** 2, axis=-1))
+  if family == 'roformer':
+    assert (out == 0).mean() > 0.3  # dropout after the norm
+  else:
+    np.testing.assert_allclose(rms, 1.0, rtol=1e-5)  # Norm(Dropout(x)): unit RMS
