@@ -28,11 +28,13 @@ from optim.adafactor import factor_in_matrix_view
 from optim.adafactor import factored_dims
 from optim.adafactor import matrix_view_shape
 from optim.adafactor import per_layer_blocks
+from optim.adafactor import scale_by_factored_rms
 from optim.adafactor import upcast_to_float32
 from optim.assemble import build
 from optim.assemble import decay_mask
 from optim.assemble import metrics
 from optim.assemble import validate
+from optim.assemble import weight_decay
 from optim.eg import EGState
 from optim.eg import eg_adapt
 from optim.schedules import learning_rate_schedule
@@ -43,6 +45,6 @@ __all__ = [
     'SGDMMoments', 'accumulate_in_momentum_adafactor', 'accumulate_in_momentum_adam',
     'accumulate_in_momentum_sgdm', 'adafactor_direction', 'build', 'decay_mask',
     'eg_adapt', 'every_k', 'factor_in_matrix_view', 'factored_dims', 'learning_rate_schedule',
-    'matrix_view_shape', 'metrics', 'per_layer_blocks', 'piecewise_linear',
-    'upcast_to_float32', 'validate',
+    'matrix_view_shape', 'metrics', 'per_layer_blocks', 'scale_by_factored_rms', 'piecewise_linear',
+    'upcast_to_float32', 'validate', 'weight_decay',
 ]

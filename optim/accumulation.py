@@ -27,8 +27,11 @@ checkpoint taken mid-window resume exactly (GA-6). No buffer beyond the base opt
 `every_k` is Su's cheaper "update every k with unchanged beta" variant (SPEC 2.4): the base
 optimizer runs on every micro-step and its updates are multiplied by chi_k(s).
 
-Clipping: a global-norm clip chained in front acts per micro-batch here (there is no window
-mean to clip); optax.MultiSteps clips the window mean.
+Clipping: a global-norm clip chained in front would act on each micro-batch here (there is
+no window mean to clip), which breaks the equality with a large batch, so `optim.build`
+refuses grad_clip_norm > 0 with accumulation='momentum'; optax.MultiSteps clips the window
+mean. With `every_k` the clip acts on each micro-batch gradient: the gradient its base
+optimizer steps on, as without accumulation.
 """
 
 from __future__ import annotations
@@ -232,7 +235,8 @@ def accumulate_in_momentum_adafactor(
     if merge_small_axes:
       shape = adafactor_lib.matrix_view_shape(shape, tree_paths.path_names(path),
                                               min_dim_size_to_factor, stacked_key)
-    return shape, adafactor_lib.factored_dims(shape, factored, min_dim_size_to_factor)
+    stacked = tree_paths.is_stacked(tree_paths.path_names(path), stacked_key)
+    return shape, adafactor_lib.factored_dims(shape, factored, min_dim_size_to_factor, stacked)
 
   def init(params):
     def init_leaf(path, p):

@@ -41,7 +41,7 @@ are per layer (`per_layer_blocks`), so the optimizer is the same with or without
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,13 +58,20 @@ MIN_DIM_SIZE_TO_FACTOR = 128
 
 
 def factored_dims(shape: tuple[int, ...], factored: bool = True,
-                  min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR) -> tuple[int, int] | None:
+                  min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
+                  stacked: bool = False) -> tuple[int, int] | None:
   """The (second largest, largest) axes a leaf's second moment is factored over, or None.
 
   The rule of bert4keras and optax (SPEC 1.2): factor iff rank >= 2 and the second largest
-  axis has >= min_dim_size_to_factor entries. A stacked (L, d, d) kernel factors over its two
-  d axes and keeps L in both statistics (one rank-1 estimate per layer).
+  axis has >= min_dim_size_to_factor entries. stacked: the leaf holds one layer per index of
+  its leading axis (scanned layers); the rule then runs on shape[1:], so that axis is never
+  factored and every layer gets the statistics it gets unscanned: a (L, d, d) kernel factors
+  over its two d axes (one rank-1 estimate per layer) and a (128, 64, 256) kernel, whose
+  layers are not factored, is not factored (the plain rule would factor it over (L, F)).
   """
+  if stacked:
+    dims = factored_dims(tuple(shape)[1:], factored, min_dim_size_to_factor)
+    return None if dims is None else (dims[0] + 1, dims[1] + 1)
   if not factored or len(shape) < 2:
     return None
   order = np.argsort(shape)
@@ -168,10 +175,80 @@ def per_layer_blocks(tx: optax.GradientTransformation,
   return optax.GradientTransformation(tx.init, update_fn)
 
 
+class _LeafStats(NamedTuple):
+  """One leaf's update and AdaFactor statistics (unused ones are [1] placeholders)."""
+  update: jax.Array
+  v_row: jax.Array
+  v_col: jax.Array
+  v: jax.Array
+
+
+def scale_by_factored_rms(factored: bool = True, decay_rate: float = 0.8,
+                          min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
+                          epsilon: float = EPS1,
+                          stacked_key: str | None = 'layers') -> optax.GradientTransformation:
+  """`optax.scale_by_factored_rms` (step_offset 0) that never factors a stacked layers axis.
+
+  The same statistics, update and state (`optax.FactoredState`) as optax's, leaf by leaf,
+  except which axes are factored: `factored_dims(..., stacked=tree_paths.is_stacked(path))`
+  instead of optax's rule on the raw shape, which would pick the layers axis L of a scanned
+  [L, ...] leaf as soon as L >= 128 and give scanned and unscanned models different updates.
+  """
+
+  def dims(path, shape):
+    stacked = tree_paths.is_stacked(tree_paths.path_names(path), stacked_key)
+    return factored_dims(tuple(shape), factored, min_dim_size_to_factor, stacked)
+
+  def init_leaf(path, p):
+    d = dims(path, p.shape)
+    one = jnp.zeros((1,), p.dtype)
+    if d is None:
+      return _LeafStats(one, one, one, jnp.zeros_like(p))
+    d1, d0 = d
+    return _LeafStats(one, jnp.zeros(np.delete(p.shape, d0), p.dtype),
+                      jnp.zeros(np.delete(p.shape, d1), p.dtype), one)
+
+  def to_state(count, results):
+    pick = lambda f: jax.tree.map(lambda r: getattr(r, f), results,  # noqa: E731
+                                  is_leaf=lambda r: isinstance(r, _LeafStats))
+    return pick('update'), optax.FactoredState(count=count, v_row=pick('v_row'),
+                                               v_col=pick('v_col'), v=pick('v'))
+
+  def init_fn(params):
+    return to_state(jnp.zeros([], jnp.int32),
+                    jax.tree_util.tree_map_with_path(init_leaf, params))[1]
+
+  def update_fn(updates, state, params=None):
+    del params
+    t = jnp.asarray(state.count + 1, jnp.float32)
+    beta2 = 1.0 - t ** (-decay_rate)
+
+    def leaf(path, g, v_row, v_col, v):
+      d = dims(path, g.shape)
+      grad_sqr = jnp.square(g) + epsilon
+      if d is None:
+        v = (beta2 * v + (1.0 - beta2) * grad_sqr).astype(g.dtype)
+        return _LeafStats(g * v ** -0.5, v_row, v_col, v)
+      d1, d0 = d
+      v_row = (beta2 * v_row + (1.0 - beta2) * jnp.mean(grad_sqr, axis=d0)).astype(g.dtype)
+      v_col = (beta2 * v_col + (1.0 - beta2) * jnp.mean(grad_sqr, axis=d1)).astype(g.dtype)
+      reduced_d1 = d1 - 1 if d1 > d0 else d1
+      row_factor = (v_row / jnp.mean(v_row, axis=reduced_d1, keepdims=True)) ** -0.5
+      u = g * jnp.expand_dims(row_factor, axis=d0) * jnp.expand_dims(v_col ** -0.5, axis=d1)
+      return _LeafStats(u, v_row, v_col, v)
+
+    results = jax.tree_util.tree_map_with_path(leaf, updates, state.v_row, state.v_col,
+                                               state.v)
+    return to_state(optax.safe_increment(state.count), results)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _factored_rms(factored, decay_rate, min_dim_size_to_factor, eps1, merge_small_axes,
                   stacked_key):
-  tx = optax.scale_by_factored_rms(factored=factored, decay_rate=decay_rate, step_offset=0,
-                                   min_dim_size_to_factor=min_dim_size_to_factor, epsilon=eps1)
+  tx = scale_by_factored_rms(factored=factored, decay_rate=decay_rate,
+                             min_dim_size_to_factor=min_dim_size_to_factor, epsilon=eps1,
+                             stacked_key=stacked_key)
   if merge_small_axes:
     tx = factor_in_matrix_view(tx, min_dim_size_to_factor, stacked_key)
   return tx

@@ -17,8 +17,16 @@ Order of the chain (outermost first):
 | adafactor | optim.adafactor.adafactor(eta, variant=adafactor_variant, ...), momentum b1    |
 
 accumulation='momentum' (k > 1) replaces the optimizer by its accumulate-in-momentum form
-(SPEC 2; AdaFactor needs b1 > 0 and adafactor_variant='bert4keras'); accumulation='every_k'
-wraps it in `every_k` with the schedule read at count // k. eg.enabled wraps the optimizer's
+(SPEC 2; AdaFactor needs b1 > 0 and adafactor_variant='bert4keras'; grad_clip_norm must be 0,
+since only a window mean could be clipped as a large batch would be and there is no buffer
+holding it); accumulation='every_k' wraps it in `every_k` with the schedule read at
+count // k (the clip then applies to each micro-batch gradient, which is the gradient every_k's
+base optimizer steps on).
+
+Weight decay: `optim.weight_decay` None (the default) means each optimizer's own default,
+`weight_decay(config)`: 0.01 where the decay is multiplied by the learning rate (adamw, lamb,
+sgdm, adafactor 'bert4keras'), 0 for adafactor 'optax', whose decay is not (theta -= wd theta
+every update: 0.01 would leave 0.37 of every weight after 100 updates, SPEC 1.2). eg.enabled wraps the optimizer's
 direction in `eg_adapt` (SPEC 3): EGDD form (gains before the momentum) for sgdm, gains on the
 output direction for adamw, lamb and adafactor (bert4keras variant); weight decay and the
 learning rate stay outside the EG scaling.
@@ -70,6 +78,26 @@ def _fail(field, value, fix):
   raise ValueError(f'optim.{field}={value!r} is invalid; {fix}')
 
 
+# Decay per update relative to the learning rate (decoupled, as AdamW's 0.01).
+DEFAULT_WEIGHT_DECAY = 0.01
+
+
+def decay_times_learning_rate(config) -> bool:
+  """Whether the optimizer multiplies its weight decay by the learning rate (all but
+  AdaFactor in the optax placement, SPEC 1.2)."""
+  o = config.optim
+  return not (o.name == 'adafactor' and o.adafactor_variant == 'optax')
+
+
+def weight_decay(config) -> float:
+  """config.optim.weight_decay, or the optimizer's default when it is None (see the module
+  docstring): 0.01 if the decay is multiplied by the learning rate, else 0."""
+  wd = config.optim.weight_decay
+  if wd is None:
+    return DEFAULT_WEIGHT_DECAY if decay_times_learning_rate(config) else 0.0
+  return float(wd)
+
+
 def validate(config) -> None:
   """Checks config.optim (and train.num_train_steps); raises ValueError naming field and fix."""
   o = config.optim
@@ -97,13 +125,30 @@ def validate(config) -> None:
   for field in ('b1', 'b2'):
     if not 0 <= o[field] < 1:
       _fail(field, o[field], 'use a decay in [0, 1)')
-  for field in ('eps', 'weight_decay', 'grad_clip_norm', 'clipping_threshold'):
+  for field in ('eps', 'grad_clip_norm', 'clipping_threshold'):
     if o[field] < 0:
       _fail(field, o[field], 'use a value >= 0 (0 disables it)')
+  wd = weight_decay(config)
+  if not 0 <= wd < 1:
+    _fail('weight_decay', o.weight_decay, 'use a value in [0, 1) (0 disables it; unset it '
+          'for the optimizer\'s default)')
+  if not decay_times_learning_rate(config) and wd > o.learning_rate:
+    _fail('weight_decay', o.weight_decay,
+          f'adafactor_variant="optax" subtracts weight_decay * theta every update, not times '
+          f'the learning rate, so {wd:g} outpaces the largest step ({o.learning_rate:g}) and '
+          f'shrinks every weight to {(1 - wd) ** 100:.2f} of its value in 100 updates. Use '
+          f'adafactor_variant="bert4keras" (decay times the learning rate), a weight_decay '
+          f'<= learning_rate, or unset weight_decay (0 for this variant)')
   if not o.decay_rate > 0:
     _fail('decay_rate', o.decay_rate, 'use the AdaFactor exponent c > 0 (paper: 0.8)')
   if o.schedule == 'piecewise_linear':
     schedules.piecewise_linear(o.schedule_boundaries)
+  if k > 1 and o.accumulation == 'momentum' and o.grad_clip_norm > 0:
+    _fail('grad_clip_norm', o.grad_clip_norm,
+          f'with optim.accumulation="momentum" (accumulation_steps={k}) the clip would apply to '
+          'each micro-batch gradient, not to the window mean that a large batch clips, so the '
+          'update would not be the large-batch update. Set --config.optim.grad_clip_norm=0, or '
+          'use --config.optim.accumulation=multisteps (clips the window mean; one extra buffer)')
   if k > 1 and o.accumulation == 'momentum' and o.name == 'adafactor':
     if not o.b1 > 0:
       _fail('b1', o.b1, 'accumulation="momentum" with adafactor needs momentum b1 > 0; set '
@@ -162,8 +207,8 @@ def _param_scale(config):
                                         _stacked_key(config))
 
 
-def _decay(o):
-  return optax.add_decayed_weights(float(o.weight_decay), mask=decay_mask)
+def _decay(config):
+  return optax.add_decayed_weights(weight_decay(config), mask=decay_mask)
 
 
 def _direction_and_tail(config, schedule):
@@ -171,18 +216,18 @@ def _direction_and_tail(config, schedule):
   o = config.optim
   lr = optax.scale_by_learning_rate(schedule)
   if o.name == 'sgdm':
-    return (optax.trace(float(o.b1)), optax.chain(_decay(o), lr),
+    return (optax.trace(float(o.b1)), optax.chain(_decay(config), lr),
             dict(gain_placement='input', direction_from_state=lambda s: s.trace))
   if o.name == 'adamw':
     return (optax.scale_by_adam(float(o.b1), float(o.b2), float(o.eps)),
-            optax.chain(_decay(o), lr), dict(gain_placement='output'))
+            optax.chain(_decay(config), lr), dict(gain_placement='output'))
   if o.name == 'lamb':
     direction = optax.chain(optax.scale_by_adam(float(o.b1), float(o.b2), float(o.eps)),
-                            _decay(o), _trust_ratio(config))
+                            _decay(config), _trust_ratio(config))
     return direction, lr, dict(gain_placement='output')
   direction = adafactor_lib.adafactor_direction(
       momentum=float(o.b1), parameter_scale=bool(o.parameter_scale), **_adafactor_kwargs(config))
-  return direction, optax.chain(_decay(o), lr), dict(gain_placement='output')
+  return direction, optax.chain(_decay(config), lr), dict(gain_placement='output')
 
 
 def _optimizer(config, schedule) -> optax.GradientTransformation:
@@ -201,7 +246,7 @@ def _optimizer(config, schedule) -> optax.GradientTransformation:
         scale_granularity=eg.scale_granularity, beta=float(eg.beta),
         stacked_key=_stacked_key(config), **kwargs)
     return optax.chain(wrapped, tail)
-  b1, b2, eps, wd = float(o.b1), float(o.b2), float(o.eps), float(o.weight_decay)
+  b1, b2, eps, wd = float(o.b1), float(o.b2), float(o.eps), weight_decay(config)
   if o.name == 'adamw':
     return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)
   if o.name == 'lamb':  # optax.lamb with the trust ratio per layer for stacked leaves
@@ -209,7 +254,7 @@ def _optimizer(config, schedule) -> optax.GradientTransformation:
                        optax.add_decayed_weights(wd, mask=decay_mask), _trust_ratio(config),
                        optax.scale_by_learning_rate(schedule))
   if o.name == 'sgdm':
-    return optax.chain(optax.trace(b1), _decay(o), optax.scale_by_learning_rate(schedule))
+    return optax.chain(optax.trace(b1), _decay(config), optax.scale_by_learning_rate(schedule))
   if o.adafactor_variant == 'optax' and wd > 0:
     logging.warning('adafactor_variant="optax" applies weight decay without the learning '
                     'rate (theta -= %g * theta per update, SPEC 1.2); use "bert4keras" for '
@@ -225,15 +270,15 @@ def _accumulate_in_momentum(config, schedule, k) -> optax.GradientTransformation
   lr = optax.scale_by_learning_rate(schedule)
   b1, b2, eps = float(o.b1), float(o.b2), float(o.eps)
   if o.name == 'sgdm':
-    return accumulation_lib.accumulate_in_momentum_sgdm(k, b1, tail=optax.chain(_decay(o), lr))
+    return accumulation_lib.accumulate_in_momentum_sgdm(k, b1, tail=optax.chain(_decay(config), lr))
   if o.name == 'adamw':
     return accumulation_lib.accumulate_in_momentum_adam(k, b1, b2, eps,
-                                                        tail=optax.chain(_decay(o), lr))
+                                                        tail=optax.chain(_decay(config), lr))
   if o.name == 'lamb':
-    tail = optax.chain(_decay(o), _trust_ratio(config), lr)
+    tail = optax.chain(_decay(config), _trust_ratio(config), lr)
     return accumulation_lib.accumulate_in_momentum_adam(k, b1, b2, eps, tail=tail)
   tail = [_param_scale(config)] if o.parameter_scale else []
-  tail = optax.chain(*tail, _decay(o), lr)
+  tail = optax.chain(*tail, _decay(config), lr)
   return accumulation_lib.accumulate_in_momentum_adafactor(k, b1, tail=tail,
                                                            **_adafactor_kwargs(config))
 

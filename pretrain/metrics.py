@@ -14,12 +14,37 @@ from typing import Any, Mapping
 from absl import logging
 import jax
 
-# Dense bf16 peak FLOP/s per device (vendor figures), matched by substring of device_kind.
-_PEAK_FLOPS = (
-    ('TPU v6', 918e12), ('TPU v5p', 459e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12),
-    ('TPU v5', 459e12), ('TPU v4', 275e12), ('TPU v3', 123e12), ('TPU v2', 45e12),
-    ('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L4', 121e12), ('V100', 125e12),
-)
+# Dense bfloat16 peak FLOP/s of one JAX device, keyed by the exact `device.device_kind`.
+# The strings are the ones jax reports (TPU: jax/_src/pallas/mosaic/tpu_info.py maps the same
+# names to chip versions; GPU: the CUDA device name). Figures: Google Cloud TPU "System
+# architecture" pages (per chip; v2 and v3 chips have two TensorCores, each its own device,
+# so half the chip's figure), NVIDIA datasheets (tensor-core BF16 without sparsity, i.e. half
+# the "with sparsity" figure; V100 has no bf16: its FP16 tensor-core figure).
+PEAK_FLOPS_BY_DEVICE_KIND = {
+    'TPU v2': 45e12 / 2,
+    'TPU v3': 123e12 / 2,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12, 'TPU v5e': 197e12,        # v5e
+    'TPU v5': 459e12, 'TPU v5p': 459e12,             # v5p
+    'TPU v6 lite': 918e12, 'TPU v6e': 918e12,        # v6e (Trillium)
+    'NVIDIA H200': 989e12,                           # H200 SXM
+    'NVIDIA H200 NVL': 835e12,
+    'NVIDIA H100 80GB HBM3': 989e12,                 # H100 SXM
+    'NVIDIA H100 PCIe': 756e12,
+    'NVIDIA H100 NVL': 835e12,
+    'NVIDIA A100-SXM4-40GB': 312e12, 'NVIDIA A100-SXM4-80GB': 312e12,
+    'NVIDIA A100-PCIE-40GB': 312e12, 'NVIDIA A100 80GB PCIe': 312e12,
+    'NVIDIA L40S': 362e12,
+    'NVIDIA L4': 121e12,
+    'Tesla V100-SXM2-16GB': 125e12, 'Tesla V100-SXM2-32GB': 125e12,
+    'Tesla V100-PCIE-16GB': 112e12, 'Tesla V100-PCIE-32GB': 112e12,
+}
+
+
+def peak_flops_per_device(device_kind: str) -> float:
+  """The dense bf16 peak FLOP/s of one device of `device_kind` (exact match), or 0.0 if the
+  table does not know it (no substring guessing: 'NVIDIA L40S' is not an 'L4')."""
+  return PEAK_FLOPS_BY_DEVICE_KIND.get(device_kind.strip(), 0.0)
 # Measured float32 matmul throughput of one CPU core (STACK.md 5: ~200 GFLOP/s on 2 cores).
 CPU_FLOPS_PER_CORE = 100e9
 
@@ -39,10 +64,12 @@ def peak_flops(configured: float = 0.0) -> float:
     return configured * len(devices)
   if devices[0].platform == 'cpu':
     return CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) * jax.process_count()
-  for name, flops in _PEAK_FLOPS:
-    if name in devices[0].device_kind:
-      return flops * len(devices)
-  return 0.0
+  flops = peak_flops_per_device(devices[0].device_kind)
+  if not flops:
+    logging.warning('MFU not reported: device kind %r is not in the peak FLOP/s table '
+                    '(pretrain/metrics.py); set --config.train.peak_flops_per_device',
+                    devices[0].device_kind)
+  return flops * len(devices)
 
 
 def format_duration(seconds: float) -> str:

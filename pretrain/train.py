@@ -380,6 +380,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     # Check the config and the mesh.
     mesh = mesh_lib.make_mesh(config.mesh)
     validate(config, mesh)
+    if config.optim.weight_decay is None:  # print and record the value in force
+      config.optim.weight_decay = optim.weight_decay(config)
     logging.info('resolved config:\n%s', config)
     ckpt = checkpointing.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
     meta = ckpt.read_meta()

@@ -154,7 +154,8 @@ def _id(fields):
 @pytest.mark.parametrize('fields', ACCUMULATING, ids=_id)
 def test_ga3_theta_constant_inside_window(fields):
   params, xs, ys = least_squares(3, n_updates=3, rows=12)
-  config = make_config(accumulation_steps=3, learning_rate=0.1, grad_clip_norm=1.0,
+  clip = 0.0 if fields['accumulation'] == 'momentum' else 1.0  # momentum refuses a clip
+  config = make_config(accumulation_steps=3, learning_rate=0.1, grad_clip_norm=clip,
                        warmup_steps=0, **fields)
   history = train(optim.build(config), params, xs, ys, 3)
   for s, (p, u) in enumerate(history, start=1):

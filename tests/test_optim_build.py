@@ -88,6 +88,8 @@ def test_accumulation_and_eg_decrease_the_loss(name, accumulation):
     fields['eg.enabled'] = True
   else:
     fields.update(accumulation=accumulation, accumulation_steps=2)
+    if accumulation == 'momentum':
+      fields['grad_clip_norm'] = 0.0
   config = make_config(**fields)
   config.train.num_train_steps = 40  # micro-steps: the schedule spans 40 // k updates
   _, _, losses = run(config, steps=40)
@@ -212,13 +214,58 @@ def test_validate_names_the_field(field, value, message):
 def test_validate_combinations():
   with pytest.raises(ValueError, match='eg.enabled'):
     optim.validate(make_config(accumulation='momentum', accumulation_steps=2,
-                               **{'eg.enabled': True}))
+                               grad_clip_norm=0.0, **{'eg.enabled': True}))
   with pytest.raises(ValueError, match=r'optim\.b1'):
     optim.validate(make_config(name='adafactor', adafactor_variant='bert4keras', b1=0.0,
-                               accumulation='momentum', accumulation_steps=2))
+                               accumulation='momentum', accumulation_steps=2,
+                               grad_clip_norm=0.0))
   with pytest.raises(ValueError, match='bert4keras'):
-    optim.validate(make_config(name='adafactor', accumulation='momentum', accumulation_steps=2))
+    optim.validate(make_config(name='adafactor', accumulation='momentum', accumulation_steps=2,
+                               grad_clip_norm=0.0))
   optim.validate(make_config())  # the defaults are valid
+  for name in NAMES:  # so are the defaults with any optimizer
+    optim.validate(make_config(name=name))
+    optim.validate(make_config(name=name, adafactor_variant='bert4keras'))
+
+
+def test_clip_with_accumulation_in_momentum_is_refused_naming_both_fields():
+  """A clip per micro-batch is not the large batch's clip of the window mean."""
+  for name in NAMES:
+    config = make_config(name=name, accumulation='momentum', accumulation_steps=4,
+                         adafactor_variant='bert4keras')
+    with pytest.raises(ValueError, match=r'optim\.grad_clip_norm=1\.0.*optim\.accumulation'):
+      optim.build(config)
+    config.optim.grad_clip_norm = 0.0
+    optim.build(config)
+  for mode in ('multisteps', 'every_k'):
+    optim.build(make_config(accumulation=mode, accumulation_steps=4))
+  optim.build(make_config(accumulation='momentum', accumulation_steps=1))  # k = 1: plain
+
+
+def test_adafactor_default_weight_decay_is_safe():
+  """optim.name=adafactor with every other field at its default: the optax placement does not
+  multiply decay by the learning rate, so its default is 0; zero gradients leave weights be."""
+  params = init_params()
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for variant, decays in (('optax', False), ('bert4keras', True)):
+    config = make_config(name='adafactor', adafactor_variant=variant, warmup_steps=0,
+                         learning_rate=1e-3, schedule='constant')
+    assert optim.weight_decay(config) == (0.01 if decays else 0.0)
+    tx = optim.build(config)
+    state, p = tx.init(params), params
+    for _ in range(100):
+      u, state = tx.update(zero, state, p)
+      p = optax.apply_updates(p, u)
+    kernel = np.asarray(p['layers']['attention']['query']['kernel'])
+    ratio = np.abs(kernel).sum() / np.abs(np.asarray(
+        params['layers']['attention']['query']['kernel'])).sum()
+    # bert4keras: theta *= (1 - lr wd) per update: 0.999 after 100; optax: untouched.
+    assert ratio == pytest.approx((1 - 1e-3 * 0.01) ** 100 if decays else 1.0, rel=1e-5)
+  for name in ('adamw', 'lamb', 'sgdm'):
+    assert optim.weight_decay(make_config(name=name)) == 0.01
+  with pytest.raises(ValueError, match=r'optim\.weight_decay=0\.01.*bert4keras'):
+    optim.validate(make_config(name='adafactor', weight_decay=0.01, learning_rate=1e-3))
+  optim.validate(make_config(name='adafactor', weight_decay=1e-4, learning_rate=1e-3))
 
 
 def test_metrics():
@@ -274,7 +321,7 @@ def _layer_layouts(seed, scale):
 @pytest.mark.parametrize('fields', [
     dict(name='lamb'), dict(name='adafactor', b1=0.0),
     dict(name='adafactor', adafactor_variant='bert4keras', accumulation='momentum',
-         accumulation_steps=2),
+         accumulation_steps=2, grad_clip_norm=0.0),
     dict(name='sgdm', **{'eg.enabled': True, 'eg.scale_lr': 0.1, 'eg.gain_lr': 0.1}),
     dict(name='lamb', **{'eg.enabled': True, 'eg.scale_lr': 0.1}),
 ], ids=lambda f: '-'.join(map(str, f.values())))
@@ -302,3 +349,43 @@ def test_scanned_and_listed_layers_give_the_same_optimizer(fields):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
   np.testing.assert_allclose(np.asarray(stacked['embed']['embedding']),
                              np.asarray(as_list['embed']['embedding']), rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('fields', [
+    dict(name='adafactor', b1=0.0),
+    dict(name='adafactor', adafactor_variant='bert4keras', b1=0.9),
+    dict(name='adafactor', adafactor_variant='bert4keras', accumulation='momentum',
+         accumulation_steps=2, grad_clip_norm=0.0),
+], ids=lambda f: '-'.join(map(str, f.values())))
+def test_adafactor_never_factors_the_layers_axis(fields):
+  """128 stacked layers (deepnet:deep's FFN kernel shape (64, 256)): the plain rule would
+  factor the stacked (128, 64, 256) leaf over (L, F); per layer (64, 256) is not factored."""
+  rng = np.random.default_rng(0)
+  num_layers, shape = 128, (64, 256)
+
+  def layouts(scale):
+    stacked = scale * rng.standard_normal((num_layers,) + shape).astype(np.float32)
+    return ({'layers': {'mlp': {'wi': {'kernel': jnp.asarray(stacked)}}}},
+            {'layers': {i: {'mlp': {'wi': {'kernel': jnp.asarray(stacked[i])}}}
+                        for i in range(num_layers)}})
+
+  params = layouts(0.1)
+  grads = [layouts(1.0) for _ in range(2)]
+  finals = []
+  for layout, scan in ((0, True), (1, False)):
+    config = make_config(warmup_steps=0, **fields)
+    config.model.scan_layers = scan
+    tx = optim.build(config)
+    p, state = params[layout], tx.init(params[layout])
+    for g in grads:
+      u, state = jax.jit(tx.update)(g[layout], state, p)
+      p = optax.apply_updates(p, u)
+    finals.append((p, state))
+  (stacked, stacked_state), (as_list, _) = finals
+  kernel = np.asarray(stacked['layers']['mlp']['wi']['kernel'])
+  for i in (0, 77, 127):
+    np.testing.assert_allclose(kernel[i], np.asarray(as_list['layers'][i]['mlp']['wi']['kernel']),
+                               rtol=2e-5, atol=1e-7)
+  # The statistics are full per layer: no [128, 256] / [64, 256] factors anywhere.
+  shapes = {x.shape for x in jax.tree.leaves(stacked_state) if x.ndim >= 2}
+  assert shapes <= {(num_layers,) + shape}, shapes

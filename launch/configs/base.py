@@ -139,13 +139,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   optim.end_learning_rate_factor = 0.0
   # Decoupled weight decay (skips biases and norm scales); times lr except for
   # adafactor_variant='optax', which follows optax (theta -= wd * theta, SPEC 1.2).
-  optim.weight_decay = 0.01
+  # None: the optimizer's default, 0.01 where the decay is times lr, 0 for adafactor 'optax'.
+  optim.weight_decay = ml_collections.config_dict.placeholder(float)
   # Adam/LAMB first and second moment decays and epsilon; momentum for sgdm/adafactor
   # (adafactor: 0 = no momentum buffer).
   optim.b1 = 0.9
   optim.b2 = 0.999
   optim.eps = 1e-6
-  # Global gradient-norm clip; 0 disables.
+  # Global gradient-norm clip; 0 disables. multisteps clips the window mean; every_k each
+  # micro-batch; accumulation='momentum' (k > 1) needs 0 (no window mean exists to clip).
   optim.grad_clip_norm = 1.0
   # Micro-steps per optimizer update, and how to accumulate: 'multisteps' (optax.MultiSteps,
   # exact, one extra buffer), 'momentum' (hidden in momentum, no buffer, SPEC 2) or 'every_k'
