@@ -61,6 +61,21 @@ def make_tiny_config(corpus: pathlib.Path, cache_dir: pathlib.Path, *,
   return config
 
 
+def assert_trees_close(actual, expected, rtol=1e-5):
+  """Per leaf of two pytrees: ||actual - expected|| <= rtol ||expected|| (+ 1e-12 so all-zero
+  leaves compare exactly), naming the first leaf that differs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  expected_leaves = jax.tree.leaves(expected)
+  actual_leaves = jax.tree_util.tree_flatten_with_path(actual)[0]
+  assert len(actual_leaves) == len(expected_leaves)
+  for (path, a), e in zip(actual_leaves, expected_leaves):
+    a, e = np.ravel(np.asarray(a, np.float64)), np.ravel(np.asarray(e, np.float64))
+    err, norm = np.linalg.norm(a - e), np.linalg.norm(e)
+    assert err <= rtol * norm + 1e-12, (
+        f'{jax.tree_util.keystr(path)}: relative error {err / max(norm, 1e-30):.2e}')
+
+
 @pytest.fixture(scope='session')
 def cache_dir(tmp_path_factory) -> pathlib.Path:
   """One TFDS/tokenizer cache for the whole session (datasets build once)."""

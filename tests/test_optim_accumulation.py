@@ -280,3 +280,65 @@ def test_ga7_decoupled_decay_only_at_boundaries(x64, fields):
         kernel *= 1 - lr * wd
     np.testing.assert_allclose(np.asarray(params['dense']['kernel']), kernel, rtol=1e-13)
     np.testing.assert_array_equal(np.asarray(params['dense']['bias']), 2.0)
+
+
+def _adafactor_accumulation_reference(theta, grads, k, lr, beta1=0.9, decay_rate=0.8,
+                                      eps1=1e-30, clip=1.0, eps2=1e-3):
+  """The recursion of `accumulate_in_momentum_adafactor`'s docstring in float64 NumPy: a
+  factored (rows, cols) leaf 'w' and an unfactored vector 'b'; parameters after each
+  micro-step."""
+  theta = {n: np.array(v, np.float64) for n, v in theta.items()}
+  rows, cols = theta['w'].shape
+  r, c, v = np.zeros(rows), np.zeros(cols), np.zeros_like(theta['b'])
+  m = {n: np.zeros_like(x) for n, x in theta.items()}
+  history = []
+  for s, g in enumerate(grads, start=1):
+    tau, i = -(-s // k), (s - 1) % k + 1
+    first, last = i == 1, i == k
+    b = 1.0 - tau ** (-decay_rate)
+    w = 1.0 - (1.0 - b) * (k - i) / k          # the window weight the code divides by
+    sq = {n: g[n] ** 2 + eps1 for n in g}
+    r = (b * r if first else r) + (1 - b) / k * sq['w'].mean(axis=1)
+    c = (b * c if first else c) + (1 - b) / k * sq['w'].mean(axis=0)
+    v = (b * v if first else v) + (1 - b) / k * sq['b']
+    rw, cw = r / w, c / w
+    u = {'w': g['w'] / np.sqrt(np.outer(rw, cw) / rw.mean()), 'b': g['b'] / np.sqrt(v / w)}
+    for n in u:
+      if clip:
+        u[n] = u[n] / max(1.0, np.sqrt(np.mean(u[n] ** 2)) / clip)
+      m[n] = (beta1 * m[n] if first else m[n]) + (1 - beta1) / k * u[n]
+    if last:
+      theta = {n: theta[n] - lr * max(eps2, np.sqrt(np.mean(theta[n] ** 2))) * m[n]
+               for n in theta}
+    history.append(theta)
+  return history
+
+
+@pytest.mark.parametrize('k, clip', [(2, 0.0), (3, 0.0), (3, 1.0)])
+def test_adafactor_accumulation_matches_float64_reference(x64, k, clip):
+  """Numbers, not just shapes: 3 windows of k micro-steps through `optim.build` against the
+  float64 recursion (a factored 130 x 140 leaf and an unfactored vector). Dropping the window
+  weight w (w = 1) moves the parameters by ~10 %, far outside the tolerance (update clipping
+  can hide w's scale, hence the cases without it)."""
+  rng = np.random.default_rng(4)
+  theta = {'w': 0.1 * rng.standard_normal((130, 140)), 'b': 0.1 * rng.standard_normal(7)}
+  grads = [{'w': rng.standard_normal((130, 140)) * (1 + s), 'b': rng.standard_normal(7)}
+           for s in range(3 * k)]
+  lr = 0.05
+  config = make_config(name='adafactor', adafactor_variant='bert4keras', b1=0.9,
+                       accumulation='momentum', accumulation_steps=k, learning_rate=lr,
+                       schedule='constant', warmup_steps=0, weight_decay=0.0,
+                       clipping_threshold=clip)
+  tx = optim.build(config)
+  params = jax.tree.map(jnp.asarray, theta)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  ref = _adafactor_accumulation_reference(theta, grads, k, lr, clip=clip)
+  for s, g in enumerate(grads):
+    u, state = update(jax.tree.map(jnp.asarray, g), state, params)
+    params = optax.apply_updates(params, u)
+    for n in theta:  # statistics are float32 by design: compare the moves to 1e-5
+      moved, expected = np.asarray(params[n]) - theta[n], ref[s][n] - theta[n]
+      assert np.linalg.norm(moved - expected) <= 1e-5 * np.linalg.norm(expected) + 1e-15, (
+          f'micro-step {s + 1}, leaf {n}')
+  assert not np.allclose(ref[-1]['w'], theta['w'])  # it moved

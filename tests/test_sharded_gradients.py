@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import assert_trees_close
 from conftest import make_tiny_config
 from pretrain import mesh as mesh_lib
 from pretrain import train
@@ -70,15 +71,6 @@ def loss_and_grads(config, batch, devices):
       in_shardings=(s.state_shardings['params'], mesh_lib.batch_sharding(mesh)))
   (loss, _), grads = fn(params, mesh_lib.global_batch(batch, mesh))
   return float(loss), jax.device_get(grads)
-
-
-def assert_trees_close(actual, expected, rtol=1e-5):
-  """Per leaf: ||actual - expected|| <= rtol ||expected|| (+ 1e-12 for all-zero leaves)."""
-  for (path, a), e in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
-                          jax.tree.leaves(expected)):
-    err = np.linalg.norm(np.ravel(a) - np.ravel(e))
-    assert err <= rtol * np.linalg.norm(e) + 1e-12, (
-        f'{jax.tree_util.keystr(path)}: relative error {err / np.linalg.norm(e):.2e}')
 
 
 @pytest.mark.parametrize('objective', ['mlm', 'clm'])

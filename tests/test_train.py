@@ -6,6 +6,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import assert_trees_close
 from conftest import make_tiny_config
 from data_pipelines import pipeline
 from pretrain import mesh as mesh_lib
@@ -37,10 +38,14 @@ def test_sharded_mesh_matches_single_device(text_corpus, cache_dir, data):
   # in near-zero gradients into 1e-3 parameter differences, hiding what this test checks.
   config = make_tiny_config(text_corpus, cache_dir, **{'optim.name': 'sgdm',
                                                        'optim.learning_rate': 0.5})
-  single, _ = _losses(config, data, jax.devices()[:1])
+  single, single_state = _losses(config, data, jax.devices()[:1])
   config.mesh.shape = (2, 2, 2)
   sharded, state = _losses(config, data, jax.devices())
   np.testing.assert_allclose(sharded, single, rtol=1e-5)
+  # After 4 steps the parameters and the momentum agree too (not only the losses).
+  assert_trees_close(jax.device_get(state['params']), jax.device_get(single_state['params']))
+  assert_trees_close(jax.device_get(state['opt_state']),
+                     jax.device_get(single_state['opt_state']))
   assert single[-1] < single[0]
   # Parameters really are sharded as the logical rules say (vocab->tensor, embed->fsdp,
   # mlp->tensor, heads->tensor).
@@ -98,15 +103,18 @@ OPTIMIZERS = {
     'adafactor_bert4keras_momentum_accumulation': {
         'optim.name': 'adafactor', 'optim.adafactor_variant': 'bert4keras',
         'optim.learning_rate': 5e-2, 'optim.accumulation': 'momentum',
-        'optim.accumulation_steps': 2},
+        'optim.accumulation_steps': 2, 'optim.grad_clip_norm': 0.0},
     'lamb_multisteps': {'optim.name': 'lamb', 'optim.accumulation_steps': 2},
     'adamw_accumulation_in_momentum': {'optim.accumulation': 'momentum',
-                                       'optim.accumulation_steps': 3},
+                                       'optim.accumulation_steps': 3,
+                                       'optim.grad_clip_norm': 0.0},
     'sgdm_eg': {'optim.name': 'sgdm', 'optim.learning_rate': 0.5, 'optim.eg.enabled': True},
     'adamw_eg': {'optim.eg.enabled': True},
     'adamw_every_k': {'optim.accumulation': 'every_k', 'optim.accumulation_steps': 2},
 }
-FAST = ('adafactor_bert4keras_momentum_accumulation', 'sgdm_eg')
+# In the default suite: one case per accumulation mode (momentum, multisteps, every_k) and EG.
+FAST = ('adafactor_bert4keras_momentum_accumulation', 'lamb_multisteps', 'adamw_every_k',
+        'sgdm_eg')
 
 
 @pytest.mark.parametrize('name', [
