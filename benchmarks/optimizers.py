@@ -79,6 +79,7 @@ def tree_bytes(tree) -> int:
 def state_bytes(shapes, **optim_fields) -> int:
   config = roformer.get_config('base')
   config.optim.weight_decay = 0.0  # no effect on state; silences the adafactor 'optax' warning
+  config.optim.grad_clip_norm = 0.0  # no effect on state; accumulation='momentum' needs it
   for name, value in optim_fields.items():
     if '.' in name:
       group, field = name.split('.')
@@ -94,7 +95,7 @@ def factoring_report(shapes):
   for path, x in jax.tree_util.tree_leaves_with_path(shapes):
     names = tree_paths.path_names(path)
     view = adafactor.matrix_view_shape(tuple(x.shape), names)
-    dims = optim.factored_dims(view)
+    dims = optim.factored_dims(view, stacked=tree_paths.is_stacked(names))
     if len(x.shape) >= 2:
       if dims is None:
         stats = f'full {view}'

@@ -318,3 +318,19 @@ def test_presets_validate_and_build_abstractly(preset):
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   assert params['layers']['uvz']['kernel'].shape[0] == config.model.num_layers
   assert 'bias' not in params['layers']['uvz']
+
+
+@pytest.mark.parametrize('preset', ['small', 'base', 'large'])
+def test_gau_alpha_presets_use_the_released_schedule(preset):
+  """LAMB at 1.76e-3, no warmup, multipliers {0: 1, 160k: 0.5, 640k: 0.1, 1.28M: 0.01} of a
+  1.28M-step run, scaled to the preset's length (SPEC 6.3)."""
+  import optim  # pylint: disable=g-import-not-at-top
+  from launch.configs import gau as gau_presets  # pylint: disable=g-import-not-at-top
+  config = gau_presets.get_config(preset)
+  o, n = config.optim, config.train.num_train_steps
+  assert (o.name, o.learning_rate, o.warmup_steps) == ('lamb', 1.76e-3, 0)
+  lr = optim.learning_rate_schedule(config)
+  for step, multiplier in ((0, 1.0), (n // 16, 0.75), (n // 8, 0.5), (n // 2, 0.1),
+                           (n, 0.01)):
+    assert float(lr(step)) == pytest.approx(1.76e-3 * multiplier, rel=1e-4), step
+  assert gau_presets.get_config('flash_base').optim.schedule == 'linear'
