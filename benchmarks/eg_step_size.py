@@ -1,4 +1,4 @@
-"""Does EG step-size adaptation recover a mis-set learning rate? (SPEC 3.7 (a))
+"""Does EG step-size adaptation recover a mis-set learning rate? (docs/algorithms.md 3.7 (a))
 
   .venv/bin/python benchmarks/eg_step_size.py [--steps 300] [--workdir_root /tmp/exp/eg_step_size]
       [--cache_dir /tmp/exp/cache] [--no_fast_eg]

@@ -10,7 +10,7 @@ embeddings + LayerNorm, MLM transform dense + LayerNorm + output bias (the decod
 embedding). If `models.build` exists, its parameter shapes are used instead (printed), unless
 --builtin is given.
 
-Targets (SPEC 1.2, 2.5): AdaFactor without momentum <= 0.05x AdamW's state; accumulation in
+Targets (docs/algorithms.md 1.2, 2.5): AdaFactor without momentum <= 0.05x AdamW's state; accumulation in
 momentum adds 0 bytes over its base optimizer; optax.MultiSteps adds 1x the parameters.
 """
 

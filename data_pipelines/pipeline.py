@@ -1,5 +1,5 @@
 """The grain input pipeline: records -> shard by process -> shuffle -> tokenize -> pack -> batch
--> objective (DESIGN.md 2).
+-> objective (docs/design.md 2).
 
 Each process reads a disjoint shard of the documents (`[process_index::process_count]`),
 shuffles it with `config.data.shuffle_seed` (a new order every epoch), tokenizes (appending

@@ -1,7 +1,7 @@
 """TFDS datasets of raw text: local text files, the built-in corpus, or a TFDS dataset by name.
 
 Every source ends as `array_record` shards read by random access through
-`as_data_source` (no TensorFlow, DESIGN.md 2). Local sources are built once into
+`as_data_source` (no TensorFlow, docs/design.md 2). Local sources are built once into
 `<cache_dir>/tfds/<name>_<fingerprint>` where the fingerprint hashes the file list, sizes,
 modification times and split settings, so editing the corpus rebuilds it and re-running
 does not.
@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 tfds.disable_progress_bar()
 
 # Directory names skipped in the built-in corpus: test suites, IDLE and installed packages
-# are not on every Python install (SPEC-free choice documented in STACK.md 4: ~11 MB remain).
+# are not on every Python install (docs/design.md 8: ~11 MB remain).
 _STDLIB_SKIP_DIRS = frozenset(
     {'test', 'tests', 'idlelib', 'site-packages', 'dist-packages', '__pycache__'})
 _BINARY_SNIFF_BYTES = 8192

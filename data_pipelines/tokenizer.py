@@ -1,6 +1,6 @@
 """SentencePiece tokenizer: trained once on a sample of the training split, or loaded.
 
-Training settings (STACK.md 4): BPE, `byte_fallback` (unseen characters become byte pieces, so
+Training settings (docs/design.md 8): BPE, `byte_fallback` (unseen characters become byte pieces, so
 every text round-trips), identity normalization and no whitespace folding (code and full-width
 punctuation survive). Trained models are cached under `<cache_dir>/tokenizers/<hash>.model`,
 keyed by the corpus fingerprint and every training setting.

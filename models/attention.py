@@ -4,7 +4,7 @@ Masking: query i may attend to key j iff segment_ids[i] == segment_ids[j] != 0 (
 for causal LM). Fully masked rows (padding queries) get a uniform distribution over a large
 negative bias instead of NaN; their outputs are ignored downstream.
 
-Scale (SPEC 7.4): 'standard' 1/sqrt(d_h); 'entropy_invariant' log_512(n)/sqrt(d_h) with n the
+Scale (docs/algorithms.md 7.4): 'standard' 1/sqrt(d_h); 'entropy_invariant' log_512(n)/sqrt(d_h) with n the
 number of keys the query may attend to, clamped at n >= 16 (causal: visible keys of that query).
 """
 
@@ -65,7 +65,7 @@ def dot_product_attention(q, k, v, mask, scale, *, dropout_rate=0.0, dropout_key
 
 
 class MultiHeadAttention(nnx.Module):
-  """Multi-head softmax self-attention with RoPE on q and k (RoFormer, SPEC 7.1).
+  """Multi-head softmax self-attention with RoPE on q and k (RoFormer, docs/algorithms.md 7.1).
 
   Params: query/key/value kernel [d, h, d_h] ('embed', 'heads', 'kv'), bias [h, d_h];
   out kernel [h, d_h, d] ('heads', 'kv', 'embed'), bias [d].

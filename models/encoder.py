@@ -98,7 +98,7 @@ class ArchSpec:
 
 
 def deepnorm_constants(model_cfg) -> tuple[float, float]:
-  """Encoder-only DeepNorm (alpha, beta) = ((2N)^(1/4), (8N)^(-1/4)) unless set (SPEC 5.1)."""
+  """Encoder-only DeepNorm (alpha, beta) = ((2N)^(1/4), (8N)^(-1/4)) unless set (docs/algorithms.md 5.1)."""
   n = model_cfg.num_layers
   alpha = model_cfg.deepnorm_alpha if model_cfg.deepnorm_alpha > 0 else (2.0 * n) ** 0.25
   beta = model_cfg.deepnorm_beta if model_cfg.deepnorm_beta > 0 else (8.0 * n) ** -0.25
@@ -151,7 +151,7 @@ def block_class(spec: ArchSpec):
 class Embedder(nnx.Module):
   """Token (+ token type 0) embeddings, then Norm -> Dropout (v1, as Hugging Face's
   RoFormerEmbeddings) or Dropout -> Norm (v2 and GAU-alpha, as bert4keras' RoFormerV2 and
-  GAU_alpha build their embeddings; SPEC 7.2, 6.3)."""
+  GAU_alpha build their embeddings; docs/algorithms.md 7.2, 6.3)."""
 
   def __init__(self, spec: ArchSpec, *, rngs: nnx.Rngs):
     common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
@@ -209,7 +209,7 @@ class LMHead(nnx.Module):
 
 
 def _remat(fn, policy: str, prevent_cse: bool):
-  """jax.checkpoint with the configured policy (SPEC 8); identity for 'none'."""
+  """jax.checkpoint with the configured policy (docs/algorithms.md 8); identity for 'none'."""
   if policy == 'none':
     return fn
   if policy == 'full':

@@ -5,7 +5,7 @@ Every parameter is created through `nnx.with_partitioning`, so building a model 
 Flax: `kernel`, `bias`, `scale` (norm gains), `embedding`. Weight decay masks rely on `bias` and
 `scale` meaning "not decayed".
 
-Initialisers (SPEC 5.1, 5.3) are chosen per kernel *role* by `KernelInit`:
+Initialisers (docs/algorithms.md 5.1, 5.3) are chosen per kernel *role* by `KernelInit`:
   'normal'      : N(0, initializer_range^2) (BERT / RoFormer v1).
   'roformer_v2' : truncated normal (+-2 sigma), std 1.13684723/sqrt(fan) * L^(-1/2).
   'gau_alpha'   : the same with L^(-1/3).
@@ -26,7 +26,7 @@ from flax.core import spmd as flax_spmd
 
 Axes = tuple[str | None, ...]
 
-# 1 / std of a standard normal truncated to [-2, 2]: undoes the truncation (SPEC 5.3).
+# 1 / std of a standard normal truncated to [-2, 2]: undoes the truncation (docs/algorithms.md 5.3).
 TRUNCATION_CORRECTION = 1.13684723
 
 
@@ -40,7 +40,7 @@ def _prod(xs: Sequence[int]) -> int:
 
 
 def su_fan(fan_in: int, fan_out: int) -> int:
-  """bert4keras' fan rule (SPEC 5.3): shape[0], or shape[1] if shape[0] > 10000 or < 10."""
+  """bert4keras' fan rule (docs/algorithms.md 5.3): shape[0], or shape[1] if shape[0] > 10000 or < 10."""
   return fan_out if (fan_in > 10000 or fan_in < 10) else fan_in
 
 

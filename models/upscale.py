@@ -1,4 +1,4 @@
-"""Function-preserving growth of a trained encoder's parameter tree (SPEC 4; kexue 8444).
+"""Function-preserving growth of a trained encoder's parameter tree (docs/algorithms.md 4; kexue 8444).
 
 Pure functions on pure-dict parameter trees (the layout of models/encoder.py); no files.
 
@@ -14,7 +14,7 @@ with residual='deepnorm', gau (GAU / GAU-alpha / FLASH)):
          mlp_dim F -> k_F F; GAU e = expansion_factor * d -> k_e e; GAU shared_dim s -> k_s s;
   depth  num_layers L -> L' >= L: zero-branch blocks inserted at `Options.depth_positions`.
 
-The scale-tracking calculus (SPEC 4.1): every activation site carries c * E(x), E an expansion
+The scale-tracking calculus (docs/algorithms.md 4.1): every activation site carries c * E(x), E an expansion
 of its feature axis: Rep_k (interleaved copies; the stream, F, e, v dims), Tile_k (heads),
 Pad (old units kept, new units appended: `zero_out` symmetry breaking) or zero-slot (RoPE
 dims: old pair p -> new pair k p, so the standard frequency table still matches; q and k
@@ -26,17 +26,17 @@ Stream scale c_s:
   'unit' c_s = 1, eps unchanged on the stream; the only choice for parameter-free RMS norms
          (RoFormer v2, GAU-alpha), where the tied embedding then carries 1/k and the embedding
          norm would need eps/k^2 (one shared eps: growth sets eps/k^2, stream norms deviate by
-         O(eps), SPEC 4.3).
+         O(eps), docs/algorithms.md 4.3).
   v1's MLM head LayerNorm sees GELU output (c = 1), so under 'su' it would keep eps while the
   stream norms need eps/k: with one shared eps the head deviates by O(eps (1 - 1/k) / var)
   (1e-12 at BERT's eps = 1e-12); 'unit' is exact for v1 with eps unchanged.
-Depth (SPEC 4.6): a new block has its last projections (attention out, FFN wo, GAU out and
+Depth (docs/algorithms.md 4.6): a new block has its last projections (attention out, FFN wo, GAU out and
 their biases) zero and random incoming weights. Post-norm with a parameter-free norm: Norm(x +
 0) = x up to eps. With gains/offsets (v1's LayerNorm) zero-branch insertion alone is not
 exact; 'norm_transfer' moves the preceding norm's gain and offset into the new block's last
 norm (the preceding norm becomes c_s * identity), which is exact up to O(eps). DeepNet keeps
 the trained alpha (grown_config sets model.deepnorm_alpha/beta to the source's values).
-Symmetry breaking (SPEC 4.7): 'none' (copies; exact), 'noise' (N(0, (sigma RMS(W))^2) on every
+Symmetry breaking (docs/algorithms.md 4.7): 'none' (copies; exact), 'noise' (N(0, (sigma RMS(W))^2) on every
 grown kernel; not exact), 'zero_out' (new F / head / v-dim / e units get random incoming and
 zero outgoing weights, and parameter-free-RMS models pad the stream with zeros instead of
 copying it: exact).
@@ -60,7 +60,7 @@ SYMMETRY_BREAKING = ('none', 'noise', 'zero_out')
 DEPTH_METHODS = ('auto', 'zero_branch', 'norm_transfer')
 OPTIMIZER_STATE = ('reset', 'map')
 
-# Leaves that end a residual branch: zero in an inserted block (SPEC 4.6).
+# Leaves that end a residual branch: zero in an inserted block (docs/algorithms.md 4.6).
 _BRANCH_END = {('attention', 'out'), ('mlp', 'wo'), ('out',)}
 
 
@@ -117,7 +117,7 @@ class AxisMap:
       (new r*old + i <- old i), 'pad' (old first, new units after), 'slots' (zero-slot for
       RoPE pairs: old pair p -> new pair k p, the other pairs are new), 'concat' (parts) or
       'pair_rep' (Su's PairRep [x1,x2,x1,x2,x3,x4,...]; not exact with the standard RoPE
-      table, SPEC 4.4: kept for the negative-control tests only).
+      table, docs/algorithms.md 4.4: kept for the negative-control tests only).
     scale: c, the site carries c * E(x).
     new_produce: what producers (weights writing this site) put in new entries: 'zero' (the
       new entries must stay 0) or 'free' (new units: random).
@@ -137,7 +137,7 @@ class AxisMap:
     """(index into old [new] (-1 = new entry), factor [new], is_new [new], must_zero [new]).
 
     role: 'produce' (this is an output axis of the leaf) or 'consume' (an input axis).
-    mode: 'param' (parameter map) or 'grad' (gradient map, SPEC 4.7: producers
+    mode: 'param' (parameter map) or 'grad' (gradient map, docs/algorithms.md 4.7: producers
       1/(copies c), consumers c).
     """
     if self.kind == 'concat':
@@ -157,7 +157,7 @@ class AxisMap:
       idx = np.tile(np.arange(n), copies)
     elif self.kind == 'pad':
       idx = np.concatenate([np.arange(n), -np.ones(m - n, np.int64)])
-    elif self.kind == 'pair_rep':  # Su's PairRep of RoPE pairs: NOT exact (SPEC 4.4), tests only
+    elif self.kind == 'pair_rep':  # Su's PairRep of RoPE pairs: NOT exact (docs/algorithms.md 4.4), tests only
       copies = m // n
       pairs = np.arange(n).reshape(-1, 2)
       idx = np.concatenate([np.tile(pair, copies) for pair in pairs])
@@ -195,7 +195,7 @@ def _copies(n: int, k: int, kind: str, zero_out: bool, scale: float = 1.0) -> Ax
 
 
 def _slots(n: int, k: int, scale: float, new_produce: str) -> AxisMap:
-  """Zero-slot RoPE dims (SPEC 4.4 R2)."""
+  """Zero-slot RoPE dims (docs/algorithms.md 4.4 R2)."""
   if k == 1:
     return _same(n, scale)
   return AxisMap(n, k * n, 'slots', scale, new_produce=new_produce, new_consume='zero')
@@ -287,7 +287,7 @@ def _depth_positions(option: str, old: int, new: int) -> tuple[int, ...]:
 
 def _stream_scales(src, k: int, method: str, zero_out: bool):
   """(width method, stream dict): the residual stream's expansion and the scales of its sites
-  (SPEC 4.1/4.2), and the eps factor. Squares are exact fractions, so eps * factor is exact
+  (docs/algorithms.md 4.1/4.2), and the eps factor. Squares are exact fractions, so eps * factor is exact
   (1e-12 / 2 = 5e-13).
 
   c_s: the stream (every block norm's output); c_e: the (tied) embedding; c_h: the input of
@@ -300,7 +300,7 @@ def _stream_scales(src, k: int, method: str, zero_out: bool):
     raise GrowthError(
         "upscale.width_method='su' needs norms with a gain (its stream scale 1/sqrt(k) "
         'must be undone by the norm), but model.norm_type=rmsnorm_noparam outputs scale 1 '
-        "(SPEC 4.5); use width_method='unit' (or 'auto'), which is exact for this model.")
+        "(docs/algorithms.md 4.5); use width_method='unit' (or 'auto'), which is exact for this model.")
   kind = 'pad' if (zero_out and param_free and k > 1) else 'rep'
   c_norm = math.sqrt(k) if kind == 'pad' else 1.0  # Norm(E(x)) = c_norm E(Norm(x))
   mult = k if kind == 'rep' else 1                   # <E(a), E(b)> = mult <a, b>
@@ -329,7 +329,7 @@ def _stream_scales(src, k: int, method: str, zero_out: bool):
 
 
 def _axis_maps(src, dst, factors: dict, stream: dict, zero_out: bool, notes: list) -> dict:
-  """The AxisMap of every activation site (SPEC 4.1), keyed by site name."""
+  """The AxisMap of every activation site (docs/algorithms.md 4.1), keyed by site name."""
   k, c_s = factors['hidden'], stream['c_s']
   kind = 'same' if k == 1 else stream['kind']
   stream_map = AxisMap(src.hidden, dst.hidden, kind, c_s, new_produce='zero',
@@ -365,7 +365,7 @@ def _axis_maps(src, dst, factors: dict, stream: dict, zero_out: bool, notes: lis
         'mlp': _copies(src.mlp_dim, kf, 'rep', zero_out),
     })
     if kdh > 1:
-      notes.append(f'head_dim {src.head_dim} -> {dst.head_dim} by zero-slot RoPE (SPEC 4.4 R2): '
+      notes.append(f'head_dim {src.head_dim} -> {dst.head_dim} by zero-slot RoPE (docs/algorithms.md 4.4 R2): '
                    'old pair p sits at pair k*p (same frequency), q and k scaled by k^(1/4)')
   return maps
 
@@ -436,7 +436,7 @@ def plan(src_config, dst_config, options: Options | None = None) -> Plan:
     if depth_method == 'zero_branch' and _has_norm_params(src):
       raise GrowthError(
           f"upscale.depth_method='zero_branch' is not exact for post-norm with "
-          f'model.norm_type={src.norm} (LN(g*n + b) != g*n + b, SPEC 4.6); use '
+          f'model.norm_type={src.norm} (LN(g*n + b) != g*n + b, docs/algorithms.md 4.6); use '
           "depth_method='norm_transfer' (exact up to O(eps): the preceding norm's gain and "
           "offset move into the new block), or 'auto'.")
     if src.norm_eps > 0:
@@ -462,7 +462,7 @@ def plan(src_config, dst_config, options: Options | None = None) -> Plan:
     if dst.residual_alpha != src.residual_alpha:
       notes.append(f'DeepNet: alpha kept at the trained {src.residual_alpha:.6g}; the formula '
                    f'(2N)^(1/4) for N = {dst.num_layers} would give '
-                   f'{(2.0 * dst.num_layers) ** 0.25:.6g} (SPEC 4.6)')
+                   f'{(2.0 * dst.num_layers) ** 0.25:.6g} (docs/algorithms.md 4.6)')
     overrides['model.deepnorm_alpha'] = src.residual_alpha
     overrides['model.deepnorm_beta'] = src.kernel_init.deepnorm_beta
   return Plan(src=src, dst=dst, options=options, factors=factors, width_method=method,
@@ -661,7 +661,7 @@ def _norm_names(p: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def _insert_layers(p: Plan, flat: dict[tuple, np.ndarray], mode: str) -> dict:
-  """Inserts zero-branch blocks at p.new_layers into stacked leaves (SPEC 4.6)."""
+  """Inserts zero-branch blocks at p.new_layers into stacked leaves (docs/algorithms.md 4.6)."""
   if not p.new_layers:
     return flat
   flat = dict(flat)
@@ -736,7 +736,7 @@ def grow_params(params: dict, p: Plan) -> dict:
 
 
 def grow_like_gradient(tree: dict, p: Plan, power: int = 1) -> dict:
-  """Maps a parameter-shaped tree the way gradients map (SPEC 4.7): copies of a unit split
+  """Maps a parameter-shaped tree the way gradients map (docs/algorithms.md 4.7): copies of a unit split
   the gradient (producers 1/(copies c), consumers c); new units and inserted blocks get 0.
   power=2 maps second moments (squared factors)."""
   return _grow_tree(p, tree, 'grad', power)

@@ -17,7 +17,7 @@ Order of the chain (outermost first):
 | adafactor | optim.adafactor.adafactor(eta, variant=adafactor_variant, ...), momentum b1    |
 
 accumulation='momentum' (k > 1) replaces the optimizer by its accumulate-in-momentum form
-(SPEC 2; AdaFactor needs b1 > 0 and adafactor_variant='bert4keras'; grad_clip_norm must be 0,
+(docs/algorithms.md 2; AdaFactor needs b1 > 0 and adafactor_variant='bert4keras'; grad_clip_norm must be 0,
 since only a window mean could be clipped as a large batch would be and there is no buffer
 holding it); accumulation='every_k' wraps it in `every_k` with the schedule read at
 count // k (the clip then applies to each micro-batch gradient, which is the gradient every_k's
@@ -26,8 +26,8 @@ base optimizer steps on).
 Weight decay: `optim.weight_decay` None (the default) means each optimizer's own default,
 `weight_decay(config)`: 0.01 where the decay is multiplied by the learning rate (adamw, lamb,
 sgdm, adafactor 'bert4keras'), 0 for adafactor 'optax', whose decay is not (theta -= wd theta
-every update: 0.01 would leave 0.37 of every weight after 100 updates, SPEC 1.2). eg.enabled wraps the optimizer's
-direction in `eg_adapt` (SPEC 3): EGDD form (gains before the momentum) for sgdm, gains on the
+every update: 0.01 would leave 0.37 of every weight after 100 updates, docs/algorithms.md 1.2). eg.enabled wraps the optimizer's
+direction in `eg_adapt` (docs/algorithms.md 3): EGDD form (gains before the momentum) for sgdm, gains on the
 output direction for adamw, lamb and adafactor (bert4keras variant); weight decay and the
 learning rate stay outside the EG scaling.
 
@@ -84,7 +84,7 @@ DEFAULT_WEIGHT_DECAY = 0.01
 
 def decay_times_learning_rate(config) -> bool:
   """Whether the optimizer multiplies its weight decay by the learning rate (all but
-  AdaFactor in the optax placement, SPEC 1.2)."""
+  AdaFactor in the optax placement, docs/algorithms.md 1.2)."""
   o = config.optim
   return not (o.name == 'adafactor' and o.adafactor_variant == 'optax')
 
@@ -257,7 +257,7 @@ def _optimizer(config, schedule) -> optax.GradientTransformation:
     return optax.chain(optax.trace(b1), _decay(config), optax.scale_by_learning_rate(schedule))
   if o.adafactor_variant == 'optax' and wd > 0:
     logging.warning('adafactor_variant="optax" applies weight decay without the learning '
-                    'rate (theta -= %g * theta per update, SPEC 1.2); use "bert4keras" for '
+                    'rate (theta -= %g * theta per update, docs/algorithms.md 1.2); use "bert4keras" for '
                     'lr-scaled decay', wd)
   return adafactor_lib.adafactor(
       schedule, variant=o.adafactor_variant, momentum=b1,

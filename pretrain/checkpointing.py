@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the train state, the grain iterator and JSON metadata (DESIGN.md 5).
+"""Orbax checkpoints of the train state, the grain iterator and JSON metadata (docs/design.md 5).
 
 Layout: `<workdir>/checkpoints/<step>/{state,data,meta}`. `state` holds params, opt_state and
 step; `data` the grain iterator state (so a resumed run reads the batches an uninterrupted run

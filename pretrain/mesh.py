@@ -1,4 +1,4 @@
-"""The device mesh ('data', 'fsdp', 'tensor') and the shardings derived from it (DESIGN.md 4).
+"""The device mesh ('data', 'fsdp', 'tensor') and the shardings derived from it (docs/design.md 4).
 
 One sharding path for every scale: `jax.jit` with `NamedSharding`s over an Auto-axis mesh.
 Data parallelism is `mesh.shape = (-1, 1, 1)`, which is what `pmap` did.
@@ -48,7 +48,7 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the Auto-axis mesh of `config.mesh` over `devices` (default: all devices).
 
   Auto axes on purpose: `jax.make_mesh` defaults to Explicit axes in jax >= 0.12, which
-  rejects GSPMD-style sharding constraints (STACK.md 1).
+  rejects GSPMD-style sharding constraints (docs/dependencies.md 3).
   """
   devices = list(devices if devices is not None else jax.devices())
   shape = resolve_mesh_shape(mesh_config.shape, len(devices))

@@ -3,7 +3,7 @@
 Reads top to bottom: losses and metrics, the pure `train_step` / `eval_step`, state
 initialisation and sharding, then `train_and_evaluate` (load data, build model and optimizer,
 restore checkpoint, train loop). Hot loops never call `nnx.jit`: the model is split once into
-(graphdef, params) and a pure step is `jax.jit`ted with donated state (DESIGN.md 4).
+(graphdef, params) and a pure step is `jax.jit`ted with donated state (docs/design.md 4).
 
 Resume order (first that applies): a checkpoint in `<workdir>/checkpoints` (the latest step),
 else a fresh initialisation from `config.seed`. `launch.upscale` writes a grown model as step 0
@@ -275,7 +275,7 @@ def _code_version() -> str:
 
 
 def checkpoint_meta(config, tokenizer, mesh, source_name: str, lineage=None) -> dict[str, Any]:
-  """The JSON metadata saved with every checkpoint (DESIGN.md 5)."""
+  """The JSON metadata saved with every checkpoint (docs/design.md 5)."""
   return {
       'config': json.loads(config.to_json_best_effort()),
       'model_shape': checkpointing.model_shape(config.model),

@@ -84,7 +84,7 @@ def cache_dir(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture
 def x64():
-  """float64 for the duration of one test (NumPy-reference comparisons, SPEC 0)."""
+  """float64 for the duration of one test (NumPy-reference comparisons, docs/algorithms.md 0)."""
   import jax  # pylint: disable=g-import-not-at-top
   previous = jax.config.read('jax_enable_x64')
   jax.config.update('jax_enable_x64', True)

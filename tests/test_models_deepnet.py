@@ -1,4 +1,4 @@
-"""DeepNet / DeepNorm tests (SPEC 5.4 DN-1..DN-4)."""
+"""DeepNet / DeepNorm tests (docs/algorithms.md 5.4 DN-1..DN-4)."""
 
 import math
 

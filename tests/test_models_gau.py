@@ -1,4 +1,4 @@
-"""GAU / FLASH / GAU-alpha tests (SPEC 6.5 GAU-1..7, causal LM, entropy-invariant softmax)."""
+"""GAU / FLASH / GAU-alpha tests (docs/algorithms.md 6.5 GAU-1..7, causal LM, entropy-invariant softmax)."""
 
 import math
 
@@ -323,7 +323,7 @@ def test_presets_validate_and_build_abstractly(preset):
 @pytest.mark.parametrize('preset', ['small', 'base', 'large'])
 def test_gau_alpha_presets_use_the_released_schedule(preset):
   """LAMB at 1.76e-3, no warmup, multipliers {0: 1, 160k: 0.5, 640k: 0.1, 1.28M: 0.01} of a
-  1.28M-step run, scaled to the preset's length (SPEC 6.3)."""
+  1.28M-step run, scaled to the preset's length (docs/algorithms.md 6.3)."""
   import optim  # pylint: disable=g-import-not-at-top
   from launch.configs import gau as gau_presets  # pylint: disable=g-import-not-at-top
   config = gau_presets.get_config(preset)

@@ -1,4 +1,4 @@
-"""RoFormer v2 tests (SPEC 7.2, 7.5 RV2-1..3)."""
+"""RoFormer v2 tests (docs/algorithms.md 7.2, 7.5 RV2-1..3)."""
 
 import math
 
@@ -62,7 +62,7 @@ def test_rv2_2_parameter_free_rms_norm():
 
 def test_rv2_3_init_stds():
   """Truncated normal (+-2 sigma), sigma = 1.13684723/sqrt(fan) * L^(-1/2); fan = shape[0],
-  or shape[1] if shape[0] > 10000 or < 10 (SPEC 5.3)."""
+  or shape[1] if shape[0] > 10000 or < 10 (docs/algorithms.md 5.3)."""
   num_layers = 4
   params = nnx.to_pure_dict(nnx.state(models.build(v2_config(), rngs=nnx.Rngs(params=0)),
                                       nnx.Param))

@@ -1,4 +1,4 @@
-"""Accumulation hidden in momentum (SPEC 2.7, GA-1..GA-7) against NumPy float64 recursions."""
+"""Accumulation hidden in momentum (docs/algorithms.md 2.7, GA-1..GA-7) against NumPy float64 recursions."""
 
 import jax
 import jax.numpy as jnp
@@ -182,7 +182,7 @@ def test_ga4_hidden_adam_first_moment_exact(x64):
   for s, g in enumerate(grads, start=1):
     u_h, s_h = update_h(g, s_h, params)
     _, s_m = update_m(g, s_m, params)
-    # NumPy float64, SPEC 2.2.
+    # NumPy float64, docs/algorithms.md 2.2.
     first = (s - 1) % k == 0
     gw = np.asarray(g['w'])
     mu = (b1 * mu if first else mu) + (1 - b1) / k * gw

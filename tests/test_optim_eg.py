@@ -1,4 +1,4 @@
-"""EG step-size adaptation (SPEC 3.6, EG-1..EG-7) against a NumPy float64 version of SPEC 3."""
+"""EG step-size adaptation (docs/algorithms.md 3.6, EG-1..EG-7) against a NumPy float64 version of docs/algorithms.md 3."""
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ def np_adam(b1=0.9, b2=0.999, eps=1e-6):
 
 def np_eg(grads, *, base, placement, normalized, signal, granularity, scale_lr, gain_lr,
           beta=0.9, mu=0.9, bounds=((0.1, 10.0), (0.01, 100.0))):
-  """SPEC 3.4/3.5 in float64. Returns [(output, S, p)] per step."""
+  """docs/algorithms.md 3.4/3.5 in float64. Returns [(output, S, p)] per step."""
   (s_lo, s_hi), (p_lo, p_hi) = bounds
   keys = list(SHAPES)
   scale = {k: 1.0 for k in keys} if granularity == 'per_leaf' else 1.0

@@ -1,4 +1,4 @@
-"""RoPE tests (SPEC 7.1 RP-1..RP-5, 7.3 2-D RoPE)."""
+"""RoPE tests (docs/algorithms.md 7.1 RP-1..RP-5, 7.3 2-D RoPE)."""
 
 import numpy as np
 import jax
@@ -73,7 +73,7 @@ def test_odd_dim_rejected():
     rope.frequencies(7)
 
 
-# ---------------------------------------------------------------- 2-D RoPE (SPEC 7.3)
+# ---------------------------------------------------------------- 2-D RoPE (docs/algorithms.md 7.3)
 
 def test_rope_2d_relativity():
   """<R_{x1,y1} q, R_{x2,y2} k> depends only on (x2 - x1, y2 - y1)."""

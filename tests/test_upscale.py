@@ -1,8 +1,8 @@
-"""Lossless growth (models/upscale.py; SPEC 4.8 UP-1..UP-6) for every model family.
+"""Lossless growth (models/upscale.py; docs/algorithms.md 4.8 UP-1..UP-6) for every model family.
 
 Float64 runs the real model code with its hard-coded float32 casts redirected to float64
 (`float64_models`; models/ has no float64 option yet): "exact" = max |logit error| <= 1e-10
-(SPEC 0). Float32 runs the unmodified models: <= 1e-5 relative.
+(docs/algorithms.md 0). Float32 runs the unmodified models: <= 1e-5 relative.
 """
 
 import contextlib

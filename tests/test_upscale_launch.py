@@ -1,4 +1,4 @@
-"""`python -m launch.upscale` on a checkpoint written by `launch.pretrain` (SPEC 4.8 UP-5):
+"""`python -m launch.upscale` on a checkpoint written by `launch.pretrain` (docs/algorithms.md 4.8 UP-5):
 the grown model's held-out MLM loss equals the small one's, `launch.pretrain` continues from
 the grown step 0, and bad input exits with code 2 without writing anything."""
 

@@ -39,30 +39,30 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.type_vocab_size = 2
   # Dropout probability on embeddings, residual branches and attention weights.
   model.dropout_rate = 0.0
-  # RoPE base (theta_i = rotary_base^(-2i/d_h)), SPEC 7.1.
+  # RoPE base (theta_i = rotary_base^(-2i/d_h)), docs/algorithms.md 7.1.
   model.rotary_base = 10000.0
   # Softmax attention scale: 'standard' (1/sqrt(d_h)) or 'entropy_invariant'
-  # (log_512(n)/sqrt(d_h), n = valid keys clamped at 16), SPEC 7.4.
+  # (log_512(n)/sqrt(d_h), n = valid keys clamped at 16), docs/algorithms.md 7.4.
   model.attention_scale = 'standard'
   # Epsilon of every LayerNorm / RMSNorm.
   model.norm_eps = 1e-12
   # Norm type: 'layernorm' (RoFormer v1), 'rmsnorm' (with gain) or 'rmsnorm_noparam'
-  # (parameter-free RMS norm of RoFormer v2 / GAU-alpha, SPEC 7.2).
+  # (parameter-free RMS norm of RoFormer v2 / GAU-alpha, docs/algorithms.md 7.2).
   model.norm_type = 'layernorm'
   # Biases in every dense layer and the MLM head (v1: True; v2 / GAU-alpha: False).
   model.use_bias = True
-  # Residual form: 'post_ln' (x + G(x) then norm) or 'deepnorm' (norm(alpha*x + G(x)), SPEC 5).
+  # Residual form: 'post_ln' (x + G(x) then norm) or 'deepnorm' (norm(alpha*x + G(x)), docs/algorithms.md 5).
   model.residual = 'post_ln'
   # DeepNorm alpha / beta; 0 means the encoder-only formulas (2N)^(1/4) and (8N)^(-1/4).
   model.deepnorm_alpha = 0.0
   model.deepnorm_beta = 0.0
-  # GAU expansion width e as a multiple of hidden_size (SPEC 6.1).
+  # GAU expansion width e as a multiple of hidden_size (docs/algorithms.md 6.1).
   model.expansion_factor = 2
   # GAU shared query/key width s (features).
   model.shared_dim = 128
-  # GAU attention normalisation: 'relu2', 'softmax' or 'softmax_plus' (SPEC 6.1).
+  # GAU attention normalisation: 'relu2', 'softmax' or 'softmax_plus' (docs/algorithms.md 6.1).
   model.attention_norm = 'relu2'
-  # FLASH mixed-chunk attention chunk size c (tokens); 0 = plain quadratic GAU (SPEC 6.2).
+  # FLASH mixed-chunk attention chunk size c (tokens); 0 = plain quadratic GAU (docs/algorithms.md 6.2).
   model.chunk_size = 0
   # Feed-forward activation of RoFormer/DeepNet blocks (and v1's MLM head transform): 'gelu'
   # (exact erf, RoFormer v1), 'gelu_tanh', 'relu' (released RoFormer-v2) or 'swish'.
@@ -70,17 +70,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Causal LM with relu2 attention (GAU / FLASH): divide each query's weights by the keys it
   # sees, 'visible' (j <= i; bert4keras), or by all keys of its document, 'n' (FLASH paper).
   model.causal_normalizer = 'visible'
-  # GAU activation phi on U, V, Z: 'swish' (paper) or 'relu' (homogeneity tests, SPEC 6.5).
+  # GAU activation phi on U, V, Z: 'swish' (paper) or 'relu' (homogeneity tests, docs/algorithms.md 6.5).
   model.gau_activation = 'swish'
   # Kernel init: 'normal' (std initializer_range), 'roformer_v2' (truncated normal L^-1/2),
-  # 'gau_alpha' (L^-1/3), SPEC 5.3.
+  # 'gau_alpha' (L^-1/3), docs/algorithms.md 5.3.
   model.init = 'normal'
   # Std of the 'normal' init.
   model.initializer_range = 0.02
   # Activation/compute dtype ('float32' on CPU, 'bfloat16' on TPU) and parameter dtype.
   model.dtype = 'float32'
   model.param_dtype = 'float32'
-  # Rematerialisation per layer: 'none', 'full' or 'dots_with_no_batch_dims' (SPEC 8).
+  # Rematerialisation per layer: 'none', 'full' or 'dots_with_no_batch_dims' (docs/algorithms.md 8).
   model.remat_policy = 'none'
   # Scan over layers (compile time independent of depth).
   model.scan_layers = True
@@ -138,7 +138,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Final learning rate as a fraction of the peak.
   optim.end_learning_rate_factor = 0.0
   # Decoupled weight decay (skips biases and norm scales); times lr except for
-  # adafactor_variant='optax', which follows optax (theta -= wd * theta, SPEC 1.2).
+  # adafactor_variant='optax', which follows optax (theta -= wd * theta, docs/algorithms.md 1.2).
   # None: the optimizer's default, 0.01 where the decay is times lr, 0 for adafactor 'optax'.
   optim.weight_decay = ml_collections.config_dict.placeholder(float)
   # Adam/LAMB first and second moment decays and epsilon; momentum for sgdm/adafactor
@@ -150,14 +150,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   # micro-batch; accumulation='momentum' (k > 1) needs 0 (no window mean exists to clip).
   optim.grad_clip_norm = 1.0
   # Micro-steps per optimizer update, and how to accumulate: 'multisteps' (optax.MultiSteps,
-  # exact, one extra buffer), 'momentum' (hidden in momentum, no buffer, SPEC 2) or 'every_k'
+  # exact, one extra buffer), 'momentum' (hidden in momentum, no buffer, docs/algorithms.md 2) or 'every_k'
   # (Su: the optimizer runs every micro-step, its updates are applied every k-th).
   # train.num_train_steps counts micro-steps (batches); schedules count optimizer updates.
   optim.accumulation_steps = 1
   optim.accumulation = 'multisteps'
   # Piecewise-linear multipliers ((step, multiplier), ...) for schedule='piecewise_linear'.
   optim.schedule_boundaries = ((0, 1.0),)
-  # AdaFactor (SPEC 1): 'optax' (paper / Su formulation, optax.adafactor placement) or
+  # AdaFactor (docs/algorithms.md 1): 'optax' (paper / Su formulation, optax.adafactor placement) or
   # 'bert4keras' (momentum on the clipped update before parameter scaling, lr-scaled decay).
   optim.adafactor_variant = 'optax'
   # AdaFactor: factor second moments of matrices, scale steps by RMS(param) (eps2 = 1e-3),
@@ -166,11 +166,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   optim.parameter_scale = True
   optim.clipping_threshold = 1.0
   optim.decay_rate = 0.8
-  # AdaFactor: factor DenseGeneral kernels (L, d, h, d_h) as (L, d, h*d_h) matrices (SPEC 1.4),
+  # AdaFactor: factor DenseGeneral kernels (L, d, h, d_h) as (L, d, h*d_h) matrices (docs/algorithms.md 1.4),
   # and factor a second moment only if its second-largest axis has >= this many entries.
   optim.factor_merge_small_axes = True
   optim.min_dim_size_to_factor = 128
-  # Exponentiated-gradient step-size adaptation wrapped around the base optimizer (SPEC 3).
+  # Exponentiated-gradient step-size adaptation wrapped around the base optimizer (docs/algorithms.md 3).
   optim.eg = eg = ml_collections.ConfigDict()
   eg.enabled = False
   # Meta learning rates of the per-leaf scale S and of the per-coordinate gains p.
@@ -209,7 +209,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.stop_after_steps = 0
 
   # ---------------------------------------------------------------- upscale
-  # Lossless growth by launch.upscale (SPEC 4); the fields of the target (large) config.
+  # Lossless growth by launch.upscale (docs/algorithms.md 4); the fields of the target (large) config.
   config.upscale = upscale = ml_collections.ConfigDict()
   # Width growth: 'auto' ('su' with norm gains, 'unit' for parameter-free norms), 'su' (Su's
   # corrected table: stream x 1/sqrt(k), eps -> eps/k) or 'unit' (stream x 1, eps unchanged).

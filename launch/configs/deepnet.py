@@ -1,4 +1,4 @@
-"""DeepNet presets (SPEC.md 5): RoFormer v1 blocks with the DeepNorm residual
+"""DeepNet presets (docs/algorithms.md 5): RoFormer v1 blocks with the DeepNorm residual
 LN(alpha * x + G(x)) and beta-scaled Xavier init of W_v, W_o and the FFN matrices;
 alpha = (2N)^(1/4), beta = (8N)^(-1/4) for N encoder blocks (encoder-only constants).
 
@@ -37,7 +37,7 @@ def get_config(preset: str = 'tiny'):
     config.train.num_train_steps = 300
   else:
     m.num_layers = 48
-  # No warmup on purpose: DeepNorm is meant to train deep post-LN stacks without it (SPEC 5.4).
+  # No warmup on purpose: DeepNorm is meant to train deep post-LN stacks without it (docs/algorithms.md 5.4).
   config.optim.warmup_steps = 0
   config.optim.learning_rate = 1e-3
   return config

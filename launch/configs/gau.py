@@ -1,16 +1,16 @@
-"""GAU presets (SPEC.md 6): GAU-alpha by default, FLASH mixed-chunk attention as variants.
+"""GAU presets (docs/algorithms.md 6): GAU-alpha by default, FLASH mixed-chunk attention as variants.
 
   python -m launch.pretrain --config=launch/configs/gau.py:tiny --workdir=runs/gau_tiny
   python -m launch.pretrain --config=launch/configs/gau.py:flash_tiny --workdir=runs/flash_tiny
 
-GAU-alpha (SPEC 6.3): RoFormer v2 skeleton with each attention + FFN pair replaced by two GAU
+GAU-alpha (docs/algorithms.md 6.3): RoFormer v2 skeleton with each attention + FFN pair replaced by two GAU
 layers (so 2L GAU layers for an L-block shape), bias-free, parameter-free RMS post-norm,
 softmax_plus attention, shared dim s = 128, expansion e = 2d, truncated-normal L^-1/3 init,
 and the released training recipe for small/base/large: LAMB at 1.76e-3, weight decay 0.01,
 no warmup, learning-rate multipliers {0: 1, 160k: 0.5, 640k: 0.1, 1.28M: 0.01}
-(the released recipe of ZhuiyiTechnology/GAU-alpha, SPEC 6.3; its keys are steps of a
+(the released recipe of ZhuiyiTechnology/GAU-alpha, docs/algorithms.md 6.3; its keys are steps of a
 1.28M-step run), scaled here to the preset's num_train_steps with the same shape (160k/1.28M
-= 1/8, 640k/1.28M = 1/2, 1.28M -> the last step). FLASH presets keep the linear schedule. FLASH (SPEC 6.2): relu^2 attention normalised by valid keys, mixed-chunk attention with
+= 1/8, 640k/1.28M = 1/2, 1.28M -> the last step). FLASH presets keep the linear schedule. FLASH (docs/algorithms.md 6.2): relu^2 attention normalised by valid keys, mixed-chunk attention with
 chunk_size c (quadratic inside chunks, linear across them: cost linear in seq_len).
 
 | preset | GAU layers | hidden | s | e | seq_len x batch |

@@ -1,4 +1,4 @@
-"""RoFormer v1 MLM presets (Su et al. 2021; SPEC.md 7.1): post-LN, biases, GELU, RoPE.
+"""RoFormer v1 MLM presets (Su et al. 2021; docs/algorithms.md 7.1): post-LN, biases, GELU, RoPE.
 
 Select a preset with `--config=launch/configs/roformer.py:<preset>` (default `tiny`):
 

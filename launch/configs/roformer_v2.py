@@ -1,8 +1,8 @@
-"""RoFormer v2 MLM presets (SPEC.md 7.2): no biases, parameter-free RMS norm (eps 1e-7),
-post-norm, RoPE, MLM head tied with no transform; truncated-normal L^-1/2 init (SPEC 5.3);
+"""RoFormer v2 MLM presets (docs/algorithms.md 7.2): no biases, parameter-free RMS norm (eps 1e-7),
+post-norm, RoPE, MLM head tied with no transform; truncated-normal L^-1/2 init (docs/algorithms.md 5.3);
 ReLU feed-forward (the released checkpoints: `hidden_act: relu` in the configs of
 ZhuiyiTechnology/roformer-v2's chinese_roformer-v2-char_{small,base,large} and their ports,
-e.g. PaddleNLP's roformer_v2_chinese_char_*; SPEC 7.2); LAMB with a piecewise-linear schedule
+e.g. PaddleNLP's roformer_v2_chinese_char_*; docs/algorithms.md 7.2); LAMB with a piecewise-linear schedule
 as in the released MLM recipe.
 
   python -m launch.pretrain --config=launch/configs/roformer_v2.py:tiny --workdir=runs/v2_tiny
