@@ -1,4 +1,5 @@
-"""Gradient accumulation hidden in momentum vs optax.MultiSteps vs one large batch (docs/algorithms.md 2.7).
+"""Gradient accumulation hidden in momentum vs optax.MultiSteps vs one large batch
+(docs/algorithms.md 2.7).
 
   .venv/bin/python benchmarks/accumulation_vs_large_batch.py [--updates 50] [--micro_batch 4]
       [--k 8] [--cache_dir /tmp/exp/cache]
@@ -23,7 +24,8 @@ Experiments (all measured in one run):
       token-mean loss (the objective (a) and (b) optimise: mean of k micro-batch means)
   (c') SGDM on the large batch with the trainer's own loss (token-weighted mean over all k*B
       rows; differs from (c) whenever micro-batches hold different numbers of masked tokens)
-  (d) AdamW: accumulation in momentum vs MultiSteps vs large batch (close, not equal: docs/algorithms.md 2.2)
+  (d) AdamW: accumulation in momentum vs MultiSteps vs large batch (close, not equal:
+  docs/algorithms.md 2.2)
   (e) Su's 'every_k' (update every k-th micro-step, betas unchanged) vs plain per-micro-step
       updates at micro-batch B (k times more updates, warmup scaled by k) vs (a)-style exact
       accumulation (MultiSteps; for AdamW also hidden in momentum), for SGDM and AdamW; same
@@ -38,11 +40,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-if __package__ in (None, ''):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 from flax import nnx  # noqa: E402
@@ -248,7 +247,8 @@ def main(argv=None):
     else:
       results['adam ' + label] = timed('adam ' + label, lambda: r.run_large(large, k, mode))
     finals['adam ' + label] = r.params()
-  # Diagnostic for docs/algorithms.md 2.2: hidden Adam's v holds mean(g^2) >= mean(g)^2, so its steps are
+  # Diagnostic for docs/algorithms.md 2.2: hidden Adam's v holds mean(g^2) >= mean(g)^2, so its
+  # steps are
   # up to sqrt(k) smaller; rerun it with the peak lr multiplied by sqrt(k).
   r = Runner(make_config(args, 'adamw', lr * np.sqrt(k), 'momentum', k))
   results['adam a momentum lr*sqrt(k)'] = timed('adam a momentum, lr x sqrt(k)',

@@ -7,11 +7,8 @@ scan_layers on and off, and prints the seconds side by side with the ratio to th
 """
 
 import importlib
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

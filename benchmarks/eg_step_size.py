@@ -34,11 +34,8 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 
-if __package__ in (None, ''):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 from absl import logging  # noqa: E402

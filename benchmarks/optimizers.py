@@ -10,17 +10,15 @@ embeddings + LayerNorm, MLM transform dense + LayerNorm + output bias (the decod
 embedding). If `models.build` exists, its parameter shapes are used instead (printed), unless
 --builtin is given.
 
-Targets (docs/algorithms.md 1.2, 2.5): AdaFactor without momentum <= 0.05x AdamW's state; accumulation in
+Targets (docs/algorithms.md 1.2, 2.5): AdaFactor without momentum <= 0.05x AdamW's state;
+accumulation in
 momentum adds 0 bytes over its base optimizer; optax.MultiSteps adds 1x the parameters.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-if __package__ in (None, ''):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

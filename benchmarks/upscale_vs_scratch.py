@@ -37,8 +37,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 SMALL = dict(hidden_size=128, num_layers=2, num_heads=2, mlp_dim=512)
 LARGE = dict(hidden_size=256, num_layers=4, num_heads=4, mlp_dim=1024)

@@ -7,7 +7,8 @@ r"""Grows a trained model into a larger one, losslessly: step 0 of a new workdir
 
 Reads the latest (or --step) checkpoint of --from_workdir and its metadata (the config that
 trained it), checks that --config is a valid growth of it (models/upscale.py: integer width
-factors, same vocabulary and family, same or more layers; docs/algorithms.md 4), grows the parameters (and
+factors, same vocabulary and family, same or more layers; docs/algorithms.md 4), grows the
+parameters (and
 the optimizer state with --config.upscale.optimizer_state=map), and writes them as step 0 of
 --workdir with the lineage in its metadata. The data source, vocabulary and tokenizer default
 to the source run's (the tokenizer must be the same file); a fresh data iterator is saved.

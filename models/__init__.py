@@ -47,7 +47,7 @@ def validate(config) -> None:
       raise ValueError(f'model.expansion_factor={m.expansion_factor} must be positive; '
                        'use 2 (e = 2d)')
     _choice('model.attention_norm', m.attention_norm, ('relu2', 'softmax', 'softmax_plus'))
-    _choice('model.gau_activation', m.get('gau_activation', 'swish'), ('swish', 'relu'))
+    _choice('model.gau_activation', m.gau_activation, ('swish', 'relu'))
     if m.chunk_size < 0:
       raise ValueError(f'model.chunk_size={m.chunk_size} must be >= 0 (0 = plain GAU)')
   else:
@@ -69,9 +69,7 @@ def validate(config) -> None:
   _choice('model.residual', m.residual, ('post_ln', 'deepnorm'))
   _choice('model.init', m.init, ('normal', 'roformer_v2', 'gau_alpha'))
   _choice('model.remat_policy', m.remat_policy, encoder.REMAT_POLICIES)
-  norm_type = m.get('norm_type', None)
-  if norm_type:
-    _choice('model.norm_type', norm_type, ('layernorm', 'rmsnorm', 'rmsnorm_noparam'))
+  _choice('model.norm_type', m.norm_type, ('layernorm', 'rmsnorm', 'rmsnorm_noparam'))
   for name in ('dtype', 'param_dtype'):
     _choice(f'model.{name}', m[name], ('float32', 'bfloat16', 'float16'))
   if not 0.0 <= m.dropout_rate < 1.0:

@@ -4,7 +4,8 @@ Masking: query i may attend to key j iff segment_ids[i] == segment_ids[j] != 0 (
 for causal LM). Fully masked rows (padding queries) get a uniform distribution over a large
 negative bias instead of NaN; their outputs are ignored downstream.
 
-Scale (docs/algorithms.md 7.4): 'standard' 1/sqrt(d_h); 'entropy_invariant' log_512(n)/sqrt(d_h) with n the
+Scale (docs/algorithms.md 7.4): 'standard' 1/sqrt(d_h); 'entropy_invariant' log_512(n)/sqrt(d_h)
+with n the
 number of keys the query may attend to, clamped at n >= 16 (causal: visible keys of that query).
 """
 

@@ -98,7 +98,8 @@ class ArchSpec:
 
 
 def deepnorm_constants(model_cfg) -> tuple[float, float]:
-  """Encoder-only DeepNorm (alpha, beta) = ((2N)^(1/4), (8N)^(-1/4)) unless set (docs/algorithms.md 5.1)."""
+  """Encoder-only DeepNorm (alpha, beta) = ((2N)^(1/4), (8N)^(-1/4)) unless set (docs/algorithms.md
+  5.1)."""
   n = model_cfg.num_layers
   alpha = model_cfg.deepnorm_alpha if model_cfg.deepnorm_alpha > 0 else (2.0 * n) ** 0.25
   beta = model_cfg.deepnorm_beta if model_cfg.deepnorm_beta > 0 else (8.0 * n) ** -0.25
@@ -111,11 +112,7 @@ def resolve(config) -> ArchSpec:
   family = m.family
   v1 = family == 'roformer'
   head_dim = m.head_dim or m.hidden_size // m.num_heads
-  # model.use_bias / model.norm_type are authoritative (presets set them per family); the
-  # fallbacks only apply to configs that predate those fields.
-  use_bias = m.get('use_bias', None)
-  use_bias = v1 if use_bias is None else bool(use_bias)
-  norm = m.get('norm_type', None) or ('layernorm' if v1 else 'rmsnorm_noparam')
+  use_bias, norm = bool(m.use_bias), m.norm_type
   if m.residual == 'deepnorm':
     alpha, beta = deepnorm_constants(m)
   elif m.residual == 'post_ln':
@@ -135,7 +132,7 @@ def resolve(config) -> ArchSpec:
       causal=config.objective == 'clm', head_transform=v1, head_bias=use_bias,
       expansion=int(m.expansion_factor), shared_dim=int(m.shared_dim),
       attention_norm=m.attention_norm, chunk_size=int(m.chunk_size),
-      gau_activation=m.get('gau_activation', 'swish'),
+      gau_activation=m.gau_activation,
       mlp_activation=m.mlp_activation, embed_dropout_first=not v1,
       causal_normalizer=m.causal_normalizer)
 

@@ -14,12 +14,14 @@ Attention normalisations (l = number of keys the query may attend to, padding-aw
                  causal LM, model.causal_normalizer: 'visible' (default) l = keys j <= i of
                  the query's document, as bert4keras 0.11.5 computes it (its boolean causal
                  mask is summed into l); 'n' l = all keys of the document, the fixed
-                 normaliser of the FLASH paper's pseudo-code (Hua et al. 2022; docs/algorithms.md 6.1)
+                 normaliser of the FLASH paper's pseudo-code (Hua et al. 2022; docs/algorithms.md
+                 6.1)
   'softmax'      softmax(scale * Q K^T), scale from model.attention_scale (standard or
                  entropy-invariant, docs/algorithms.md 7.4)
   'softmax_plus' softmax(log_512(max(l, 16)) * Q K^T / sqrt(s))   (GAU-alpha)
 
-FLASH (model.chunk_size = c > 0, docs/algorithms.md 6.2): four scale-offsets of Z give Q_quad, K_quad,
+FLASH (model.chunk_size = c > 0, docs/algorithms.md 6.2): four scale-offsets of Z give Q_quad,
+K_quad,
 Q_lin, K_lin. The sequence is padded to a multiple of c (pads masked). Per chunk g:
   local  : norm(Q_quad,g K_quad,g^T) V_g within the chunk (segment- and causal-masked)
   global : non-causal Q_lin,g (sum_{j in doc} K_lin,j^T V_j) / |doc|;

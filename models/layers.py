@@ -40,7 +40,8 @@ def _prod(xs: Sequence[int]) -> int:
 
 
 def su_fan(fan_in: int, fan_out: int) -> int:
-  """bert4keras' fan rule (docs/algorithms.md 5.3): shape[0], or shape[1] if shape[0] > 10000 or < 10."""
+  """bert4keras' fan rule (docs/algorithms.md 5.3): shape[0], or shape[1] if shape[0] > 10000 or <
+  10."""
   return fan_out if (fan_in > 10000 or fan_in < 10) else fan_in
 
 

@@ -90,7 +90,8 @@ def apply_rope_rotate_half(x: jax.Array, positions: jax.Array, base: float = 100
 
 def apply_rope_2d(x: jax.Array, rows: jax.Array, cols: jax.Array, base: float = 10000.0,
                   head_axis: bool = True) -> jax.Array:
-  """2-D RoPE (docs/algorithms.md 7.3): 1-D RoPE with the row position on the first half of each head
+  """2-D RoPE (docs/algorithms.md 7.3): 1-D RoPE with the row position on the first half of each
+  head
   vector and the column position on the second half; each half uses its own standard table
   base^(-2i/(d_h/2)). x [..., n, h, d_h] (d_h divisible by 4), rows/cols [..., n].
 
@@ -115,7 +116,8 @@ def rotation_matrix_2d(row, col, dim: int, base: float = 10000.0) -> np.ndarray:
 
 
 def long_range_decay(m, dim: int = 128, base: float = 10000.0) -> float:
-  """Su's bound f(m) = (2/d) sum_{j=1}^{d/2} |sum_{i<j} e^{i m theta_i}| (docs/algorithms.md 7.1)."""
+  """Su's bound f(m) = (2/d) sum_{j=1}^{d/2} |sum_{i<j} e^{i m theta_i}| (docs/algorithms.md
+  7.1)."""
   theta = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
   partial = np.cumsum(np.exp(1j * m * theta))
   return float(np.abs(partial).sum() * 2.0 / dim)

@@ -1,4 +1,5 @@
-"""Function-preserving growth of a trained encoder's parameter tree (docs/algorithms.md 4; kexue 8444).
+"""Function-preserving growth of a trained encoder's parameter tree (docs/algorithms.md 4; kexue
+8444).
 
 Pure functions on pure-dict parameter trees (the layout of models/encoder.py); no files.
 
@@ -14,7 +15,8 @@ with residual='deepnorm', gau (GAU / GAU-alpha / FLASH)):
          mlp_dim F -> k_F F; GAU e = expansion_factor * d -> k_e e; GAU shared_dim s -> k_s s;
   depth  num_layers L -> L' >= L: zero-branch blocks inserted at `Options.depth_positions`.
 
-The scale-tracking calculus (docs/algorithms.md 4.1): every activation site carries c * E(x), E an expansion
+The scale-tracking calculus (docs/algorithms.md 4.1): every activation site carries c * E(x), E an
+expansion
 of its feature axis: Rep_k (interleaved copies; the stream, F, e, v dims), Tile_k (heads),
 Pad (old units kept, new units appended: `zero_out` symmetry breaking) or zero-slot (RoPE
 dims: old pair p -> new pair k p, so the standard frequency table still matches; q and k
@@ -30,13 +32,15 @@ Stream scale c_s:
   v1's MLM head LayerNorm sees GELU output (c = 1), so under 'su' it would keep eps while the
   stream norms need eps/k: with one shared eps the head deviates by O(eps (1 - 1/k) / var)
   (1e-12 at BERT's eps = 1e-12); 'unit' is exact for v1 with eps unchanged.
-Depth (docs/algorithms.md 4.6): a new block has its last projections (attention out, FFN wo, GAU out and
+Depth (docs/algorithms.md 4.6): a new block has its last projections (attention out, FFN wo, GAU out
+and
 their biases) zero and random incoming weights. Post-norm with a parameter-free norm: Norm(x +
 0) = x up to eps. With gains/offsets (v1's LayerNorm) zero-branch insertion alone is not
 exact; 'norm_transfer' moves the preceding norm's gain and offset into the new block's last
 norm (the preceding norm becomes c_s * identity), which is exact up to O(eps). DeepNet keeps
 the trained alpha (grown_config sets model.deepnorm_alpha/beta to the source's values).
-Symmetry breaking (docs/algorithms.md 4.7): 'none' (copies; exact), 'noise' (N(0, (sigma RMS(W))^2) on every
+Symmetry breaking (docs/algorithms.md 4.7): 'none' (copies; exact), 'noise' (N(0, (sigma RMS(W))^2)
+on every
 grown kernel; not exact), 'zero_out' (new F / head / v-dim / e units get random incoming and
 zero outgoing weights, and parameter-free-RMS models pad the stream with zeros instead of
 copying it: exact).
@@ -157,7 +161,7 @@ class AxisMap:
       idx = np.tile(np.arange(n), copies)
     elif self.kind == 'pad':
       idx = np.concatenate([np.arange(n), -np.ones(m - n, np.int64)])
-    elif self.kind == 'pair_rep':  # Su's PairRep of RoPE pairs: NOT exact (docs/algorithms.md 4.4), tests only
+    elif self.kind == 'pair_rep':  # Su's PairRep of RoPE pairs: NOT exact (algorithms 4.4); tests
       copies = m // n
       pairs = np.arange(n).reshape(-1, 2)
       idx = np.concatenate([np.tile(pair, copies) for pair in pairs])
@@ -287,7 +291,8 @@ def _depth_positions(option: str, old: int, new: int) -> tuple[int, ...]:
 
 def _stream_scales(src, k: int, method: str, zero_out: bool):
   """(width method, stream dict): the residual stream's expansion and the scales of its sites
-  (docs/algorithms.md 4.1/4.2), and the eps factor. Squares are exact fractions, so eps * factor is exact
+  (docs/algorithms.md 4.1/4.2), and the eps factor. Squares are exact fractions, so eps * factor is
+  exact
   (1e-12 / 2 = 5e-13).
 
   c_s: the stream (every block norm's output); c_e: the (tied) embedding; c_h: the input of
@@ -300,7 +305,8 @@ def _stream_scales(src, k: int, method: str, zero_out: bool):
     raise GrowthError(
         "upscale.width_method='su' needs norms with a gain (its stream scale 1/sqrt(k) "
         'must be undone by the norm), but model.norm_type=rmsnorm_noparam outputs scale 1 '
-        "(docs/algorithms.md 4.5); use width_method='unit' (or 'auto'), which is exact for this model.")
+        "(docs/algorithms.md 4.5); use width_method='unit' (or 'auto'), which is exact for this "
+        "model.")
   kind = 'pad' if (zero_out and param_free and k > 1) else 'rep'
   c_norm = math.sqrt(k) if kind == 'pad' else 1.0  # Norm(E(x)) = c_norm E(Norm(x))
   mult = k if kind == 'rep' else 1                   # <E(a), E(b)> = mult <a, b>
@@ -365,7 +371,8 @@ def _axis_maps(src, dst, factors: dict, stream: dict, zero_out: bool, notes: lis
         'mlp': _copies(src.mlp_dim, kf, 'rep', zero_out),
     })
     if kdh > 1:
-      notes.append(f'head_dim {src.head_dim} -> {dst.head_dim} by zero-slot RoPE (docs/algorithms.md 4.4 R2): '
+      notes.append(f'head_dim {src.head_dim} -> {dst.head_dim} by zero-slot RoPE '
+                   f'(docs/algorithms.md 4.4 R2): '
                    'old pair p sits at pair k*p (same frequency), q and k scaled by k^(1/4)')
   return maps
 
@@ -736,7 +743,8 @@ def grow_params(params: dict, p: Plan) -> dict:
 
 
 def grow_like_gradient(tree: dict, p: Plan, power: int = 1) -> dict:
-  """Maps a parameter-shaped tree the way gradients map (docs/algorithms.md 4.7): copies of a unit split
+  """Maps a parameter-shaped tree the way gradients map (docs/algorithms.md 4.7): copies of a unit
+  split
   the gradient (producers 1/(copies c), consumers c); new units and inserted blocks get 0.
   power=2 maps second moments (squared factors)."""
   return _grow_tree(p, tree, 'grad', power)

@@ -1,4 +1,5 @@
-"""Optimizers: optax chains from `config.optim`, plus the pieces optax lacks (docs/algorithms.md 1-3).
+"""Optimizers: optax chains from `config.optim`, plus the pieces optax lacks (docs/algorithms.md
+1-3).
 
 The trainer uses three calls:
 

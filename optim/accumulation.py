@@ -1,4 +1,5 @@
-"""Gradient accumulation hidden inside momentum (docs/algorithms.md 2; Su, kexue 8634), and Su's every-k.
+"""Gradient accumulation hidden inside momentum (docs/algorithms.md 2; Su, kexue 8634), and Su's
+every-k.
 
 The trainer calls the optimizer once per micro-batch s = 1, 2, ...; k micro-steps make one
 optimizer update tau = ceil(s / k); chi_k(s) = 1 iff s mod k == 0 (the window's last
@@ -21,10 +22,13 @@ checkpoint taken mid-window resume exactly (GA-6). No buffer beyond the base opt
 | kind      | moments                 | exact?                                                 |
 |-----------|-------------------------|--------------------------------------------------------|
 | SGDM      | m (heavy ball)          | exact: equals MultiSteps(SGDM) and the k-times batch   |
-| Adam/LAMB | mu, nu                  | mu exact; nu uses mean(g^2) not mean(g)^2 (docs/algorithms.md 2.2)   |
-| AdaFactor | R, C or V; M (beta1 > 0) | experimental: two approximations (docs/algorithms.md 2.3)            |
+| Adam/LAMB | mu, nu                  | mu exact; nu holds mean(g^2), not mean(g)^2 (2.2) |
+| AdaFactor | R, C or V; M (beta1 > 0) | experimental: two approximations (2.3)            |
 
-`every_k` is Su's cheaper "update every k with unchanged beta" variant (docs/algorithms.md 2.4): the base
+(section numbers of docs/algorithms.md)
+
+`every_k` is Su's cheaper "update every k with unchanged beta" variant (docs/algorithms.md 2.4): the
+base
 optimizer runs on every micro-step and its updates are multiplied by chi_k(s).
 
 Clipping: a global-norm clip chained in front would act on each micro-batch here (there is
@@ -152,7 +156,8 @@ def accumulate_in_momentum_adam(accumulation_steps: int, b1: float = 0.9, b2: fl
                                 eps: float = 1e-6,
                                 tail: optax.GradientTransformation | None = None
                                 ) -> optax.GradientTransformation:
-  """Adam moments with k-step accumulation hidden in mu and nu (docs/algorithms.md 2.2, approximation).
+  """Adam moments with k-step accumulation hidden in mu and nu (docs/algorithms.md 2.2,
+  approximation).
 
     mu_s = [1 - (1 - b1) chi_k(s-1)] mu_{s-1} + ((1 - b1)/k) g_s
     nu_s = [1 - (1 - b2) chi_k(s-1)] nu_{s-1} + ((1 - b2)/k) g_s^2
@@ -195,7 +200,8 @@ def accumulate_in_momentum_adafactor(
     eps1: float = adafactor_lib.EPS1, merge_small_axes: bool = True,
     stacked_key: str | None = 'layers',
     tail: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
-  """AdaFactor with momentum, k-step accumulation hidden in M (docs/algorithms.md 2.3; EXPERIMENTAL).
+  """AdaFactor with momentum, k-step accumulation hidden in M (docs/algorithms.md 2.3;
+  EXPERIMENTAL).
 
   bert4keras placement (momentum on the clipped update, before parameter scaling). With
   tau = ceil(s/k), b = beta2hat_tau = 1 - tau^-c, i = position of s in its window (1..k):
@@ -212,7 +218,8 @@ def accumulate_in_momentum_adafactor(
   Dividing by w_s turns the partly filled window statistic into a weighted mean of the
   previous estimate and the window's G's so far, so U_s is normalised by a complete second
   moment estimate at every micro-step (without it the first micro-step of training would see
-  Vhat = G_1/k); at window ends w = 1 and R, C, V are exactly docs/algorithms.md 2.3's. Approximations:
+  Vhat = G_1/k); at window ends w = 1 and R, C, V are exactly docs/algorithms.md 2.3's.
+  Approximations:
   the second moment averages squares, and per-micro-step normalisation and clipping are
   nonlinear. k = 1 equals adafactor(variant='bert4keras') bitwise. Statistics are float32 and
   use the same matrix view as `adafactor` (merge_small_axes).

@@ -1,6 +1,7 @@
 """AdaFactor from optax's own pieces, in two documented variants, with float32 statistics.
 
-docs/algorithms.md 1 (Shazeer & Stern 2018, arXiv 1804.04235; kexue 7302). Per leaf theta with gradient g_t,
+docs/algorithms.md 1 (Shazeer & Stern 2018, arXiv 1804.04235; kexue 7302). Per leaf theta with
+gradient g_t,
 t = count + 1 (optimizer updates):
 
   beta2hat_t = 1 - t^(-c)                                   (c = decay_rate = 0.8)
@@ -12,9 +13,11 @@ t = count + 1 (optimizer updates):
   U_t = g_t / sqrt(Vhat_t);  Uhat_t = U_t / max(1, RMS(U_t) / d)          (d = clipping_threshold)
   alpha_t = rho_t * max(eps2, RMS(theta_{t-1})) (parameter_scale) else rho_t   (eps2 = 1e-3)
 
-The two variants differ only in where momentum beta1 and weight decay wd sit (docs/algorithms.md 1.2):
+The two variants differ only in where momentum beta1 and weight decay wd sit (docs/algorithms.md
+1.2):
 
-  'optax'      (= optax.adafactor with the learning rate passed explicitly, docs/algorithms.md 1.2 (a)):
+  'optax'      (= optax.adafactor with the learning rate passed explicitly, docs/algorithms.md 1.2
+  (a)):
                M_t = beta1 M_{t-1} + (1 - beta1) alpha_t Uhat_t;   theta -= M_t + wd theta
                (decay NOT multiplied by the learning rate: wd = 0.01 shrinks theta 1 % a step)
   'bert4keras' (bert4keras AdaFactorV1 + extend_with_weight_decay, docs/algorithms.md 1.3):
@@ -26,14 +29,16 @@ neither reproduces). With a changing rho_t or RMS(theta) momentum places differ 
 weight-decay conventions differ by the factor rho_t (AF-9).
 
 optax casts v_row / v_col / v to the parameter dtype (bf16 params -> bf16 statistics, and
-eps1 = 1e-30 underflows in float16, docs/algorithms.md 1.4): `upcast_to_float32` runs the whole chain on
+eps1 = 1e-30 underflows in float16, docs/algorithms.md 1.4): `upcast_to_float32` runs the whole
+chain on
 float32 copies of gradients and parameters, so every statistic is float32 whatever the
 parameter dtype; updates are cast back to the gradient dtype on the way out.
 
 Factoring follows the rule of optax/bert4keras (two largest axes, second largest >= 128) on a
 "matrix view" of each leaf (`matrix_view_shape`): Flax DenseGeneral attention kernels
 (L, d, h, d_h) are factored as the (L, d, h*d_h) matrices they are in Keras/bert4keras
-(docs/algorithms.md 1.4), which the raw rule would not factor (d_h = 64 < 128). For leaves stacked on a
+(docs/algorithms.md 1.4), which the raw rule would not factor (d_h = 64 < 128). For leaves stacked
+on a
 leading layers axis (scanned layers) the RMS-based steps (update clipping, parameter scale)
 are per layer (`per_layer_blocks`), so the optimizer is the same with or without scan.
 """
@@ -62,7 +67,8 @@ def factored_dims(shape: tuple[int, ...], factored: bool = True,
                   stacked: bool = False) -> tuple[int, int] | None:
   """The (second largest, largest) axes a leaf's second moment is factored over, or None.
 
-  The rule of bert4keras and optax (docs/algorithms.md 1.2): factor iff rank >= 2 and the second largest
+  The rule of bert4keras and optax (docs/algorithms.md 1.2): factor iff rank >= 2 and the second
+  largest
   axis has >= min_dim_size_to_factor entries. stacked: the leaf holds one layer per index of
   its leading axis (scanned layers); the rule then runs on shape[1:], so that axis is never
   factored and every layer gets the statistics it gets unscanned: a (L, d, d) kernel factors
@@ -83,7 +89,8 @@ def factored_dims(shape: tuple[int, ...], factored: bool = True,
 def matrix_view_shape(shape: tuple[int, ...], names: list[str] | tuple[str, ...] = (),
                       min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
                       stacked_key: str | None = 'layers') -> tuple[int, ...]:
-  """The shape under which a leaf's second moment is factored (docs/algorithms.md 1.4, 2-D kernel parity).
+  """The shape under which a leaf's second moment is factored (docs/algorithms.md 1.4, 2-D kernel
+  parity).
 
   A Flax DenseGeneral kernel (d, h, d_h) = (768, 12, 64) is not factored by the plain rule
   (its second largest axis, 64, is < 128), although as the (d, h*d_h) = (768, 768) matrix
@@ -317,11 +324,13 @@ def adafactor(learning_rate: optax.ScalarOrSchedule, *, variant: str = 'optax',
               min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
               eps1: float = EPS1, merge_small_axes: bool = True,
               stacked_key: str | None = 'layers') -> optax.GradientTransformation:
-  """AdaFactor (docs/algorithms.md 1.1) in the 'optax' or 'bert4keras' placement, float32 statistics.
+  """AdaFactor (docs/algorithms.md 1.1) in the 'optax' or 'bert4keras' placement, float32
+  statistics.
 
   Args:
     learning_rate: rho_t, a float or a schedule of the update count (always passed: optax's
-      default None applies no rho at all, docs/algorithms.md 1.2 (a)). With parameter_scale it is a relative
+      default None applies no rho at all, docs/algorithms.md 1.2 (a)). With parameter_scale it is a
+      relative
       step (1e-3 = 0.1 % of RMS(theta) per update).
     variant: 'optax' (chain of optax.adafactor: factored_rms -> clip -> rho -> param scale ->
       ema -> add_decayed_weights -> scale(-1)) or 'bert4keras' (factored_rms -> clip -> ema ->

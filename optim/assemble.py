@@ -17,7 +17,8 @@ Order of the chain (outermost first):
 | adafactor | optim.adafactor.adafactor(eta, variant=adafactor_variant, ...), momentum b1    |
 
 accumulation='momentum' (k > 1) replaces the optimizer by its accumulate-in-momentum form
-(docs/algorithms.md 2; AdaFactor needs b1 > 0 and adafactor_variant='bert4keras'; grad_clip_norm must be 0,
+(docs/algorithms.md 2; AdaFactor needs b1 > 0 and adafactor_variant='bert4keras'; grad_clip_norm
+must be 0,
 since only a window mean could be clipped as a large batch would be and there is no buffer
 holding it); accumulation='every_k' wraps it in `every_k` with the schedule read at
 count // k (the clip then applies to each micro-batch gradient, which is the gradient every_k's
@@ -26,8 +27,10 @@ base optimizer steps on).
 Weight decay: `optim.weight_decay` None (the default) means each optimizer's own default,
 `weight_decay(config)`: 0.01 where the decay is multiplied by the learning rate (adamw, lamb,
 sgdm, adafactor 'bert4keras'), 0 for adafactor 'optax', whose decay is not (theta -= wd theta
-every update: 0.01 would leave 0.37 of every weight after 100 updates, docs/algorithms.md 1.2). eg.enabled wraps the optimizer's
-direction in `eg_adapt` (docs/algorithms.md 3): EGDD form (gains before the momentum) for sgdm, gains on the
+every update: 0.01 would leave 0.37 of every weight after 100 updates, docs/algorithms.md 1.2).
+eg.enabled wraps the optimizer's
+direction in `eg_adapt` (docs/algorithms.md 3): EGDD form (gains before the momentum) for sgdm,
+gains on the
 output direction for adamw, lamb and adafactor (bert4keras variant); weight decay and the
 learning rate stay outside the EG scaling.
 
@@ -183,17 +186,15 @@ def validate(config) -> None:
 
 def _stacked_key(config):
   """'layers' when the model scans its layers (leaves stacked on a leading L axis)."""
-  return 'layers' if config.model.get('scan_layers', True) else None
+  return 'layers' if config.model.scan_layers else None
 
 
 def _adafactor_kwargs(config):
   o = config.optim
-  # factor_merge_small_axes / min_dim_size_to_factor: proposed schema fields, read with their
-  # defaults until launch/configs/base.py defines them.
   return dict(factored=bool(o.factored), decay_rate=float(o.decay_rate),
               clipping_threshold=float(o.clipping_threshold),
-              min_dim_size_to_factor=int(o.get('min_dim_size_to_factor', 128)),
-              merge_small_axes=bool(o.get('factor_merge_small_axes', True)),
+              min_dim_size_to_factor=int(o.min_dim_size_to_factor),
+              merge_small_axes=bool(o.factor_merge_small_axes),
               stacked_key=_stacked_key(config))
 
 
@@ -257,7 +258,8 @@ def _optimizer(config, schedule) -> optax.GradientTransformation:
     return optax.chain(optax.trace(b1), _decay(config), optax.scale_by_learning_rate(schedule))
   if o.adafactor_variant == 'optax' and wd > 0:
     logging.warning('adafactor_variant="optax" applies weight decay without the learning '
-                    'rate (theta -= %g * theta per update, docs/algorithms.md 1.2); use "bert4keras" for '
+                    'rate (theta -= %g * theta per update, docs/algorithms.md 1.2); use '
+                    '"bert4keras" for '
                     'lr-scaled decay', wd)
   return adafactor_lib.adafactor(
       schedule, variant=o.adafactor_variant, momentum=b1,

@@ -2,7 +2,8 @@
 
 Amid, Anil, Fifty, Warmuth 2022 (arXiv 2202.00145); Su, kexue 8968; reference code: lingvo's
 EGDD optimizer (lingvo/core/egdd.py). A positive step-size multiplier nu moves by EG,
-nu <- nu exp(-eta dL/dnu) (docs/algorithms.md 3.1), with the one-step-delayed hypergradients of docs/algorithms.md 3.2:
+nu <- nu exp(-eta dL/dnu) (docs/algorithms.md 3.1), with the one-step-delayed hypergradients of
+docs/algorithms.md 3.2:
 for theta_{t+1} = theta_t - eta_t S_t (p_t . u_t),
   dL(theta_{t+1})/dS_t = -eta_t <g_{t+1}, p_t . u_t>,
   dL(theta_{t+1})/dp_t = -eta_t S_t g_{t+1} . u_t.
@@ -23,7 +24,8 @@ Step t = count + 1 with gradient g_t:
              = g_t gbar_{t-1} / (1 - beta^max(t-1, 1))                          unnormalized
  (2) base direction, gradient sign convention:
        gain_placement='input'  (EGDD, SGDM): u_t = base(p_t . g_t); output S_t u_t
-       gain_placement='output' (Adam family, docs/algorithms.md 3.5): u_t = base(g_t); output S_t p_t . u_t
+       gain_placement='output' (Adam family, docs/algorithms.md 3.5): u_t = base(g_t); output S_t
+       p_t . u_t
      (gains on g before Adam would be cancelled by Adam's per-coordinate normalisation).
  (3) the caller chains weight decay and -eta_t after this transform, so theta moves by
      -eta_t S_t (p_t . u_t) as in docs/algorithms.md 3.2.

@@ -9,7 +9,7 @@ when jax_enable_x64 is on, so float64 tests are not limited by the schedule's ro
 | `linear`           | lr * step / W while step < W, then linear from lr to f*lr at N         |
 | `cosine`           | same warmup, then cosine from lr to f*lr at N                          |
 | `constant`         | same warmup, then lr                                                   |
-| `rsqrt`            | same warmup, then min(lr, 1/sqrt(step + 1)) (AdaFactor, docs/algorithms.md 1.1 step 6)|
+| `rsqrt`            | same warmup, then min(lr, 1/sqrt(step + 1)) (AdaFactor, algorithms 1.1) |
 | `piecewise_linear` | lr * piecewise_linear(schedule_boundaries)(step) (no extra warmup)     |
 
 Warmup starts from 0 at step 0 (the first update has lr 0, as in optax's warmup schedules)

@@ -45,7 +45,8 @@ def peak_flops_per_device(device_kind: str) -> float:
   """The dense bf16 peak FLOP/s of one device of `device_kind` (exact match), or 0.0 if the
   table does not know it (no substring guessing: 'NVIDIA L40S' is not an 'L4')."""
   return PEAK_FLOPS_BY_DEVICE_KIND.get(device_kind.strip(), 0.0)
-# Measured float32 matmul throughput of one CPU core (docs/dependencies.md 4: ~200 GFLOP/s on 2 cores).
+# Measured float32 matmul throughput of one CPU core (docs/dependencies.md 4: ~200 GFLOP/s on 2
+# cores).
 CPU_FLOPS_PER_CORE = 100e9
 
 

@@ -139,22 +139,26 @@ def make_eval_step(graphdef, config) -> Callable:
   return eval_step
 
 
-def jit_train_step(s: 'Setup', config) -> Callable:
-  """The compiled train step `(state, batch, base_key) -> (state, metrics)` on `s.mesh`:
-  state sharded as `s.state_shardings` and donated, batch split over the batch axes, traced
-  under the mesh and logical axis rules (`mesh_lib.jit`)."""
-  return mesh_lib.jit(make_train_step(s.graphdef, s.tx, config), s.mesh,
+def jit_train_step(run_setup: 'Setup', config) -> Callable:
+  """The compiled train step `(state, batch, base_key) -> (state, metrics)` on the setup's
+  mesh: state sharded as `run_setup.state_shardings` and donated, batch split over the batch
+  axes, traced under the mesh and logical axis rules (`mesh_lib.jit`, docs/design.md 4)."""
+  mesh = run_setup.mesh
+  return mesh_lib.jit(make_train_step(run_setup.graphdef, run_setup.tx, config), mesh,
                       config.mesh.logical_axis_rules,
-                      in_shardings=(s.state_shardings, mesh_lib.batch_sharding(s.mesh), None),
-                      out_shardings=(s.state_shardings, None), donate_argnums=0)
+                      in_shardings=(run_setup.state_shardings, mesh_lib.batch_sharding(mesh),
+                                    None),
+                      out_shardings=(run_setup.state_shardings, None), donate_argnums=0)
 
 
-def jit_eval_step(s: 'Setup', config) -> Callable:
-  """The compiled eval step `(params, batch) -> sums` on `s.mesh` (see jit_train_step)."""
-  return mesh_lib.jit(make_eval_step(s.graphdef, config), s.mesh,
+def jit_eval_step(run_setup: 'Setup', config) -> Callable:
+  """The compiled eval step `(params, batch) -> sums` on the setup's mesh (see
+  jit_train_step)."""
+  mesh = run_setup.mesh
+  return mesh_lib.jit(make_eval_step(run_setup.graphdef, config), mesh,
                       config.mesh.logical_axis_rules,
-                      in_shardings=(s.state_shardings['params'],
-                                    mesh_lib.batch_sharding(s.mesh)))
+                      in_shardings=(run_setup.state_shardings['params'],
+                                    mesh_lib.batch_sharding(mesh)))
 
 
 # ----------------------------------------------------------------------------- state
@@ -250,7 +254,7 @@ def setup(config, mesh) -> Setup:
                num_params)
 
 
-def init_state(config, s: Setup) -> State:
+def init_state(config, run_setup: Setup) -> State:
   """Initialises the train state directly into its shardings (jit with out_shardings: no
   device ever holds the full unsharded parameters)."""
 
@@ -258,10 +262,11 @@ def init_state(config, s: Setup) -> State:
     model = _build_model(config)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
-            'opt_state': s.tx.init(params)}
+            'opt_state': run_setup.tx.init(params)}
 
-  with jax.set_mesh(s.mesh), nnx.logical_axis_rules(tuple(config.mesh.logical_axis_rules)):
-    return jax.jit(init, out_shardings=s.state_shardings)()
+  rules = tuple(config.mesh.logical_axis_rules)
+  with jax.set_mesh(run_setup.mesh), nnx.logical_axis_rules(rules):
+    return jax.jit(init, out_shardings=run_setup.state_shardings)()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -342,10 +347,8 @@ def validate(config, mesh=None):
   Raises:
     ValueError: the first problem found, as a sentence naming the field and the fix.
   """
-  models.validate(config)
+  models.validate(config)  # also config.objective
   optim.validate(config)
-  if config.objective not in ('mlm', 'clm'):
-    raise ValueError(f"--config.objective={config.objective!r}; use 'mlm' or 'clm'.")
   for field in ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'eval_steps',
                 'checkpoint_every_steps', 'keep_checkpoints'):
     if config.train[field] < 1:
@@ -413,13 +416,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                      process_count=pcount)
 
     # Build model and optimizer.
-    s = setup(config, mesh)
+    run_setup = setup(config, mesh)
     if is_main:
       os.makedirs(workdir, exist_ok=True)
       with open(os.path.join(workdir, 'config.json'), 'w') as f:
         f.write(config.to_json_best_effort(indent=2))
     logging.info('model %s: %s parameters; mesh %s; data %s (%d train / %d validation docs); '
-                 'tokenizer %d pieces', config.model.family, f'{s.num_params:,}',
+                 'tokenizer %d pieces', config.model.family, f'{run_setup.num_params:,}',
                  dict(mesh.shape), source.name, len(source.train), len(source.validation),
                  tokenizer.vocab_size)
 
@@ -428,16 +431,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     lineage = (meta or {}).get('lineage', [])
     if start_step is not None:
       logging.info('resuming from %s/%d', ckpt.directory, start_step)
-      state = ckpt.restore(start_step, s.abstract_state, train_iter)
+      state = ckpt.restore(start_step, run_setup.abstract_state, train_iter)
     else:
-      state = init_state(config, s)
+      state = init_state(config, run_setup)
       start_step = 0
   except ValueError as e:  # includes DataError, TokenizerError, CheckpointError
     raise InputError(str(e)) from e
   meta = checkpoint_meta(config, tokenizer, mesh, source.name, lineage)
 
-  train_step = jit_train_step(s, config)
-  eval_step = jit_eval_step(s, config)
+  train_step = jit_train_step(run_setup, config)
+  eval_step = jit_eval_step(run_setup, config)
   base_key = jax.random.key(config.seed)
   schedule = optim.learning_rate_schedule(config)
   accumulation = max(config.optim.accumulation_steps, 1)

@@ -33,49 +33,6 @@ def text_corpus(tmp_path_factory) -> pathlib.Path:
   return root
 
 
-def make_tiny_config(corpus: pathlib.Path, cache_dir: pathlib.Path, *,
-                     preset: str = 'roformer:tiny', **overrides):
-  """A family preset (`file:preset` under launch/configs) shrunk for tests: d 32, 2 layers,
-  n 32, batch 8, vocab 512 (GAU: s 16; FLASH: chunk 8). Overrides use dotted keys."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  module, name = preset.split(':')
-  config = importlib.import_module(f'launch.configs.{module}').get_config(name)
-  config.data.text_files = str(corpus / '*.txt')
-  config.data.cache_dir = str(cache_dir)
-  config.data.validation_fraction = 0.1
-  config.data.seq_len, config.data.global_batch_size = 32, 8
-  config.data.num_threads = 1
-  m = config.model
-  m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.mlp_dim = 512, 32, 2, 2, 64
-  m.shared_dim, m.chunk_size = 16, 8 if m.chunk_size else 0
-  t = config.train
-  t.num_train_steps, t.log_every_steps, t.eval_every_steps = 6, 2, 3
-  t.eval_steps, t.checkpoint_every_steps = 2, 3
-  config.optim.warmup_steps = 2
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
-
-
-def assert_trees_close(actual, expected, rtol=1e-5):
-  """Per leaf of two pytrees: ||actual - expected|| <= rtol ||expected|| (+ 1e-12 so all-zero
-  leaves compare exactly), naming the first leaf that differs."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  expected_leaves = jax.tree.leaves(expected)
-  actual_leaves = jax.tree_util.tree_flatten_with_path(actual)[0]
-  assert len(actual_leaves) == len(expected_leaves)
-  for (path, a), e in zip(actual_leaves, expected_leaves):
-    a, e = np.ravel(np.asarray(a, np.float64)), np.ravel(np.asarray(e, np.float64))
-    err, norm = np.linalg.norm(a - e), np.linalg.norm(e)
-    assert err <= rtol * norm + 1e-12, (
-        f'{jax.tree_util.keystr(path)}: relative error {err / max(norm, 1e-30):.2e}')
-
-
 @pytest.fixture(scope='session')
 def cache_dir(tmp_path_factory) -> pathlib.Path:
   """One TFDS/tokenizer cache for the whole session (datasets build once)."""
@@ -94,9 +51,11 @@ def x64():
 
 @pytest.fixture(scope='session')
 def tiny_data(text_corpus, cache_dir):
-  """(config, source, tokenizer) of make_tiny_config: the dataset and tokenizer, built once."""
+  """(config, source, tokenizer) of helpers.make_tiny_config: dataset and tokenizer, built
+  once."""
   from data_pipelines import text_datasets  # pylint: disable=g-import-not-at-top
   from data_pipelines import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from helpers import make_tiny_config  # pylint: disable=g-import-not-at-top
   config = make_tiny_config(text_corpus, cache_dir)
   source = text_datasets.load_text_source(config.data)
   tok = tokenizer_lib.load_or_train(config.data, config.model, source.train, source.text_key,

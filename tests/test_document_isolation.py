@@ -3,13 +3,14 @@ document's logits unchanged, for every family and both objectives (FLASH include
 linear global part once mixed the documents of a row)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import models
-from test_sharded_gradients import FAMILIES, packed_batch, tiny_config
+from helpers import FAMILIES
+from helpers import packed_batch
+from helpers import tiny_config
 
 
 def _logits_fn(config):

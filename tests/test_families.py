@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import assert_trees_close
-from conftest import make_tiny_config
+from helpers import assert_trees_close
+from helpers import make_tiny_config
+from helpers import train_losses
 from pretrain import train
-from test_train import _losses
 
 CASES = [
     ('roformer:tiny', 'clm'),
@@ -48,8 +48,8 @@ def test_family_sharded_matches_single_device(preset, objective, text_corpus, ca
                                'optim.eg.enabled': False, 'optim.accumulation_steps': 1})
   config.optim.schedule, config.optim.warmup_steps = 'constant', 0
   data = tiny_data[1:]
-  single, single_state = _losses(config, data, jax.devices()[:1])
+  single, single_state = train_losses(config, data, jax.devices()[:1])
   config.mesh.shape = (2, 2, 2)
-  sharded, state = _losses(config, data, jax.devices())
+  sharded, state = train_losses(config, data, jax.devices())
   np.testing.assert_allclose(sharded, single, rtol=1e-5)
   assert_trees_close(jax.device_get(state['params']), jax.device_get(single_state['params']))

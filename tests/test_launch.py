@@ -2,35 +2,14 @@
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_flags(corpus, cache_dir, **overrides) -> list[str]:
-  """Command-line overrides that shrink the tiny preset (see conftest.make_tiny_config)."""
-  values = {
-      'data.text_files': f'{corpus}/*.txt', 'data.cache_dir': str(cache_dir),
-      'data.validation_fraction': 0.1, 'data.seq_len': 32, 'data.global_batch_size': 8,
-      'model.vocab_size': 512, 'model.hidden_size': 32, 'model.num_layers': 2,
-      'model.num_heads': 2, 'model.mlp_dim': 64, 'train.num_train_steps': 4,
-      'train.log_every_steps': 2, 'train.eval_every_steps': 4, 'train.eval_steps': 2,
-      'train.checkpoint_every_steps': 2, 'optim.warmup_steps': 1,
-  }
-  values.update(overrides)
-  return [f'--config.{k}={v}' for k, v in values.items()]
-
-
-def run_pretrain(workdir, flags, devices=1, timeout=300):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu')
-  cmd = [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
-         f'--workdir={workdir}', *flags]
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+from helpers import ROOT
+from helpers import run_pretrain
+from helpers import tiny_flags
 
 
 @pytest.fixture(scope='module')

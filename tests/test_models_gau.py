@@ -1,4 +1,5 @@
-"""GAU / FLASH / GAU-alpha tests (docs/algorithms.md 6.5 GAU-1..7, causal LM, entropy-invariant softmax)."""
+"""GAU / FLASH / GAU-alpha tests (docs/algorithms.md 6.5 GAU-1..7, causal LM, entropy-invariant
+softmax)."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""Accumulation hidden in momentum (docs/algorithms.md 2.7, GA-1..GA-7) against NumPy float64 recursions."""
+"""Accumulation hidden in momentum (docs/algorithms.md 2.7, GA-1..GA-7) against NumPy float64
+recursions."""
 
 import jax
 import jax.numpy as jnp

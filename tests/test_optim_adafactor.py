@@ -1,4 +1,5 @@
-"""AdaFactor (docs/algorithms.md 1.5, AF-1..AF-10) against a NumPy float64 version of docs/algorithms.md 1.1."""
+"""AdaFactor (docs/algorithms.md 1.5, AF-1..AF-10) against a NumPy float64 version of
+docs/algorithms.md 1.1."""
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,8 @@ def np_vhat(stats, shape, dims):
 
 def np_adafactor(theta0, grads, *, variant, rho, b1=0.0, wd=0.0, c=0.8, d=1.0,
                  param_scale=True, factored=True):
-  """docs/algorithms.md 1.1 + the two placements of docs/algorithms.md 1.2, float64. Returns the list of thetas."""
+  """docs/algorithms.md 1.1 + the two placements of docs/algorithms.md 1.2, float64. Returns the
+  list of thetas."""
   theta = {k: np.array(v, np.float64) for k, v in theta0.items()}
   stats, mom, out = {}, {k: np.zeros_like(v) for k, v in theta.items()}, []
   for t, g_tree in enumerate(grads, start=1):

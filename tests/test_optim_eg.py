@@ -1,4 +1,5 @@
-"""EG step-size adaptation (docs/algorithms.md 3.6, EG-1..EG-7) against a NumPy float64 version of docs/algorithms.md 3."""
+"""EG step-size adaptation (docs/algorithms.md 3.6, EG-1..EG-7) against a NumPy float64 version of
+docs/algorithms.md 3."""
 
 import jax
 import jax.numpy as jnp

@@ -10,68 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import assert_trees_close
-from conftest import make_tiny_config
-from pretrain import mesh as mesh_lib
-from pretrain import train
-
-FAMILIES = ('roformer:tiny', 'roformer_v2:tiny', 'gau:tiny', 'gau:flash_tiny', 'deepnet:tiny')
-MESHES = ((2, 2, 2), (1, 4, 2), (8, 1, 1))
-
-
-def packed_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  """A batch like the pipeline's: rows of 1-3 packed documents, some padding, MLM and CLM
-  fields (mlm_positions [b, P] with some zero weights; targets = next token in the document)."""
-  rng = np.random.default_rng(seed)
-  b, n, vocab = config.data.global_batch_size, config.data.seq_len, config.model.vocab_size
-  inputs = rng.integers(5, vocab, (b, n)).astype(np.int32)
-  segment_ids = np.zeros((b, n), np.int32)
-  positions = np.zeros((b, n), np.int32)
-  for row in range(b):
-    cuts = np.sort(rng.choice(np.arange(3, n - 3), size=row % 3, replace=False))
-    end = n - (row % 4) * 2  # rows 1, 2, 3 (mod 4) end in padding
-    start = 0
-    for doc, stop in enumerate(list(cuts[cuts < end]) + [end]):
-      segment_ids[row, start:stop] = doc + 1
-      positions[row, start:stop] = np.arange(stop - start)
-      start = stop
-  inputs[segment_ids == 0] = 0
-  same_doc_next = np.zeros((b, n), bool)
-  same_doc_next[:, :-1] = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] > 0)
-  targets = np.zeros((b, n), np.int32)
-  targets[:, :-1] = inputs[:, 1:]
-  num_predictions = 5
-  mlm_positions = np.stack([rng.choice(n, num_predictions, replace=False) for _ in range(b)])
-  mlm_weights = (np.take_along_axis(segment_ids, mlm_positions, 1) > 0).astype(np.float32)
-  return {
-      'inputs': inputs, 'segment_ids': segment_ids, 'positions': positions,
-      'targets': targets, 'weights': same_doc_next.astype(np.float32),
-      'mlm_positions': mlm_positions.astype(np.int32),
-      'mlm_targets': rng.integers(5, vocab, (b, num_predictions)).astype(np.int32),
-      'mlm_weights': mlm_weights,
-  }
-
-
-def tiny_config(preset: str, objective: str):
-  config = make_tiny_config(__import__('pathlib').Path('/nonexistent'), '/nonexistent',
-                            preset=preset, objective=objective)
-  config.model.num_layers = 2
-  return config
-
-
-def loss_and_grads(config, batch, devices):
-  """(loss, gradient pytree) of the trainer's loss on a mesh over `devices`."""
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
-  s = train.setup(config, mesh)
-  params = train.init_state(config, s)['params']
-  fn = mesh_lib.jit(
-      jax.value_and_grad(lambda p, b: train.model_loss(p, s.graphdef, b, config.objective),
-                         has_aux=True),
-      mesh, config.mesh.logical_axis_rules,
-      in_shardings=(s.state_shardings['params'], mesh_lib.batch_sharding(mesh)))
-  (loss, _), grads = fn(params, mesh_lib.global_batch(batch, mesh))
-  return float(loss), jax.device_get(grads)
-
+from helpers import FAMILIES
+from helpers import MESHES
+from helpers import assert_trees_close
+from helpers import loss_and_grads
+from helpers import packed_batch
+from helpers import tiny_config
 
 @pytest.mark.parametrize('objective', ['mlm', 'clm'])
 @pytest.mark.parametrize('preset', FAMILIES)

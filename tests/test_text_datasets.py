@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 from data_pipelines import text_datasets
 from data_pipelines import tokenizer as tokenizer_lib
 

@@ -6,10 +6,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import assert_trees_close
-from conftest import make_tiny_config
-from data_pipelines import pipeline
-from pretrain import mesh as mesh_lib
+from helpers import assert_trees_close
+from helpers import make_tiny_config
+from helpers import train_losses
 from pretrain import train
 
 
@@ -19,28 +18,14 @@ def data(tiny_data):
   return source, tok
 
 
-def _losses(config, data, devices, num_steps=4):
-  source, tok = data
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
-  s = train.setup(config, mesh)
-  state = train.init_state(config, s)
-  step_fn = train.jit_train_step(s, config)
-  it = iter(pipeline.make_dataset(source.train, tok, config))
-  losses = []
-  for _ in range(num_steps):
-    state, m = step_fn(state, mesh_lib.global_batch(next(it), mesh), jax.random.key(0))
-    losses.append(float(m['loss_sum'] / m['weight_sum']))
-  return np.array(losses), state
-
-
 def test_sharded_mesh_matches_single_device(text_corpus, cache_dir, data):
   # SGD with momentum: Adam's first steps are ~lr * sign(g), which turns reduction-order noise
   # in near-zero gradients into 1e-3 parameter differences, hiding what this test checks.
   config = make_tiny_config(text_corpus, cache_dir, **{'optim.name': 'sgdm',
                                                        'optim.learning_rate': 0.5})
-  single, single_state = _losses(config, data, jax.devices()[:1])
+  single, single_state = train_losses(config, data, jax.devices()[:1])
   config.mesh.shape = (2, 2, 2)
-  sharded, state = _losses(config, data, jax.devices())
+  sharded, state = train_losses(config, data, jax.devices())
   np.testing.assert_allclose(sharded, single, rtol=1e-5)
   # After 4 steps the parameters and the momentum agree too (not only the losses).
   assert_trees_close(jax.device_get(state['params']), jax.device_get(single_state['params']))
@@ -104,7 +89,8 @@ OPTIMIZERS = {
         'optim.name': 'adafactor', 'optim.adafactor_variant': 'bert4keras',
         'optim.learning_rate': 5e-2, 'optim.accumulation': 'momentum',
         'optim.accumulation_steps': 2, 'optim.grad_clip_norm': 0.0},
-    'lamb_multisteps': {'optim.name': 'lamb', 'optim.accumulation_steps': 2},
+    'lamb_multisteps': {'optim.name': 'lamb', 'optim.accumulation_steps': 2,
+                        'optim.learning_rate': 2e-2},  # LAMB steps are relative
     'adamw_accumulation_in_momentum': {'optim.accumulation': 'momentum',
                                        'optim.accumulation_steps': 3,
                                        'optim.grad_clip_norm': 0.0},

@@ -1,4 +1,5 @@
-"""`python -m launch.upscale` on a checkpoint written by `launch.pretrain` (docs/algorithms.md 4.8 UP-5):
+"""`python -m launch.upscale` on a checkpoint written by `launch.pretrain` (docs/algorithms.md 4.8
+UP-5):
 the grown model's held-out MLM loss equals the small one's, `launch.pretrain` continues from
 the grown step 0, and bad input exits with code 2 without writing anything."""
 
@@ -11,9 +12,9 @@ import sys
 
 import pytest
 
-from test_launch import ROOT
-from test_launch import run_pretrain
-from test_launch import tiny_flags
+from helpers import ROOT
+from helpers import run_pretrain
+from helpers import tiny_flags
 
 TRAIN = ['--config.train.num_train_steps=2', '--config.train.log_every_steps=1',
          '--config.train.eval_every_steps=2', '--config.train.checkpoint_every_steps=2',

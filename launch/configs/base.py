@@ -51,7 +51,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.norm_type = 'layernorm'
   # Biases in every dense layer and the MLM head (v1: True; v2 / GAU-alpha: False).
   model.use_bias = True
-  # Residual form: 'post_ln' (x + G(x) then norm) or 'deepnorm' (norm(alpha*x + G(x)), docs/algorithms.md 5).
+  # Residual form: 'post_ln' (x + G(x) then norm) or 'deepnorm' (norm(alpha*x + G(x)),
+  # docs/algorithms.md 5).
   model.residual = 'post_ln'
   # DeepNorm alpha / beta; 0 means the encoder-only formulas (2N)^(1/4) and (8N)^(-1/4).
   model.deepnorm_alpha = 0.0
@@ -62,7 +63,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.shared_dim = 128
   # GAU attention normalisation: 'relu2', 'softmax' or 'softmax_plus' (docs/algorithms.md 6.1).
   model.attention_norm = 'relu2'
-  # FLASH mixed-chunk attention chunk size c (tokens); 0 = plain quadratic GAU (docs/algorithms.md 6.2).
+  # FLASH mixed-chunk attention chunk size c (tokens); 0 = plain quadratic GAU (docs/algorithms.md
+  # 6.2).
   model.chunk_size = 0
   # Feed-forward activation of RoFormer/DeepNet blocks (and v1's MLM head transform): 'gelu'
   # (exact erf, RoFormer v1), 'gelu_tanh', 'relu' (released RoFormer-v2) or 'swish'.
@@ -70,7 +72,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Causal LM with relu2 attention (GAU / FLASH): divide each query's weights by the keys it
   # sees, 'visible' (j <= i; bert4keras), or by all keys of its document, 'n' (FLASH paper).
   model.causal_normalizer = 'visible'
-  # GAU activation phi on U, V, Z: 'swish' (paper) or 'relu' (homogeneity tests, docs/algorithms.md 6.5).
+  # GAU activation phi on U, V, Z: 'swish' (paper) or 'relu' (homogeneity tests, docs/algorithms.md
+  # 6.5).
   model.gau_activation = 'swish'
   # Kernel init: 'normal' (std initializer_range), 'roformer_v2' (truncated normal L^-1/2),
   # 'gau_alpha' (L^-1/3), docs/algorithms.md 5.3.
@@ -150,7 +153,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # micro-batch; accumulation='momentum' (k > 1) needs 0 (no window mean exists to clip).
   optim.grad_clip_norm = 1.0
   # Micro-steps per optimizer update, and how to accumulate: 'multisteps' (optax.MultiSteps,
-  # exact, one extra buffer), 'momentum' (hidden in momentum, no buffer, docs/algorithms.md 2) or 'every_k'
+  # exact, one extra buffer), 'momentum' (hidden in momentum, no buffer, docs/algorithms.md 2) or
+  # 'every_k'
   # (Su: the optimizer runs every micro-step, its updates are applied every k-th).
   # train.num_train_steps counts micro-steps (batches); schedules count optimizer updates.
   optim.accumulation_steps = 1
@@ -166,11 +170,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   optim.parameter_scale = True
   optim.clipping_threshold = 1.0
   optim.decay_rate = 0.8
-  # AdaFactor: factor DenseGeneral kernels (L, d, h, d_h) as (L, d, h*d_h) matrices (docs/algorithms.md 1.4),
+  # AdaFactor: factor DenseGeneral kernels (L, d, h, d_h) as (L, d, h*d_h) matrices
+  # (docs/algorithms.md 1.4),
   # and factor a second moment only if its second-largest axis has >= this many entries.
   optim.factor_merge_small_axes = True
   optim.min_dim_size_to_factor = 128
-  # Exponentiated-gradient step-size adaptation wrapped around the base optimizer (docs/algorithms.md 3).
+  # Exponentiated-gradient step-size adaptation wrapped around the base optimizer
+  # (docs/algorithms.md 3).
   optim.eg = eg = ml_collections.ConfigDict()
   eg.enabled = False
   # Meta learning rates of the per-leaf scale S and of the per-coordinate gains p.
@@ -209,7 +215,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.stop_after_steps = 0
 
   # ---------------------------------------------------------------- upscale
-  # Lossless growth by launch.upscale (docs/algorithms.md 4); the fields of the target (large) config.
+  # Lossless growth by launch.upscale (docs/algorithms.md 4); the fields of the target (large)
+  # config.
   config.upscale = upscale = ml_collections.ConfigDict()
   # Width growth: 'auto' ('su' with norm gains, 'unit' for parameter-free norms), 'su' (Su's
   # corrected table: stream x 1/sqrt(k), eps -> eps/k) or 'unit' (stream x 1, eps unchanged).

@@ -1,16 +1,19 @@
-"""GAU presets (docs/algorithms.md 6): GAU-alpha by default, FLASH mixed-chunk attention as variants.
+"""GAU presets (docs/algorithms.md 6): GAU-alpha by default, FLASH mixed-chunk attention as
+variants.
 
   python -m launch.pretrain --config=launch/configs/gau.py:tiny --workdir=runs/gau_tiny
   python -m launch.pretrain --config=launch/configs/gau.py:flash_tiny --workdir=runs/flash_tiny
 
-GAU-alpha (docs/algorithms.md 6.3): RoFormer v2 skeleton with each attention + FFN pair replaced by two GAU
+GAU-alpha (docs/algorithms.md 6.3): RoFormer v2 skeleton with each attention + FFN pair replaced by
+two GAU
 layers (so 2L GAU layers for an L-block shape), bias-free, parameter-free RMS post-norm,
 softmax_plus attention, shared dim s = 128, expansion e = 2d, truncated-normal L^-1/3 init,
 and the released training recipe for small/base/large: LAMB at 1.76e-3, weight decay 0.01,
 no warmup, learning-rate multipliers {0: 1, 160k: 0.5, 640k: 0.1, 1.28M: 0.01}
 (the released recipe of ZhuiyiTechnology/GAU-alpha, docs/algorithms.md 6.3; its keys are steps of a
 1.28M-step run), scaled here to the preset's num_train_steps with the same shape (160k/1.28M
-= 1/8, 640k/1.28M = 1/2, 1.28M -> the last step). FLASH presets keep the linear schedule. FLASH (docs/algorithms.md 6.2): relu^2 attention normalised by valid keys, mixed-chunk attention with
+= 1/8, 640k/1.28M = 1/2, 1.28M -> the last step). FLASH presets keep the linear schedule. FLASH
+(docs/algorithms.md 6.2): relu^2 attention normalised by valid keys, mixed-chunk attention with
 chunk_size c (quadratic inside chunks, linear across them: cost linear in seq_len).
 
 | preset | GAU layers | hidden | s | e | seq_len x batch |
@@ -19,9 +22,7 @@ chunk_size c (quadratic inside chunks, linear across them: cost linear in seq_le
 | small | 12 | 384 | 128 | 768 | 256 x 64 |
 | base / flash_base | 24 | 768 | 128 | 1536 | 512 x 256 (flash: c = 256) |
 | large | 48 | 1536 | 128 | 3072 | 512 x 1024 |
-On 2 CPU cores (shared): tiny MLM, 200 steps, AdamW: eval loss 6.22, ~5.6k tokens/s;
-flash_tiny MLM with the LAMB recipe: eval loss 8.16 after 200 steps, ~4.3k tokens/s
-(benchmarks/families.py).
+Measured figures are in the README.
 """
 
 from launch.configs import base
@@ -55,6 +56,6 @@ def get_config(preset: str = 'tiny'):
     o.schedule_boundaries = ((0, 1.0), (n // 8, 0.5), (n // 2, 0.1), (n, 0.01))
   if preset in ('tiny', 'flash_tiny'):
     # CPU demo: the recipe's LAMB at 1.76e-3 is tuned for 1M steps and barely moves a few
-    # hundred (eval loss 8.8 after 200 steps vs 6.2 with AdamW, benchmarks/families.py).
+    # hundred (README: benchmarks/families.py).
     o.name, o.schedule, o.learning_rate, o.warmup_steps = 'adamw', 'linear', 2e-3, 50
   return config

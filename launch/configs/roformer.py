@@ -6,7 +6,7 @@ Select a preset with `--config=launch/configs/roformer.py:<preset>` (default `ti
 
 | preset | L  | d    | h  | F    | params  | notes |
 |--------|----|------|----|------|---------|-------|
-| tiny   | 4  | 128  | 2  | 512  | ~1.8M   | `make pretrain`: about 5 min on 2 CPU cores |
+| tiny   | 4  | 128  | 2  | 512  | ~1.8M   | `make pretrain` (CPU) |
 | small  | 6  | 384  | 6  | 1536 | ~14M    | RoFormer-v2 small shape |
 | base   | 12 | 768  | 12 | 3072 | ~92M    | BERT-base shape; TPU/GPU |
 | large  | 24 | 1536 | 24 | 6144 | ~690M   | 2x base, so base -> large is an exact growth |

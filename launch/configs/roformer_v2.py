@@ -1,16 +1,17 @@
 """RoFormer v2 MLM presets (docs/algorithms.md 7.2): no biases, parameter-free RMS norm (eps 1e-7),
-post-norm, RoPE, MLM head tied with no transform; truncated-normal L^-1/2 init (docs/algorithms.md 5.3);
+post-norm, RoPE, MLM head tied with no transform; truncated-normal L^-1/2 init (docs/algorithms.md
+5.3);
 ReLU feed-forward (the released checkpoints: `hidden_act: relu` in the configs of
 ZhuiyiTechnology/roformer-v2's chinese_roformer-v2-char_{small,base,large} and their ports,
-e.g. PaddleNLP's roformer_v2_chinese_char_*; docs/algorithms.md 7.2); LAMB with a piecewise-linear schedule
+e.g. PaddleNLP's roformer_v2_chinese_char_*; docs/algorithms.md 7.2); LAMB with a piecewise-linear
+schedule
 as in the released MLM recipe.
 
   python -m launch.pretrain --config=launch/configs/roformer_v2.py:tiny --workdir=runs/v2_tiny
 
 Shapes are those of launch/configs/roformer.py (tiny 128/4L, small 384/6L, base 768/12L,
 large 1536/24L; consecutive presets are exact growth pairs for launch.upscale).
-On 2 CPU cores (shared): tiny MLM, 200 steps, AdamW: eval loss 6.37, ~6k tokens/s
-(benchmarks/families.py).
+Measured figures are in the README.
 """
 
 from launch.configs import base
@@ -34,8 +35,8 @@ def get_config(preset: str = 'tiny'):
   o.warmup_steps = 0
   o.schedule_boundaries = ((0, 0.0), (max(1, n // 80), 1.0), (n // 8, 0.5), (n // 2, 0.1),
                            (n, 0.01))
-  if preset in ('tiny', 'flash_tiny'):
+  if preset == 'tiny':
     # CPU demo: the recipe's LAMB at 1.76e-3 is tuned for 1M steps and barely moves a few
-    # hundred (eval loss 8.8 after 200 steps vs 6.2 with AdamW, benchmarks/families.py).
+    # hundred (README: benchmarks/families.py).
     o.name, o.schedule, o.learning_rate, o.warmup_steps = 'adamw', 'linear', 2e-3, 50
   return config

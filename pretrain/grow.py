@@ -1,0 +1,295 @@
+"""Growing a trained run into a larger model: load the source run, plan, apply, write the
+grown run as step 0 of a new workdir (docs/algorithms.md 4; the maps are `models.upscale`).
+
+  result = grow.grow_run(from_workdir, target_config, workdir)   # a GrowthResult
+  print(grow.summary(result, config_spec, workdir))
+
+The target config's data, vocabulary and tokenizer fields default to the source run's (the
+tokenizer must be the very file the source trained with); `config.upscale` holds the growth
+options. `launch.pretrain` on the new workdir resumes step 0 and adopts the values growth
+fixed (`train.adopt_growth_values`). Nothing is written before every check passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import os
+import shlex
+from typing import Any
+
+from flax import nnx
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data_pipelines import pipeline
+from data_pipelines import text_datasets
+from data_pipelines import tokenizer as tokenizer_lib
+import models
+from models import upscale
+from pretrain import checkpointing
+from pretrain import mesh as mesh_lib
+from pretrain import train
+
+# Source-run fields reused unless given on the command line (same corpus and tokenizer).
+INHERITED_FIELDS = ('objective', 'model.vocab_size', 'model.type_vocab_size',
+                    'data.text_files', 'data.text_unit', 'data.tfds_name', 'data.tfds_data_dir',
+                    'data.tfds_text_key', 'data.train_split', 'data.eval_split',
+                    'data.validation_fraction', 'data.cache_dir',
+                    'data.tokenizer_sample_bytes')
+
+
+@dataclasses.dataclass
+class GrowthResult:
+  """What `grow_run` did.
+
+  Attributes:
+    max_abs_logit_diff: max |logits(grown) - logits(source)| on a held-out batch (float).
+    small, grown: held-out {'loss', 'accuracy', 'perplexity'} of the two models.
+    report: the growth plan's report (`models.upscale.Plan.report()`).
+    step: the source checkpoint step; checkpoint: the written step-0 directory.
+    num_params: (source, grown) parameter counts; config: the grown run's config.
+  """
+  max_abs_logit_diff: float
+  small: dict[str, float]
+  grown: dict[str, float]
+  report: dict[str, Any]
+  step: int
+  checkpoint: str
+  num_params: tuple[int, int]
+  config: ml_collections.ConfigDict
+
+
+def _to_tuples(value):
+  if isinstance(value, (list, tuple)):
+    return tuple(_to_tuples(v) for v in value)
+  return value
+
+
+def config_from_meta(saved: dict):
+  """The source run's ConfigDict from a checkpoint's meta['config'] (JSON: lists where the
+  schema has tuples), on top of the base schema (fields the schema lacks are kept)."""
+  from launch.configs import base  # pylint: disable=g-import-not-at-top
+  config = base.get_base_config()
+
+  def merge(target, values):
+    for key, value in values.items():
+      if isinstance(value, dict):
+        if key not in target:
+          target[key] = ml_collections.ConfigDict()
+        merge(target[key], value)
+      elif key in target and isinstance(target[key], tuple):
+        target[key] = _to_tuples(value)
+      else:
+        target[key] = value
+
+  merge(config, saved)
+  return config
+
+
+def _check_paths(from_workdir: str, workdir: str):
+  if not os.path.isdir(os.path.join(from_workdir, 'checkpoints')):
+    raise train.InputError(f'--from_workdir={from_workdir} has no checkpoints/ directory; give '
+                           'the workdir of a run written by launch.pretrain.')
+  out_dir = os.path.join(workdir, 'checkpoints')
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    raise train.InputError(f'--workdir={workdir} already holds checkpoints; launch.upscale '
+                           'writes a new run: choose an empty --workdir.')
+  if os.path.abspath(workdir) == os.path.abspath(from_workdir):
+    raise train.InputError('--workdir must differ from --from_workdir.')
+
+
+def _target_config(config, src_config, meta, from_workdir, explicit):
+  """The target config with the source's data fields and tokenizer unless given explicitly."""
+  config = copy.deepcopy(config)
+  flat = traverse_util.flatten_dict(src_config.to_dict(), sep='.')
+  config.update_from_flattened_dict(
+      {field: _to_tuples(flat[field]) for field in INHERITED_FIELDS if field not in explicit})
+  tok_path = meta.get('tokenizer', {}).get('path', '')
+  if 'data.tokenizer_model' not in explicit:
+    if not tok_path or not os.path.isfile(tok_path):
+      raise train.InputError(
+          f'the tokenizer of {from_workdir} ({tok_path or "path not recorded"}) is not on this '
+          'machine; pass the same SentencePiece file with --config.data.tokenizer_model=PATH.')
+    config.data.tokenizer_model = tok_path
+  return config
+
+
+def _heldout_metrics(run_setup, config, params, heldout, mesh):
+  """Held-out metrics and the logits at the predicted positions (NumPy)."""
+  batch = mesh_lib.global_batch(heldout, mesh)
+  sums = train.jit_eval_step(run_setup, config)(params, batch)
+
+  def logits_fn(params):
+    model = nnx.merge(run_setup.graphdef, params)
+    return model(batch['inputs'], batch['segment_ids'], batch['positions'],
+                 prediction_positions=batch.get('mlm_positions'))
+
+  return train.summarize(jax.device_get(sums)), np.asarray(jax.jit(logits_fn)(params))
+
+
+def _grown_state(state, plan, options, run_setup):
+  """Grown params, and the optimizer state reset or mapped, placed on the target shardings."""
+  src_params = jax.device_get(state['params'])
+  abstract = run_setup.abstract_state
+  params = jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract['params'],
+                        upscale.grow_params(src_params, plan))
+  fresh = jax.jit(run_setup.tx.init)(params)
+  opt_state = fresh
+  if options.optimizer_state == 'map':
+    try:
+      opt_state = upscale.grow_opt_state(jax.device_get(state['opt_state']), plan,
+                                         jax.device_get(fresh), src_params)
+    except upscale.GrowthError as e:
+      raise train.InputError(str(e)) from e
+  new_state = {'step': np.zeros((), np.int32), 'params': params, 'opt_state': opt_state}
+  return jax.tree.map(lambda a, x: jax.device_put(jnp.asarray(x, a.dtype), a.sharding),
+                      abstract, new_state)
+
+
+def grow_run(from_workdir: str, config, workdir: str, step: int | None = None,
+             explicit: frozenset = frozenset()) -> GrowthResult:
+  """Grows the checkpoint of `from_workdir` into step 0 of `workdir` for target `config`.
+
+  Args:
+    from_workdir: a workdir written by launch.pretrain (or launch.upscale).
+    config: the target ConfigDict (config.upscale holds the growth options).
+    workdir: the new run directory; must hold no checkpoint.
+    step: the source step (default: latest).
+    explicit: dotted config fields given on the command line (kept over the source's).
+
+  Returns:
+    A GrowthResult.
+
+  Raises:
+    train.InputError: bad input (paths, an invalid growth, another tokenizer); nothing has
+      been written.
+  """
+  _check_paths(from_workdir, workdir)
+  src_ckpt = checkpointing.Checkpointer(from_workdir, async_save=False)
+  try:
+    steps = src_ckpt.all_steps()
+    if not steps:
+      raise train.InputError(f'--from_workdir={from_workdir} has no complete checkpoint.')
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise train.InputError(f'--step={step} is not a checkpoint of {from_workdir}; '
+                             f'available: {", ".join(map(str, sorted(steps)))}.')
+    meta = src_ckpt.read_meta(step)
+    src_config = config_from_meta(meta['config'])
+    config = _target_config(config, src_config, meta, from_workdir, explicit)
+    try:
+      options = upscale.options_from_config(config)
+      models.validate(config)
+      plan = upscale.plan(src_config, config, options)
+      config = upscale.grown_config(config, plan)
+      mesh = mesh_lib.make_mesh(config.mesh)
+      train.validate(config, mesh)
+      source = text_datasets.load_text_source(config.data)
+      tokenizer = tokenizer_lib.load_or_train(config.data, config.model, source.train,
+                                              source.text_key, source.fingerprint)
+    except ValueError as e:
+      raise train.InputError(str(e)) from e
+    if tokenizer.sha256 != meta.get('tokenizer', {}).get('sha256', tokenizer.sha256):
+      raise train.InputError(
+          f'--config.data.tokenizer_model={config.data.tokenizer_model} is not the tokenizer '
+          f'{from_workdir} was trained with (sha256 differs); pass the file it recorded, '
+          f'{meta["tokenizer"].get("path") or "(none recorded)"}.')
+    heldout = pipeline.eval_batches(source.validation, tokenizer, config,
+                                    text_key=source.text_key)[0]
+    train_iter = iter(pipeline.make_dataset(source.train, tokenizer, config,
+                                            text_key=source.text_key, train=True))
+    src_setup = train.setup(src_config, mesh)
+    state = src_ckpt.restore(step, src_setup.abstract_state)
+  finally:
+    src_ckpt.close()
+  dst_setup = train.setup(config, mesh)
+  new_state = _grown_state(state, plan, options, dst_setup)
+
+  small, small_logits = _heldout_metrics(src_setup, src_config, state['params'], heldout, mesh)
+  grown, grown_logits = _heldout_metrics(dst_setup, config, new_state['params'], heldout, mesh)
+  weights = np.asarray(heldout.get('mlm_weights', heldout.get('weights')))
+  diff = float(np.max(np.abs(small_logits - grown_logits)[weights > 0]))
+
+  lineage = list(meta.get('lineage', [])) + [{
+      'grown_from': os.path.abspath(from_workdir), 'step': int(step),
+      'family': meta.get('family'), 'model_shape': meta.get('model_shape'),
+      'max_abs_logit_diff': diff, 'heldout_loss_small': small['loss'],
+      'heldout_loss_grown': grown['loss'], 'upscale': plan.report()}]
+  new_meta = train.checkpoint_meta(config, tokenizer, mesh, source.name, lineage)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  out = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                   async_save=False)
+  try:
+    out.save(0, new_state, train_iter, new_meta)
+  finally:
+    out.close()
+  return GrowthResult(max_abs_logit_diff=diff, small=small, grown=grown,
+                      report=plan.report(), step=int(step),
+                      checkpoint=os.path.join(out.directory, '0'),
+                      num_params=(src_setup.num_params, dst_setup.num_params), config=config)
+
+
+def load_preset(spec: str):
+  """Re-reads `path[:preset]`: the target config without command-line overrides."""
+  path, _, preset = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_grow_target_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
+
+
+def continue_flags(config, preset) -> list[str]:
+  """`--config.x=v` for every field where `config` differs from `preset` (upscale.* left out:
+  launch.pretrain does not read them), shell-quoted."""
+  want = traverse_util.flatten_dict(config.to_dict(), sep='.')
+  have = traverse_util.flatten_dict(preset.to_dict(), sep='.')
+  out = []
+  for key, value in want.items():
+    if key.startswith('upscale.') or have.get(key, object()) == value:
+      continue
+    if isinstance(value, (list, tuple)):
+      value = repr(_to_tuples(value))
+    out.append(shlex.quote(f'--config.{key}={value!r}' if isinstance(value, float)
+                           else f'--config.{key}={value}'))
+  return out
+
+
+def summary(result: GrowthResult, config_spec: str, workdir: str) -> str:
+  """The lines `launch.upscale` prints: shapes, scheme, notes, the held-out check, where the
+  checkpoint went and the exact `launch.pretrain` command that continues the grown run."""
+  r = result.report
+  shape = lambda s: (f"d {s['hidden_size']}, L {s['num_layers']}, " + (  # noqa: E731
+      f"e {s['expansion'] * s['hidden_size']}, s {s['shared_dim']}" if s['family'] == 'gau'
+      else f"h {s['num_heads']} x {s['head_dim']}, F {s['mlp_dim']}"))
+  src, dst = r['from'], r['to']
+  lines = [
+      f"grew {src['family']} ({shape(src)}; {result.num_params[0]:,} params) -> "
+      f"({shape(dst)}; {result.num_params[1]:,} params) from step {result.step}",
+      f"scheme: width {r['width_method']} (stream {r['stream_expansion']}, scale "
+      f"{r['stream_scale']:.4g}), symmetry breaking {r['options']['symmetry_breaking']}, "
+      f"depth {r['depth_method']} {r['new_layers'] or ''}, optimizer state "
+      f"{r['options']['optimizer_state']}; exact: {r['exactness']}"]
+  lines += [f'  note: {note}' for note in r['notes']]
+  if r['config_overrides']:
+    lines.append('config values set by growth: ' + ', '.join(
+        f'{k}={v!r}' for k, v in r['config_overrides'].items()))
+  small, grown = result.small, result.grown
+  lines.append(f"held-out batch: max |logit difference| {result.max_abs_logit_diff:.3g}; "
+               f"{result.config.objective.upper()} loss small {small['loss']:.6f} vs grown "
+               f"{grown['loss']:.6f}; accuracy {small['accuracy']:.4f} vs "
+               f"{grown['accuracy']:.4f}")
+  lines.append(f'wrote {result.checkpoint}')
+  try:
+    extra = continue_flags(result.config, load_preset(config_spec))
+  except Exception:  # pylint: disable=broad-except
+    extra = ['<the overrides in', os.path.join(workdir, 'config.json>')]
+  lines.append('continue training with:\n  python -m launch.pretrain '
+               + ' '.join([f'--config={config_spec}', f'--workdir={workdir}'] + extra))
+  return '\n'.join(lines)

@@ -1,0 +1,147 @@
+"""Helpers shared by the tests: tiny configs, synthetic packed batches, sharded losses and
+gradients, tree comparisons, and the launcher in a subprocess. Fixtures live in conftest.py."""
+
+import importlib
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from data_pipelines import pipeline
+from pretrain import mesh as mesh_lib
+from pretrain import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_tiny_config(corpus: pathlib.Path, cache_dir: pathlib.Path, *,
+                     preset: str = 'roformer:tiny', **overrides):
+  """A family preset (`file:preset` under launch/configs) shrunk for tests: d 32, 2 layers,
+  n 32, batch 8, vocab 512 (GAU: s 16; FLASH: chunk 8). Overrides use dotted keys."""
+  module, name = preset.split(':')
+  config = importlib.import_module(f'launch.configs.{module}').get_config(name)
+  config.data.text_files = str(corpus / '*.txt')
+  config.data.cache_dir = str(cache_dir)
+  config.data.validation_fraction = 0.1
+  config.data.seq_len, config.data.global_batch_size = 32, 8
+  config.data.num_threads = 1
+  m = config.model
+  m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.mlp_dim = 512, 32, 2, 2, 64
+  m.shared_dim, m.chunk_size = 16, 8 if m.chunk_size else 0
+  t = config.train
+  t.num_train_steps, t.log_every_steps, t.eval_every_steps = 6, 2, 3
+  t.eval_steps, t.checkpoint_every_steps = 2, 3
+  config.optim.warmup_steps = 2
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def assert_trees_close(actual, expected, rtol=1e-5):
+  """Per leaf of two pytrees: ||actual - expected|| <= rtol ||expected|| (+ 1e-12 so all-zero
+  leaves compare exactly), naming the first leaf that differs."""
+  expected_leaves = jax.tree.leaves(expected)
+  actual_leaves = jax.tree_util.tree_flatten_with_path(actual)[0]
+  assert len(actual_leaves) == len(expected_leaves)
+  for (path, a), e in zip(actual_leaves, expected_leaves):
+    a, e = np.ravel(np.asarray(a, np.float64)), np.ravel(np.asarray(e, np.float64))
+    err, norm = np.linalg.norm(a - e), np.linalg.norm(e)
+    assert err <= rtol * norm + 1e-12, (
+        f'{jax.tree_util.keystr(path)}: relative error {err / max(norm, 1e-30):.2e}')
+
+
+FAMILIES = ('roformer:tiny', 'roformer_v2:tiny', 'gau:tiny', 'gau:flash_tiny', 'deepnet:tiny')
+MESHES = ((2, 2, 2), (1, 4, 2), (8, 1, 1))
+
+
+def packed_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch like the pipeline's: rows of 1-3 packed documents, some padding, MLM and CLM
+  fields (mlm_positions [b, P] with some zero weights; targets = next token in the document)."""
+  rng = np.random.default_rng(seed)
+  b, n, vocab = config.data.global_batch_size, config.data.seq_len, config.model.vocab_size
+  inputs = rng.integers(5, vocab, (b, n)).astype(np.int32)
+  segment_ids = np.zeros((b, n), np.int32)
+  positions = np.zeros((b, n), np.int32)
+  for row in range(b):
+    cuts = np.sort(rng.choice(np.arange(3, n - 3), size=row % 3, replace=False))
+    end = n - (row % 4) * 2  # rows 1, 2, 3 (mod 4) end in padding
+    start = 0
+    for doc, stop in enumerate(list(cuts[cuts < end]) + [end]):
+      segment_ids[row, start:stop] = doc + 1
+      positions[row, start:stop] = np.arange(stop - start)
+      start = stop
+  inputs[segment_ids == 0] = 0
+  same_doc_next = np.zeros((b, n), bool)
+  same_doc_next[:, :-1] = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] > 0)
+  targets = np.zeros((b, n), np.int32)
+  targets[:, :-1] = inputs[:, 1:]
+  num_predictions = 5
+  mlm_positions = np.stack([rng.choice(n, num_predictions, replace=False) for _ in range(b)])
+  mlm_weights = (np.take_along_axis(segment_ids, mlm_positions, 1) > 0).astype(np.float32)
+  return {
+      'inputs': inputs, 'segment_ids': segment_ids, 'positions': positions,
+      'targets': targets, 'weights': same_doc_next.astype(np.float32),
+      'mlm_positions': mlm_positions.astype(np.int32),
+      'mlm_targets': rng.integers(5, vocab, (b, num_predictions)).astype(np.int32),
+      'mlm_weights': mlm_weights,
+  }
+
+
+def tiny_config(preset: str, objective: str):
+  """make_tiny_config's model and batch shapes without data (for synthetic batches)."""
+  config = make_tiny_config(pathlib.Path('/nonexistent'), pathlib.Path('/nonexistent'),
+                            preset=preset, objective=objective)
+  config.model.num_layers = 2
+  return config
+
+
+def loss_and_grads(config, batch, devices):
+  """(loss, gradient pytree) of the trainer's loss on a mesh over `devices`."""
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  s = train.setup(config, mesh)
+  params = train.init_state(config, s)['params']
+  fn = mesh_lib.jit(
+      jax.value_and_grad(lambda p, b: train.model_loss(p, s.graphdef, b, config.objective),
+                         has_aux=True),
+      mesh, config.mesh.logical_axis_rules,
+      in_shardings=(s.state_shardings['params'], mesh_lib.batch_sharding(mesh)))
+  (loss, _), grads = fn(params, mesh_lib.global_batch(batch, mesh))
+  return float(loss), jax.device_get(grads)
+
+
+def train_losses(config, data, devices, num_steps=4):
+  source, tok = data
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  s = train.setup(config, mesh)
+  state = train.init_state(config, s)
+  step_fn = train.jit_train_step(s, config)
+  it = iter(pipeline.make_dataset(source.train, tok, config))
+  losses = []
+  for _ in range(num_steps):
+    state, m = step_fn(state, mesh_lib.global_batch(next(it), mesh), jax.random.key(0))
+    losses.append(float(m['loss_sum'] / m['weight_sum']))
+  return np.array(losses), state
+
+
+def tiny_flags(corpus, cache_dir, **overrides) -> list[str]:
+  """Command-line overrides that shrink the tiny preset (see conftest.make_tiny_config)."""
+  values = {
+      'data.text_files': f'{corpus}/*.txt', 'data.cache_dir': str(cache_dir),
+      'data.validation_fraction': 0.1, 'data.seq_len': 32, 'data.global_batch_size': 8,
+      'model.vocab_size': 512, 'model.hidden_size': 32, 'model.num_layers': 2,
+      'model.num_heads': 2, 'model.mlp_dim': 64, 'train.num_train_steps': 4,
+      'train.log_every_steps': 2, 'train.eval_every_steps': 4, 'train.eval_steps': 2,
+      'train.checkpoint_every_steps': 2, 'optim.warmup_steps': 1,
+  }
+  values.update(overrides)
+  return [f'--config.{k}={v}' for k, v in values.items()]
+
+
+def run_pretrain(workdir, flags, devices=1, timeout=300):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu')
+  cmd = [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
+         f'--workdir={workdir}', *flags]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
