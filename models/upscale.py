@@ -98,15 +98,12 @@ class Options:
 
 
 def options_from_config(config) -> Options:
-  """Options from `config.upscale.*` (missing fields take the defaults above)."""
-  u = config.get('upscale', None) if hasattr(config, 'get') else None
-  u = u or {}
-  defaults = Options()
-  values = {f.name: u.get(f.name, getattr(defaults, f.name)) for f in dataclasses.fields(Options)}
-  values['noise_sigma'] = float(values['noise_sigma'])
-  values['seed'] = int(values['seed'])
-  values['depth_positions'] = str(values['depth_positions'])
-  return Options(**values)
+  """Options from the `config.upscale` section of the schema (launch/configs/base.py)."""
+  u = config.upscale
+  return Options(width_method=str(u.width_method), symmetry_breaking=str(u.symmetry_breaking),
+                 noise_sigma=float(u.noise_sigma), depth_method=str(u.depth_method),
+                 depth_positions=str(u.depth_positions),
+                 optimizer_state=str(u.optimizer_state), seed=int(u.seed))
 
 
 # ----------------------------------------------------------------------------- axis maps

@@ -460,8 +460,8 @@ def test_grown_config_and_options():
   assert v2.width_method == 'unit' and v2.config_overrides == {'model.norm_eps': 1e-7 / 4}
   assert v2.exactness == 'up to O(eps)' and v2.c_embed == 0.5
   config = base.get_base_config()
-  assert upscale.options_from_config(config) == upscale.Options()
-  config.upscale = dict(symmetry_breaking='zero_out', seed=3)
+  assert upscale.options_from_config(config) == upscale.Options()  # the defaults agree
+  config.upscale.symmetry_breaking, config.upscale.seed = 'zero_out', 3
   assert upscale.options_from_config(config) == upscale.Options(symmetry_breaking='zero_out',
                                                                 seed=3)
 
