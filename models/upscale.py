@@ -57,6 +57,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from flax import traverse_util
+
 from models import encoder
 
 WIDTH_METHODS = ('auto', 'su', 'unit')
@@ -616,44 +618,23 @@ def _grow_leaf(p: Plan, path: tuple[str, ...], x, mode: str, power: int = 1) -> 
 
 # ----------------------------------------------------------------------------- trees
 
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for key, value in tree.items():
-    path = prefix + (key,)
-    if isinstance(value, dict):
-      out.update(_flatten(value, path))
-    else:
-      out[path] = value
-  return out
-
-
-def _unflatten(flat: dict[tuple, Any]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
-
-
 def _stacked(params: dict) -> dict:
   layers = params.get('layers')
   if isinstance(layers, (list, tuple)) or (isinstance(layers, dict) and layers
                                            and all(isinstance(k, int) for k in layers)):
     seq = [layers[i] for i in sorted(layers)] if isinstance(layers, dict) else list(layers)
     out = dict(params)
-    out['layers'] = _unflatten({path: np.stack([np.asarray(_flatten(l)[path]) for l in seq])
-                                for path in _flatten(seq[0])})
+    out['layers'] = traverse_util.unflatten_dict({path: np.stack([np.asarray(traverse_util.flatten_dict(l)[path]) for l in seq])
+                                for path in traverse_util.flatten_dict(seq[0])})
     return out
   return params
 
 
 def _unstacked(params: dict) -> dict:
   out = dict(params)
-  flat = _flatten(params['layers'])
+  flat = traverse_util.flatten_dict(params['layers'])
   num = next(iter(flat.values())).shape[0]
-  out['layers'] = {i: _unflatten({path: v[i] for path, v in flat.items()}) for i in range(num)}
+  out['layers'] = {i: traverse_util.unflatten_dict({path: v[i] for path, v in flat.items()}) for i in range(num)}
   return out
 
 
@@ -712,7 +693,7 @@ def _insert_layers(p: Plan, flat: dict[tuple, np.ndarray], mode: str) -> dict:
 def _grow_tree(p: Plan, params: dict, mode: str, power: int = 1) -> dict:
   """Width then depth growth of a stacked-or-not pure dict of arrays; returns numpy leaves
   in the dst layout (scan_layers)."""
-  flat = _flatten(_stacked(params))
+  flat = traverse_util.flatten_dict(_stacked(params))
   dtypes = {path: np.asarray(v).dtype for path, v in flat.items()}
   out = {path: _grow_leaf(p, tuple(str(k) for k in path), v, mode, power)
          for path, v in flat.items()}
@@ -726,7 +707,7 @@ def _grow_tree(p: Plan, params: dict, mode: str, power: int = 1) -> dict:
         out[path] = y + p.options.noise_sigma * rms * rng.standard_normal(y.shape)
   out = _insert_layers(p, out, mode)
   out = {path: y.astype(dtypes[path]) for path, y in out.items()}
-  tree = _unflatten(out)
+  tree = traverse_util.unflatten_dict(out)
   return tree if p.dst.scan_layers else _unstacked(tree)
 
 
@@ -745,69 +726,3 @@ def grow_like_gradient(tree: dict, p: Plan, power: int = 1) -> dict:
   the gradient (producers 1/(copies c), consumers c); new units and inserted blocks get 0.
   power=2 maps second moments (squared factors)."""
   return _grow_tree(p, tree, 'grad', power)
-
-
-# ----------------------------------------------------------------------------- optimizer
-
-_SECOND_MOMENT_NAMES = ('nu', 'v', 'v_row', 'v_col', 'nu_hat', 'vhat', 'second_moment')
-
-
-def _path_names(path) -> tuple:
-  return tuple(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))) for k in path)
-
-
-def grow_opt_state(src_opt_state, p: Plan, fresh_opt_state, src_params: dict):
-  """Maps optimizer state for optimizer_state='map'.
-
-  Every sub-tree of the state with the parameters' structure and shapes (Adam/LAMB mu, nu;
-  SGD momentum trace; EMA buffers) is mapped with `grow_like_gradient` (power 2 for second
-  moments: fields named nu/v/...); a scalar step counter next to a mapped field is kept; every
-  other leaf takes the fresh state's value (e.g. the learning-rate schedule's counter: the
-  grown run starts its own schedule).
-
-  Raises:
-    GrowthError: the state holds non-scalar leaves that are not parameter-shaped (factored
-      AdaFactor statistics, ...): use optimizer_state='reset'.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-
-  param_paths = {path: np.shape(v) for path, v in _flatten(src_params).items()}
-  flat_src = {_path_names(path): leaf
-              for path, leaf in jax.tree_util.tree_flatten_with_path(src_opt_state)[0]}
-  fresh_leaves = jax.tree_util.tree_flatten_with_path(fresh_opt_state)[0]
-  # Group the source state's parameter-shaped leaves by the prefix before the parameter path.
-  groups: dict[tuple, dict] = {}
-  for path, leaf in flat_src.items():
-    for start in range(len(path)):
-      suffix = path[start:]
-      if suffix in param_paths and param_paths[suffix] == np.shape(leaf):
-        groups.setdefault(path[:start], {})[suffix] = np.asarray(leaf)
-        break
-    else:
-      if np.ndim(leaf) > 0:
-        raise GrowthError(
-            f'optimizer state leaf {"/".join(map(str, path))} (shape {np.shape(leaf)}) is not '
-            "shaped like a parameter and cannot be mapped; use upscale.optimizer_state='reset' "
-            '(or an unfactored optimizer such as adamw/lamb/sgdm).')
-  mapped: dict[tuple, np.ndarray] = {}
-  for prefix, flat in groups.items():
-    name = str(prefix[-1]) if prefix else ''
-    power = 2 if name in _SECOND_MOMENT_NAMES else 1
-    tree = grow_like_gradient(_unflatten(flat), p, power)
-    for suffix, value in _flatten(tree).items():
-      mapped[prefix + suffix] = value
-  kept_prefixes = {prefix[:-1] for prefix in groups if prefix}
-  leaves, used = [], 0
-  for path, fresh in fresh_leaves:
-    key = _path_names(path)
-    if key in mapped:
-      used += 1
-      leaves.append(np.asarray(mapped[key]).astype(np.asarray(fresh).dtype))
-    elif np.ndim(fresh) == 0 and key[:-1] in kept_prefixes and key in flat_src:
-      leaves.append(np.asarray(flat_src[key]))
-    else:
-      leaves.append(np.asarray(fresh))
-  if used != len(mapped):
-    raise GrowthError('the grown optimizer state does not line up with the fresh one (was it '
-                      "built by the same optimizer?); use upscale.optimizer_state='reset'.")
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh_opt_state), leaves)

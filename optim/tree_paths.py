@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 
 def key_name(key) -> str:
   """'kernel' for DictKey('kernel'), GetAttrKey('kernel') or a plain string; '3' for index 3."""
@@ -28,3 +30,39 @@ def is_stacked(names, stacked_key: str | None = 'layers') -> bool:
     return False
   nxt = names[names.index(stacked_key) + 1]
   return not nxt.lstrip('-').isdigit()
+
+
+# Optimizer-state fields holding second moments (Adam/LAMB nu, AdaFactor v / v_row / v_col):
+# they map with squared factors when the parameters they follow are rescaled.
+SECOND_MOMENT_NAMES = ('nu', 'v', 'v_row', 'v_col', 'nu_hat', 'vhat', 'second_moment')
+
+
+def parameter_suffix(state_path: tuple, shape: tuple, param_shapes: Mapping[tuple, tuple]
+                     ) -> int | None:
+  """Where a parameter's path starts inside an optimizer-state leaf's path, or None.
+
+  The one rule for "parameter-shaped optimizer leaves" (Adam moments, momentum, EG gains, an
+  unfactored AdaFactor v): the leaf's path ends with a parameter's path and it has that
+  parameter's shape, e.g. (0, 'mu', 'layers', 'mlp', 'wi', 'kernel') for the parameter
+  ('layers', 'mlp', 'wi', 'kernel'). Counters, factored statistics and scalars match nothing.
+  Used by the trainer's shardings and by growth's optimizer-state map.
+
+  Args:
+    state_path: the leaf's path keys; param_shapes: {parameter path keys: shape}, built with
+      the same key convention.
+    shape: the leaf's shape.
+
+  Returns:
+    start such that state_path[start:] is a parameter path of that shape, or None.
+  """
+  for start in range(len(state_path)):
+    want = param_shapes.get(tuple(state_path[start:]))
+    if want is not None and tuple(want) == tuple(shape):
+      return start
+  return None
+
+
+def is_second_moment(prefix: tuple) -> bool:
+  """Whether the state field holding a parameter-shaped tree (the path before the parameter's
+  path, e.g. (0, 'nu')) is a second moment."""
+  return bool(prefix) and str(key_name(prefix[-1])) in SECOND_MOMENT_NAMES

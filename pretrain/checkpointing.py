@@ -9,9 +9,13 @@ interrupted save never replaces a good checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from typing import Any
 
+from absl import logging
+from flax import traverse_util
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -106,3 +110,44 @@ def abstract_like(tree, shardings):
   """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) carrying `shardings`."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       tree, shardings)
+
+
+def _code_version() -> str:
+  try:
+    return subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True,
+                          text=True, timeout=5, cwd=os.path.dirname(__file__)).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+
+
+def checkpoint_meta(config, tokenizer, mesh, source_name: str, lineage=None) -> dict[str, Any]:
+  """The JSON metadata saved with every checkpoint (docs/design.md 5)."""
+  return {
+      'config': json.loads(config.to_json_best_effort()),
+      'model_shape': model_shape(config.model),
+      'family': config.model.family,
+      'objective': config.objective,
+      'tokenizer': {'sha256': tokenizer.sha256, 'vocab_size': tokenizer.vocab_size,
+                    'path': getattr(tokenizer, 'path', '')},
+      'data_source': source_name,
+      'mesh': dict(mesh.shape),
+      'code_version': _code_version(),
+      'lineage': lineage or [],
+  }
+
+
+def adopt_growth_values(config, meta):
+  """A workdir written by `launch.upscale` fixes a few values the grown weights need (LayerNorm
+  eps / k, the trained DeepNorm alpha, the source run's tokenizer): apply them, so that
+  `launch.pretrain` continues the grown model with the plain preset command."""
+  lineage = (meta or {}).get('lineage') or []
+  if not lineage:
+    return
+  overrides = dict(lineage[-1].get('upscale', {}).get('config_overrides', {}))
+  if not config.data.tokenizer_model and meta.get('tokenizer', {}).get('path'):
+    overrides['data.tokenizer_model'] = meta['tokenizer']['path']
+  changed = {key: value for key, value in overrides.items()
+             if traverse_util.flatten_dict(config.to_dict(), sep='.').get(key) != value}
+  for key, value in changed.items():
+    logging.info('grown checkpoint: using %s=%r (set by launch.upscale)', key, value)
+  config.update_from_flattened_dict(changed)

@@ -7,7 +7,7 @@ grown run as step 0 of a new workdir (docs/algorithms.md 4; the maps are `models
 The target config's data, vocabulary and tokenizer fields default to the source run's (the
 tokenizer must be the very file the source trained with); `config.upscale` holds the growth
 options. `launch.pretrain` on the new workdir resumes step 0 and adopts the values growth
-fixed (`train.adopt_growth_values`). Nothing is written before every check passes.
+fixed (`checkpointing.adopt_growth_values`). Nothing is written before every check passes.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from data_pipelines import text_datasets
 from data_pipelines import tokenizer as tokenizer_lib
 import models
 from models import upscale
+from optim import tree_paths
 from pretrain import checkpointing
 from pretrain import mesh as mesh_lib
 from pretrain import train
@@ -142,13 +143,77 @@ def _grown_state(state, plan, options, run_setup):
   opt_state = fresh
   if options.optimizer_state == 'map':
     try:
-      opt_state = upscale.grow_opt_state(jax.device_get(state['opt_state']), plan,
-                                         jax.device_get(fresh), src_params)
+      opt_state = grow_opt_state(jax.device_get(state['opt_state']), plan,
+                                 jax.device_get(fresh), src_params)
     except upscale.GrowthError as e:
       raise train.InputError(str(e)) from e
   new_state = {'step': np.zeros((), np.int32), 'params': params, 'opt_state': opt_state}
   return jax.tree.map(lambda a, x: jax.device_put(jnp.asarray(x, a.dtype), a.sharding),
                       abstract, new_state)
+
+
+def grow_opt_state(src_opt_state, plan: upscale.Plan, fresh_opt_state, src_params: dict):
+  """The source's optimizer state mapped onto the grown model (optimizer_state='map').
+
+  Every sub-tree of the state holding parameter-shaped leaves (`optim.tree_paths.
+  parameter_suffix`: Adam/LAMB mu and nu, SGD momentum, EMA buffers) is mapped the way
+  gradients map (`upscale.grow_like_gradient`; squared factors for second moments,
+  `tree_paths.is_second_moment`); a scalar counter next to a mapped field is kept; every other
+  leaf takes the fresh state's value (e.g. the schedule's counter: the grown run starts its
+  own schedule). docs/algorithms.md 4.7.
+
+  Args:
+    src_opt_state: the source's optimizer state (NumPy leaves); plan: the growth plan;
+    fresh_opt_state: `tx.init` of the grown parameters (NumPy leaves); src_params: the
+      source's parameters (pure dict).
+
+  Returns:
+    A state with the fresh state's structure.
+
+  Raises:
+    upscale.GrowthError: non-scalar leaves that are not parameter-shaped (factored AdaFactor
+      statistics), or a state that does not line up with the fresh one: use 'reset'.
+  """
+  key = lambda path: tuple(tree_paths.key_name(k) for k in path)  # noqa: E731
+  param_shapes = {tuple(map(str, path)): np.shape(v)
+                  for path, v in traverse_util.flatten_dict(src_params).items()}
+  flat_src = {key(path): leaf
+              for path, leaf in jax.tree_util.tree_flatten_with_path(src_opt_state)[0]}
+  groups: dict[tuple, dict] = {}  # state prefix -> {parameter path: leaf}
+  for path, leaf in flat_src.items():
+    start = tree_paths.parameter_suffix(path, np.shape(leaf), param_shapes)
+    if start is not None:
+      groups.setdefault(path[:start], {})[path[start:]] = np.asarray(leaf)
+    elif np.ndim(leaf) > 0:
+      raise upscale.GrowthError(
+          f'optimizer state leaf {"/".join(path)} (shape {np.shape(leaf)}) is not shaped like '
+          "a parameter and cannot be mapped; use upscale.optimizer_state='reset' (or an "
+          'unfactored optimizer such as adamw/lamb/sgdm).')
+  # Parameter paths back to the source's own keys (ints for a list of layers).
+  own_key = {tuple(map(str, path)): path for path in traverse_util.flatten_dict(src_params)}
+  mapped: dict[tuple, np.ndarray] = {}
+  for prefix, flat in groups.items():
+    power = 2 if tree_paths.is_second_moment(prefix) else 1
+    tree = upscale.grow_like_gradient(
+        traverse_util.unflatten_dict({own_key[p]: v for p, v in flat.items()}), plan, power)
+    for path, value in traverse_util.flatten_dict(tree).items():
+      mapped[prefix + tuple(map(str, path))] = value
+  kept_prefixes = {prefix[:-1] for prefix in groups if prefix}
+  leaves, used = [], 0
+  for path, fresh in jax.tree_util.tree_flatten_with_path(fresh_opt_state)[0]:
+    k = key(path)
+    if k in mapped:
+      used += 1
+      leaves.append(np.asarray(mapped[k]).astype(np.asarray(fresh).dtype))
+    elif np.ndim(fresh) == 0 and k[:-1] in kept_prefixes and k in flat_src:
+      leaves.append(np.asarray(flat_src[k]))
+    else:
+      leaves.append(np.asarray(fresh))
+  if used != len(mapped):
+    raise upscale.GrowthError(
+        'the grown optimizer state does not line up with the fresh one (was it built by the '
+        "same optimizer?); use upscale.optimizer_state='reset'.")
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh_opt_state), leaves)
 
 
 def grow_run(from_workdir: str, config, workdir: str, step: int | None = None,
@@ -220,7 +285,7 @@ def grow_run(from_workdir: str, config, workdir: str, step: int | None = None,
       'family': meta.get('family'), 'model_shape': meta.get('model_shape'),
       'max_abs_logit_diff': diff, 'heldout_loss_small': small['loss'],
       'heldout_loss_grown': grown['loss'], 'upscale': plan.report()}]
-  new_meta = train.checkpoint_meta(config, tokenizer, mesh, source.name, lineage)
+  new_meta = checkpointing.checkpoint_meta(config, tokenizer, mesh, source.name, lineage)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))

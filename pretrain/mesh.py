@@ -15,6 +15,8 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from optim import tree_paths
+
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
@@ -123,3 +125,35 @@ def jit(fn: Callable, mesh: Mesh, logical_axis_rules: Sequence[tuple[str, Any]],
   call = in_context(jitted)
   call.lower = in_context(jitted.lower)
   return call
+
+
+def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, mesh: Mesh):
+  """Shardings of the optimizer state: a parameter-shaped leaf (`optim.tree_paths.
+  parameter_suffix`: Adam moments, momentum, EG gains) takes its parameter's sharding;
+  everything else (counters, factored row/column statistics, scalars) is replicated."""
+  key = lambda path: tuple(tree_paths.path_names(path))  # noqa: E731
+  flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  shapes = {key(path): leaf.shape for path, leaf in flat_params}
+  by_path = dict(zip((key(path) for path, _ in flat_params), jax.tree.leaves(param_shardings)))
+
+  def pick(path, leaf):
+    path = key(path)
+    start = tree_paths.parameter_suffix(path, leaf.shape, shapes)
+    return replicated(mesh) if start is None else by_path[path[start:]]
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def check_divisible(abstract_params, param_shardings):
+  """Raises ValueError naming the first parameter whose shape the mesh does not divide."""
+  for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                    jax.tree.leaves(param_shardings)):
+    for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      parts = math.prod(sharding.mesh.shape[a] for a in axes)
+      if size % parts:
+        name = '/'.join(str(jax.tree_util.keystr((k,)).strip("[]'.")) for k in path)
+        raise ValueError(
+            f'parameter {name} has size {size} on dim {dim}, which mesh axes {axes} '
+            f'({parts} devices) do not divide; change --config.mesh.shape or map that '
+            f'logical axis to None in --config.mesh.logical_axis_rules.')

@@ -1,23 +1,19 @@
-"""The trainer: `train_and_evaluate(config, workdir)` and its pure step functions.
+"""The trainer: `train_and_evaluate(config, workdir)` = prepare -> train_loop -> finish.
 
-Reads top to bottom: losses and metrics, the pure `train_step` / `eval_step`, state
-initialisation and sharding, then `train_and_evaluate` (load data, build model and optimizer,
-restore checkpoint, train loop). Hot loops never call `nnx.jit`: the model is split once into
-(graphdef, params) and a pure step is `jax.jit`ted with donated state (docs/design.md 4).
-
-Resume order (first that applies): a checkpoint in `<workdir>/checkpoints` (the latest step),
-else a fresh initialisation from `config.seed`. `launch.upscale` writes a grown model as step 0
-of a new workdir, which this order then resumes.
+Reads top to bottom: losses and metrics, the pure `train_step` / `eval_step` and their
+sharded jit, state setup and initialisation, `validate`, `prepare` (every check, data,
+tokenizer, model, restore or init: the initialisation order is decided there), the periodic
+hooks (`evaluate`, `save`, `TrainLog`), and `train_loop`. Hot loops never call `nnx.jit`: the
+model is split once into (graphdef, params) and a pure step is `jax.jit`ted with donated
+state (docs/design.md 4).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
-import subprocess
 import threading
 import time
 from typing import Any, Callable
@@ -167,46 +163,6 @@ def _build_model(config):
   return models.build(config, rngs=nnx.Rngs(params=config.seed))
 
 
-def _path_key(path) -> tuple:
-  return tuple(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))) for k in path)
-
-
-def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, mesh):
-  """Shardings for the optimizer state: a leaf whose path ends with a parameter's path and
-  has its shape (Adam moments, momentum, gains) takes that parameter's sharding; everything
-  else (counters, factored row/column statistics, scalars) is replicated."""
-  by_path = {}
-  for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
-                                    jax.tree.leaves(param_shardings)):
-    by_path[_path_key(path)] = (leaf.shape, sharding)
-  replicated = mesh_lib.replicated(mesh)
-
-  def pick(path, leaf):
-    key = _path_key(path)
-    for start in range(len(key)):
-      hit = by_path.get(key[start:])
-      if hit is not None and hit[0] == leaf.shape:
-        return hit[1]
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
-
-
-def check_divisible(abstract_params, param_shardings):
-  """Raises ValueError naming the first parameter whose shape the mesh does not divide."""
-  for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
-                                    jax.tree.leaves(param_shardings)):
-    for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
-      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-      parts = math.prod(sharding.mesh.shape[a] for a in axes)
-      if size % parts:
-        name = '/'.join(str(k) for k in _path_key(path))
-        raise ValueError(
-            f'parameter {name} has size {size} on dim {dim}, which mesh axes {axes} '
-            f'({parts} devices) do not divide; change --config.mesh.shape or map that '
-            f'logical axis to None in --config.mesh.logical_axis_rules.')
-
-
 @dataclasses.dataclass
 class Setup:
   """Everything derived from the config before the loop: model structure, optimizer, shardings.
@@ -239,13 +195,13 @@ def setup(config, mesh) -> Setup:
     graphdef, abstract_param_state = nnx.split(abstract_model, nnx.Param)
     param_shardings = nnx.to_pure_dict(nnx.get_named_sharding(abstract_param_state, mesh))
   abstract_params = nnx.to_pure_dict(abstract_param_state)
-  check_divisible(abstract_params, param_shardings)
+  mesh_lib.check_divisible(abstract_params, param_shardings)
   abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
   shardings = {
       'step': mesh_lib.replicated(mesh),
       'params': param_shardings,
-      'opt_state': opt_state_shardings(abstract_opt_state, abstract_params, param_shardings,
-                                       mesh),
+      'opt_state': mesh_lib.opt_state_shardings(abstract_opt_state, abstract_params,
+                                                param_shardings, mesh),
   }
   abstract = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params,
               'opt_state': abstract_opt_state}
@@ -270,30 +226,6 @@ def init_state(config, run_setup: Setup) -> State:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _code_version() -> str:
-  try:
-    return subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True,
-                          text=True, timeout=5, cwd=os.path.dirname(__file__)).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return 'unknown'
-
-
-def checkpoint_meta(config, tokenizer, mesh, source_name: str, lineage=None) -> dict[str, Any]:
-  """The JSON metadata saved with every checkpoint (docs/design.md 5)."""
-  return {
-      'config': json.loads(config.to_json_best_effort()),
-      'model_shape': checkpointing.model_shape(config.model),
-      'family': config.model.family,
-      'objective': config.objective,
-      'tokenizer': {'sha256': tokenizer.sha256, 'vocab_size': tokenizer.vocab_size,
-                    'path': getattr(tokenizer, 'path', '')},
-      'data_source': source_name,
-      'mesh': dict(mesh.shape),
-      'code_version': _code_version(),
-      'lineage': lineage or [],
-  }
-
 
 class PreemptionWatcher:
   """Turns SIGTERM (how TPU VMs are preempted) into a flag read at step boundaries.
@@ -324,23 +256,6 @@ class PreemptionWatcher:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def adopt_growth_values(config, meta):
-  """A workdir written by `launch.upscale` fixes a few values the grown weights need (LayerNorm
-  eps / k, the trained DeepNorm alpha, the source run's tokenizer): apply them, so that
-  `launch.pretrain` continues the grown model with the plain preset command."""
-  lineage = (meta or {}).get('lineage') or []
-  if not lineage:
-    return
-  overrides = dict(lineage[-1].get('upscale', {}).get('config_overrides', {}))
-  if not config.data.tokenizer_model and meta.get('tokenizer', {}).get('path'):
-    overrides['data.tokenizer_model'] = meta['tokenizer']['path']
-  for key, value in overrides.items():
-    section, field = key.split('.')
-    if config[section][field] != value:
-      logging.info('grown checkpoint: using %s=%r (set by launch.upscale)', key, value)
-      config[section][field] = value
-
-
 def validate(config, mesh=None):
   """Checks the config before any work starts.
 
@@ -359,10 +274,238 @@ def validate(config, mesh=None):
     mesh_lib.check_global_batch(config.data.global_batch_size, mesh)
 
 
-# ----------------------------------------------------------------------------- main loop
+# ----------------------------------------------------------------------------- prepare
+
+@dataclasses.dataclass
+class Run:
+  """Everything `prepare` sets up before the first step.
+
+  Attributes:
+    config, workdir: the resolved config and the run directory.
+    run_setup: mesh, model structure, optimizer, shardings (`setup`).
+    ckpt: the workdir's checkpoints; meta: the JSON metadata saved with each of them.
+    train_iter, eval_set: the training iterator (checkpointed) and the evaluation batches.
+    state: the train state (restored or fresh); start_step: its step.
+    train_step, eval_step: the compiled steps; writer: metrics.jsonl + TensorBoard.
+  """
+  config: Any
+  workdir: str
+  run_setup: Setup
+  ckpt: checkpointing.Checkpointer
+  meta: dict[str, Any]
+  train_iter: Any
+  eval_set: list
+  state: State
+  start_step: int
+  train_step: Callable
+  eval_step: Callable
+  writer: metrics_lib.MetricWriter
+
+  def close(self):
+    self.ckpt.close()
+    self.writer.close()
+
+
+def _load_data(config, meta, workdir):
+  """(source, tokenizer, train iterator, eval batches) for this process; checks that the
+  tokenizer is the checkpoint's and the same on every process."""
+  source = text_datasets.load_text_source(config.data)
+  tokenizer = tokenizer_lib.load_or_train(config.data, config.model, source.train,
+                                          source.text_key, source.fingerprint)
+  if meta and meta.get('tokenizer', {}).get('sha256') not in (None, tokenizer.sha256):
+    raise checkpointing.CheckpointError(
+        f'--workdir={workdir} was trained with a different tokenizer '
+        f'({meta["tokenizer"].get("path")}); pass --config.data.tokenizer_model= that file, '
+        f'or use a new --workdir.')
+  pidx, pcount = jax.process_index(), jax.process_count()
+  if pcount > 1:
+    digests = multihost_utils.process_allgather(
+        np.frombuffer(bytes.fromhex(tokenizer.sha256), np.uint8))
+    if not np.all(digests == digests[0]):
+      raise ValueError(
+          'the processes trained different tokenizers; train one once and pass it to every '
+          'host with --config.data.tokenizer_model=PATH.')
+  train_iter = iter(pipeline.make_dataset(source.train, tokenizer, config,
+                                          text_key=source.text_key, train=True,
+                                          process_index=pidx, process_count=pcount))
+  eval_set = pipeline.eval_batches(source.validation, tokenizer, config,
+                                   text_key=source.text_key, process_index=pidx,
+                                   process_count=pcount)
+  return source, tokenizer, train_iter, eval_set
+
+
+def prepare(config, workdir: str) -> Run:
+  """Validates the config, loads data and tokenizer, builds model and optimizer, and restores
+  or initialises the state; every bad input is found here, before the first step.
+
+  Initialisation order (the one place it is decided): (1) the latest checkpoint in
+  `<workdir>/checkpoints`, restored onto this run's mesh; a run written by `launch.upscale`
+  is step 0 of its workdir, and the values growth fixed (eps / k, the trained DeepNorm alpha,
+  the tokenizer) are adopted from its metadata first; (2) else a fresh initialisation from
+  `config.seed`, directly into the shardings.
+
+  Raises:
+    InputError: bad input (config, data, tokenizer, checkpoint, mesh), as one paragraph.
+  """
+  ckpt = None
+  try:
+    mesh = mesh_lib.make_mesh(config.mesh)
+    validate(config, mesh)
+    if config.optim.weight_decay is None:  # print and record the value in force
+      config.optim.weight_decay = optim.weight_decay(config)
+    logging.info('resolved config:\n%s', config)
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    meta = ckpt.read_meta()
+    checkpointing.adopt_growth_values(config, meta)
+    checkpointing.check_compatible(meta, config.model, workdir)
+    source, tokenizer, train_iter, eval_set = _load_data(config, meta, workdir)
+    run_setup = setup(config, mesh)
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json_best_effort(indent=2))
+    logging.info('model %s: %s parameters; mesh %s; data %s (%d train / %d validation docs); '
+                 'tokenizer %d pieces', config.model.family, f'{run_setup.num_params:,}',
+                 dict(mesh.shape), source.name, len(source.train), len(source.validation),
+                 tokenizer.vocab_size)
+    start_step = ckpt.latest_step()
+    if start_step is not None:
+      logging.info('resuming from %s/%d', ckpt.directory, start_step)
+      state = ckpt.restore(start_step, run_setup.abstract_state, train_iter)
+    else:
+      state, start_step = init_state(config, run_setup), 0
+  except ValueError as e:  # includes DataError, TokenizerError, CheckpointError
+    if ckpt is not None:
+      ckpt.close()
+    raise InputError(str(e)) from e
+  lineage = (meta or {}).get('lineage', [])
+  return Run(config=config, workdir=workdir, run_setup=run_setup, ckpt=ckpt,
+             meta=checkpointing.checkpoint_meta(config, tokenizer, mesh, source.name, lineage),
+             train_iter=train_iter, eval_set=eval_set, state=state, start_step=start_step,
+             train_step=jit_train_step(run_setup, config),
+             eval_step=jit_eval_step(run_setup, config),
+             writer=metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0))
+
+
+# ----------------------------------------------------------------------------- hooks
+
+def evaluate(run: Run, step: int) -> dict[str, float]:
+  """Evaluates run.state on the evaluation batches; logs and writes the result."""
+  totals = None
+  for batch in run.eval_set:
+    sums = run.eval_step(run.state['params'], mesh_lib.global_batch(batch, run.run_setup.mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  result = summarize(jax.device_get(totals))
+  run.writer.write(step, 'eval', result)
+  logging.info('eval step %d | loss %.4f | acc %.4f | ppl %.2f (%d batches, %d tokens)', step,
+               result['loss'], result['accuracy'], result['perplexity'], len(run.eval_set),
+               int(totals['weight_sum']))
+  return result
+
+
+def save(run: Run, step: int):
+  """Starts an asynchronous checkpoint of run.state, the data iterator and the metadata."""
+  run.ckpt.save(step, run.state, run.train_iter, run.meta)
+
+
+class TrainLog:
+  """Step metrics between two log lines, throughput and MFU (device-to-host only at log
+  steps). `add` after every step; `write(run, step)` at a log step."""
+
+  def __init__(self, config):
+    self.num_steps = config.train.num_train_steps
+    self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
+    num_predictions = (objectives.max_predictions(config.data.seq_len, config.data.mask_rate)
+                       if config.objective == 'mlm' else config.data.seq_len)
+    self.flops_per_step = models.flops_per_token(config, num_predictions) * self.tokens_per_step
+    self.peak = metrics_lib.peak_flops(config.train.peak_flops_per_device)
+    self.schedule = optim.learning_rate_schedule(config)
+    self.accumulation = max(config.optim.accumulation_steps, 1)
+    self.pending, self.window_start, self.window_steps = [], time.time(), 0
+
+  def add(self, step_metrics, first: bool, state):
+    self.pending.append(step_metrics)
+    if first:  # the first step includes compilation: report it apart from throughput
+      jax.block_until_ready(state)
+      logging.info('first step (compilation included) took %.1f s',
+                   time.time() - self.window_start)
+      self.window_start, self.window_steps = time.time(), -1
+    self.window_steps += 1
+
+  def write(self, run: Run, step: int):
+    if not self.pending:
+      return
+    fetched = jax.device_get(self.pending)
+    elapsed = max(time.time() - self.window_start, 1e-9)
+    sums = {k: sum(m[k] for m in fetched) for k in ('loss_sum', 'correct_sum', 'weight_sum')}
+    scalars = summarize(sums)
+    del scalars['perplexity']
+    scalars['grad_norm'] = float(np.mean([m['grad_norm'] for m in fetched]))
+    # The rate of the last optimizer update (updates = micro-steps // accumulation).
+    scalars['learning_rate'] = float(self.schedule(max(step // self.accumulation - 1, 0)))
+    scalars['tokens_per_sec'] = self.window_steps * self.tokens_per_step / elapsed
+    scalars['steps_per_sec'] = self.window_steps / elapsed
+    if self.peak:
+      scalars['mfu'] = self.flops_per_step * scalars['steps_per_sec'] / self.peak
+    scalars.update({k: float(v) for k, v in fetched[-1].items()
+                    if k.startswith(('eg/', 'optim/'))})
+    run.writer.write(step, 'train', scalars)
+    eta = (self.num_steps - step) / max(scalars['steps_per_sec'], 1e-9)
+    logging.info('%s | ETA %s', metrics_lib.log_line(step, self.num_steps, scalars),
+                 metrics_lib.format_duration(eta))
+    self.pending, self.window_start, self.window_steps = [], time.time(), 0
+
+
+# ----------------------------------------------------------------------------- loop
+
+def train_loop(run: Run) -> tuple[dict[str, float], int]:
+  """Steps from run.start_step to the end (or train.stop_after_steps, or SIGTERM), with the
+  periodic hooks: log every log_every_steps, evaluate every eval_every_steps and at the last
+  step, checkpoint every checkpoint_every_steps, at the stop and on SIGTERM.
+
+  Returns:
+    (the last evaluation, the number of steps taken).
+  """
+  t = run.config.train
+  num_steps = t.num_train_steps
+  stop_at = min(num_steps, run.start_step + t.stop_after_steps) if t.stop_after_steps else (
+      num_steps)
+  log = TrainLog(run.config)
+  logging.info('training steps %d -> %d of %d (%s tokens/step, %.3g FLOPs/step)',
+               run.start_step, stop_at, num_steps, f'{log.tokens_per_step:,}',
+               log.flops_per_step)
+  if run.start_step >= num_steps:
+    logging.info('the checkpoint is already at step %d of %d: evaluating only (raise '
+                 '--config.train.num_train_steps to train further)', run.start_step, num_steps)
+  base_key = jax.random.key(run.config.seed)
+  watcher = PreemptionWatcher()
+  eval_result, step = None, run.start_step
+  try:
+    while step < stop_at:
+      batch = mesh_lib.global_batch(next(run.train_iter), run.run_setup.mesh)
+      run.state, step_metrics = run.train_step(run.state, batch, base_key)
+      log.add(step_metrics, first=step == run.start_step, state=run.state)
+      step += 1
+      if step % t.log_every_steps == 0 or step == stop_at:
+        log.write(run, step)
+      if step % t.eval_every_steps == 0 or step == num_steps:
+        eval_result = evaluate(run, step)
+      preempted = watcher.should_stop()
+      if step % t.checkpoint_every_steps == 0 or step == stop_at or preempted:
+        save(run, step)
+      if preempted:
+        logging.warning('stopped at step %d after SIGTERM; checkpoint saved', step)
+        break
+    if eval_result is None:
+      eval_result = evaluate(run, step)
+  finally:
+    watcher.restore()
+  return eval_result, step - run.start_step
+
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; evaluates periodically.
+  """Trains `config` in `workdir` (prepare -> train_loop -> finish), resuming from its
+  latest checkpoint; evaluates periodically.
 
   Args:
     config: the full ConfigDict (launch/configs/base.py).
@@ -372,168 +515,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     The final evaluation metrics {'loss', 'accuracy', 'perplexity'} (float).
 
   Raises:
-    ValueError (and subclasses DataError, TokenizerError, CheckpointError): bad input,
-      detected before training starts.
+    InputError: bad input, detected before training starts.
   """
-  train_cfg = config.train
-  is_main = jax.process_index() == 0
   metrics_lib.quiet_library_logs()
-
+  run = prepare(config, workdir)
+  start = time.time()
   try:
-    # Check the config and the mesh.
-    mesh = mesh_lib.make_mesh(config.mesh)
-    validate(config, mesh)
-    if config.optim.weight_decay is None:  # print and record the value in force
-      config.optim.weight_decay = optim.weight_decay(config)
-    logging.info('resolved config:\n%s', config)
-    ckpt = checkpointing.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
-    meta = ckpt.read_meta()
-    adopt_growth_values(config, meta)
-    checkpointing.check_compatible(meta, config.model, workdir)
-
-    # Load dataset and tokenizer.
-    source = text_datasets.load_text_source(config.data)
-    tokenizer = tokenizer_lib.load_or_train(config.data, config.model, source.train,
-                                            source.text_key, source.fingerprint)
-    if meta and meta.get('tokenizer', {}).get('sha256') not in (None, tokenizer.sha256):
-      raise checkpointing.CheckpointError(
-          f'--workdir={workdir} was trained with a different tokenizer '
-          f'({meta["tokenizer"].get("path")}); pass --config.data.tokenizer_model= that file, '
-          f'or use a new --workdir.')
-    pidx, pcount = jax.process_index(), jax.process_count()
-    if pcount > 1:
-      digests = multihost_utils.process_allgather(
-          np.frombuffer(bytes.fromhex(tokenizer.sha256), np.uint8))
-      if not np.all(digests == digests[0]):
-        raise ValueError(
-            'the processes trained different tokenizers; train one once and pass it to every '
-            'host with --config.data.tokenizer_model=PATH.')
-    train_ds = pipeline.make_dataset(source.train, tokenizer, config, text_key=source.text_key,
-                                     train=True, process_index=pidx, process_count=pcount)
-    train_iter = iter(train_ds)
-    eval_set = pipeline.eval_batches(source.validation, tokenizer, config,
-                                     text_key=source.text_key, process_index=pidx,
-                                     process_count=pcount)
-
-    # Build model and optimizer.
-    run_setup = setup(config, mesh)
-    if is_main:
-      os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        f.write(config.to_json_best_effort(indent=2))
-    logging.info('model %s: %s parameters; mesh %s; data %s (%d train / %d validation docs); '
-                 'tokenizer %d pieces', config.model.family, f'{run_setup.num_params:,}',
-                 dict(mesh.shape), source.name, len(source.train), len(source.validation),
-                 tokenizer.vocab_size)
-
-    # Restore checkpoint (or initialise).
-    start_step = ckpt.latest_step()
-    lineage = (meta or {}).get('lineage', [])
-    if start_step is not None:
-      logging.info('resuming from %s/%d', ckpt.directory, start_step)
-      state = ckpt.restore(start_step, run_setup.abstract_state, train_iter)
-    else:
-      state = init_state(config, run_setup)
-      start_step = 0
-  except ValueError as e:  # includes DataError, TokenizerError, CheckpointError
-    raise InputError(str(e)) from e
-  meta = checkpoint_meta(config, tokenizer, mesh, source.name, lineage)
-
-  train_step = jit_train_step(run_setup, config)
-  eval_step = jit_eval_step(run_setup, config)
-  base_key = jax.random.key(config.seed)
-  schedule = optim.learning_rate_schedule(config)
-  accumulation = max(config.optim.accumulation_steps, 1)
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-
-  num_steps = train_cfg.num_train_steps
-  tokens_per_step = config.data.global_batch_size * config.data.seq_len
-  num_predictions = (objectives.max_predictions(config.data.seq_len, config.data.mask_rate)
-                     if config.objective == 'mlm' else config.data.seq_len)
-  flops_per_step = models.flops_per_token(config, num_predictions) * tokens_per_step
-  peak = metrics_lib.peak_flops(train_cfg.peak_flops_per_device)
-
-  def evaluate(step: int) -> dict[str, float]:
-    totals = None
-    for batch in eval_set:
-      sums = eval_step(state['params'], mesh_lib.global_batch(batch, mesh))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    result = summarize(jax.device_get(totals))
-    writer.write(step, 'eval', result)
-    logging.info('eval step %d | loss %.4f | acc %.4f | ppl %.2f (%d batches, %d tokens)', step,
-                 result['loss'], result['accuracy'], result['perplexity'], len(eval_set),
-                 int(totals['weight_sum']))
-    return result
-
-  def save(step: int):
-    ckpt.save(step, state, train_iter, meta)
-
-  # Train loop.
-  watcher = PreemptionWatcher()
-  stop_at = num_steps
-  if train_cfg.stop_after_steps:
-    stop_at = min(num_steps, start_step + train_cfg.stop_after_steps)
-  logging.info('training steps %d -> %d of %d (%s tokens/step, %.3g FLOPs/step)', start_step,
-               stop_at, num_steps, f'{tokens_per_step:,}', flops_per_step)
-  if start_step >= num_steps:
-    logging.info('the checkpoint is already at step %d of %d: evaluating only (raise '
-                 '--config.train.num_train_steps to train further)', start_step, num_steps)
-  pending, window_start, run_start = [], time.time(), time.time()
-  window_steps, steps_done = 0, 0
-  eval_result = None
-  step = start_step
-  try:
-    while step < stop_at:
-      batch = mesh_lib.global_batch(next(train_iter), mesh)
-      state, step_metrics = train_step(state, batch, base_key)
-      pending.append(step_metrics)
-      step += 1
-      if steps_done == 0:
-        # The first step includes compilation: report it apart from throughput.
-        jax.block_until_ready(state)
-        logging.info('first step (compilation included) took %.1f s',
-                     time.time() - window_start)
-        window_start, window_steps = time.time(), -1
-      window_steps += 1
-      steps_done += 1
-      if (step % train_cfg.log_every_steps == 0 or step == stop_at) and pending:
-        fetched = jax.device_get(pending)
-        elapsed = time.time() - window_start
-        sums = {k: sum(m[k] for m in fetched) for k in ('loss_sum', 'correct_sum', 'weight_sum')}
-        scalars = summarize(sums)
-        del scalars['perplexity']
-        scalars['grad_norm'] = float(np.mean([m['grad_norm'] for m in fetched]))
-        # The rate of the last optimizer update (updates = micro-steps // accumulation).
-        scalars['learning_rate'] = float(schedule(max(step // accumulation - 1, 0)))
-        tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
-        scalars['tokens_per_sec'] = tps
-        scalars['steps_per_sec'] = window_steps / max(elapsed, 1e-9)
-        if peak:
-          scalars['mfu'] = flops_per_step * scalars['steps_per_sec'] / peak
-        for k in fetched[-1]:
-          if k.startswith(('eg/', 'optim/')):
-            scalars[k] = float(fetched[-1][k])
-        writer.write(step, 'train', scalars)
-        eta = (num_steps - step) / max(scalars['steps_per_sec'], 1e-9)
-        logging.info('%s | ETA %s', metrics_lib.log_line(step, num_steps, scalars),
-                     metrics_lib.format_duration(eta))
-        pending, window_start, window_steps = [], time.time(), 0
-      if step % train_cfg.eval_every_steps == 0 or step == num_steps:
-        eval_result = evaluate(step)
-      preempted = watcher.should_stop()
-      if step % train_cfg.checkpoint_every_steps == 0 or step == stop_at or preempted:
-        save(step)
-      if preempted:
-        logging.warning('stopped at step %d after SIGTERM; checkpoint saved', step)
-        break
-    if eval_result is None:
-      eval_result = evaluate(step)
+    eval_result, steps_done = train_loop(run)
   finally:
-    watcher.restore()
-    ckpt.close()
-    writer.close()
-  total = time.time() - run_start
+    run.close()
+  total = time.time() - start
+  tokens_per_step = config.data.global_batch_size * config.data.seq_len
   logging.info('done: %d steps in %s (%.0f tokens/s overall); checkpoints in %s', steps_done,
                metrics_lib.format_duration(total),
-               steps_done * tokens_per_step / max(total, 1e-9), ckpt.directory)
+               steps_done * tokens_per_step / max(total, 1e-9), run.ckpt.directory)
   return eval_result

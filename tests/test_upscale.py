@@ -28,6 +28,7 @@ from launch.configs import gau as gau_configs
 from launch.configs import roformer as roformer_configs
 from launch.configs import roformer_v2 as roformer_v2_configs
 from models import upscale
+from pretrain import grow as grow_lib
 
 V, N = 40, 12
 FAMILIES = ('roformer', 'roformer_v2', 'deepnet', 'gau', 'flash')
@@ -398,7 +399,7 @@ def test_optimizer_state_map():
   p = upscale.plan(src, dst, upscale.Options(optimizer_state='map'))
   grown = upscale.grow_params(params, p)
   fresh = tx_dst.init(grown)
-  mapped = upscale.grow_opt_state(state, p, fresh, params)
+  mapped = grow_lib.grow_opt_state(state, p, fresh, params)
   assert jax.tree.structure(mapped) == jax.tree.structure(fresh)
   for a, b in zip(jax.tree.leaves(mapped), jax.tree.leaves(fresh)):
     assert np.shape(a) == np.shape(b)
@@ -420,7 +421,7 @@ def test_optimizer_state_map():
   assert np.all(wi_dst[2] == 0)  # the inserted block starts with zero moments
   bad = {'weird': np.zeros((3, 5))}
   with pytest.raises(upscale.GrowthError, match="optimizer_state='reset'"):
-    upscale.grow_opt_state(bad, p, bad, params)
+    grow_lib.grow_opt_state(bad, p, bad, params)
 
 
 # ----------------------------------------------------------------------------- refusals
