@@ -1,5 +1,5 @@
 """Growing a trained run into a larger model: load the source run, plan, apply, write the
-grown run as step 0 of a new workdir (docs/algorithms.md 4; the maps are `models.upscale`).
+grown run as step 0 of a new workdir (docs/algorithms.md 4; the maps are `models.growth`).
 
   result = grow.grow_run(from_workdir, target_config, workdir)   # a GrowthResult
   print(grow.summary(result, config_spec, workdir))
@@ -30,7 +30,7 @@ from data_pipelines import pipeline
 from data_pipelines import text_datasets
 from data_pipelines import tokenizer as tokenizer_lib
 import models
-from models import upscale
+from models import growth
 from optim import tree_paths
 from pretrain import checkpointing
 from pretrain import mesh as mesh_lib
@@ -51,7 +51,7 @@ class GrowthResult:
   Attributes:
     max_abs_logit_diff: max |logits(grown) - logits(source)| on a held-out batch (float).
     small, grown: held-out {'loss', 'accuracy', 'perplexity'} of the two models.
-    report: the growth plan's report (`models.upscale.Plan.report()`).
+    report: the growth plan's report (`models.growth.Plan.report()`).
     step: the source checkpoint step; checkpoint: the written step-0 directory.
     num_params: (source, grown) parameter counts; config: the grown run's config.
   """
@@ -138,26 +138,26 @@ def _grown_state(state, plan, options, run_setup):
   src_params = jax.device_get(state['params'])
   abstract = run_setup.abstract_state
   params = jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract['params'],
-                        upscale.grow_params(src_params, plan))
+                        growth.grow_params(src_params, plan))
   fresh = jax.jit(run_setup.tx.init)(params)
   opt_state = fresh
   if options.optimizer_state == 'map':
     try:
       opt_state = grow_opt_state(jax.device_get(state['opt_state']), plan,
                                  jax.device_get(fresh), src_params)
-    except upscale.GrowthError as e:
+    except growth.GrowthError as e:
       raise train.InputError(str(e)) from e
   new_state = {'step': np.zeros((), np.int32), 'params': params, 'opt_state': opt_state}
   return jax.tree.map(lambda a, x: jax.device_put(jnp.asarray(x, a.dtype), a.sharding),
                       abstract, new_state)
 
 
-def grow_opt_state(src_opt_state, plan: upscale.Plan, fresh_opt_state, src_params: dict):
+def grow_opt_state(src_opt_state, plan: growth.Plan, fresh_opt_state, src_params: dict):
   """The source's optimizer state mapped onto the grown model (optimizer_state='map').
 
   Every sub-tree of the state holding parameter-shaped leaves (`optim.tree_paths.
   parameter_suffix`: Adam/LAMB mu and nu, SGD momentum, EMA buffers) is mapped the way
-  gradients map (`upscale.grow_like_gradient`; squared factors for second moments,
+  gradients map (`growth.grow_like_gradient`; squared factors for second moments,
   `tree_paths.is_second_moment`); a scalar counter next to a mapped field is kept; every other
   leaf takes the fresh state's value (e.g. the schedule's counter: the grown run starts its
   own schedule). docs/algorithms.md 4.7.
@@ -171,7 +171,7 @@ def grow_opt_state(src_opt_state, plan: upscale.Plan, fresh_opt_state, src_param
     A state with the fresh state's structure.
 
   Raises:
-    upscale.GrowthError: non-scalar leaves that are not parameter-shaped (factored AdaFactor
+    growth.GrowthError: non-scalar leaves that are not parameter-shaped (factored AdaFactor
       statistics), or a state that does not line up with the fresh one: use 'reset'.
   """
   key = lambda path: tuple(tree_paths.key_name(k) for k in path)  # noqa: E731
@@ -185,16 +185,16 @@ def grow_opt_state(src_opt_state, plan: upscale.Plan, fresh_opt_state, src_param
     if start is not None:
       groups.setdefault(path[:start], {})[path[start:]] = np.asarray(leaf)
     elif np.ndim(leaf) > 0:
-      raise upscale.GrowthError(
+      raise growth.GrowthError(
           f'optimizer state leaf {"/".join(path)} (shape {np.shape(leaf)}) is not shaped like '
-          "a parameter and cannot be mapped; use upscale.optimizer_state='reset' (or an "
+          "a parameter and cannot be mapped; use growth.optimizer_state='reset' (or an "
           'unfactored optimizer such as adamw/lamb/sgdm).')
   # Parameter paths back to the source's own keys (ints for a list of layers).
   own_key = {tuple(map(str, path)): path for path in traverse_util.flatten_dict(src_params)}
   mapped: dict[tuple, np.ndarray] = {}
   for prefix, flat in groups.items():
     power = 2 if tree_paths.is_second_moment(prefix) else 1
-    tree = upscale.grow_like_gradient(
+    tree = growth.grow_like_gradient(
         traverse_util.unflatten_dict({own_key[p]: v for p, v in flat.items()}), plan, power)
     for path, value in traverse_util.flatten_dict(tree).items():
       mapped[prefix + tuple(map(str, path))] = value
@@ -210,9 +210,9 @@ def grow_opt_state(src_opt_state, plan: upscale.Plan, fresh_opt_state, src_param
     else:
       leaves.append(np.asarray(fresh))
   if used != len(mapped):
-    raise upscale.GrowthError(
+    raise growth.GrowthError(
         'the grown optimizer state does not line up with the fresh one (was it built by the '
-        "same optimizer?); use upscale.optimizer_state='reset'.")
+        "same optimizer?); use growth.optimizer_state='reset'.")
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh_opt_state), leaves)
 
 
@@ -248,10 +248,10 @@ def grow_run(from_workdir: str, config, workdir: str, step: int | None = None,
     src_config = config_from_meta(meta['config'])
     config = _target_config(config, src_config, meta, from_workdir, explicit)
     try:
-      options = upscale.options_from_config(config)
+      options = growth.options_from_config(config)
       models.validate(config)
-      plan = upscale.plan(src_config, config, options)
-      config = upscale.grown_config(config, plan)
+      plan = growth.plan(src_config, config, options)
+      config = growth.grown_config(config, plan)
       mesh = mesh_lib.make_mesh(config.mesh)
       train.validate(config, mesh)
       source = text_datasets.load_text_source(config.data)

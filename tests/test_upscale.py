@@ -1,4 +1,4 @@
-"""Lossless growth (models/upscale.py; docs/algorithms.md 4.8 UP-1..UP-6) for every model family.
+"""Lossless growth (models/growth.py; docs/algorithms.md 4.8 UP-1..UP-6) for every model family.
 
 Float64 runs the real model code with its hard-coded float32 casts redirected to float64
 (`float64_models`; models/ has no float64 option yet): "exact" = max |logit error| <= 1e-10
@@ -27,7 +27,7 @@ from launch.configs import deepnet as deepnet_configs
 from launch.configs import gau as gau_configs
 from launch.configs import roformer as roformer_configs
 from launch.configs import roformer_v2 as roformer_v2_configs
-from models import upscale
+from models import growth
 from pretrain import grow as grow_lib
 
 V, N = 40, 12
@@ -50,7 +50,7 @@ def float64_models():
   for info in pkgutil.iter_modules(models.__path__):  # lazily imported blocks too
     importlib.import_module(f'models.{info.name}')
   modules = [m for name, m in sorted(sys.modules.items())
-             if name.startswith('models.') and name != 'models.upscale' and hasattr(m, 'jnp')]
+             if name.startswith('models.') and not name.startswith('models.growth') and hasattr(m, 'jnp')]
   saved = [m.jnp for m in modules]
   with jax.enable_x64(True):
     try:
@@ -89,11 +89,11 @@ def grow_case(family: str, case: str):
   if case == 'k2':  # width x2 (heads / e / s and F too) + one block
     shape = (dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=3) if transformer
              else dict(hidden_size=32, shared_dim=16, num_layers=3))
-    return shape, upscale.Options()
+    return shape, growth.Options()
   if case == 'k3':  # width x3, head_dim x2, two blocks (one in front), zero_out
     shape = (dict(hidden_size=48, num_heads=6, head_dim=16, mlp_dim=96, num_layers=4)
              if transformer else dict(hidden_size=48, num_layers=4))
-    return shape, upscale.Options(symmetry_breaking='zero_out', depth_positions='0,3')
+    return shape, growth.Options(symmetry_breaking='zero_out', depth_positions='0,3')
   raise ValueError(case)
 
 
@@ -154,8 +154,8 @@ def logits(config, params, inputs=None):
 
 
 def grow(src, dst, options, params):
-  p = upscale.plan(src, dst, options)
-  return upscale.grow_params(params, p), upscale.grown_config(dst, p), p
+  p = growth.plan(src, dst, options)
+  return growth.grow_params(params, p), growth.grown_config(dst, p), p
 
 
 def max_error(src, dst, options, seed=0, params=None, edit=None):
@@ -201,11 +201,11 @@ def test_up1_exact_float64(family, case):
 
 
 @pytest.mark.parametrize('name,shape,options', [
-    ('heads', dict(num_heads=4, head_dim=8), upscale.Options()),
-    ('mlp', dict(mlp_dim=96), upscale.Options(symmetry_breaking='zero_out')),
-    ('depth', dict(num_layers=4), upscale.Options(depth_positions='interleave')),
+    ('heads', dict(num_heads=4, head_dim=8), growth.Options()),
+    ('mlp', dict(mlp_dim=96), growth.Options(symmetry_breaking='zero_out')),
+    ('depth', dict(num_layers=4), growth.Options(depth_positions='interleave')),
     ('width_unit', dict(hidden_size=48, num_heads=6, mlp_dim=96),
-     upscale.Options(width_method='unit')),
+     growth.Options(width_method='unit')),
 ])
 def test_up1_single_axis_v1_float64(name, shape, options):
   with float64_models():
@@ -243,9 +243,9 @@ def test_up2_negative_controls_float64():
   k2 = dict(hidden_size=32, num_heads=4, mlp_dim=64)
   with float64_models():
     src, dst = family_config('roformer'), family_config('roformer', **k2)
-    exact, scale, _ = max_error(src, dst, upscale.Options())
+    exact, scale, _ = max_error(src, dst, growth.Options())
     # Su's post: b2 -> b2/2 instead of b2/sqrt(2) for GELU FFNs (k = 2): O(1) logit error.
-    su_b2, _, _ = max_error(src, dst, upscale.Options(),
+    su_b2, _, _ = max_error(src, dst, growth.Options(),
                             edit=_scaled_leaf(('layers', 'mlp', 'wo', 'bias'),
                                               math.sqrt(2) / 2))
     # Head size by PairRep with the standard RoPE table (Su's eq.): O(1) score error.
@@ -255,23 +255,23 @@ def test_up2_negative_controls_float64():
       q = dataclasses.replace(p.maps['dh_q'], kind='pair_rep', scale=2 ** -0.25)
       k = dataclasses.replace(p.maps['dh_k'], kind='pair_rep', scale=2 ** -0.25)
       p2 = dataclasses.replace(p, maps=dict(p.maps, dh_q=q, dh_k=k))
-      return upscale.grow_params(random_params(src), p2), config
+      return growth.grow_params(random_params(src), p2), config
 
-    zero_slot, _, _ = max_error(src, family_config('roformer', **pair), upscale.Options())
-    pair_err, _, _ = max_error(src, family_config('roformer', **pair), upscale.Options(),
+    zero_slot, _, _ = max_error(src, family_config('roformer', **pair), growth.Options())
+    pair_err, _, _ = max_error(src, family_config('roformer', **pair), growth.Options(),
                                edit=pair_rep)
     # Unscaled eps: an affine-LN model without a head transform ('su' is then exact with
     # eps/k everywhere); leaving eps as it was costs O(eps / var).
     ln = dict(use_bias=True, norm_type='layernorm', norm_eps=1e-5)
     src_ln = family_config('roformer_v2', **ln)
     dst_ln = family_config('roformer_v2', **ln, **k2)
-    scaled_eps, _, p_ln = max_error(src_ln, dst_ln, upscale.Options())
+    scaled_eps, _, p_ln = max_error(src_ln, dst_ln, growth.Options())
 
     def keep_eps(grown, config, p):
       config.model.norm_eps = 1e-5
       return grown, config
 
-    unscaled_eps, _, _ = max_error(src_ln, dst_ln, upscale.Options(), edit=keep_eps)
+    unscaled_eps, _, _ = max_error(src_ln, dst_ln, growth.Options(), edit=keep_eps)
   assert exact <= 1e-10 and zero_slot <= 1e-10 and scaled_eps <= 1e-10
   assert p_ln.config_overrides == {'model.norm_eps': 5e-6}
   assert su_b2 > 1e-2 * scale, su_b2
@@ -286,27 +286,27 @@ def test_up4_depth():
   the trained alpha; not for affine post-LN (v1) unless the norm is transferred."""
   with float64_models():
     v1, v1_deep = family_config('roformer'), family_config('roformer', num_layers=3)
-    transfer, _, p = max_error(v1, v1_deep, upscale.Options())
+    transfer, _, p = max_error(v1, v1_deep, growth.Options())
     assert p.depth_method == 'norm_transfer'
 
     def naive(grown, config, p):  # zero branches, fresh identity norms, nothing moved
       p2 = dataclasses.replace(p, depth_method='zero_branch')
-      return upscale.grow_params(random_params(v1), p2), config
+      return growth.grow_params(random_params(v1), p2), config
 
-    naive_err, _, _ = max_error(v1, v1_deep, upscale.Options(), edit=naive)
+    naive_err, _, _ = max_error(v1, v1_deep, growth.Options(), edit=naive)
     v2_err, _, _ = max_error(family_config('roformer_v2'),
-                             family_config('roformer_v2', num_layers=4), upscale.Options())
+                             family_config('roformer_v2', num_layers=4), growth.Options())
     v2_eps, _, _ = max_error(family_config('roformer_v2', norm_eps=1e-7),
                              family_config('roformer_v2', num_layers=4, norm_eps=1e-7),
-                             upscale.Options())
+                             growth.Options())
     dn, dn_deep = family_config('deepnet'), family_config('deepnet', num_layers=4)
-    dn_err, _, p_dn = max_error(dn, dn_deep, upscale.Options())
+    dn_err, _, p_dn = max_error(dn, dn_deep, growth.Options())
 
     def formula_alpha(grown, config, p):
       config.model.deepnorm_alpha = 0.0  # (2N)^(1/4) of the new depth
       return grown, config
 
-    dn_formula, _, _ = max_error(dn, dn_deep, upscale.Options(), edit=formula_alpha)
+    dn_formula, _, _ = max_error(dn, dn_deep, growth.Options(), edit=formula_alpha)
   assert transfer <= 1e-10 and v2_err <= 1e-10 and dn_err <= 1e-10
   assert naive_err > 1e-2, naive_err
   assert v2_eps < 1e-5  # O(eps) with eps = 1e-7
@@ -344,22 +344,22 @@ def test_up3_up6_gradients_and_symmetry():
   with float64_models():
     src, dst = family_config('roformer'), family_config('roformer', **shape)
     params = random_params(src)
-    p = upscale.plan(src, dst, upscale.Options())
+    p = growth.plan(src, dst, growth.Options())
     grads = jax.jit(jax.grad(_loss_fn(src, inputs, targets)))(jax.tree.map(jnp.asarray, params))
-    grown_config = upscale.grown_config(dst, p)
+    grown_config = growth.grown_config(dst, p)
     loss = jax.jit(jax.value_and_grad(_loss_fn(grown_config, inputs, targets)))
-    grown = upscale.grow_params(params, p)
+    grown = growth.grow_params(params, p)
     grown_grads = loss(jax.tree.map(jnp.asarray, grown))[1]
-    mapped = upscale.grow_like_gradient(jax.tree.map(np.asarray, grads), p)
+    mapped = growth.grow_like_gradient(jax.tree.map(np.asarray, grads), p)
     for (path, g), m in zip(jax.tree_util.tree_flatten_with_path(grown_grads)[0],
                             jax.tree.leaves(mapped)):
       np.testing.assert_allclose(g, m, atol=1e-12, rtol=1e-9, err_msg=jax.tree_util.keystr(path))
 
     gaps = {}
     for sym in ('none', 'noise', 'zero_out'):
-      options = upscale.Options(symmetry_breaking=sym, noise_sigma=1e-2)
-      q = upscale.plan(src, dst, options)
-      start = jax.tree.map(jnp.asarray, upscale.grow_params(params, q))
+      options = growth.Options(symmetry_breaking=sym, noise_sigma=1e-2)
+      q = growth.plan(src, dst, options)
+      start = jax.tree.map(jnp.asarray, growth.grow_params(params, q))
       # Old FFN units only (zero_out appends new ones after the first F columns).
       wi = lambda tree: np.asarray(tree['layers']['mlp']['wi']['kernel'])[..., :32]
       gaps[sym, 'start'] = _copy_gap(wi(start))
@@ -396,8 +396,8 @@ def test_optimizer_state_map():
     return x * x if 'nu' in names else x
 
   state = jax.tree_util.tree_map_with_path(fill, tx_src.init(params))
-  p = upscale.plan(src, dst, upscale.Options(optimizer_state='map'))
-  grown = upscale.grow_params(params, p)
+  p = growth.plan(src, dst, growth.Options(optimizer_state='map'))
+  grown = growth.grow_params(params, p)
   fresh = tx_dst.init(grown)
   mapped = grow_lib.grow_opt_state(state, p, fresh, params)
   assert jax.tree.structure(mapped) == jax.tree.structure(fresh)
@@ -409,8 +409,8 @@ def test_optimizer_state_map():
   # schedule) restart with the grown run.
   scalars = sorted(int(leaf) for leaf in jax.tree.leaves(mapped) if np.ndim(leaf) == 0)
   assert len(scalars) > 1 and scalars == [0] * (len(scalars) - 1) + [2]
-  mu = upscale.grow_like_gradient(jax.tree.map(np.asarray, adam_src.mu), p)
-  nu = upscale.grow_like_gradient(jax.tree.map(np.asarray, adam_src.nu), p, power=2)
+  mu = growth.grow_like_gradient(jax.tree.map(np.asarray, adam_src.mu), p)
+  nu = growth.grow_like_gradient(jax.tree.map(np.asarray, adam_src.nu), p, power=2)
   chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
   jax.tree.map(chex_close, adam_dst.mu, mu)
   jax.tree.map(chex_close, adam_dst.nu, nu)
@@ -420,7 +420,7 @@ def test_optimizer_state_map():
   np.testing.assert_allclose(wi_dst[:2, 0, 0], wi_src[:, 0, 0] / (2 * math.sqrt(2)), rtol=1e-6)
   assert np.all(wi_dst[2] == 0)  # the inserted block starts with zero moments
   bad = {'weird': np.zeros((3, 5))}
-  with pytest.raises(upscale.GrowthError, match="optimizer_state='reset'"):
+  with pytest.raises(growth.GrowthError, match="optimizer_state='reset'"):
     grow_lib.grow_opt_state(bad, p, bad, params)
 
 
@@ -444,26 +444,26 @@ def test_optimizer_state_map():
 def test_refused_with_alternatives(family, dst_overrides, options, fragments):
   src = family_config(family, 'float32')
   dst = family_config(family, 'float32', **dst_overrides)
-  with pytest.raises(upscale.GrowthError) as e:
-    upscale.plan(src, dst, upscale.Options(**options))
+  with pytest.raises(growth.GrowthError) as e:
+    growth.plan(src, dst, growth.Options(**options))
   for fragment in fragments:
     assert fragment in str(e.value), str(e.value)
 
 
 def test_grown_config_and_options():
-  v1 = upscale.plan(family_config('roformer', 'float32'),
+  v1 = growth.plan(family_config('roformer', 'float32'),
                     family_config('roformer', 'float32', hidden_size=48, num_heads=6,
                                   mlp_dim=96))
   assert v1.width_method == 'su' and v1.config_overrides == {'model.norm_eps': 1e-12 / 3}
-  v2 = upscale.plan(family_config('roformer_v2', 'float32', norm_eps=1e-7),
+  v2 = growth.plan(family_config('roformer_v2', 'float32', norm_eps=1e-7),
                     family_config('roformer_v2', 'float32', hidden_size=32, num_heads=4,
                                   mlp_dim=64, norm_eps=1e-7))
   assert v2.width_method == 'unit' and v2.config_overrides == {'model.norm_eps': 1e-7 / 4}
   assert v2.exactness == 'up to O(eps)' and v2.c_embed == 0.5
   config = base.get_base_config()
-  assert upscale.options_from_config(config) == upscale.Options()  # the defaults agree
+  assert growth.options_from_config(config) == growth.Options()  # the defaults agree
   config.upscale.symmetry_breaking, config.upscale.seed = 'zero_out', 3
-  assert upscale.options_from_config(config) == upscale.Options(symmetry_breaking='zero_out',
+  assert growth.options_from_config(config) == growth.Options(symmetry_breaking='zero_out',
                                                                 seed=3)
 
 
@@ -472,12 +472,12 @@ def test_consecutive_presets_are_growth_pairs(module):
   """tiny -> small -> base -> large with no extra flags (launch/configs docstrings)."""
   presets = ('tiny', 'small', 'base', 'large')
   for a, b in zip(presets, presets[1:]):
-    p = upscale.plan(module.get_config(a), module.get_config(b))
+    p = growth.plan(module.get_config(a), module.get_config(b))
     assert p.exactness in ('yes', 'up to O(eps)'), (a, b, p.notes)
 
 
 def test_deepnet_presets_grow_keeping_alpha():
-  p = upscale.plan(deepnet_configs.get_config('tiny'), deepnet_configs.get_config('base'))
+  p = growth.plan(deepnet_configs.get_config('tiny'), deepnet_configs.get_config('base'))
   assert p.factors['hidden'] == 6 and p.new_layers and len(p.new_layers) == 32
   assert p.config_overrides['model.deepnorm_alpha'] == pytest.approx(32 ** 0.25)
   assert any('alpha kept' in note for note in p.notes)
