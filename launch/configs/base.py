@@ -1,12 +1,17 @@
 """The one config schema shared by every family and preset.
 
-Every field is defined here, once, with its meaning and unit; family files
+Every field is defined here, once, with its meaning and unit (the growth options of
+`config.upscale` are `models.growth.Options`'s fields); family files
 (`roformer.py`, `roformer_v2.py`, `gau.py`, `deepnet.py`) only change values.
 Overriding a field that is not defined here is an error (`--config.model.foo=1`
 names the unknown field and exits with code 2).
 """
 
+import dataclasses
+
 import ml_collections
+
+from models import growth
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -215,26 +220,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.stop_after_steps = 0
 
   # ---------------------------------------------------------------- upscale
-  # Lossless growth by launch.upscale (docs/algorithms.md 4); the fields of the target (large)
-  # config.
-  config.upscale = upscale = ml_collections.ConfigDict()
-  # Width growth: 'auto' ('su' with norm gains, 'unit' for parameter-free norms), 'su' (Su's
-  # corrected table: stream x 1/sqrt(k), eps -> eps/k) or 'unit' (stream x 1, eps unchanged).
-  upscale.width_method = 'auto'
-  # Symmetry breaking: 'none' (exact copies), 'noise' (relative Gaussian noise; not exact) or
-  # 'zero_out' (new units: random incoming, zero outgoing weights; exact).
-  upscale.symmetry_breaking = 'none'
-  # Std of 'noise' relative to each grown kernel's RMS.
-  upscale.noise_sigma = 1e-3
-  # Depth growth: 'auto', 'zero_branch' (parameter-free norms) or 'norm_transfer' (norms with
-  # gain/offset: the norm before a new block hands its affine part to the new block).
-  upscale.depth_method = 'auto'
-  # Where new blocks go: 'interleave', 'append' or comma-separated indices in the grown stack.
-  upscale.depth_positions = 'interleave'
-  # Optimizer state of the grown run: 'reset' or 'map' (moments mapped like gradients).
-  upscale.optimizer_state = 'reset'
-  # Seed of the random values given to new units and to the noise.
-  upscale.seed = 0
+  # Lossless growth by launch.upscale (docs/algorithms.md 4), read from the target (large)
+  # config: width_method, symmetry_breaking, noise_sigma, depth_method, depth_positions,
+  # optimizer_state, seed. Defined once, with their meaning, by models.growth.Options.
+  config.upscale = ml_collections.ConfigDict(dataclasses.asdict(growth.Options()))
 
   # ---------------------------------------------------------------- mesh
   config.mesh = mesh = ml_collections.ConfigDict()
