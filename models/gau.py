@@ -111,6 +111,51 @@ def _take_chunks(x: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, index, axis=1, mode='clip')
 
 
+def _global_per_document(ql, kl, vv, seg, valid, c: int, causal: bool) -> jax.Array:
+  """FLASH's linear part within each packed document (see mixed_chunk_attention), float32.
+
+  ql, kl [b, G, c, s]; vv [b, G, c, e]; seg, valid [b, G c] (pads contribute nothing).
+  Returns [b, G, c, e].
+  """
+  b, num_chunks = ql.shape[:2]
+  f32 = jnp.float32
+  start, end = run_bounds(seg)
+  start_c, end_c = start.reshape(b, num_chunks, c), end.reshape(b, num_chunks, c)
+  chunk_first = start_c[..., 0]                                     # [b, G] run start
+  kl = (kl * valid.reshape(b, num_chunks, c, 1).astype(kl.dtype)).astype(f32)
+  vv32, ql32 = vv.astype(f32), ql.astype(f32)
+  sums = jnp.einsum('bgjs,bgje->bgse', kl, vv32)                    # F_h
+  zero = jnp.zeros_like(sums[:, :1])
+  prefix = jnp.concatenate([zero, jnp.cumsum(sums, axis=1)], axis=1)  # [b, G + 1, s, e]
+  kl_x = jnp.concatenate([kl, jnp.zeros_like(kl[:, :1])], axis=1)   # a zero chunk G
+  vv_x = jnp.concatenate([vv32, jnp.zeros_like(vv32[:, :1])], axis=1)
+  offsets = jnp.arange(c, dtype=jnp.int32)
+
+  def prefix_at(t):
+    """sum_{j < t} k_j v_j^T for token indices t [b, G] in [0, n_pad]: [b, G, s, e]."""
+    h, r = t // c, t % c
+    below = (offsets[None, None] < r[..., None]).astype(f32)        # [b, G, c]
+    partial = jnp.einsum('bgjs,bgj,bgje->bgse', _take_chunks(kl_x, h), below,
+                         _take_chunks(vv_x, h))
+    return _take_chunks(prefix, h) + partial
+
+  chunk_start = jnp.arange(num_chunks, dtype=jnp.int32)[None] * c  # [1, G]
+  before = prefix[:, :-1] - prefix_at(chunk_first)                  # B_g
+  first_doc = (start_c == chunk_first[..., None]).astype(f32)       # [b, G, c]
+  glob = first_doc[..., None] * jnp.einsum('bgis,bgse->bgie', ql32, before)
+  if causal:
+    count = (chunk_start - chunk_first).astype(f32)[..., None, None]
+  else:
+    after = prefix_at(end_c[..., -1] + 1) - prefix[:, 1:]          # A_g
+    last_doc = (end_c == end_c[..., -1:]).astype(f32)
+    same_run = (start_c[..., :, None] == start_c[..., None, :]).astype(f32)
+    inside = jnp.einsum('bgis,bgjs->bgij', ql32, kl) * same_run
+    glob = (glob + jnp.einsum('bgij,bgje->bgie', inside, vv32) +
+            last_doc[..., None] * jnp.einsum('bgis,bgse->bgie', ql32, after))
+    count = (end_c - start_c + 1).astype(f32)[..., None]
+  return glob / jnp.maximum(count, 1.0)
+
+
 def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, segment_ids, *, chunk_size: int,
                           causal: bool, norm: str, scale_kind: str = 'standard',
                           causal_normalizer: str = 'visible', dropout_rate: float = 0.0,
@@ -155,44 +200,8 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, segment_ids, *, chunk
   a = layers.dropout(a, dropout_rate, dropout_key)
   local = jnp.einsum('bgij,bgje->bgie', a.astype(vv.dtype), vv)
 
-  # Global linear attention within each document (pads contribute nothing).
-  f32 = jnp.float32
-  start, end = run_bounds(seg)
-  start_c, end_c = start.reshape(b, num_chunks, c), end.reshape(b, num_chunks, c)
-  chunk_first = start_c[..., 0]                                     # [b, G] run start
-  kl = (kl * valid.reshape(b, num_chunks, c, 1).astype(kl.dtype)).astype(f32)
-  vv32, ql32 = vv.astype(f32), ql.astype(f32)
-  sums = jnp.einsum('bgjs,bgje->bgse', kl, vv32)                    # F_h
-  zero = jnp.zeros_like(sums[:, :1])
-  prefix = jnp.concatenate([zero, jnp.cumsum(sums, axis=1)], axis=1)  # [b, G + 1, s, e]
-  kl_x = jnp.concatenate([kl, jnp.zeros_like(kl[:, :1])], axis=1)   # a zero chunk G
-  vv_x = jnp.concatenate([vv32, jnp.zeros_like(vv32[:, :1])], axis=1)
-  offsets = jnp.arange(c, dtype=jnp.int32)
-
-  def prefix_at(t):
-    """sum_{j < t} k_j v_j^T for token indices t [b, G] in [0, n_pad]: [b, G, s, e]."""
-    h, r = t // c, t % c
-    below = (offsets[None, None] < r[..., None]).astype(f32)        # [b, G, c]
-    partial = jnp.einsum('bgjs,bgj,bgje->bgse', _take_chunks(kl_x, h), below,
-                         _take_chunks(vv_x, h))
-    return _take_chunks(prefix, h) + partial
-
-  chunk_start = jnp.arange(num_chunks, dtype=jnp.int32)[None] * c  # [1, G]
-  before = prefix[:, :-1] - prefix_at(chunk_first)                  # B_g
-  first_doc = (start_c == chunk_first[..., None]).astype(f32)       # [b, G, c]
-  glob = first_doc[..., None] * jnp.einsum('bgis,bgse->bgie', ql32, before)
-  if causal:
-    count = (chunk_start - chunk_first).astype(f32)[..., None, None]
-  else:
-    after = prefix_at(end_c[..., -1] + 1) - prefix[:, 1:]          # A_g
-    last_doc = (end_c == end_c[..., -1:]).astype(f32)
-    same_run = (start_c[..., :, None] == start_c[..., None, :]).astype(f32)
-    inside = jnp.einsum('bgis,bgjs->bgij', ql32, kl) * same_run
-    glob = (glob + jnp.einsum('bgij,bgje->bgie', inside, vv32) +
-            last_doc[..., None] * jnp.einsum('bgis,bgse->bgie', ql32, after))
-    count = (end_c - start_c + 1).astype(f32)[..., None]
-  glob = glob / jnp.maximum(count, 1.0)
-  out = local.astype(f32) + glob
+  glob = _global_per_document(ql, kl, vv, seg, valid, c, causal)
+  out = local.astype(jnp.float32) + glob
   return out.reshape(b, n_pad, -1)[:, :n].astype(v.dtype)
 
 

@@ -159,29 +159,34 @@ def validate(config) -> None:
     if o.adafactor_variant != 'bert4keras':
       _fail('adafactor_variant', o.adafactor_variant, 'accumulation="momentum" with adafactor '
             'is implemented for the bert4keras placement; set adafactor_variant="bert4keras"')
+  if o.eg.enabled:
+    _validate_eg(o, k)
+
+
+def _validate_eg(o, k: int) -> None:
+  """Checks config.optim.eg (enabled) against the optimizer and the accumulation mode."""
   eg = o.eg
-  if eg.enabled:
-    if k > 1 and o.accumulation != 'multisteps':
-      _fail('accumulation', o.accumulation, 'eg.enabled=True supports only '
-            'accumulation="multisteps" when accumulation_steps > 1')
-    if o.name == 'adafactor' and o.adafactor_variant != 'bert4keras':
-      _fail('adafactor_variant', o.adafactor_variant, 'eg.enabled=True with adafactor needs '
-            'adafactor_variant="bert4keras" (the optax placement has the lr mid-chain)')
-    if eg.scale_signal not in eg_lib.SCALE_SIGNALS:
-      _fail('eg.scale_signal', eg.scale_signal, f'choose one of {eg_lib.SCALE_SIGNALS}')
-    if eg.scale_granularity not in eg_lib.SCALE_GRANULARITIES:
-      _fail('eg.scale_granularity', eg.scale_granularity,
-            f'choose one of {eg_lib.SCALE_GRANULARITIES}')
-    if not 0 < eg.scale_min <= 1 <= eg.scale_max:
-      _fail('eg.scale_min/scale_max', (eg.scale_min, eg.scale_max),
-            'use 0 < scale_min <= 1 <= scale_max')
-    if not 0 < eg.gain_min <= 1 <= eg.gain_max:
-      _fail('eg.gain_min/gain_max', (eg.gain_min, eg.gain_max),
-            'use 0 < gain_min <= 1 <= gain_max')
-    if eg.scale_lr < 0 or eg.gain_lr < 0:
-      _fail('eg.scale_lr/gain_lr', (eg.scale_lr, eg.gain_lr), 'use meta learning rates >= 0')
-    if not 0 <= eg.beta < 1:
-      _fail('eg.beta', eg.beta, 'use a decay in [0, 1)')
+  if k > 1 and o.accumulation != 'multisteps':
+    _fail('accumulation', o.accumulation, 'eg.enabled=True supports only '
+          'accumulation="multisteps" when accumulation_steps > 1')
+  if o.name == 'adafactor' and o.adafactor_variant != 'bert4keras':
+    _fail('adafactor_variant', o.adafactor_variant, 'eg.enabled=True with adafactor needs '
+          'adafactor_variant="bert4keras" (the optax placement has the lr mid-chain)')
+  if eg.scale_signal not in eg_lib.SCALE_SIGNALS:
+    _fail('eg.scale_signal', eg.scale_signal, f'choose one of {eg_lib.SCALE_SIGNALS}')
+  if eg.scale_granularity not in eg_lib.SCALE_GRANULARITIES:
+    _fail('eg.scale_granularity', eg.scale_granularity,
+          f'choose one of {eg_lib.SCALE_GRANULARITIES}')
+  if not 0 < eg.scale_min <= 1 <= eg.scale_max:
+    _fail('eg.scale_min/scale_max', (eg.scale_min, eg.scale_max),
+          'use 0 < scale_min <= 1 <= scale_max')
+  if not 0 < eg.gain_min <= 1 <= eg.gain_max:
+    _fail('eg.gain_min/gain_max', (eg.gain_min, eg.gain_max),
+          'use 0 < gain_min <= 1 <= gain_max')
+  if eg.scale_lr < 0 or eg.gain_lr < 0:
+    _fail('eg.scale_lr/gain_lr', (eg.scale_lr, eg.gain_lr), 'use meta learning rates >= 0')
+  if not 0 <= eg.beta < 1:
+    _fail('eg.beta', eg.beta, 'use a decay in [0, 1)')
 
 
 def _stacked_key(config):

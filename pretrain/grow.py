@@ -286,19 +286,24 @@ def grow_run(from_workdir: str, config, workdir: str, step: int | None = None,
       'max_abs_logit_diff': diff, 'heldout_loss_small': small['loss'],
       'heldout_loss_grown': grown['loss'], 'upscale': plan.report()}]
   new_meta = checkpointing.checkpoint_meta(config, tokenizer, mesh, source.name, lineage)
+  return GrowthResult(max_abs_logit_diff=diff, small=small, grown=grown,
+                      report=plan.report(), step=int(step),
+                      checkpoint=_write_run(workdir, config, new_state, train_iter, new_meta),
+                      num_params=(src_setup.num_params, dst_setup.num_params), config=config)
+
+
+def _write_run(workdir: str, config, state, train_iter, meta) -> str:
+  """Writes config.json and checkpoint 0 of the grown run; returns the step directory."""
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   out = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                    async_save=False)
   try:
-    out.save(0, new_state, train_iter, new_meta)
+    out.save(0, state, train_iter, meta)
   finally:
     out.close()
-  return GrowthResult(max_abs_logit_diff=diff, small=small, grown=grown,
-                      report=plan.report(), step=int(step),
-                      checkpoint=os.path.join(out.directory, '0'),
-                      num_params=(src_setup.num_params, dst_setup.num_params), config=config)
+  return os.path.join(out.directory, '0')
 
 
 def load_preset(spec: str):
