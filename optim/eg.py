@@ -82,6 +82,89 @@ def _stat_dtype(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
+def _check_args(scale_signal, scale_granularity, gain_placement, scale_range, gain_range,
+                direction_from_state):
+  """The ValueErrors of eg_adapt's arguments."""
+  if scale_signal not in SCALE_SIGNALS:
+    raise ValueError(f'scale_signal={scale_signal!r}; choose one of {SCALE_SIGNALS}')
+  if scale_granularity not in SCALE_GRANULARITIES:
+    raise ValueError(f'scale_granularity={scale_granularity!r}; choose one of '
+                     f'{SCALE_GRANULARITIES}')
+  if gain_placement not in GAIN_PLACEMENTS:
+    raise ValueError(f'gain_placement={gain_placement!r}; choose one of {GAIN_PLACEMENTS}')
+  (scale_min, scale_max), (gain_min, gain_max) = scale_range, gain_range
+  if not (0 < scale_min <= 1 <= scale_max and 0 < gain_min <= 1 <= gain_max):
+    raise ValueError(f'EG bounds scale [{scale_min}, {scale_max}] and gain [{gain_min}, '
+                     f'{gain_max}] must be positive and contain 1')
+  if direction_from_state is not None and gain_placement != 'input':
+    raise ValueError('direction_from_state is only valid with gain_placement="input"')
+
+
+def _stacked_leaves(tree, stacked_key):
+  """Bool per leaf: stacked on a leading layers axis (then its S has shape [L])."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.ndim >= 1 and tree_paths.is_stacked(tree_paths.path_names(path),
+                                                             stacked_key), tree)
+
+
+def _leaf_sum(x, is_stacked):
+  return jnp.sum(x, axis=tuple(range(1, x.ndim))) if is_stacked else jnp.sum(x)
+
+
+def _bcast(s, u):
+  return jnp.reshape(s, s.shape + (1,) * (u.ndim - s.ndim))
+
+
+def _updated_scale(scale, g, signal, st, per_leaf, normalized, scale_lr, scale_range):
+  """S <- clip(S exp(eta_S align(g_t, signal_{t-1}))), per leaf (per layer) or global."""
+  scale_min, scale_max = scale_range
+  dots = jax.tree.map(lambda a, b, s: _leaf_sum(a.astype(b.dtype) * b, s), g, signal, st)
+  if normalized:
+    sq_g = jax.tree.map(lambda a, b, s: _leaf_sum(jnp.square(a.astype(b.dtype)), s), g,
+                        signal, st)
+    sq_d = jax.tree.map(lambda b, s: _leaf_sum(jnp.square(b), s), signal, st)
+  if per_leaf:
+    if normalized:
+      align = jax.tree.map(
+          lambda dot, a, b: dot / ((jnp.sqrt(a) + _NORM_EPS) * (jnp.sqrt(b) + _NORM_EPS)),
+          dots, sq_g, sq_d)
+    else:
+      align = dots
+    return jax.tree.map(
+        lambda s, a: jnp.clip(s * jnp.exp(scale_lr * a.astype(s.dtype)), scale_min,
+                              scale_max), scale, align)
+  dot = sum(jax.tree.leaves(dots))
+  if normalized:
+    norm_g = jnp.sqrt(sum(jax.tree.leaves(sq_g)))
+    norm_d = jnp.sqrt(sum(jax.tree.leaves(sq_d)))
+    align = dot / ((norm_g + _NORM_EPS) * (norm_d + _NORM_EPS))
+  else:
+    align = dot
+  return jnp.clip(scale * jnp.exp(scale_lr * align.astype(scale.dtype)), scale_min, scale_max)
+
+
+def _updated_gain(gain, g, gbar, t, normalized, beta, gain_lr, gain_range):
+  """p <- clip(p exp(eta_p signal)), signal = sign(g_t) sign(gbar_{t-1}) (normalised) or
+  g_t gbar_{t-1} / (1 - beta^max(t-1, 1))."""
+  gain_min, gain_max = gain_range
+  if normalized:
+    signal = jax.tree.map(lambda a, b: jnp.sign(a).astype(b.dtype) * jnp.sign(b), g, gbar)
+  else:
+    debias = 1 - beta ** jnp.maximum(t - 1, 1)
+    signal = jax.tree.map(lambda a, b: a.astype(b.dtype) * b / debias.astype(b.dtype), g, gbar)
+  return jax.tree.map(lambda p, b: jnp.clip(p * jnp.exp(gain_lr * b), gain_min, gain_max),
+                      gain, signal)
+
+
+def _scaled(scale, gain, direction, per_leaf):
+  """S (p * u) in the direction's dtype; gain None: S u (gains already applied to the input)."""
+  gained = direction if gain is None else jax.tree.map(lambda p, u: p * u, gain, direction)
+  if per_leaf:
+    return jax.tree.map(lambda s, v, u: (_bcast(s, v) * v).astype(u.dtype), scale, gained,
+                        direction)
+  return jax.tree.map(lambda v, u: (scale * v).astype(u.dtype), gained, direction)
+
+
 def eg_adapt(base: optax.GradientTransformation, *, scale_lr: float = 1e-3,
              gain_lr: float = 1e-2, normalized: bool = True, scale_min: float = 0.1,
              scale_max: float = 10.0, gain_min: float = 0.01, gain_max: float = 100.0,
@@ -116,32 +199,12 @@ def eg_adapt(base: optax.GradientTransformation, *, scale_lr: float = 1e-3,
     ValueError: unknown scale_signal / scale_granularity / gain_placement, or bounds that
       exclude 1 or are not positive.
   """
-  if scale_signal not in SCALE_SIGNALS:
-    raise ValueError(f'scale_signal={scale_signal!r}; choose one of {SCALE_SIGNALS}')
-  if scale_granularity not in SCALE_GRANULARITIES:
-    raise ValueError(f'scale_granularity={scale_granularity!r}; choose one of '
-                     f'{SCALE_GRANULARITIES}')
-  if gain_placement not in GAIN_PLACEMENTS:
-    raise ValueError(f'gain_placement={gain_placement!r}; choose one of {GAIN_PLACEMENTS}')
-  if not (0 < scale_min <= 1 <= scale_max and 0 < gain_min <= 1 <= gain_max):
-    raise ValueError(f'EG bounds scale [{scale_min}, {scale_max}] and gain [{gain_min}, '
-                     f'{gain_max}] must be positive and contain 1')
-  if direction_from_state is not None and gain_placement != 'input':
-    raise ValueError('direction_from_state is only valid with gain_placement="input"')
+  _check_args(scale_signal, scale_granularity, gain_placement, (scale_min, scale_max),
+              (gain_min, gain_max), direction_from_state)
   store_direction = scale_signal == 'momentum' and direction_from_state is None
   per_leaf = scale_granularity == 'per_leaf'
 
-  def stacked(tree):
-    """Bool per leaf: stacked on a leading layers axis (then S has shape [L])."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: x.ndim >= 1 and tree_paths.is_stacked(tree_paths.path_names(path),
-                                                               stacked_key), tree)
-
-  def leaf_sum(x, is_stacked):
-    return jnp.sum(x, axis=tuple(range(1, x.ndim))) if is_stacked else jnp.sum(x)
-
-  def bcast(s, u):
-    return jnp.reshape(s, s.shape + (1,) * (u.ndim - s.ndim))
+  stacked = lambda tree: _stacked_leaves(tree, stacked_key)  # noqa: E731
 
   def init_fn(params):
     ones = lambda p: jnp.ones(p.shape, _stat_dtype(p))  # noqa: E731
@@ -172,57 +235,20 @@ def eg_adapt(base: optax.GradientTransformation, *, scale_lr: float = 1e-3,
     else:
       signal = state.prev_direction
     st = stacked(g) if per_leaf else jax.tree.map(lambda _: False, g)
-    dots = jax.tree.map(lambda a, b, s: leaf_sum(a.astype(b.dtype) * b, s), g, signal, st)
-    if normalized:
-      sq_g = jax.tree.map(lambda a, b, s: leaf_sum(jnp.square(a.astype(b.dtype)), s), g,
-                          signal, st)
-      sq_d = jax.tree.map(lambda b, s: leaf_sum(jnp.square(b), s), signal, st)
-    if per_leaf:
-      if normalized:
-        align = jax.tree.map(
-            lambda dot, a, b: dot / ((jnp.sqrt(a) + _NORM_EPS) * (jnp.sqrt(b) + _NORM_EPS)),
-            dots, sq_g, sq_d)
-      else:
-        align = dots
-      scale = jax.tree.map(
-          lambda s, a: jnp.clip(s * jnp.exp(scale_lr * a.astype(s.dtype)), scale_min,
-                                scale_max), state.scale, align)
-    else:
-      dot = sum(jax.tree.leaves(dots))
-      if normalized:
-        norm_g = jnp.sqrt(sum(jax.tree.leaves(sq_g)))
-        norm_d = jnp.sqrt(sum(jax.tree.leaves(sq_d)))
-        align = dot / ((norm_g + _NORM_EPS) * (norm_d + _NORM_EPS))
-      else:
-        align = dot
-      s = state.scale
-      scale = jnp.clip(s * jnp.exp(scale_lr * align.astype(s.dtype)), scale_min, scale_max)
+    scale = _updated_scale(state.scale, g, signal, st, per_leaf, normalized, scale_lr,
+                           (scale_min, scale_max))
 
-    if normalized:
-      gain_signal = jax.tree.map(lambda a, b: jnp.sign(a).astype(b.dtype) * jnp.sign(b),
-                                 g, state.gbar)
-    else:
-      debias = 1 - beta ** jnp.maximum(t - 1, 1)
-      gain_signal = jax.tree.map(lambda a, b: a.astype(b.dtype) * b / debias.astype(b.dtype),
-                                 g, state.gbar)
-    gain = jax.tree.map(lambda p, b: jnp.clip(p * jnp.exp(gain_lr * b), gain_min, gain_max),
-                        state.gain, gain_signal)
+    gain = _updated_gain(state.gain, g, state.gbar, t, normalized, beta, gain_lr,
+                         (gain_min, gain_max))
 
     # (2) Base direction and the scaled output.
     if gain_placement == 'input':
       base_in = jax.tree.map(lambda p, a: (p * a).astype(a.dtype), gain, g)
       direction, base_state = base.update(base_in, state.base, params)
-      if per_leaf:
-        out = jax.tree.map(lambda s, u: (bcast(s, u) * u).astype(u.dtype), scale, direction)
-      else:
-        out = jax.tree.map(lambda u: (scale * u).astype(u.dtype), direction)
+      out = _scaled(scale, None, direction, per_leaf)
     else:
       direction, base_state = base.update(g, state.base, params)
-      if per_leaf:
-        out = jax.tree.map(lambda s, p, u: (bcast(s, u) * (p * u)).astype(u.dtype), scale,
-                           gain, direction)
-      else:
-        out = jax.tree.map(lambda p, u: (scale * (p * u)).astype(u.dtype), gain, direction)
+      out = _scaled(scale, gain, direction, per_leaf)
 
     # (4) Signals for step t + 1.
     gbar = jax.tree.map(lambda m, a: beta * m + (1 - beta) * a.astype(m.dtype), state.gbar, g)
