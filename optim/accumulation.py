@@ -193,6 +193,39 @@ def accumulate_in_momentum_adam(accumulation_steps: int, b1: float = 0.9, b2: fl
   return _accumulate_in_momentum(k, init, step, tail)
 
 
+def _zero_stats(shape: tuple[int, ...], dims: tuple[int, int] | None):
+  """(R, C, V) zeros of a leaf viewed as `shape`, factored over `dims` or not (float32; the
+  unused ones are [1] placeholders, as in optax.FactoredState)."""
+  f32 = jnp.float32
+  if dims is None:
+    return jnp.zeros((1,), f32), jnp.zeros((1,), f32), jnp.zeros(shape, f32)
+  d1, d0 = dims
+  return (jnp.zeros(tuple(n for a, n in enumerate(shape) if a != d0), f32),
+          jnp.zeros(tuple(n for a, n in enumerate(shape) if a != d1), f32),
+          jnp.zeros((1,), f32))
+
+
+def _scale_by_window_stats(g, row, col, v, dims, first, b, w, k: int, eps1: float):
+  """One micro-step of docs/algorithms.md 2.3's statistics: decay once per window (first),
+  add ((1 - b) / k) mean squares, and scale g by the window-normalised estimate (stats / w).
+
+  Returns:
+    (U = g / sqrt(Vhat), R, C, V).
+  """
+  grad_sqr = g * g + eps1
+  if dims is None:
+    v = jnp.where(first, b * v, v) + ((1.0 - b) / k) * grad_sqr
+    return g * (v / w) ** -0.5, row, col, v
+  d1, d0 = dims
+  row = jnp.where(first, b * row, row) + ((1.0 - b) / k) * jnp.mean(grad_sqr, axis=d0)
+  col = jnp.where(first, b * col, col) + ((1.0 - b) / k) * jnp.mean(grad_sqr, axis=d1)
+  row_w, col_w = row / w, col / w
+  reduced_d1 = d1 - 1 if d1 > d0 else d1
+  row_factor = (row_w / jnp.mean(row_w, axis=reduced_d1, keepdims=True)) ** -0.5
+  u = g * jnp.expand_dims(row_factor, axis=d0) * jnp.expand_dims(col_w ** -0.5, axis=d1)
+  return u, row, col, v
+
+
 def accumulate_in_momentum_adafactor(
     accumulation_steps: int, momentum: float = 0.9, *, factored: bool = True,
     decay_rate: float = 0.8, clipping_threshold: float = 1.0,
@@ -246,16 +279,8 @@ def accumulate_in_momentum_adafactor(
     return shape, adafactor_lib.factored_dims(shape, factored, min_dim_size_to_factor, stacked)
 
   def init(params):
-    def init_leaf(path, p):
-      shape, d = view(path, p.shape)
-      if d is not None:
-        d1, d0 = d
-        row = jnp.zeros(tuple(n for a, n in enumerate(shape) if a != d0), f32)
-        col = jnp.zeros(tuple(n for a, n in enumerate(shape) if a != d1), f32)
-        return row, col, jnp.zeros((1,), f32)
-      return jnp.zeros((1,), f32), jnp.zeros((1,), f32), jnp.zeros(shape, f32)
-
-    leaves = jax.tree_util.tree_map_with_path(init_leaf, params)
+    leaves = jax.tree_util.tree_map_with_path(lambda path, p: _zero_stats(*view(path, p.shape)),
+                                              params)
     is_triple = lambda x: isinstance(x, tuple) and len(x) == 3  # noqa: E731
     pick = lambda i: jax.tree.map(lambda t: t[i], leaves, is_leaf=is_triple)  # noqa: E731
     return AdafactorMoments(pick(0), pick(1), pick(2),
@@ -272,20 +297,7 @@ def accumulate_in_momentum_adafactor(
     def leaf(path, g_in, row, col, v, m):
       shape, d = view(path, g_in.shape)
       g = jnp.reshape(g_in.astype(f32), shape)
-      grad_sqr = g * g + eps1
-      if d is not None:
-        d1, d0 = d
-        row = jnp.where(first, b * row, row) + ((1.0 - b) / k) * jnp.mean(grad_sqr, axis=d0)
-        col = jnp.where(first, b * col, col) + ((1.0 - b) / k) * jnp.mean(grad_sqr, axis=d1)
-        row_w, col_w = row / w, col / w
-        reduced_d1 = d1 - 1 if d1 > d0 else d1
-        row_col_mean = jnp.mean(row_w, axis=reduced_d1, keepdims=True)
-        row_factor = (row_w / row_col_mean) ** -0.5
-        col_factor = col_w ** -0.5
-        u = g * jnp.expand_dims(row_factor, axis=d0) * jnp.expand_dims(col_factor, axis=d1)
-      else:
-        v = jnp.where(first, b * v, v) + ((1.0 - b) / k) * grad_sqr
-        u = g * (v / w) ** -0.5
+      u, row, col, v = _scale_by_window_stats(g, row, col, v, d, first, b, w, k, eps1)
       u = jnp.reshape(u, g_in.shape)
       clip_one = lambda x: clip.update(x, clip.init(x))[0]  # noqa: E731
       if tree_paths.is_stacked(tree_paths.path_names(path), stacked_key):

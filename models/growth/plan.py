@@ -370,14 +370,8 @@ def _axis_maps(src, dst, factors: dict, stream: dict, zero_out: bool, notes: lis
   return maps
 
 
-def plan(src_config, dst_config, options: Options | None = None) -> Plan:
-  """Validates the growth src -> dst (full ConfigDicts) and fixes every map and scale.
-
-  Raises:
-    GrowthError: not a growth (non-integer factor, shrinking, a changed non-shape field), or
-      a growth that cannot be exact with the chosen options; the message names what would be.
-  """
-  options = options or options_from_config(dst_config)
+def _check_options(options: Options):
+  """GrowthError for an option outside its choices."""
   for name, value, choices in (('width_method', options.width_method, WIDTH_METHODS),
                                ('symmetry_breaking', options.symmetry_breaking,
                                 SYMMETRY_BREAKING),
@@ -389,21 +383,10 @@ def plan(src_config, dst_config, options: Options | None = None) -> Plan:
   if options.symmetry_breaking == 'noise' and not options.noise_sigma > 0:
     raise GrowthError(f'upscale.noise_sigma={options.noise_sigma} must be > 0 with '
                       "symmetry_breaking='noise' (typical 1e-3..1e-2).")
-  if src_config.objective != dst_config.objective:
-    raise GrowthError(f'objective differs ({src_config.objective!r} vs '
-                      f'{dst_config.objective!r}); set --config.objective={src_config.objective}.')
-  src, dst = encoder.resolve(src_config), encoder.resolve(dst_config)
-  _require_equal(src, dst, [
-      ('family', 'model.family'), ('vocab_size', 'model.vocab_size'),
-      ('type_vocab_size', 'model.type_vocab_size'), ('norm', 'model.norm_type'),
-      ('use_bias', 'model.use_bias'), ('residual', 'model.residual'),
-      ('rotary_base', 'model.rotary_base'), ('attention_scale', 'model.attention_scale'),
-      ('mlp_activation', 'model.mlp_activation')])
-  if src.family == 'gau':
-    _require_equal(src, dst, [('attention_norm', 'model.attention_norm'),
-                              ('chunk_size', 'model.chunk_size'),
-                              ('gau_activation', 'model.gau_activation')])
-  notes: list[str] = []
+
+
+def _factors(src, dst) -> dict[str, int]:
+  """The integer growth factor of every axis, and the number of blocks added."""
   k = _ratio('hidden_size', src.hidden, dst.hidden, 'model.hidden_size')
   factors = {'hidden': k}
   if src.family == 'gau':
@@ -420,6 +403,52 @@ def plan(src_config, dst_config, options: Options | None = None) -> Plan:
     raise GrowthError(f'num_layers {src.num_layers} -> {dst.num_layers} would remove blocks; '
                       f'set --config.model.num_layers >= {src.num_layers}.')
   factors['layers_added'] = dst.num_layers - src.num_layers
+  return factors
+
+
+def _config_overrides(src, dst, eps_fraction, notes: list) -> dict[str, Any]:
+  """The config values the grown model needs: eps scaled with the stream, DeepNorm's trained
+  alpha and beta (notes gets a line when the formula would differ)."""
+  overrides: dict[str, Any] = {}
+  new_eps = src.norm_eps * eps_fraction.numerator / eps_fraction.denominator
+  if new_eps != dst.norm_eps:
+    overrides['model.norm_eps'] = new_eps
+  if src.residual == 'deepnorm':
+    if dst.residual_alpha != src.residual_alpha:
+      notes.append(f'DeepNet: alpha kept at the trained {src.residual_alpha:.6g}; the formula '
+                   f'(2N)^(1/4) for N = {dst.num_layers} would give '
+                   f'{(2.0 * dst.num_layers) ** 0.25:.6g} (docs/algorithms.md 4.6)')
+    overrides['model.deepnorm_alpha'] = src.residual_alpha
+    overrides['model.deepnorm_beta'] = src.kernel_init.deepnorm_beta
+  return overrides
+
+
+def plan(src_config, dst_config, options: Options | None = None) -> Plan:
+  """Validates the growth src -> dst (full ConfigDicts) and fixes every map and scale.
+
+  Raises:
+    GrowthError: not a growth (non-integer factor, shrinking, a changed non-shape field), or
+      a growth that cannot be exact with the chosen options; the message names what would be.
+  """
+  options = options or options_from_config(dst_config)
+  _check_options(options)
+  if src_config.objective != dst_config.objective:
+    raise GrowthError(f'objective differs ({src_config.objective!r} vs '
+                      f'{dst_config.objective!r}); set --config.objective={src_config.objective}.')
+  src, dst = encoder.resolve(src_config), encoder.resolve(dst_config)
+  _require_equal(src, dst, [
+      ('family', 'model.family'), ('vocab_size', 'model.vocab_size'),
+      ('type_vocab_size', 'model.type_vocab_size'), ('norm', 'model.norm_type'),
+      ('use_bias', 'model.use_bias'), ('residual', 'model.residual'),
+      ('rotary_base', 'model.rotary_base'), ('attention_scale', 'model.attention_scale'),
+      ('mlp_activation', 'model.mlp_activation')])
+  if src.family == 'gau':
+    _require_equal(src, dst, [('attention_norm', 'model.attention_norm'),
+                              ('chunk_size', 'model.chunk_size'),
+                              ('gau_activation', 'model.gau_activation')])
+  notes: list[str] = []
+  factors = _factors(src, dst)
+  k = factors['hidden']
 
   zero_out = options.symmetry_breaking == 'zero_out'
   method, stream = _stream_scales(src, k, options.width_method, zero_out)
@@ -452,22 +481,10 @@ def plan(src_config, dst_config, options: Options | None = None) -> Plan:
                  'for parameter-free RMS norms); copies are separated through the new inner '
                  'units after the first updates')
 
-  # Config values the grown model needs.
-  overrides: dict[str, Any] = {}
-  eps_fraction = stream['eps_fraction']
-  new_eps = src.norm_eps * eps_fraction.numerator / eps_fraction.denominator
-  if new_eps != dst.norm_eps:
-    overrides['model.norm_eps'] = new_eps
-  if src.residual == 'deepnorm':
-    if dst.residual_alpha != src.residual_alpha:
-      notes.append(f'DeepNet: alpha kept at the trained {src.residual_alpha:.6g}; the formula '
-                   f'(2N)^(1/4) for N = {dst.num_layers} would give '
-                   f'{(2.0 * dst.num_layers) ** 0.25:.6g} (docs/algorithms.md 4.6)')
-    overrides['model.deepnorm_alpha'] = src.residual_alpha
-    overrides['model.deepnorm_beta'] = src.kernel_init.deepnorm_beta
+  overrides = _config_overrides(src, dst, stream['eps_fraction'], notes)
   return Plan(src=src, dst=dst, options=options, factors=factors, width_method=method,
               stream_kind=maps['stream'].kind, c_stream=stream['c_s'], c_embed=stream['c_e'],
-              c_head=stream['c_h'], eps_factor=float(eps_fraction), depth_method=depth_method,
+              c_head=stream['c_h'], eps_factor=float(stream['eps_fraction']), depth_method=depth_method,
               new_layers=new_layers,
               maps=maps, exactness=exact, notes=notes, config_overrides=overrides)
 
