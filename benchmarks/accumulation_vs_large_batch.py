@@ -38,7 +38,9 @@ parameters do not move inside a window, so it is the loss at the same parameters
 
 from __future__ import annotations
 
-import argparse
+from absl import app
+from absl import flags
+
 import os
 import time
 
@@ -54,23 +56,19 @@ from data_pipelines import pipeline  # noqa: E402
 from data_pipelines import text_datasets  # noqa: E402
 from data_pipelines import tokenizer as tokenizer_lib  # noqa: E402
 from launch.configs import roformer  # noqa: E402
-import optim  # noqa: E402
 from pretrain import mesh as mesh_lib  # noqa: E402
 from pretrain import train  # noqa: E402
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--updates', type=int, default=50, help='optimizer updates U per run')
-  p.add_argument('--micro_batch', type=int, default=4, help='micro-batch rows B')
-  p.add_argument('--k', type=int, default=8, help='accumulation steps')
-  p.add_argument('--warmup', type=int, default=5, help='warmup (optimizer updates)')
-  p.add_argument('--sgdm_lr', type=float, default=0.1)
-  p.add_argument('--adam_lr', type=float, default=2e-3)
-  p.add_argument('--eval_batches', type=int, default=4, help='eval batches of k*B rows')
-  p.add_argument('--cache_dir', default='/tmp/exp/cache')
-  p.add_argument('--print_every', type=int, default=1, help='rows of the loss-curve table')
-  return p.parse_args(argv)
+flags.DEFINE_integer('updates', 50, 'optimizer updates U per run')
+flags.DEFINE_integer('micro_batch', 4, 'micro-batch rows B')
+flags.DEFINE_integer('k', 8, 'accumulation steps')
+flags.DEFINE_integer('warmup', 5, 'warmup (optimizer updates)')
+flags.DEFINE_float('sgdm_lr', 0.1, 'sgdm lr')
+flags.DEFINE_float('adam_lr', 2e-3, 'adam lr')
+flags.DEFINE_integer('eval_batches', 4, 'eval batches of k*B rows')
+flags.DEFINE_string('cache_dir', '/tmp/exp/cache', 'cache dir')
+flags.DEFINE_integer('print_every', 1, 'rows of the loss-curve table')
 
 
 def make_config(args, name: str, lr: float, accumulation: str = 'multisteps', k: int = 1,
@@ -207,24 +205,12 @@ def timed(label, fn):
   return out
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  k, B, U = args.k, args.micro_batch, args.updates
-  t_start = time.time()
-  print(f'jax {jax.__version__} on {jax.devices()[0].platform}; tiny RoFormer MLM d64 L2 n64; '
-        f'micro-batch B={B}, k={k}, large batch {k * B}, {U} optimizer updates; float32',
-        flush=True)
-  micro, evals = load_data(args)
-  large = concat_windows(micro, k)
-  w = np.array([b['mlm_weights'].sum() for b in micro]).reshape(U, k)
-  unequal = int(np.sum(w.min(axis=1) != w.max(axis=1)))
-  print(f'data: {len(micro)} micro-batches; masked tokens per micro-batch {w.min():.0f}..'
-        f'{w.max():.0f}; {unequal}/{U} windows have unequal counts (token-weighted large-batch '
-        f'loss != mean of micro-batch means there)', flush=True)
-
+def run_all(args, micro, large, evals):
+  """Runs (a)-(e); returns (losses per run, final params per run, (e) curves and evals)."""
+  k, U = args.k, args.updates
   results, finals = {}, {}
-  # ------------------------------------------------------------------ SGDM (a), (b), (c), (c')
   print('\nruns:', flush=True)
+  # ------------------------------------------------------------------ SGDM (a), (b), (c), (c')
   lr = args.sgdm_lr
   for label, acc, kk, mode in (('a momentum', 'momentum', k, 'micro'),
                                ('b multisteps', 'multisteps', k, 'micro'),
@@ -268,24 +254,11 @@ def main(argv=None):
       curve = timed(f'{name} {label}', lambda: r.run_micro(micro, k))
       evals_e[(name, label)] = (curve, r.eval_loss(evals))
 
-  # ------------------------------------------------------------------ tables
-  s = {key[5:]: v for key, v in results.items() if key.startswith('sgdm')}
-  cols = {'(a) momentum': s['a momentum'], '(b) multisteps': s['b multisteps'],
-          '(c) large': s['c large'], "(c') large token-wt": s["c' large token-wt"],
-          '|a-c|': np.abs(s['a momentum'] - s['c large']),
-          '|b-c|': np.abs(s['b multisteps'] - s['c large']),
-          '|a-b|': np.abs(s['a momentum'] - s['b multisteps'])}
-  print_curves(f'SGDM (lr {args.sgdm_lr}, b1 0.9): training loss per optimizer update '
-               f'(mean of the window\'s micro-batch losses = chunk-mean loss of the large batch)',
-               cols, args.print_every)
-  print('\nSGDM max abs differences over all updates (loss curve; final parameters):')
-  print('| pair | max abs loss diff | max abs param diff |')
-  print('|---|---|---|')
-  for x, y in (('a momentum', 'b multisteps'), ('a momentum', 'c large'),
-               ('b multisteps', 'c large'), ('c large', "c' large token-wt")):
-    print(f'| {x} vs {y} | {np.max(np.abs(s[x] - s[y])):.2e} | '
-          f'{max_param_diff(finals["sgdm " + x], finals["sgdm " + y]):.2e} |')
+  return results, finals, evals_e
 
+
+def print_adam_table(args, results, finals):
+  """(d): AdamW accumulation in momentum vs MultiSteps vs the large batch."""
   a = {key[5:]: v for key, v in results.items() if key.startswith('adam')}
   cols = {'(a) momentum': a['a momentum'], '(b) multisteps': a['b multisteps'],
           '(c) large': a['c large'], '(a) lr x sqrt(k)': a['a momentum lr*sqrt(k)'],
@@ -305,6 +278,29 @@ def main(argv=None):
         f'(b) {np.mean(a["b multisteps"][last]):.4f}, (c) {np.mean(a["c large"][last]):.4f}, '
         f'(a) with lr x sqrt(k) {np.mean(a["a momentum lr*sqrt(k)"][last]):.4f}')
 
+
+
+def print_tables(args, results, finals, evals_e):
+  """The README tables: SGDM (a)-(c'), AdamW (d), every_k (e)."""
+  k, B, U = args.k, args.micro_batch, args.updates
+  s = {key[5:]: v for key, v in results.items() if key.startswith('sgdm')}
+  cols = {'(a) momentum': s['a momentum'], '(b) multisteps': s['b multisteps'],
+          '(c) large': s['c large'], "(c') large token-wt": s["c' large token-wt"],
+          '|a-c|': np.abs(s['a momentum'] - s['c large']),
+          '|b-c|': np.abs(s['b multisteps'] - s['c large']),
+          '|a-b|': np.abs(s['a momentum'] - s['b multisteps'])}
+  print_curves(f'SGDM (lr {args.sgdm_lr}, b1 0.9): training loss per optimizer update '
+               f'(mean of the window\'s micro-batch losses = chunk-mean loss of the large batch)',
+               cols, args.print_every)
+  print('\nSGDM max abs differences over all updates (loss curve; final parameters):')
+  print('| pair | max abs loss diff | max abs param diff |')
+  print('|---|---|---|')
+  for x, y in (('a momentum', 'b multisteps'), ('a momentum', 'c large'),
+               ('b multisteps', 'c large'), ('c large', "c' large token-wt")):
+    print(f'| {x} vs {y} | {np.max(np.abs(s[x] - s[y])):.2e} | '
+          f'{max_param_diff(finals["sgdm " + x], finals["sgdm " + y]):.2e} |')
+
+  print_adam_table(args, results, finals)
   print(f'\n(e) Su\'s every_k vs per-step updates at micro-batch B={B} (same {U * k} '
         f'micro-batches, same peak lr; per-step: {U * k} updates, warmup {args.warmup * k}):')
   print('| optimizer | variant | updates | train loss, first window | train loss, last 5 '
@@ -314,8 +310,27 @@ def main(argv=None):
     n_up = U * k if label == 'per-step' else U
     print(f'| {name} | {label} | {n_up} | {curve[0]:.4f} | {np.mean(curve[-5:]):.4f} | '
           f'{ev:.4f} |')
+
+
+def main(argv):
+  del argv
+  args = flags.FLAGS
+  k, B, U = args.k, args.micro_batch, args.updates
+  t_start = time.time()
+  print(f'jax {jax.__version__} on {jax.devices()[0].platform}; tiny RoFormer MLM d64 L2 n64; '
+        f'micro-batch B={B}, k={k}, large batch {k * B}, {U} optimizer updates; float32',
+        flush=True)
+  micro, evals = load_data(args)
+  large = concat_windows(micro, k)
+  w = np.array([b['mlm_weights'].sum() for b in micro]).reshape(U, k)
+  unequal = int(np.sum(w.min(axis=1) != w.max(axis=1)))
+  print(f'data: {len(micro)} micro-batches; masked tokens per micro-batch {w.min():.0f}..'
+        f'{w.max():.0f}; {unequal}/{U} windows have unequal counts (token-weighted large-batch '
+        f'loss != mean of micro-batch means there)', flush=True)
+  results, finals, evals_e = run_all(args, micro, large, evals)
+  print_tables(args, results, finals, evals_e)
   print(f'\ntotal wall time {time.time() - t_start:.0f} s')
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -30,7 +30,9 @@ transformer layers only is also read from the final checkpoint's optimizer state
 
 from __future__ import annotations
 
-import argparse
+from absl import app
+from absl import flags
+
 import json
 import os
 import shutil
@@ -49,15 +51,12 @@ from pretrain import train  # noqa: E402
 SWEEPS = {'adamw': (7e-4, 2e-3, 6e-3), 'sgdm': (0.03, 0.1, 0.3, 1.0)}
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--steps', type=int, default=300, help='optimizer updates per run')
-  p.add_argument('--batch', type=int, default=16)
-  p.add_argument('--workdir_root', default='/tmp/exp/eg_step_size')
-  p.add_argument('--cache_dir', default='/tmp/exp/cache')
-  p.add_argument('--no_fast_eg', action='store_true', help='skip the eta_S = 1e-2 runs')
-  p.add_argument('--optimizers', default='adamw,sgdm')
-  return p.parse_args(argv)
+flags.DEFINE_integer('steps', 300, 'optimizer updates per run')
+flags.DEFINE_integer('batch', 16, 'batch')
+flags.DEFINE_string('workdir_root', '/tmp/exp/eg_step_size', 'workdir root')
+flags.DEFINE_string('cache_dir', '/tmp/exp/cache', 'cache dir')
+flags.DEFINE_bool('no_fast_eg', False, 'skip the eta_S = 1e-2 runs')
+flags.DEFINE_string('optimizers', 'adamw,sgdm', 'optimizers')
 
 
 def make_config(args, name, lr, eg=None):
@@ -163,8 +162,9 @@ def fmt_lr(lr):
   return f'{lr:.0e}' if lr < 0.01 else f'{lr:g}'
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def main(argv):
+  del argv
+  args = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
   t_start = time.time()
   print(f'jax {jax.__version__} on {jax.devices()[0].platform}; tiny RoFormer MLM d64 L2 n64, '
@@ -234,4 +234,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -28,7 +28,9 @@ training FLOPs (needs matplotlib: `pip install -e '.[bench]'`).
 
 from __future__ import annotations
 
-import argparse
+from absl import app
+from absl import flags
+
 import json
 import os
 import shlex
@@ -42,22 +44,19 @@ SMALL = dict(hidden_size=128, num_layers=2, num_heads=2, mlp_dim=512)
 LARGE = dict(hidden_size=256, num_layers=4, num_heads=4, mlp_dim=1024)
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--small_steps', type=int, default=200, help='S: small-model steps')
-  p.add_argument('--grown_steps', type=int, default=200, help='T: steps after growth')
-  p.add_argument('--variants', default='none,zero_out,noise,none:map',
-                 help='comma-separated upscale.symmetry_breaking values, each optionally '
-                      'with :map (upscale.optimizer_state=map; default reset)')
-  p.add_argument('--noise_sigma', type=float, default=1e-2)
-  p.add_argument('--eval_every', type=int, default=25)
-  p.add_argument('--eval_batches', type=int, default=16)
-  p.add_argument('--seq_len', type=int, default=64)
-  p.add_argument('--batch', type=int, default=16)
-  p.add_argument('--lr', type=float, default=1e-3)
-  p.add_argument('--root', default='/tmp/exp/upscale', help='workdirs go here')
-  p.add_argument('--plot', default='upscale_vs_scratch.png', help='PNG path ('' = no plot)')
-  return p.parse_args(argv)
+flags.DEFINE_integer('small_steps', 200, 'S: small-model steps')
+flags.DEFINE_integer('grown_steps', 200, 'T: steps after growth')
+flags.DEFINE_string('variants', 'none,zero_out,noise,none:map',
+                    'comma-separated upscale.symmetry_breaking values, each optionally with '
+                    ':map (upscale.optimizer_state=map; default reset)')
+flags.DEFINE_float('noise_sigma', 1e-2, 'noise sigma')
+flags.DEFINE_integer('eval_every', 25, 'eval every')
+flags.DEFINE_integer('eval_batches', 16, 'eval batches')
+flags.DEFINE_integer('seq_len', 64, 'seq len')
+flags.DEFINE_integer('batch', 16, 'batch')
+flags.DEFINE_float('lr', 1e-3, 'lr')
+flags.DEFINE_string('root', '/tmp/exp/upscale', 'workdirs go here')
+flags.DEFINE_string('plot', 'upscale_vs_scratch.png', 'PNG path (empty: no plot)')
 
 
 def common_flags(args, steps: int) -> list[str]:
@@ -129,15 +128,11 @@ def interpolate(curve, x: float) -> float:
   return ys[-1]
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  os.makedirs(args.root, exist_ok=True)
-  S, T = args.small_steps, args.grown_steps
-  variants = [v for v in args.variants.split(',') if v]
-  small_dir = os.path.join(args.root, f'small_{S}')
-  scratch_dir = os.path.join(args.root, f'scratch_{S + T}')
-  print(f'small {SMALL} x {S} steps, grown {LARGE} x {T} steps, scratch x {S + T} steps')
-  pretrain(args, small_dir, SMALL, S)
+def grow_variants(args, small_dir, variants):
+  """launch.upscale + launch.pretrain for every variant (skipped when already done); returns
+  ({variant: workdir}, {variant: the held-out lines launch.upscale printed})."""
+  T = args.grown_steps
+  S = args.small_steps
   grown_dirs, growth_lines = {}, {}
   for variant in variants:
     symmetry, _, state = variant.partition(':')
@@ -159,6 +154,52 @@ def main(argv=None):
       run([sys.executable, '-m', 'launch.pretrain', *command], grown.rstrip('/') + '.log')
     growth_lines[variant] = [l for l in open(grown.rstrip('/') + '.upscale.out').read()
                              .splitlines() if l.startswith('held-out')]
+  return grown_dirs, growth_lines
+
+
+def plot(args, curves_all, flops, budget, equal_steps):
+  """Validation loss vs training FLOPs of every run, as a PNG at --plot."""
+  S, T = args.small_steps, args.grown_steps
+  small, scratch, equal, curves = curves_all
+  f_small, f_large = flops
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print('matplotlib is not installed: pip install -e ".[bench]" for the plot')
+    return
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  ax.plot([s * f_small for s, _ in small], [l for _, l in small], 'k-', label='small (d 128, 2L)')
+  ax.plot([s * f_large for s, _ in scratch], [l for _, l in scratch], 'r-',
+          label=f'large from scratch (d 256, 4L), {S + T} steps')
+  ax.plot([s * f_large for s, _ in equal], [l for _, l in equal], 'm-',
+          label=f'large from scratch, {equal_steps} steps (equal compute)')
+  for variant, curve in curves.items():
+    ax.plot([S * f_small + s * f_large for s, _ in curve], [l for _, l in curve], '--',
+            label=f'grown ({variant})')
+  ax.axvline(budget, color='gray', lw=0.5)
+  ax.set_xlabel('training FLOPs')
+  ax.set_ylabel('validation MLM loss')
+  ax.set_title(f'RoFormer v1: grow after {S} small steps vs scratch')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(args.plot, dpi=120)
+  print(f'plot: {os.path.abspath(args.plot)}')
+
+
+
+def main(argv):
+  del argv
+  args = flags.FLAGS
+  os.makedirs(args.root, exist_ok=True)
+  S, T = args.small_steps, args.grown_steps
+  variants = [v for v in args.variants.split(',') if v]
+  small_dir = os.path.join(args.root, f'small_{S}')
+  scratch_dir = os.path.join(args.root, f'scratch_{S + T}')
+  print(f'small {SMALL} x {S} steps, grown {LARGE} x {T} steps, scratch x {S + T} steps')
+  pretrain(args, small_dir, SMALL, S)
+  grown_dirs, growth_lines = grow_variants(args, small_dir, variants)
   pretrain(args, scratch_dir, LARGE, S + T)
   f_small, f_large = flops_per_step(args, SMALL), flops_per_step(args, LARGE)
   budget = S * f_small + T * f_large
@@ -194,31 +235,8 @@ def main(argv=None):
     print(f'  {variant}: {" ".join(growth_lines[variant])}')
 
   if args.plot:
-    try:
-      import matplotlib  # pylint: disable=g-import-not-at-top
-      matplotlib.use('Agg')
-      import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      print('matplotlib is not installed: pip install -e ".[bench]" for the plot')
-      return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([s * f_small for s, _ in small], [l for _, l in small], 'k-', label='small (d 128, 2L)')
-    ax.plot([s * f_large for s, _ in scratch], [l for _, l in scratch], 'r-',
-            label=f'large from scratch (d 256, 4L), {S + T} steps')
-    ax.plot([s * f_large for s, _ in equal], [l for _, l in equal], 'm-',
-            label=f'large from scratch, {equal_steps} steps (equal compute)')
-    for variant, curve in curves.items():
-      ax.plot([S * f_small + s * f_large for s, _ in curve], [l for _, l in curve], '--',
-              label=f'grown ({variant})')
-    ax.axvline(budget, color='gray', lw=0.5)
-    ax.set_xlabel('training FLOPs')
-    ax.set_ylabel('validation MLM loss')
-    ax.set_title(f'RoFormer v1: grow after {S} small steps vs scratch')
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
-    print(f'plot: {os.path.abspath(args.plot)}')
+    plot(args, (small, scratch, equal, curves), (f_small, f_large), budget, equal_steps)
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)
