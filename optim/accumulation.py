@@ -226,6 +226,28 @@ def _scale_by_window_stats(g, row, col, v, dims, first, b, w, k: int, eps1: floa
   return u, row, col, v
 
 
+def _statistics_view(path, shape, factored: bool, min_dim_size_to_factor: int,
+                     merge_small_axes: bool, stacked_key: str | None):
+  """The shape AdaFactor's statistics see (adafactor.matrix_view_shape) and its factored axes
+  (never the stacked layers axis, adafactor.factored_dims)."""
+  shape = tuple(shape)
+  names = tree_paths.path_names(path)
+  if merge_small_axes:
+    shape = adafactor_lib.matrix_view_shape(shape, names, min_dim_size_to_factor, stacked_key)
+  stacked = tree_paths.is_stacked(names, stacked_key)
+  return shape, adafactor_lib.factored_dims(shape, factored, min_dim_size_to_factor, stacked)
+
+
+def _zero_moments(params, view) -> 'AdafactorMoments':
+  """Zero AdaFactor statistics (in each leaf's `view`) and momentum, float32."""
+  leaves = jax.tree_util.tree_map_with_path(lambda path, p: _zero_stats(*view(path, p.shape)),
+                                            params)
+  is_triple = lambda x: isinstance(x, tuple) and len(x) == 3  # noqa: E731
+  pick = lambda i: jax.tree.map(lambda t: t[i], leaves, is_leaf=is_triple)  # noqa: E731
+  return AdafactorMoments(pick(0), pick(1), pick(2),
+                          jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+
+
 def accumulate_in_momentum_adafactor(
     accumulation_steps: int, momentum: float = 0.9, *, factored: bool = True,
     decay_rate: float = 0.8, clipping_threshold: float = 1.0,
@@ -269,22 +291,10 @@ def accumulate_in_momentum_adafactor(
   k = int(accumulation_steps)
   f32 = jnp.float32
 
-  def view(path, shape):
-    """The shape the statistics see (adafactor.matrix_view_shape) and its factored axes."""
-    shape = tuple(shape)
-    if merge_small_axes:
-      shape = adafactor_lib.matrix_view_shape(shape, tree_paths.path_names(path),
-                                              min_dim_size_to_factor, stacked_key)
-    stacked = tree_paths.is_stacked(tree_paths.path_names(path), stacked_key)
-    return shape, adafactor_lib.factored_dims(shape, factored, min_dim_size_to_factor, stacked)
+  view = lambda path, shape: _statistics_view(  # noqa: E731
+      path, shape, factored, min_dim_size_to_factor, merge_small_axes, stacked_key)
 
-  def init(params):
-    leaves = jax.tree_util.tree_map_with_path(lambda path, p: _zero_stats(*view(path, p.shape)),
-                                              params)
-    is_triple = lambda x: isinstance(x, tuple) and len(x) == 3  # noqa: E731
-    pick = lambda i: jax.tree.map(lambda t: t[i], leaves, is_leaf=is_triple)  # noqa: E731
-    return AdafactorMoments(pick(0), pick(1), pick(2),
-                            jax.tree.map(lambda p: jnp.zeros(p.shape, f32), params))
+  init = lambda params: _zero_moments(params, view)  # noqa: E731
 
   def step(g_tree, moments, first, tau, pos, params):
     del params

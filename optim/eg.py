@@ -165,6 +165,26 @@ def _scaled(scale, gain, direction, per_leaf):
   return jax.tree.map(lambda v, u: (scale * v).astype(u.dtype), gained, direction)
 
 
+def _initial_scale(params, stacked):
+  """S = 1: per leaf ([L] for stacked leaves) when `stacked` is given, else one scalar."""
+  if stacked is not None:
+    return jax.tree.map(lambda p, st: jnp.ones(p.shape[:1] if st else (), _stat_dtype(p)),
+                        params, stacked)
+  dtype = jnp.result_type(jnp.float32, *[_stat_dtype(p) for p in jax.tree.leaves(params)])
+  return jnp.ones([], dtype)
+
+
+def _previous_signal(state, scale_signal, direction_from_state, gain_placement):
+  """The step-(t - 1) signal S aligns with: gbar, or the previous applied direction."""
+  if scale_signal == 'gbar':
+    return state.gbar
+  if direction_from_state is not None:
+    return direction_from_state(state.base)
+  if gain_placement == 'output':
+    return jax.tree.map(lambda p, u: p * u, state.gain, state.prev_direction)
+  return state.prev_direction
+
+
 def eg_adapt(base: optax.GradientTransformation, *, scale_lr: float = 1e-3,
              gain_lr: float = 1e-2, normalized: bool = True, scale_min: float = 0.1,
              scale_max: float = 10.0, gain_min: float = 0.01, gain_max: float = 100.0,
@@ -209,14 +229,7 @@ def eg_adapt(base: optax.GradientTransformation, *, scale_lr: float = 1e-3,
   def init_fn(params):
     ones = lambda p: jnp.ones(p.shape, _stat_dtype(p))  # noqa: E731
     zeros = lambda p: jnp.zeros(p.shape, _stat_dtype(p))  # noqa: E731
-    if per_leaf:
-      scale = jax.tree.map(
-          lambda p, st: jnp.ones(p.shape[:1] if st else (), _stat_dtype(p)), params,
-          stacked(params))
-    else:
-      leaves = jax.tree.leaves(params)
-      dtype = jnp.result_type(jnp.float32, *[_stat_dtype(p) for p in leaves])
-      scale = jnp.ones([], dtype)
+    scale = _initial_scale(params, stacked(params) if per_leaf else None)
     return EGState(count=jnp.zeros([], jnp.int32), scale=scale,
                    gain=jax.tree.map(ones, params), gbar=jax.tree.map(zeros, params),
                    prev_direction=jax.tree.map(zeros, params) if store_direction else (),
@@ -226,14 +239,7 @@ def eg_adapt(base: optax.GradientTransformation, *, scale_lr: float = 1e-3,
     t = state.count + 1
     g = updates
     # (1) Meta-updates from g_t and the signals of step t - 1.
-    if scale_signal == 'gbar':
-      signal = state.gbar
-    elif direction_from_state is not None:
-      signal = direction_from_state(state.base)
-    elif gain_placement == 'output':
-      signal = jax.tree.map(lambda p, u: p * u, state.gain, state.prev_direction)
-    else:
-      signal = state.prev_direction
+    signal = _previous_signal(state, scale_signal, direction_from_state, gain_placement)
     st = stacked(g) if per_leaf else jax.tree.map(lambda _: False, g)
     scale = _updated_scale(state.scale, g, signal, st, per_leaf, normalized, scale_lr,
                            (scale_min, scale_max))

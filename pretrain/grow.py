@@ -334,22 +334,22 @@ def continue_flags(config, preset) -> list[str]:
 def summary(result: GrowthResult, config_spec: str, workdir: str) -> str:
   """The lines `launch.upscale` prints: shapes, scheme, notes, the held-out check, where the
   checkpoint went and the exact `launch.pretrain` command that continues the grown run."""
-  r = result.report
+  report = result.report
   shape = lambda s: (f"d {s['hidden_size']}, L {s['num_layers']}, " + (  # noqa: E731
       f"e {s['expansion'] * s['hidden_size']}, s {s['shared_dim']}" if s['family'] == 'gau'
       else f"h {s['num_heads']} x {s['head_dim']}, F {s['mlp_dim']}"))
-  src, dst = r['from'], r['to']
+  src, dst = report['from'], report['to']
   lines = [
       f"grew {src['family']} ({shape(src)}; {result.num_params[0]:,} params) -> "
       f"({shape(dst)}; {result.num_params[1]:,} params) from step {result.step}",
-      f"scheme: width {r['width_method']} (stream {r['stream_expansion']}, scale "
-      f"{r['stream_scale']:.4g}), symmetry breaking {r['options']['symmetry_breaking']}, "
-      f"depth {r['depth_method']} {r['new_layers'] or ''}, optimizer state "
-      f"{r['options']['optimizer_state']}; exact: {r['exactness']}"]
-  lines += [f'  note: {note}' for note in r['notes']]
-  if r['config_overrides']:
+      f"scheme: width {report['width_method']} (stream {report['stream_expansion']}, scale "
+      f"{report['stream_scale']:.4g}), symmetry breaking {report['options']['symmetry_breaking']}, "
+      f"depth {report['depth_method']} {report['new_layers'] or ''}, optimizer state "
+      f"{report['options']['optimizer_state']}; exact: {report['exactness']}"]
+  lines += [f'  note: {note}' for note in report['notes']]
+  if report['config_overrides']:
     lines.append('config values set by growth: ' + ', '.join(
-        f'{k}={v!r}' for k, v in r['config_overrides'].items()))
+        f'{k}={v!r}' for k, v in report['config_overrides'].items()))
   small, grown = result.small, result.grown
   lines.append(f"held-out batch: max |logit difference| {result.max_abs_logit_diff:.3g}; "
                f"{result.config.objective.upper()} loss small {small['loss']:.6f} vs grown "

@@ -18,12 +18,12 @@ from models.growth.plan import _BRANCH_END, GrowthError, Plan, _has_norm_params
 
 # ----------------------------------------------------------------------------- leaf rules
 
-def _leaf_rule(p: Plan, path: tuple[str, ...]):
+def _leaf_rule(growth_plan: Plan, path: tuple[str, ...]):
   """(kind, [(AxisMap, role) or None per axis]) for a leaf; layer leaves exclude the L axis.
 
   kind: 'kernel', 'embedding', 'bias', 'scale' (norm gain / GAU scale-offset gain) or 'qk'.
   """
-  m = p.maps
+  m = growth_plan.maps
   st, name = path[:-1], path[-1]
   produce = lambda a: (a, 'produce')
   consume = lambda a: (a, 'consume')
@@ -46,7 +46,7 @@ def _leaf_rule(p: Plan, path: tuple[str, ...]):
     st = st[1:]
     if st and st[-1] in ('attention_norm', 'mlp_norm', 'norm'):
       return norm[name]
-    if p.src.family == 'gau':
+    if growth_plan.src.family == 'gau':
       if st == ('uvz',):
         return (('kernel', [consume(m['stream']), produce(m['uvz'])]) if name == 'kernel'
                 else ('bias', [produce(m['uvz'])]))
@@ -129,13 +129,13 @@ def _apply(x: np.ndarray, axes, kind: str, mode: str, power: int, stacked: bool,
   return np.where(np.broadcast_to(zero_any, y.shape), 0.0, y)
 
 
-def _grow_leaf(p: Plan, path: tuple[str, ...], x, mode: str, power: int = 1) -> np.ndarray:
+def _grow_leaf(growth_plan: Plan, path: tuple[str, ...], x, mode: str, power: int = 1) -> np.ndarray:
   stacked = path[0] == 'layers'
-  kind, axes = _leaf_rule(p, path)
-  rng = _rng(p.options.seed, path)
+  kind, axes = _leaf_rule(growth_plan, path)
+  rng = _rng(growth_plan.options.seed, path)
   if kind == 'qk':  # [L, m, s]: one map per row (q rows zero-slot with new zeros, k rows free)
     x = np.asarray(x, np.float64)
-    rows = p.maps['qk_rows']
+    rows = growth_plan.maps['qk_rows']
     if x.shape[1] != len(rows):
       raise GrowthError(f'{"/".join(path)} has {x.shape[1]} rows, expected {len(rows)}.')
     sub = 'scale' if axes == 'scale' else 'bias'
@@ -167,34 +167,34 @@ def _unstacked(params: dict) -> dict:
   return out
 
 
-def _norm_names(p: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _norm_names(growth_plan: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """(first, last) norm of a block (the same for a one-norm GAU block)."""
-  if p.src.family == 'gau':
+  if growth_plan.src.family == 'gau':
     return ('norm',), ('norm',)
   return ('attention_norm',), ('mlp_norm',)
 
 
-def _insert_layers(p: Plan, flat: dict[tuple, np.ndarray], mode: str) -> dict:
-  """Inserts zero-branch blocks at p.new_layers into stacked leaves (docs/algorithms.md 4.6)."""
-  if not p.new_layers:
+def _insert_layers(growth_plan: Plan, flat: dict[tuple, np.ndarray], mode: str) -> dict:
+  """Inserts zero-branch blocks at growth_plan.new_layers into stacked leaves (docs/algorithms.md 4.6)."""
+  if not growth_plan.new_layers:
     return flat
   flat = dict(flat)
   layer_paths = [path for path in flat if path[0] == 'layers']
   blocks = [{path[1:]: flat[path][i] for path in layer_paths}
             for i in range(flat[layer_paths[0]].shape[0])]
-  first, last = _norm_names(p)
-  transfer = p.depth_method == 'norm_transfer' and _has_norm_params(p.src)
+  first, last = _norm_names(growth_plan)
+  transfer = growth_plan.depth_method == 'norm_transfer' and _has_norm_params(growth_plan.src)
   stats = {path[1:]: (_rms(flat[path], np.zeros((1,) * flat[path].ndim, bool), False),
                       flat[path].mean(axis=0)) for path in layer_paths}
-  for position in p.new_layers:
-    rng = _rng(p.options.seed, ('layers', str(position)), 'depth')
+  for position in growth_plan.new_layers:
+    rng = _rng(growth_plan.options.seed, ('layers', str(position)), 'depth')
     block = {}
     for sub, value in blocks[0].items():
       rms, mean = stats[sub]
       if mode == 'grad' or sub[:-1] in _BRANCH_END or sub[-1] == 'bias':
         block[sub] = np.zeros_like(value)
       elif sub[:-1] in (first, last):  # norm gain: c_s * identity
-        block[sub] = np.full_like(value, p.c_stream)
+        block[sub] = np.full_like(value, growth_plan.c_stream)
       elif sub[-1] == 'scale':  # GAU q/k gains: the layers' mean
         block[sub] = np.array(mean)
       else:
@@ -212,46 +212,46 @@ def _insert_layers(p: Plan, flat: dict[tuple, np.ndarray], mode: str) -> dict:
         old = owner[key]
         block[last + (name,)] = np.array(old)
         owner[key] = (np.zeros_like(old) if mode == 'grad' or name == 'bias'
-                      else np.full_like(old, p.c_stream))
+                      else np.full_like(old, growth_plan.c_stream))
     blocks.insert(position, block)
   for path in layer_paths:
     flat[path] = np.stack([b[path[1:]] for b in blocks])
   return flat
 
 
-def _grow_tree(p: Plan, params: dict, mode: str, power: int = 1) -> dict:
+def _grow_tree(growth_plan: Plan, params: dict, mode: str, power: int = 1) -> dict:
   """Width then depth growth of a stacked-or-not pure dict of arrays; returns numpy leaves
   in the dst layout (scan_layers)."""
   flat = traverse_util.flatten_dict(_stacked(params))
   dtypes = {path: np.asarray(v).dtype for path, v in flat.items()}
-  out = {path: _grow_leaf(p, tuple(str(k) for k in path), v, mode, power)
+  out = {path: _grow_leaf(growth_plan, tuple(str(k) for k in path), v, mode, power)
          for path, v in flat.items()}
-  if mode == 'param' and p.options.symmetry_breaking == 'noise':
+  if mode == 'param' and growth_plan.options.symmetry_breaking == 'noise':
     for path, y in out.items():
-      kind, _ = _leaf_rule(p, tuple(str(k) for k in path))
+      kind, _ = _leaf_rule(growth_plan, tuple(str(k) for k in path))
       if kind in ('kernel', 'embedding') and y.shape != np.shape(flat[path]):
-        rng = _rng(p.options.seed, tuple(str(k) for k in path), 'noise')
+        rng = _rng(growth_plan.options.seed, tuple(str(k) for k in path), 'noise')
         stacked = path[0] == 'layers'
         rms = _rms(y, np.zeros((1,) * y.ndim, bool), stacked)
-        out[path] = y + p.options.noise_sigma * rms * rng.standard_normal(y.shape)
-  out = _insert_layers(p, out, mode)
+        out[path] = y + growth_plan.options.noise_sigma * rms * rng.standard_normal(y.shape)
+  out = _insert_layers(growth_plan, out, mode)
   out = {path: y.astype(dtypes[path]) for path, y in out.items()}
   tree = traverse_util.unflatten_dict(out)
-  return tree if p.dst.scan_layers else _unstacked(tree)
+  return tree if growth_plan.dst.scan_layers else _unstacked(tree)
 
 
-def grow_params(params: dict, p: Plan) -> dict:
-  """The grown parameter tree (numpy arrays, the source leaves' dtypes) for plan p.
+def grow_params(params: dict, growth_plan: Plan) -> dict:
+  """The grown parameter tree (numpy arrays, the source leaves' dtypes) for growth_plan.
 
   params: the source's pure dict (nnx.to_pure_dict(nnx.state(model, nnx.Param))), stacked
   (scan_layers=True) or not; the result follows the target's scan_layers.
   """
-  return _grow_tree(p, params, 'param')
+  return _grow_tree(growth_plan, params, 'param')
 
 
-def grow_like_gradient(tree: dict, p: Plan, power: int = 1) -> dict:
+def grow_like_gradient(tree: dict, growth_plan: Plan, power: int = 1) -> dict:
   """Maps a parameter-shaped tree the way gradients map (docs/algorithms.md 4.7): copies of a unit
   split
   the gradient (producers 1/(copies c), consumers c); new units and inserted blocks get 0.
   power=2 maps second moments (squared factors)."""
-  return _grow_tree(p, tree, 'grad', power)
+  return _grow_tree(growth_plan, tree, 'grad', power)

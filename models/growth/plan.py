@@ -489,8 +489,8 @@ def plan(src_config, dst_config, options: Options | None = None) -> Plan:
               maps=maps, exactness=exact, notes=notes, config_overrides=overrides)
 
 
-def grown_config(dst_config, p: Plan):
+def grown_config(dst_config, growth_plan: Plan):
   """A copy of dst_config with the values the grown parameters need (Plan.config_overrides)."""
   config = copy.deepcopy(dst_config)
-  config.update_from_flattened_dict(dict(p.config_overrides))
+  config.update_from_flattened_dict(dict(growth_plan.config_overrides))
   return config
