@@ -78,12 +78,7 @@ def state_bytes(shapes, **optim_fields) -> int:
   config = roformer.get_config('base')
   config.optim.weight_decay = 0.0  # no effect on state; silences the adafactor 'optax' warning
   config.optim.grad_clip_norm = 0.0  # no effect on state; accumulation='momentum' needs it
-  for name, value in optim_fields.items():
-    if '.' in name:
-      group, field = name.split('.')
-      config.optim[group][field] = value
-    else:
-      config.optim[name] = value
+  config.optim.update_from_flattened_dict(optim_fields)
   return tree_bytes(jax.eval_shape(optim.build(config).init, shapes))
 
 

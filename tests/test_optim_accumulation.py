@@ -18,8 +18,7 @@ def make_config(**optim_fields):
   config.optim.grad_clip_norm = 0.0
   config.optim.schedule = 'linear'
   config.optim.warmup_steps = 3
-  for name, value in optim_fields.items():
-    config.optim[name] = value
+  config.optim.update_from_flattened_dict(optim_fields)
   return config
 
 

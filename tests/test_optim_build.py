@@ -18,12 +18,7 @@ def make_config(**optim_fields):
   config.train.num_train_steps = 30
   config.optim.warmup_steps = 5
   config.optim.learning_rate = 0.05
-  for name, value in optim_fields.items():
-    if '.' in name:
-      group, field = name.split('.')
-      config.optim[group][field] = value
-    else:
-      config.optim[name] = value
+  config.optim.update_from_flattened_dict(optim_fields)
   return config
 
 
