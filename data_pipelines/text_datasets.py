@@ -75,6 +75,12 @@ def expand_globs(pattern: str, flag: str = '--config.data.text_files') -> list[s
   patterns = [p.strip() for p in pattern.split(',') if p.strip()]
   files = sorted({f for p in patterns for f in glob.glob(os.path.expanduser(p), recursive=True)
                   if os.path.isfile(f)})
+  directories = [p for p in patterns if os.path.isdir(os.path.expanduser(p))]
+  if not files and directories:
+    raise DataError(
+        f'{flag}={pattern!r} is a directory ({directories[0]}), not a file glob; give the '
+        f'files in it, e.g. {flag}=\'{directories[0].rstrip("/")}/**/*.txt\' (quoted, so that '
+        f'Python expands the **).')
   if not files:
     raise DataError(
         f'{flag}={pattern!r} matches no files. Check the path (globs such as '

@@ -256,6 +256,25 @@ class PreemptionWatcher:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _validate_data(data, objective: str):
+  """The data fields every objective needs in range (ValueError naming the field)."""
+  if data.seq_len < 2:
+    raise ValueError(f'--config.data.seq_len={data.seq_len} must be >= 2.')
+  if data.global_batch_size < 1:
+    raise ValueError(f'--config.data.global_batch_size={data.global_batch_size} must be >= 1 '
+                     '(rows per step over all processes).')
+  if objective == 'mlm':
+    if not 0 < data.mask_rate < 1:
+      raise ValueError(f'--config.data.mask_rate={data.mask_rate} must be in (0, 1): the '
+                       'fraction of tokens the MLM predicts (BERT: 0.15); at 0 nothing is '
+                       'learned.')
+    rates = (data.mask_token_rate, data.random_token_rate)
+    if not (all(0 <= r <= 1 for r in rates) and sum(rates) <= 1):
+      raise ValueError(f'--config.data.mask_token_rate={rates[0]} and random_token_rate='
+                       f'{rates[1]} must be in [0, 1] with a sum <= 1 (BERT: 0.8 and 0.1; '
+                       'the rest keep the original token).')
+
+
 def validate(config, mesh=None):
   """Checks the config before any work starts.
 
@@ -268,8 +287,7 @@ def validate(config, mesh=None):
                 'checkpoint_every_steps', 'keep_checkpoints'):
     if config.train[field] < 1:
       raise ValueError(f'--config.train.{field}={config.train[field]} must be >= 1.')
-  if config.data.seq_len < 2:
-    raise ValueError(f'--config.data.seq_len={config.data.seq_len} must be >= 2.')
+  _validate_data(config.data, config.objective)
   if mesh is not None:
     mesh_lib.check_global_batch(config.data.global_batch_size, mesh)
 

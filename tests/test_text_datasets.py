@@ -125,3 +125,12 @@ def test_tokenizer_round_trips_code_and_chinese_and_is_cached(text_corpus, cache
   with pytest.raises(tokenizer_lib.TokenizerError, match='set --config.model.vocab_size='):
     tokenizer_lib.load_or_train(config.data, config.model, source.train, source.text_key, 'x')
   np.testing.assert_array_equal(tok.encode('abc'), loaded.encode('abc'))
+
+
+def test_directory_given_as_glob_says_so_and_suggests_a_glob(tmp_path):
+  (tmp_path / 'corpus').mkdir()
+  (tmp_path / 'corpus' / 'a.txt').write_text('some text\n')
+  with pytest.raises(text_datasets.DataError,
+                     match=r"is a directory .*corpus/\*\*/\*\.txt"):
+    text_datasets.expand_globs(str(tmp_path / 'corpus'))
+  assert text_datasets.expand_globs(str(tmp_path / 'corpus' / '**' / '*.txt'))

@@ -124,3 +124,19 @@ def test_optimizer_trains_and_resumes_identically(name, text_corpus, cache_dir, 
   losses = [json.loads(l)['loss'] for l in (tmp_path / 'full' / 'metrics.jsonl').read_text()
             .splitlines() if json.loads(l)['split'] == 'train']
   assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('data.mask_rate', 0.0, r'data\.mask_rate=0\.0 must be in \(0, 1\)'),
+    ('data.mask_rate', -0.1, r'data\.mask_rate=-0\.1'),
+    ('data.mask_rate', 1.5, r'data\.mask_rate=1\.5'),
+    ('data.mask_token_rate', 0.95, r'mask_token_rate=0\.95 and random_token_rate=0\.1'),
+    ('data.global_batch_size', 0, r'data\.global_batch_size=0 must be >= 1'),
+    ('data.seq_len', 1, r'data\.seq_len=1 must be >= 2'),
+])
+def test_bad_data_fields_are_refused_naming_the_field(field, value, message, text_corpus,
+                                                      cache_dir, tmp_path):
+  config = make_tiny_config(text_corpus, cache_dir, **{field: value})
+  with pytest.raises(train.InputError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists() or not list((tmp_path / 'checkpoints').iterdir())
