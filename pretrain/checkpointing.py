@@ -88,22 +88,34 @@ class Checkpointer:
     self._manager.close()
 
 
-def check_compatible(meta: dict[str, Any] | None, model_config, workdir: str):
-  """Refuses to resume a checkpoint whose model shape differs from `config.model`.
+# Config fields (besides the model shape) a run cannot change on resume: they change the
+# parameter or optimizer-state tree, or the function the parameters compute.
+RESUME_FIELDS = ('objective', 'model.norm_type', 'model.use_bias', 'model.mlp_activation',
+                 'optim.name')
+
+
+def check_compatible(meta: dict[str, Any] | None, config, workdir: str):
+  """Refuses to resume a checkpoint whose model shape or RESUME_FIELDS differ from `config`
+  (before anything is restored, so the message names the field instead of a tree diff).
 
   Raises:
-    CheckpointError: naming the differing fields and the two ways out.
+    CheckpointError: naming the differing fields and the ways out.
   """
   if not meta:
     return
   saved = meta.get('model_shape', {})
-  current = model_shape(model_config)
+  current = model_shape(config.model)
   diffs = [f'{k}: checkpoint {saved[k]!r} vs config {current[k]!r}'
            for k in current if k in saved and saved[k] != current[k]]
+  saved_config = traverse_util.flatten_dict(meta.get('config', {}), sep='.')
+  now = traverse_util.flatten_dict(config.to_dict(), sep='.')
+  diffs += [f'{k}: checkpoint {saved_config[k]!r} vs config {now[k]!r}'
+            for k in RESUME_FIELDS if k in saved_config and saved_config[k] != now.get(k)]
   if diffs:
     raise CheckpointError(
-        f'--workdir={workdir} holds a checkpoint of a different model ({"; ".join(diffs)}). '
-        f'Use a new --workdir, pass the config that wrote it, or grow it with launch.upscale.')
+        f'--workdir={workdir} holds a checkpoint of a different model or optimizer '
+        f'({"; ".join(diffs)}). Use a new --workdir, pass the config that wrote it (its '
+        f'config.json), or grow it with launch.upscale.')
 
 
 def abstract_like(tree, shardings):

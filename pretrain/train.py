@@ -375,7 +375,7 @@ def prepare(config, workdir: str) -> Run:
     ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     meta = ckpt.read_meta()
     checkpointing.adopt_growth_values(config, meta)
-    checkpointing.check_compatible(meta, config.model, workdir)
+    checkpointing.check_compatible(meta, config, workdir)
     source, tokenizer, train_iter, eval_set = _load_data(config, meta, workdir)
     run_setup = setup(config, mesh)
     if jax.process_index() == 0:

@@ -1,5 +1,7 @@
 """Trainer properties: sharded == single device, resumed == uninterrupted, sharding specs."""
 
+import copy
+
 import jax
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -80,6 +82,19 @@ def test_workdir_with_other_model_shape_is_refused(text_corpus, cache_dir, tmp_p
   config.model.hidden_size = 64
   with pytest.raises(train.InputError, match='hidden_size: checkpoint 32 vs config 64'):
     train.train_and_evaluate(config, str(tmp_path))
+  config.model.hidden_size = 32
+  # Fields that change the state tree or the model's function are named too (before any
+  # restore: the old code gave an orbax tree diff or a TypeError).
+  for field, value, message in (
+      ('objective', 'clm', "objective: checkpoint 'mlm' vs config 'clm'"),
+      ('model.norm_type', 'rmsnorm', "norm_type: checkpoint 'layernorm' vs config 'rmsnorm'"),
+      ('model.use_bias', False, 'use_bias: checkpoint True vs config False'),
+      ('optim.name', 'sgdm', "optim.name: checkpoint 'adamw' vs config 'sgdm'")):
+    changed = copy.deepcopy(config)
+    changed.update_from_flattened_dict({field: value})
+    with pytest.raises(train.InputError, match=message):
+      train.train_and_evaluate(changed, str(tmp_path))
+  train.train_and_evaluate(config, str(tmp_path))  # the unchanged config still resumes
 
 
 OPTIMIZERS = {
