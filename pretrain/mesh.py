@@ -152,7 +152,7 @@ def check_divisible(abstract_params, param_shardings):
       axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
       parts = math.prod(sharding.mesh.shape[a] for a in axes)
       if size % parts:
-        name = '/'.join(str(jax.tree_util.keystr((k,)).strip("[]'.")) for k in path)
+        name = '/'.join(tree_paths.path_names(path))
         raise ValueError(
             f'parameter {name} has size {size} on dim {dim}, which mesh axes {axes} '
             f'({parts} devices) do not divide; change --config.mesh.shape or map that '

@@ -476,13 +476,13 @@ class TrainLog:
 
 # ----------------------------------------------------------------------------- loop
 
-def train_loop(run: Run) -> tuple[dict[str, float], int]:
+def train_loop(run: Run) -> tuple[dict[str, float], int, int]:
   """Steps from run.start_step to the end (or train.stop_after_steps, or SIGTERM), with the
   periodic hooks: log every log_every_steps, evaluate every eval_every_steps and at the last
   step, checkpoint every checkpoint_every_steps, at the stop and on SIGTERM.
 
   Returns:
-    (the last evaluation, the number of steps taken).
+    (the last evaluation, the number of steps taken, the tokens they consumed).
   """
   t = run.config.train
   num_steps = t.num_train_steps
@@ -518,7 +518,8 @@ def train_loop(run: Run) -> tuple[dict[str, float], int]:
       eval_result = evaluate(run, step)
   finally:
     watcher.restore()
-  return eval_result, step - run.start_step
+  steps_done = step - run.start_step
+  return eval_result, steps_done, steps_done * log.tokens_per_step
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -539,12 +540,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   run = prepare(config, workdir)
   start = time.time()
   try:
-    eval_result, steps_done = train_loop(run)
+    eval_result, steps_done, tokens_done = train_loop(run)
   finally:
     run.close()
   total = time.time() - start
-  tokens_per_step = config.data.global_batch_size * config.data.seq_len
   logging.info('done: %d steps in %s (%.0f tokens/s overall); checkpoints in %s', steps_done,
-               metrics_lib.format_duration(total),
-               steps_done * tokens_per_step / max(total, 1e-9), run.ckpt.directory)
+               metrics_lib.format_duration(total), tokens_done / max(total, 1e-9),
+               run.ckpt.directory)
   return eval_result
