@@ -102,10 +102,10 @@ OPTIMIZERS = {
                         'optim.learning_rate': 1e-2},
     'adafactor_bert4keras_momentum_accumulation': {
         'optim.name': 'adafactor', 'optim.adafactor_variant': 'bert4keras',
-        'optim.learning_rate': 5e-2, 'optim.accumulation': 'momentum',
+        'optim.learning_rate': 0.5, 'optim.accumulation': 'momentum',
         'optim.accumulation_steps': 2, 'optim.grad_clip_norm': 0.0},
     'lamb_multisteps': {'optim.name': 'lamb', 'optim.accumulation_steps': 2,
-                        'optim.learning_rate': 2e-2},  # LAMB steps are relative
+                        'optim.learning_rate': 5e-2},  # LAMB steps are relative
     'adamw_accumulation_in_momentum': {'optim.accumulation': 'momentum',
                                        'optim.accumulation_steps': 3,
                                        'optim.grad_clip_norm': 0.0},
