@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import difflib
 import glob
 import hashlib
 import os
@@ -169,18 +170,56 @@ class _LocalTextBuilder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     ids = [doc_id for doc_id, _ in _documents(self._files, self._text_unit)]
+    if len(ids) == 1:
+      # One document (a single file, or a single line): its tail is the validation text.
+      text = next(_documents(self._files, self._text_unit))[1]
+      head, tail = split_single_document(text, self._validation_fraction, ids[0])
+      return {'train': self._single(ids[0], head, 'head'),
+              'validation': self._single(ids[0], tail, 'tail')}
     held_out = {i for i in ids if _is_validation(i, self._validation_fraction)}
-    if not held_out and len(ids) > 1:
+    if not held_out:
       # A small corpus can hash nothing into validation: hold out the lowest-hash document.
       held_out = {min(ids, key=lambda i: hashlib.sha256(i.encode()).digest())}
-    if len(held_out) == len(ids) and ids:
-      held_out = set()
+    if len(held_out) == len(ids):
+      # Everything hashed into validation: keep the highest-hash document for training.
+      held_out.discard(max(ids, key=lambda i: hashlib.sha256(i.encode()).digest()))
     return {'train': self._generate_examples(held_out, False), 'validation': self._generate_examples(held_out, True)}
+
+  def _single(self, doc_id: str, text: str, part: str):
+    yield f'{doc_id}#{part}', {'text': text, 'id': f'{doc_id}#{part}'}
 
   def _generate_examples(self, held_out: set[str], validation: bool):
     for doc_id, text in _documents(self._files, self._text_unit):
       if (doc_id in held_out) == validation:
         yield doc_id, {'text': text, 'id': doc_id}
+
+
+# A one-document corpus smaller than this cannot give both a training and a validation part
+# of a few dozen tokens each.
+MIN_SINGLE_DOCUMENT_CHARS = 400
+
+
+def split_single_document(text: str, validation_fraction: float, name: str) -> tuple[str, str]:
+  """Splits a corpus's only document into (train head, validation tail).
+
+  The tail is the last `validation_fraction` of the characters (at least 1/8 of
+  MIN_SINGLE_DOCUMENT_CHARS), cut at the nearest line break when there is one.
+
+  Raises:
+    DataError: the document has fewer than MIN_SINGLE_DOCUMENT_CHARS non-blank characters.
+  """
+  size = len(text.strip())
+  if size < MIN_SINGLE_DOCUMENT_CHARS:
+    raise DataError(
+        f'the corpus is one document ({name}) of {size} characters: too small to hold out a '
+        f'validation part. Give at least {MIN_SINGLE_DOCUMENT_CHARS} characters of text (a '
+        f'real run needs megabytes), or more files.')
+  tail_chars = max(int(len(text) * validation_fraction), MIN_SINGLE_DOCUMENT_CHARS // 8)
+  cut = len(text) - tail_chars
+  newline = text.rfind('\n', 0, cut + 1)
+  if newline > len(text) // 2 and text[newline + 1:].strip():
+    cut = newline + 1
+  return text[:cut], text[cut:]
 
 
 class LocalTextFiles(_LocalTextBuilder):
@@ -311,16 +350,29 @@ def load_text_source(data_config, *, build: bool = True) -> TextSource:
                        'train', 'validation', 'text')
 
 
+def _close_names(name: str) -> str:
+  """'Close names: a, b, c. ' from TFDS's registered builders ('' if none is close)."""
+  try:
+    known = tfds.list_builders(with_community_datasets=False)
+  except Exception:  # pylint: disable=broad-except
+    return ''
+  builder = name.split('/')[0].split(':')[0]
+  close = difflib.get_close_matches(builder, known, n=5, cutoff=0.6)
+  return f'Close names: {", ".join(close)}. ' if close else ''
+
+
 def _load_named(data_config) -> TextSource:
   name = data_config.tfds_name
   data_dir = data_config.tfds_data_dir or None
   try:
     builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
   except Exception as e:  # TFDS raises several types for unknown names/configs.
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise DataError(
-        f'--config.data.tfds_name={name!r} is not a TFDS dataset this install knows ({e}). '
-        f'Check the name with `tfds.list_builders()`, or set --config.data.tfds_data_dir to '
-        f'the directory that holds it.') from None
+        f'--config.data.tfds_name={name!r} is not a TFDS dataset this install knows '
+        f'({first_line[:200]}). {_close_names(name)}Check the name with '
+        f'`tfds.list_builders()`, or set --config.data.tfds_data_dir to the directory that '
+        f'holds it.') from None
   if not builder.is_prepared():
     logging.info('preparing TFDS dataset %s in %s', name, builder.data_dir)
     builder.download_and_prepare(file_format='array_record')

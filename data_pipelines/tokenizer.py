@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from typing import Iterable, Sequence
 
 from absl import logging
@@ -96,9 +97,17 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int) -> bytes:
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=CLS_ID, eos_id=SEP_ID,
         user_defined_symbols=['[MASK]'], max_sentence_length=16384, minloglevel=2)
   except RuntimeError as e:
+    needed = re.search(r'Vocabulary size is smaller than required_chars\. \d+ vs (\d+)', str(e))
+    if needed:  # byte fallback: 256 byte pieces + special pieces + the corpus's characters
+      raise TokenizerError(
+          f'--config.model.vocab_size={vocab_size} is too small for this corpus: the tokenizer '
+          f'needs at least {needed.group(1)} pieces for its 256 byte pieces, special tokens and '
+          f'the characters of the text. Raise it (the tiny presets use 8000; BERT uses '
+          f'30522).') from None
     raise TokenizerError(
-        f'training a {vocab_size}-piece tokenizer failed ({e}). Lower '
-        f'--config.model.vocab_size or give more text.') from None
+        f'training a {vocab_size}-piece tokenizer failed '
+        f'({str(e).strip().splitlines()[-1][:300]}). Lower --config.model.vocab_size or give '
+        f'more text.') from None
   return buf.getvalue()
 
 

@@ -5,7 +5,10 @@ initialised automatically there (or from --coordinator_address / --num_processes
 --process_id elsewhere). Any config field can be overridden with `--config.x.y=value`.
 Running the command again resumes from the workdir's latest checkpoint.
 
-Exit codes: 0 done (or preempted after saving), 2 bad input (the message says what to do).
+Exit codes: 0 done (or stopped by SIGTERM / Ctrl-C after saving a checkpoint), 2 bad input
+(the message says what to do), 3 stopped after train.max_nonfinite_steps non-finite steps in a
+row (the last good checkpoint is kept), 4 a checkpoint save failed (earlier ones are intact).
+A second Ctrl-C exits at once (130).
 """
 
 import os
@@ -57,12 +60,15 @@ def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; flags are --config, --workdir and --config.x.y=v.')
   initialize_distributed()
+  from pretrain import guards  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train.InputError as e:
     fail(str(e))
+  except guards.RunStopped as e:
+    fail(str(e), e.exit_code)
 
 
 if __name__ == '__main__':

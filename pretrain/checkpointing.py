@@ -4,20 +4,25 @@ Layout: `<workdir>/checkpoints/<step>/{state,data,meta}`. `state` holds params, 
 step; `data` the grain iterator state (so a resumed run reads the batches an uninterrupted run
 would); `meta` the resolved config, model shape, tokenizer hash, mesh and lineage. Saves are
 asynchronous; orbax writes into a temporary directory and renames it when complete, so an
-interrupted save never replaces a good checkpoint.
+interrupted save never replaces a good checkpoint. A newest checkpoint that cannot be restored
+(damaged or missing files) is moved aside to `<workdir>/checkpoints_damaged/` (never deleted)
+once an older one restores; a save that fails raises `SaveError` at once (docs/design.md 6).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import time
 from typing import Any
 
 from absl import logging
 from flax import traverse_util
 import grain
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 # Model fields whose change makes a checkpoint's parameters unusable.
@@ -33,6 +38,19 @@ def model_shape(model_config) -> dict[str, Any]:
 
 class CheckpointError(ValueError):
   """The workdir's checkpoint does not match the config; the message says what to do."""
+
+
+class SaveError(RuntimeError):
+  """A checkpoint save failed (full disk, lost permissions, ...); one line naming the path."""
+
+
+def describe_error(e: BaseException) -> str:
+  """One line for an exception: `[Errno 28] No space left on device: 'path'` or `Type: msg`."""
+  if isinstance(e, OSError) and e.strerror:
+    return f'[Errno {e.errno}] {e.strerror}' + (f": '{e.filename}'" if e.filename else '')
+  text = str(e).strip().splitlines()
+  first = text[0] if text else ''
+  return f'{type(e).__name__}: {first[:300]}'
 
 
 class Checkpointer:
@@ -59,11 +77,35 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, data_iterator, meta: dict[str, Any], force: bool = True):
-    """Starts saving `state` (pytree of jax.Arrays), the iterator state and `meta` at `step`."""
+    """Starts saving `state` (pytree of jax.Arrays), the iterator state and `meta` at `step`.
+
+    Raises:
+      SaveError: this save, or an earlier asynchronous one, failed.
+    """
     items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with self._save_errors(step):
+      self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  @contextlib.contextmanager
+  def _save_errors(self, step):
+    """Turns any failure of a save (or of an earlier asynchronous one) into one SaveError."""
+    steps = self.all_steps()
+    try:
+      yield
+    except SaveError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise SaveError(
+          f'saving checkpoint {os.path.join(self.directory, str(step))} failed: '
+          f'{describe_error(e)}. The earlier checkpoints {steps} are intact; fix the cause '
+          f'(free disk space, permissions) and run the same command to resume.') from e
+
+  def check_for_errors(self):
+    """Raises SaveError if an asynchronous save has failed (cheap: no waiting)."""
+    with self._save_errors(self.latest_step()):
+      self._manager.check_for_errors()
 
   def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
     """The JSON metadata of `step` (default: latest), or None if there is no checkpoint."""
@@ -72,20 +114,82 @@ class Checkpointer:
       return None
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
+  def newest_meta(self) -> dict[str, Any] | None:
+    """The metadata of the newest checkpoint whose metadata reads (damaged ones are skipped
+    here and moved aside by `restore_newest`), or None if there is none."""
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        meta = self.read_meta(step)
+      except Exception:  # pylint: disable=broad-except
+        continue
+      if isinstance(meta, dict):
+        return meta
+    return None
+
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs), and the
     iterator in place; works across mesh shapes (orbax reshards)."""
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    items = {'state': ocp.args.StandardRestore(abstract_state),
+             'meta': ocp.args.JsonRestore()}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self._manager.restore(step, args=ocp.args.Composite(**items))['state']
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if not isinstance(restored['meta'], dict):
+      raise ValueError(f'the metadata is {type(restored["meta"]).__name__}, not a JSON object')
+    return restored['state']
+
+  def restore_newest(self, abstract_state, data_iterator=None):
+    """Restores the newest checkpoint that restores; newer ones that fail are moved aside.
+
+    A failure is taken as damage only once an older checkpoint of the same workdir restores
+    (a config that no checkpoint fits moves nothing).
+
+    Returns:
+      (step, state), or (None, None) if there is no checkpoint.
+
+    Raises:
+      CheckpointError: there are checkpoints and none restores; names the newest and why.
+    """
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, abstract_state, data_iterator)
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append((step, describe_error(e)))
+        continue
+      for bad_step, cause in failures:
+        self._move_aside(bad_step, cause, step)
+      return step, state
+    if failures:
+      step, cause = failures[0]
+      raise CheckpointError(
+          f'no checkpoint in {self.directory} can be restored (steps '
+          f'{[s for s, _ in failures]}); the newest, {step}, fails with: {cause}. If it is '
+          f'damaged, move {self.directory}/{step} away and run again; if the config changed, '
+          f'pass the config that wrote it (config.json) or use a new --workdir.')
+    return None, None
+
+  def _move_aside(self, step: int, cause: str, fallback: int):
+    aside_root = os.path.join(os.path.dirname(self.directory), 'checkpoints_damaged')
+    aside = os.path.join(aside_root, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    logging.warning('checkpoint %s/%d cannot be restored (%s): moved to %s; resuming from '
+                    'step %d', self.directory, step, cause, aside, fallback)
+    if jax.process_index() == 0:
+      os.makedirs(aside_root, exist_ok=True)
+      os.rename(os.path.join(self.directory, str(step)), aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint_move_aside_{step}')
+    self._manager.reload()
 
   def wait(self):
-    self._manager.wait_until_finished()
+    with self._save_errors(self.latest_step()):
+      self._manager.wait_until_finished()
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 # Config fields (besides the model shape) a run cannot change on resume: they change the
@@ -118,6 +222,34 @@ def check_compatible(meta: dict[str, Any] | None, config, workdir: str):
         f'config.json), or grow it with launch.upscale.')
 
 
+def same_data(meta: dict[str, Any] | None, source, config, workdir: str) -> bool:
+  """Whether the checkpoint was trained on the data `source` holds now (True without a
+  checkpoint or a recorded fingerprint).
+
+  Returns:
+    False when the data changed and --config.data.allow_changed_data is set: the caller then
+    restores the model but starts the data iterator afresh.
+
+  Raises:
+    CheckpointError: the data changed and allow_changed_data is not set.
+  """
+  recorded = (meta or {}).get('data_fingerprint')
+  if recorded is None or recorded == source.fingerprint:
+    return True
+  if config.data.get('allow_changed_data', False):
+    logging.warning('the training data changed since the checkpoint was written (%s, '
+                    'fingerprint %s, was %s): resuming the model with the data iterator '
+                    'started afresh (--config.data.allow_changed_data)', source.name,
+                    source.fingerprint, recorded)
+    return False
+  raise CheckpointError(
+      f'the training data changed since the checkpoint in --workdir={workdir} was written '
+      f'({source.name}: fingerprint {source.fingerprint}, was {recorded}; files were added, '
+      f'removed, resized or touched). The saved data position would point into different '
+      f'text. Restore the original files, pass --config.data.allow_changed_data=true to '
+      f'resume the model with the data read from the start, or use a new --workdir.')
+
+
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) carrying `shardings`."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -132,8 +264,13 @@ def _code_version() -> str:
     return 'unknown'
 
 
-def checkpoint_meta(config, tokenizer, mesh, source_name: str, lineage=None) -> dict[str, Any]:
-  """The JSON metadata saved with every checkpoint (docs/design.md 5)."""
+def checkpoint_meta(config, tokenizer, mesh, source, lineage=None) -> dict[str, Any]:
+  """The JSON metadata saved with every checkpoint (docs/design.md 5).
+
+  Args:
+    source: the training data (`text_datasets.TextSource`: its name and fingerprint are kept,
+      so that a resume over changed data is noticed).
+  """
   return {
       'config': json.loads(config.to_json_best_effort()),
       'model_shape': model_shape(config.model),
@@ -141,7 +278,8 @@ def checkpoint_meta(config, tokenizer, mesh, source_name: str, lineage=None) -> 
       'objective': config.objective,
       'tokenizer': {'sha256': tokenizer.sha256, 'vocab_size': tokenizer.vocab_size,
                     'path': getattr(tokenizer, 'path', '')},
-      'data_source': source_name,
+      'data_source': source.name,
+      'data_fingerprint': source.fingerprint,
       'mesh': dict(mesh.shape),
       'code_version': _code_version(),
       'lineage': lineage or [],

@@ -285,7 +285,7 @@ def grow_run(from_workdir: str, config, workdir: str, step: int | None = None,
       'family': meta.get('family'), 'model_shape': meta.get('model_shape'),
       'max_abs_logit_diff': diff, 'heldout_loss_small': small['loss'],
       'heldout_loss_grown': grown['loss'], 'upscale': plan.report()}]
-  new_meta = checkpointing.checkpoint_meta(config, tokenizer, mesh, source.name, lineage)
+  new_meta = checkpointing.checkpoint_meta(config, tokenizer, mesh, source, lineage)
   return GrowthResult(max_abs_logit_diff=diff, small=small, grown=grown,
                       report=plan.report(), step=int(step),
                       checkpoint=_write_run(workdir, config, new_state, train_iter, new_meta),

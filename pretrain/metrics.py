@@ -120,6 +120,39 @@ class MetricWriter:
       self._tb.close()
 
 
+def truncate_history(workdir: str, step: int) -> int:
+  """Keeps `metrics.jsonl` honest on (re)start: lines past `step` (the restored step; 0 for a
+  fresh start) came from a run whose checkpoints are gone or older, so they move to
+  `metrics.dropped.jsonl` (appended, never deleted) with a warning.
+
+  Returns:
+    The number of lines moved.
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  keep, drop = [], []
+  for line in lines:
+    try:
+      later = int(json.loads(line)['step']) > step
+    except (ValueError, KeyError, TypeError):
+      later = True  # a torn last line from a killed run
+    (drop if later else keep).append(line)
+  if drop:
+    logging.warning('%s had %d line(s) past the restored step %d (written after that '
+                    'checkpoint by a run that was killed, or whose checkpoints are gone); moved '
+                    'them to metrics.dropped.jsonl', path, len(drop), step)
+    with open(os.path.join(workdir, 'metrics.dropped.jsonl'), 'a', encoding='utf-8') as f:
+      f.writelines(line if line.endswith('\n') else line + '\n' for line in drop)
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+  return len(drop)
+
+
 def log_line(step: int, num_steps: int, scalars: Mapping[str, Any]) -> str:
   """One console line: 'step 100/600 | loss 5.123 | acc 0.210 | lr 1.2e-03 | ...'."""
   parts = [f'step {step}/{num_steps}']

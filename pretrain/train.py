@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
-import threading
 import time
 from typing import Any, Callable
 
@@ -33,6 +31,7 @@ from data_pipelines import tokenizer as tokenizer_lib
 import models
 import optim
 from pretrain import checkpointing
+from pretrain import guards
 from pretrain import mesh as mesh_lib
 from pretrain import metrics as metrics_lib
 
@@ -112,14 +111,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config) -> Calla
 
   def train_step(state: State, batch, base_key):
     dropout_rng = jax.random.fold_in(base_key, state['step']) if use_dropout else None
-    (_, sums), grads = jax.value_and_grad(model_loss, has_aux=True)(
+    (loss, sums), grads = jax.value_and_grad(model_loss, has_aux=True)(
         state['params'], graphdef, batch, objective, dropout_rng)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    out = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
-    step_metrics = dict(sums, grad_norm=optax.tree.norm(grads),
-                        update_norm=optax.tree.norm(updates))
-    step_metrics.update(optim.metrics(opt_state))
+    grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+    # The non-finite guard (docs/design.md 6): a step whose loss, gradient or update is not
+    # finite leaves params and optimizer state exactly as they were (as optax.apply_if_finite);
+    # only the step counter (batches consumed) moves on.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    out = {'step': state['step'] + 1, 'params': keep(params, state['params']),
+           'opt_state': keep(opt_state, state['opt_state'])}
+    step_metrics = dict(sums, grad_norm=grad_norm, update_norm=update_norm,
+                        skipped=(~finite).astype(jnp.int32))
+    step_metrics.update(optim.metrics(out['opt_state']))
     return out, step_metrics
 
   return train_step
@@ -227,35 +233,6 @@ def init_state(config, run_setup: Setup) -> State:
 
 # ----------------------------------------------------------------------------- helpers
 
-class PreemptionWatcher:
-  """Turns SIGTERM (how TPU VMs are preempted) into a flag read at step boundaries.
-
-  On several hosts the flag is agreed through `multihost_utils` so that all hosts save the
-  same step and stop together.
-  """
-
-  def __init__(self):
-    self._flag = threading.Event()
-    self._previous = None
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint at the next step boundary')
-    self._flag.set()
-
-  def should_stop(self) -> bool:
-    flag = self._flag.is_set()
-    if jax.process_count() > 1:
-      flag = bool(multihost_utils.process_allgather(np.array(flag)).any())
-    return flag
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _validate_data(data, objective: str):
   """The data fields every objective needs in range (ValueError naming the field)."""
   if data.seq_len < 2:
@@ -263,6 +240,10 @@ def _validate_data(data, objective: str):
   if data.global_batch_size < 1:
     raise ValueError(f'--config.data.global_batch_size={data.global_batch_size} must be >= 1 '
                      '(rows per step over all processes).')
+  if not 0 < data.validation_fraction < 1:
+    raise ValueError(f'--config.data.validation_fraction={data.validation_fraction} must be in '
+                     '(0, 1): the fraction of local documents held out for evaluation '
+                     '(default 0.02).')
   if objective == 'mlm':
     if not 0 < data.mask_rate < 1:
       raise ValueError(f'--config.data.mask_rate={data.mask_rate} must be in (0, 1): the '
@@ -284,7 +265,7 @@ def validate(config, mesh=None):
   models.validate(config)  # also config.objective
   optim.validate(config)
   for field in ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'eval_steps',
-                'checkpoint_every_steps', 'keep_checkpoints'):
+                'checkpoint_every_steps', 'keep_checkpoints', 'max_nonfinite_steps'):
     if config.train[field] < 1:
       raise ValueError(f'--config.train.{field}={config.train[field]} must be >= 1.')
   _validate_data(config.data, config.objective)
@@ -305,6 +286,7 @@ class Run:
     train_iter, eval_set: the training iterator (checkpointed) and the evaluation batches.
     state: the train state (restored or fresh); start_step: its step.
     train_step, eval_step: the compiled steps; writer: metrics.jsonl + TensorBoard.
+    lock: this run's hold on the workdir (released by `close`).
   """
   config: Any
   workdir: str
@@ -318,10 +300,14 @@ class Run:
   train_step: Callable
   eval_step: Callable
   writer: metrics_lib.MetricWriter
+  lock: guards.WorkdirLock
 
   def close(self):
-    self.ckpt.close()
-    self.writer.close()
+    try:
+      self.ckpt.close()
+    finally:
+      self.writer.close()
+      self.lock.release()
 
 
 def _load_data(config, meta, workdir):
@@ -365,44 +351,51 @@ def prepare(config, workdir: str) -> Run:
   Raises:
     InputError: bad input (config, data, tokenizer, checkpoint, mesh), as one paragraph.
   """
-  ckpt = None
+  ckpt, lock = None, guards.WorkdirLock(workdir)
   try:
     mesh = mesh_lib.make_mesh(config.mesh)
     validate(config, mesh)
     if config.optim.weight_decay is None:  # print and record the value in force
       config.optim.weight_decay = optim.weight_decay(config)
     logging.info('resolved config:\n%s', config)
+    lock.acquire()  # also checks that the workdir is a writable directory
     ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    meta = ckpt.read_meta()
+    meta = ckpt.newest_meta()
     checkpointing.adopt_growth_values(config, meta)
     checkpointing.check_compatible(meta, config, workdir)
     source, tokenizer, train_iter, eval_set = _load_data(config, meta, workdir)
+    same_data = checkpointing.same_data(meta, source, config, workdir)
     run_setup = setup(config, mesh)
     if jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
       with open(os.path.join(workdir, 'config.json'), 'w') as f:
         f.write(config.to_json_best_effort(indent=2))
     logging.info('model %s: %s parameters; mesh %s; data %s (%d train / %d validation docs); '
                  'tokenizer %d pieces', config.model.family, f'{run_setup.num_params:,}',
                  dict(mesh.shape), source.name, len(source.train), len(source.validation),
                  tokenizer.vocab_size)
-    start_step = ckpt.latest_step()
-    if start_step is not None:
-      logging.info('resuming from %s/%d', ckpt.directory, start_step)
-      state = ckpt.restore(start_step, run_setup.abstract_state, train_iter)
-    else:
+    start_step, state = ckpt.restore_newest(run_setup.abstract_state,
+                                            train_iter if same_data else None)
+    if start_step is None:
       state, start_step = init_state(config, run_setup), 0
-  except ValueError as e:  # includes DataError, TokenizerError, CheckpointError
+    else:
+      logging.info('resuming from %s/%d', ckpt.directory, start_step)
+  except BaseException as e:
     if ckpt is not None:
       ckpt.close()
-    raise InputError(str(e)) from e
+    lock.release()
+    if isinstance(e, ValueError):  # includes DataError, TokenizerError, CheckpointError
+      raise InputError(str(e)) from e
+    raise
+  if jax.process_index() == 0:
+    metrics_lib.truncate_history(workdir, start_step)
   lineage = (meta or {}).get('lineage', [])
   return Run(config=config, workdir=workdir, run_setup=run_setup, ckpt=ckpt,
-             meta=checkpointing.checkpoint_meta(config, tokenizer, mesh, source.name, lineage),
+             meta=checkpointing.checkpoint_meta(config, tokenizer, mesh, source, lineage),
              train_iter=train_iter, eval_set=eval_set, state=state, start_step=start_step,
              train_step=jit_train_step(run_setup, config),
              eval_step=jit_eval_step(run_setup, config),
-             writer=metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0))
+             writer=metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0),
+             lock=lock)
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -421,9 +414,21 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
   return result
 
 
-def save(run: Run, step: int):
-  """Starts an asynchronous checkpoint of run.state, the data iterator and the metadata."""
-  run.ckpt.save(step, run.state, run.train_iter, run.meta)
+def save(run: Run, step: int, health: guards.Health | None = None):
+  """Starts an asynchronous checkpoint of run.state, the data iterator and the metadata,
+  unless the last step was non-finite (its state must not replace a good checkpoint).
+
+  Raises:
+    guards.RunStopped: the save (or an earlier asynchronous one) failed (exit code 4).
+  """
+  if health is not None and not health.healthy:
+    logging.warning('not saving step %d: its update was non-finite (%d in a row); the last '
+                    'good checkpoint stays the newest', step, health.streak)
+    return
+  try:
+    run.ckpt.save(step, run.state, run.train_iter, run.meta)
+  except checkpointing.SaveError as e:
+    raise guards.RunStopped(str(e), guards.EXIT_SAVE_FAILED) from None
 
 
 class TrainLog:
@@ -459,6 +464,9 @@ class TrainLog:
     scalars = summarize(sums)
     del scalars['perplexity']
     scalars['grad_norm'] = float(np.mean([m['grad_norm'] for m in fetched]))
+    skipped = sum(int(m['skipped']) for m in fetched)
+    if skipped:
+      scalars['skipped_steps'] = skipped
     # The rate of the last optimizer update (updates = micro-steps // accumulation).
     scalars['learning_rate'] = float(self.schedule(max(step // self.accumulation - 1, 0)))
     scalars['tokens_per_sec'] = self.window_steps * self.tokens_per_step / elapsed
@@ -477,12 +485,17 @@ class TrainLog:
 # ----------------------------------------------------------------------------- loop
 
 def train_loop(run: Run) -> tuple[dict[str, float], int, int]:
-  """Steps from run.start_step to the end (or train.stop_after_steps, or SIGTERM), with the
-  periodic hooks: log every log_every_steps, evaluate every eval_every_steps and at the last
-  step, checkpoint every checkpoint_every_steps, at the stop and on SIGTERM.
+  """Steps from run.start_step to the end (or train.stop_after_steps, SIGTERM or Ctrl-C),
+  with the periodic hooks: log every log_every_steps, evaluate every eval_every_steps and at
+  the last step, checkpoint every checkpoint_every_steps, at the stop and on SIGTERM / Ctrl-C
+  (never from a non-finite step: see guards.Health).
 
   Returns:
     (the last evaluation, the number of steps taken, the tokens they consumed).
+
+  Raises:
+    guards.RunStopped: train.max_nonfinite_steps non-finite steps in a row (exit code 3), or a
+      failed save (exit code 4).
   """
   t = run.config.train
   num_steps = t.num_train_steps
@@ -496,30 +509,53 @@ def train_loop(run: Run) -> tuple[dict[str, float], int, int]:
     logging.info('the checkpoint is already at step %d of %d: evaluating only (raise '
                  '--config.train.num_train_steps to train further)', run.start_step, num_steps)
   base_key = jax.random.key(run.config.seed)
-  watcher = PreemptionWatcher()
-  eval_result, step = None, run.start_step
+  signals, health = guards.StopSignals(), guards.Health(t.max_nonfinite_steps)
+  eval_result, step, previous = None, run.start_step, None
   try:
     while step < stop_at:
       batch = mesh_lib.global_batch(next(run.train_iter), run.run_setup.mesh)
       run.state, step_metrics = run.train_step(run.state, batch, base_key)
       log.add(step_metrics, first=step == run.start_step, state=run.state)
       step += 1
-      if step % t.log_every_steps == 0 or step == stop_at:
+      signals.current_step = step
+      if previous is not None:
+        # Waits for the previous step: the host stays at most one step ahead of the device,
+        # so a stop request is served within about one step (docs/design.md 6).
+        health.observe(step - 1, previous)
+      previous = step_metrics
+      log_step = step % t.log_every_steps == 0 or step == stop_at
+      if log_step:
         log.write(run, step)
       if step % t.eval_every_steps == 0 or step == num_steps:
         eval_result = evaluate(run, step)
-      preempted = watcher.should_stop()
-      if step % t.checkpoint_every_steps == 0 or step == stop_at or preempted:
-        save(run, step)
-      if preempted:
-        logging.warning('stopped at step %d after SIGTERM; checkpoint saved', step)
+      stop = signals.should_stop(step, log_step)
+      if step % t.checkpoint_every_steps == 0 or step == stop_at or stop:
+        health.observe(step, step_metrics)
+        save(run, step, health)
+      else:
+        _check_saves(run)
+      if stop:
+        logging.warning('stopped at step %d after %s; checkpoint saved', step, signals.reason)
         break
+    if previous is not None:
+      health.observe(step, previous)
     if eval_result is None:
       eval_result = evaluate(run, step)
   finally:
-    watcher.restore()
+    signals.restore()
+  if health.skipped_total:
+    logging.warning('%d step(s) had a non-finite loss or gradient; their updates were skipped',
+                    health.skipped_total)
   steps_done = step - run.start_step
   return eval_result, steps_done, steps_done * log.tokens_per_step
+
+
+def _check_saves(run: Run):
+  """Stops the run at the first failed asynchronous save (exit code 4)."""
+  try:
+    run.ckpt.check_for_errors()
+  except checkpointing.SaveError as e:
+    raise guards.RunStopped(str(e), guards.EXIT_SAVE_FAILED) from None
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -535,6 +571,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   Raises:
     InputError: bad input, detected before training starts.
+    guards.RunStopped: too many non-finite steps in a row, or a checkpoint save failed; the
+      message says what happened and what to do; `exit_code` is 3 or 4.
   """
   metrics_lib.quiet_library_logs()
   run = prepare(config, workdir)
@@ -542,7 +580,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   try:
     eval_result, steps_done, tokens_done = train_loop(run)
   finally:
-    run.close()
+    try:
+      run.close()
+    except checkpointing.SaveError as e:
+      raise guards.RunStopped(str(e), guards.EXIT_SAVE_FAILED) from None
   total = time.time() - start
   logging.info('done: %d steps in %s (%.0f tokens/s overall); checkpoints in %s', steps_done,
                metrics_lib.format_duration(total), tokens_done / max(total, 1e-9),

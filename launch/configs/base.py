@@ -111,6 +111,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.eval_split = 'validation'
   # Fraction of documents held out for validation (local files, built-in corpus).
   data.validation_fraction = 0.02
+  # Resume a checkpoint although the training data changed since it was written (files
+  # added, removed, resized or touched): the model resumes, the data is read from the start.
+  data.allow_changed_data = False
   # Where built TFDS datasets and trained tokenizers are cached; empty = ~/.cache/encoder_pretrain.
   data.cache_dir = ''
   # A SentencePiece .model to load; empty = train one on a sample of the training split.
@@ -218,6 +221,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Stop after this many steps in this run (0 = run to num_train_steps); for tests and
   # preemption drills.
   train.stop_after_steps = 0
+  # Consecutive steps with a non-finite loss or gradient (each one's update is skipped) after
+  # which the run stops with exit code 3, keeping its last good checkpoint.
+  train.max_nonfinite_steps = 10
 
   # ---------------------------------------------------------------- upscale
   # Lossless growth by launch.upscale (docs/algorithms.md 4), read from the target (large)
