@@ -6,7 +6,7 @@ would); `meta` the resolved config, model shape, tokenizer hash, mesh and lineag
 asynchronous; orbax writes into a temporary directory and renames it when complete, so an
 interrupted save never replaces a good checkpoint. A newest checkpoint that cannot be restored
 (damaged or missing files) is moved aside to `<workdir>/checkpoints_damaged/` (never deleted)
-once an older one restores; a save that fails raises `SaveError` at once (docs/design.md 6).
+once an older one restores; a save that fails raises `SaveError` at once (docs/design.md 9).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What keeps a run safe while it trains: stop signals, the non-finite guard and the workdir
-lock (docs/design.md 6).
+lock (docs/design.md 9).
 
 - `StopSignals`: SIGTERM (how TPU VMs are preempted) and Ctrl-C become a stop request read at
   every step boundary; a second Ctrl-C exits at once. On several processes SIGTERM goes

@@ -116,7 +116,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config) -> Calla
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
-    # The non-finite guard (docs/design.md 6): a step whose loss, gradient or update is not
+    # The non-finite guard (docs/design.md 9): a step whose loss, gradient or update is not
     # finite leaves params and optimizer state exactly as they were (as optax.apply_if_finite);
     # only the step counter (batches consumed) moves on.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
@@ -520,7 +520,7 @@ def train_loop(run: Run) -> tuple[dict[str, float], int, int]:
       signals.current_step = step
       if previous is not None:
         # Waits for the previous step: the host stays at most one step ahead of the device,
-        # so a stop request is served within about one step (docs/design.md 6).
+        # so a stop request is served within about one step (docs/design.md 9).
         health.observe(step - 1, previous)
       previous = step_metrics
       log_step = step % t.log_every_steps == 0 or step == stop_at

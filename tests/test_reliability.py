@@ -1,4 +1,4 @@
-"""A run survives what a pod does to it (docs/design.md 6): non-finite steps, damaged
+"""A run survives what a pod does to it (docs/design.md 9): non-finite steps, damaged
 checkpoints, a second process, changed data, a failed save, signals, a one-file corpus."""
 
 import json
@@ -256,6 +256,22 @@ def test_single_document_split_keeps_all_text_in_two_nonblank_parts(text):
   assert len(tail) >= text_datasets.MIN_SINGLE_DOCUMENT_CHARS // 8
 
 
+@pytest.mark.parametrize('overrides, message', [
+    ({'model.vocab_size': 10}, r'vocab_size=10 is too small for this corpus: the tokenizer '
+                               r'needs at least \d+ pieces'),
+    ({'data.text_files': '', 'data.tfds_name': 'imbd_reviews'},
+     r"tfds_name='imbd_reviews' is not a TFDS dataset .* Close names: imdb_reviews"),
+    ({'data.validation_fraction': 0.0}, r'validation_fraction=0\.0 must be in \(0, 1\)'),
+    ({'train.max_nonfinite_steps': 0}, r'max_nonfinite_steps=0 must be >= 1'),
+])
+def test_bad_input_is_one_paragraph_naming_the_field(overrides, message, text_corpus,
+                                                     cache_dir, tmp_path):
+  config = make_tiny_config(text_corpus, cache_dir, **overrides)
+  with pytest.raises(train.InputError, match=message) as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert '\n' not in str(e.value) and 'Traceback' not in str(e.value)
+
+
 # ----------------------------------------------------------------------------- signals
 
 def test_ctrl_c_saves_once_and_the_host_stays_one_step_ahead(text_corpus, cache_dir, tmp_path,
@@ -324,3 +340,31 @@ def test_sigterm_saves_within_two_steps_and_a_second_ctrl_c_exits_at_once(text_c
   requested = int(term_err.split('SIGTERM at step ')[1].split()[0].rstrip(':'))
   saved = _steps(tmp_path / 'term')
   assert len(saved) == 1 and requested <= saved[0] <= requested + 2, (requested, saved)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(text_corpus, cache_dir,
+                                                                      tmp_path):
+  """JAX's preemption sync point: the signalled process and the other save the same step."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  flags = tiny_flags(text_corpus, cache_dir, **{
+      'train.num_train_steps': 100000, 'train.log_every_steps': 100000,
+      'train.eval_every_steps': 100000, 'train.checkpoint_every_steps': 100000,
+      'data.text_unit': 'line'})
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
+       f'--workdir={tmp_path}', f'--coordinator_address=localhost:{port}',
+       '--num_processes=2', f'--process_id={i}', *flags],
+      cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  _wait_for_first_step(procs[1])
+  time.sleep(2)
+  procs[1].send_signal(signal.SIGTERM)
+  errs = [p.communicate(timeout=120)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errs[1][-2000:]
+  stopped = [int(e.split('stopped at step ')[1].split()[0]) for e in errs]
+  assert stopped[0] == stopped[1] and _steps(tmp_path) == [stopped[0]]
