@@ -85,6 +85,29 @@ def test_nonfinite_run_stops_and_keeps_the_last_good_checkpoints(text_corpus, ca
   jax.tree.map(np.testing.assert_array_equal, _state(tmp_path, 4), good)
 
 
+def test_health_counts_streaks_and_reports_divergence(monkeypatch):
+  warnings = []
+  monkeypatch.setattr(guards.logging, 'warning', lambda msg, *a: warnings.append(msg % a))
+  health = guards.Health(max_nonfinite_steps=3)
+  metrics = lambda loss, skipped=0: {'loss_sum': np.float32(loss * 10), 'weight_sum':
+                                     np.float32(10), 'skipped': np.int32(skipped)}
+  for step in range(1, 31):
+    health.observe(step, metrics(5.0))
+  health.observe(30, metrics(50.0))  # a step is counted once
+  assert not warnings
+  health.observe(31, metrics(12.0))
+  assert 'step 31: loss 12 is 2.4x its running level 5' in warnings[-1]
+  health.observe(32, metrics(float('nan'), skipped=1))
+  health.observe(33, metrics(float('nan'), skipped=1))
+  assert health.streak == 2 and not health.healthy
+  health.observe(34, metrics(5.0))
+  assert health.healthy and health.skipped_total == 2
+  for step in (35, 36):
+    health.observe(step, metrics(float('inf'), skipped=1))
+  with pytest.raises(guards.RunStopped, match='stopped at step 37: 3 consecutive'):
+    health.observe(37, metrics(float('inf'), skipped=1))
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def _largest_blob(step_dir):
