@@ -23,7 +23,7 @@ reused, so an interrupted benchmark continues.
 Prints, per variant: the validation loss at equal total compute (grown: S small steps + T large
 steps; scratch: the equal-compute run, and the S+T run interpolated there) and at equal
 large-model steps (T), plus the held-out loss before/after growth (equal when exact). Saves a PNG of validation loss vs
-training FLOPs (needs matplotlib: `pip install -e '.[bench]'`).
+training FLOPs (matplotlib, installed with the package).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def plot(args, curves_all, flops, budget, equal_steps):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
-    print('matplotlib is not installed: pip install -e ".[bench]" for the plot')
+    print('matplotlib is not installed: pip install -e . for the plot')
     return
   fig, ax = plt.subplots(figsize=(7, 4.5))
   ax.plot([s * f_small for s, _ in small], [l for _, l in small], 'k-', label='small (d 128, 2L)')

@@ -1,4 +1,5 @@
-"""Command-line helpers shared by the absl entry points: one-paragraph errors, exit code 2."""
+"""Command-line helpers shared by the absl entry points: one-paragraph errors (exit code 2),
+flag-error wording, and when to start JAX's distributed runtime."""
 
 import sys
 
@@ -25,3 +26,30 @@ def flag_error_message(e: Exception) -> str:
 # config_flags reports an unknown --config.x.y as AttributeError/KeyError and a value of the
 # wrong type as TypeError/ValueError; without --config it does so while defining the flag.
 FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+
+
+# Variables that a multi-host TPU environment sets (GKE, multislice); a Cloud TPU VM slice sets
+# none of them, so TPU chips on the machine also count (JAX then asks the metadata server).
+CLUSTER_ENV_VARS = ('TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
+                    'TPU_PROCESS_ADDRESSES')
+
+
+def distributed_mode(coordinator: str | None, environ, num_tpu_chips: int) -> str | None:
+  """How to start JAX's multi-controller runtime: 'explicit' (--coordinator_address),
+  'auto' (a TPU VM or TPU cluster: JAX detects hosts and ids), or None (one process)."""
+  if coordinator:
+    return 'explicit'
+  if any(environ.get(v) for v in CLUSTER_ENV_VARS):
+    return 'auto'
+  if num_tpu_chips > 0 and environ.get('JAX_PLATFORMS', 'tpu') in ('', 'tpu'):
+    return 'auto'
+  return None
+
+
+def tpu_chips() -> int:
+  """TPU chips on this machine (0 off TPU VMs), without starting a backend."""
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  try:
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0]
+  except Exception:  # pylint: disable=broad-except
+    return 0

@@ -18,7 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from launch.cli import FLAG_ERRORS, fail, flag_error_message
+from launch.cli import FLAG_ERRORS, distributed_mode, fail, flag_error_message, tpu_chips
 
 
 try:
@@ -43,17 +43,28 @@ def parse_flags(argv):
     fail(flag_error_message(e))
 
 
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout_s', 300, 'Seconds to wait for every host to join the run.')
+
 def initialize_distributed():
-  """Starts JAX's multi-controller runtime when there is more than one process."""
+  """Starts JAX's multi-controller runtime when the run may span several processes.
+
+  On a Cloud TPU VM it is started whenever TPU chips are present, as MaxText does: orbax's
+  multi-host saves need it, and JAX finds the slice's hosts itself (a single-host VM is a
+  one-process cluster).
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  if _COORDINATOR.value:
+  mode = distributed_mode(_COORDINATOR.value, os.environ, tpu_chips())
+  timeout = _DISTRIBUTED_TIMEOUT.value
+  if mode == 'explicit':
     if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
       # CPU processes need a collectives backend to talk to each other (local drills, tests).
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize()  # TPU VM slice: everything is auto-detected.
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                               initialization_timeout=timeout)
+  elif mode == 'auto':
+    jax.distributed.initialize(initialization_timeout=timeout)
 
 
 def main(argv):

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 from flax import traverse_util
 import grain
 import jax
@@ -53,6 +54,14 @@ def describe_error(e: BaseException) -> str:
   return f'{type(e).__name__}: {first[:300]}'
 
 
+def checkpoint_directory(workdir: str) -> str:
+  """`<workdir>/checkpoints`, absolute for a local workdir; gs:// and other remote paths go to
+  orbax as they are (it writes them natively)."""
+  if '://' in workdir:
+    return workdir.rstrip('/') + '/checkpoints'
+  return os.path.abspath(os.path.join(workdir, 'checkpoints'))
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with the three items of this suite.
 
@@ -64,7 +73,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.directory = checkpoint_directory(workdir)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -175,8 +184,8 @@ class Checkpointer:
     logging.warning('checkpoint %s/%d cannot be restored (%s): moved to %s; resuming from '
                     'step %d', self.directory, step, cause, aside, fallback)
     if jax.process_index() == 0:
-      os.makedirs(aside_root, exist_ok=True)
-      os.rename(os.path.join(self.directory, str(step)), aside)
+      epath.Path(aside_root).mkdir(parents=True, exist_ok=True)
+      epath.Path(self.directory, str(step)).rename(aside)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'checkpoint_move_aside_{step}')
     self._manager.reload()
@@ -301,3 +310,10 @@ def adopt_growth_values(config, meta):
   for key, value in changed.items():
     logging.info('grown checkpoint: using %s=%r (set by launch.upscale)', key, value)
   config.update_from_flattened_dict(changed)
+
+
+def write_config(workdir: str, config):
+  """Writes the resolved config to `<workdir>/config.json` (local or gs://)."""
+  path = epath.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / 'config.json').write_text(config.to_json_best_effort(indent=2))

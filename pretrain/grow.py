@@ -294,9 +294,7 @@ def grow_run(from_workdir: str, config, workdir: str, step: int | None = None,
 
 def _write_run(workdir: str, config, state, train_iter, meta) -> str:
   """Writes config.json and checkpoint 0 of the grown run; returns the step directory."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  checkpointing.write_config(workdir, config)
   out = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                    async_save=False)
   try:

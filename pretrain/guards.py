@@ -241,6 +241,8 @@ def check_writable_dir(path: str, flag: str = '--workdir'):
   Raises:
     ValueError: naming the flag, the path and what is wrong.
   """
+  if '://' in path:  # gs://: orbax and epath create what they write; nothing to check here
+    return
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f'{flag}={path} is a file, not a directory; give a directory (it is '
                      f'created if missing).')

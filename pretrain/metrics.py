@@ -6,12 +6,14 @@ Only process 0 writes files; every process may log to the console.
 from __future__ import annotations
 
 import json
+import math
 import logging as logging_std
 import os
 import time
 from typing import Any, Mapping
 
 from absl import logging
+from etils import epath
 import jax
 
 # Dense bfloat16 peak FLOP/s of one JAX device, keyed by the exact `device.device_kind`.
@@ -80,22 +82,39 @@ def format_duration(seconds: float) -> str:
   return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
+def is_remote(path: str) -> bool:
+  """Whether `path` has a scheme (gs://, s3://): written through etils.epath, not `open`."""
+  return '://' in str(path)
+
+
 class MetricWriter:
   """Writes scalar metrics to `metrics.jsonl` and TensorBoard events under `workdir`.
 
+  A local workdir gets each line appended; a remote one (gs://, no appends there) gets the
+  whole file rewritten at each write through `etils.epath` (a few hundred KB at most).
+
   Args:
-    workdir: run directory; events go to `<workdir>/tensorboard`.
+    workdir: run directory (local or gs://); events go to `<workdir>/tensorboard`.
     enabled: write files (True on process 0 only).
+    tensorboard: also write TensorBoard events.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
     self._enabled = enabled
     self._jsonl = None
     self._tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._remote_lines = None
+    if not enabled:
+      return
+    path = epath.Path(workdir) / 'metrics.jsonl'
+    if is_remote(workdir):
+      self._remote_path = path
+      self._remote_lines = path.read_text().splitlines(True) if path.exists() else []
+    else:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      self._jsonl = open(path, 'a', encoding='utf-8')
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]):
@@ -104,20 +123,36 @@ class MetricWriter:
       return
     record = {'step': int(step), 'split': split, 'time': time.time()}
     record.update({k: float(v) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
-    for k, v in scalars.items():
-      self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
-    self._tb.flush()
+    line = json.dumps(record) + '\n'
+    if self._remote_lines is not None:
+      self._remote_lines.append(line)
+      self._remote_path.write_text(''.join(self._remote_lines))
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
+      self._tb.flush()
 
   def write_text(self, tag: str, text: str):
-    if self._enabled:
+    if self._tb is not None:
       self._tb.add_text(tag, text, 0)
 
   def close(self):
-    if self._enabled:
+    if self._jsonl is not None:
       self._jsonl.close()
+    if self._tb is not None:
       self._tb.close()
+
+
+def summarize(sums: Mapping[str, float]) -> dict[str, float]:
+  """loss, accuracy and perplexity from summed metrics ({'loss_sum', 'correct_sum',
+  'weight_sum'}; perplexity capped at exp(50))."""
+  w = max(float(sums['weight_sum']), 1.0)
+  loss = float(sums['loss_sum']) / w
+  return {'loss': loss, 'accuracy': float(sums['correct_sum']) / w,
+          'perplexity': math.exp(min(loss, 50.0))}
 
 
 def truncate_history(workdir: str, step: int) -> int:
@@ -128,11 +163,11 @@ def truncate_history(workdir: str, step: int) -> int:
   Returns:
     The number of lines moved.
   """
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  root = epath.Path(workdir)
+  path = root / 'metrics.jsonl'
+  if not path.exists():
     return 0
-  with open(path, encoding='utf-8') as f:
-    lines = f.readlines()
+  lines = path.read_text().splitlines(True)
   keep, drop = [], []
   for line in lines:
     try:
@@ -144,12 +179,12 @@ def truncate_history(workdir: str, step: int) -> int:
     logging.warning('%s had %d line(s) past the restored step %d (written after that '
                     'checkpoint by a run that was killed, or whose checkpoints are gone); moved '
                     'them to metrics.dropped.jsonl', path, len(drop), step)
-    with open(os.path.join(workdir, 'metrics.dropped.jsonl'), 'a', encoding='utf-8') as f:
-      f.writelines(line if line.endswith('\n') else line + '\n' for line in drop)
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
+    dropped = root / 'metrics.dropped.jsonl'
+    before = dropped.read_text() if dropped.exists() else ''
+    dropped.write_text(before + ''.join(l if l.endswith('\n') else l + '\n' for l in drop))
+    tmp = root / 'metrics.jsonl.tmp'
+    tmp.write_text(''.join(keep))
+    tmp.replace(path)
   return len(drop)
 
 

@@ -3,7 +3,7 @@
 Reads top to bottom: losses and metrics, the pure `train_step` / `eval_step` and their
 sharded jit, state setup and initialisation, `validate`, `prepare` (every check, data,
 tokenizer, model, restore or init: the initialisation order is decided there), the periodic
-hooks (`evaluate`, `save`, `TrainLog`), and `train_loop`. Hot loops never call `nnx.jit`: the
+hooks (`evaluate`, `save`; the log lines are `progress.TrainLog`), and `train_loop`. Hot loops never call `nnx.jit`: the
 model is split once into (graphdef, params) and a pure step is `jax.jit`ted with donated
 state (docs/design.md 4).
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from typing import Any, Callable
 
@@ -24,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from data_pipelines import objectives
 from data_pipelines import pipeline
 from data_pipelines import text_datasets
 from data_pipelines import tokenizer as tokenizer_lib
@@ -34,6 +32,7 @@ from pretrain import checkpointing
 from pretrain import guards
 from pretrain import mesh as mesh_lib
 from pretrain import metrics as metrics_lib
+from pretrain import progress
 
 State = dict[str, Any]  # {'step': int32 [], 'params': pytree, 'opt_state': pytree}
 
@@ -90,12 +89,7 @@ def model_loss(params, graphdef, batch: dict[str, jax.Array], objective: str,
   return loss_and_metrics(logits, targets, weights)
 
 
-def summarize(sums: dict[str, float]) -> dict[str, float]:
-  """loss, accuracy and perplexity from summed metrics."""
-  w = max(float(sums['weight_sum']), 1.0)
-  loss = float(sums['loss_sum']) / w
-  return {'loss': loss, 'accuracy': float(sums['correct_sum']) / w,
-          'perplexity': math.exp(min(loss, 50.0))}
+summarize = metrics_lib.summarize  # the public name callers use
 
 
 # ----------------------------------------------------------------------------- steps
@@ -264,6 +258,9 @@ def validate(config, mesh=None):
   """
   models.validate(config)  # also config.objective
   optim.validate(config)
+  if config.train.progress not in progress.PROGRESS_MODES:
+    raise ValueError(f'--config.train.progress={config.train.progress!r}; use one of '
+                     f'{", ".join(progress.PROGRESS_MODES)} (auto: a bar when on a terminal).')
   for field in ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'eval_steps',
                 'checkpoint_every_steps', 'keep_checkpoints', 'max_nonfinite_steps'):
     if config.train[field] < 1:
@@ -287,6 +284,9 @@ class Run:
     state: the train state (restored or fresh); start_step: its step.
     train_step, eval_step: the compiled steps; writer: metrics.jsonl + TensorBoard.
     lock: this run's hold on the workdir (released by `close`).
+    evals: every evaluation of this run ({'step', 'loss', 'accuracy', 'perplexity'}).
+    bar: the terminal progress bar (disabled unless train.progress asks for it).
+    stopped_by: 'SIGTERM' or 'Ctrl-C' if the loop stopped on a signal.
   """
   config: Any
   workdir: str
@@ -301,8 +301,13 @@ class Run:
   eval_step: Callable
   writer: metrics_lib.MetricWriter
   lock: guards.WorkdirLock
+  evals: list = dataclasses.field(default_factory=list)
+  stopped_by: str = ''
+  bar: progress.ProgressBar = dataclasses.field(
+      default_factory=lambda: progress.ProgressBar('off', 0, 0))
 
   def close(self):
+    self.bar.close()
     try:
       self.ckpt.close()
     finally:
@@ -367,8 +372,7 @@ def prepare(config, workdir: str) -> Run:
     same_data = checkpointing.same_data(meta, source, config, workdir)
     run_setup = setup(config, mesh)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        f.write(config.to_json_best_effort(indent=2))
+      checkpointing.write_config(workdir, config)
     logging.info('model %s: %s parameters; mesh %s; data %s (%d train / %d validation docs); '
                  'tokenizer %d pieces', config.model.family, f'{run_setup.num_params:,}',
                  dict(mesh.shape), source.name, len(source.train), len(source.validation),
@@ -408,9 +412,10 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   result = summarize(jax.device_get(totals))
   run.writer.write(step, 'eval', result)
-  logging.info('eval step %d | loss %.4f | acc %.4f | ppl %.2f (%d batches, %d tokens)', step,
-               result['loss'], result['accuracy'], result['perplexity'], len(run.eval_set),
-               int(totals['weight_sum']))
+  run.evals.append(dict(result, step=step))
+  run.bar.log('eval step %d | loss %.4f | acc %.4f | ppl %.2f (%d batches, %d tokens)', step,
+              result['loss'], result['accuracy'], result['perplexity'], len(run.eval_set),
+              int(totals['weight_sum']))
   return result
 
 
@@ -429,57 +434,6 @@ def save(run: Run, step: int, health: guards.Health | None = None):
     run.ckpt.save(step, run.state, run.train_iter, run.meta)
   except checkpointing.SaveError as e:
     raise guards.RunStopped(str(e), guards.EXIT_SAVE_FAILED) from None
-
-
-class TrainLog:
-  """Step metrics between two log lines, throughput and MFU (device-to-host only at log
-  steps). `add` after every step; `write(run, step)` at a log step."""
-
-  def __init__(self, config):
-    self.num_steps = config.train.num_train_steps
-    self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
-    num_predictions = (objectives.max_predictions(config.data.seq_len, config.data.mask_rate)
-                       if config.objective == 'mlm' else config.data.seq_len)
-    self.flops_per_step = models.flops_per_token(config, num_predictions) * self.tokens_per_step
-    self.peak = metrics_lib.peak_flops(config.train.peak_flops_per_device)
-    self.schedule = optim.learning_rate_schedule(config)
-    self.accumulation = max(config.optim.accumulation_steps, 1)
-    self.pending, self.window_start, self.window_steps = [], time.time(), 0
-
-  def add(self, step_metrics, first: bool, state):
-    self.pending.append(step_metrics)
-    if first:  # the first step includes compilation: report it apart from throughput
-      jax.block_until_ready(state)
-      logging.info('first step (compilation included) took %.1f s',
-                   time.time() - self.window_start)
-      self.window_start, self.window_steps = time.time(), -1
-    self.window_steps += 1
-
-  def write(self, run: Run, step: int):
-    if not self.pending:
-      return
-    fetched = jax.device_get(self.pending)
-    elapsed = max(time.time() - self.window_start, 1e-9)
-    sums = {k: sum(m[k] for m in fetched) for k in ('loss_sum', 'correct_sum', 'weight_sum')}
-    scalars = summarize(sums)
-    del scalars['perplexity']
-    scalars['grad_norm'] = float(np.mean([m['grad_norm'] for m in fetched]))
-    skipped = sum(int(m['skipped']) for m in fetched)
-    if skipped:
-      scalars['skipped_steps'] = skipped
-    # The rate of the last optimizer update (updates = micro-steps // accumulation).
-    scalars['learning_rate'] = float(self.schedule(max(step // self.accumulation - 1, 0)))
-    scalars['tokens_per_sec'] = self.window_steps * self.tokens_per_step / elapsed
-    scalars['steps_per_sec'] = self.window_steps / elapsed
-    if self.peak:
-      scalars['mfu'] = self.flops_per_step * scalars['steps_per_sec'] / self.peak
-    scalars.update({k: float(v) for k, v in fetched[-1].items()
-                    if k.startswith(('eg/', 'optim/'))})
-    run.writer.write(step, 'train', scalars)
-    eta = (self.num_steps - step) / max(scalars['steps_per_sec'], 1e-9)
-    logging.info('%s | ETA %s', metrics_lib.log_line(step, self.num_steps, scalars),
-                 metrics_lib.format_duration(eta))
-    self.pending, self.window_start, self.window_steps = [], time.time(), 0
 
 
 # ----------------------------------------------------------------------------- loop
@@ -501,7 +455,8 @@ def train_loop(run: Run) -> tuple[dict[str, float], int, int]:
   num_steps = t.num_train_steps
   stop_at = min(num_steps, run.start_step + t.stop_after_steps) if t.stop_after_steps else (
       num_steps)
-  log = TrainLog(run.config)
+  run.bar = progress.ProgressBar(t.progress, run.start_step, stop_at)
+  log = progress.TrainLog(run.config, run.bar)
   logging.info('training steps %d -> %d of %d (%s tokens/step, %.3g FLOPs/step)',
                run.start_step, stop_at, num_steps, f'{log.tokens_per_step:,}',
                log.flops_per_step)
@@ -525,7 +480,7 @@ def train_loop(run: Run) -> tuple[dict[str, float], int, int]:
       previous = step_metrics
       log_step = step % t.log_every_steps == 0 or step == stop_at
       if log_step:
-        log.write(run, step)
+        log.write(run.writer, step)
       if step % t.eval_every_steps == 0 or step == num_steps:
         eval_result = evaluate(run, step)
       stop = signals.should_stop(step, log_step)
@@ -535,6 +490,7 @@ def train_loop(run: Run) -> tuple[dict[str, float], int, int]:
       else:
         _check_saves(run)
       if stop:
+        run.stopped_by = signals.reason
         logging.warning('stopped at step %d after %s; checkpoint saved', step, signals.reason)
         break
     if previous is not None:
@@ -584,8 +540,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       run.close()
     except checkpointing.SaveError as e:
       raise guards.RunStopped(str(e), guards.EXIT_SAVE_FAILED) from None
-  total = time.time() - start
-  logging.info('done: %d steps in %s (%.0f tokens/s overall); checkpoints in %s', steps_done,
-               metrics_lib.format_duration(total), tokens_done / max(total, 1e-9),
-               run.ckpt.directory)
+  step = run.start_step + steps_done
+  logging.info('%s', progress.run_summary(
+      workdir=workdir, start_step=run.start_step, step=step,
+      num_steps=config.train.num_train_steps, tokens=tokens_done, seconds=time.time() - start,
+      evals=run.evals, latest_checkpoint=run.ckpt.latest_step(), stopped_by=run.stopped_by))
   return eval_result

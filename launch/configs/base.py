@@ -224,6 +224,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Consecutive steps with a non-finite loss or gradient (each one's update is skipped) after
   # which the run stops with exit code 3, keeping its last good checkpoint.
   train.max_nonfinite_steps = 10
+  # A progress bar below the log lines: 'auto' (when stderr is a terminal), 'on' or 'off'.
+  train.progress = 'auto'
 
   # ---------------------------------------------------------------- upscale
   # Lossless growth by launch.upscale (docs/algorithms.md 4), read from the target (large)

@@ -1,0 +1,171 @@
+"""What a person watching a run sees: the periodic log lines (`TrainLog`), a progress bar on a
+terminal (`ProgressBar`) and the closing run summary (`run_summary`).
+
+Log lines are identical whether or not the bar is shown; on a terminal (or with
+`--config.train.progress=on`) a tqdm bar with step, loss, tokens/s and ETA stays below them.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+
+from data_pipelines import objectives
+import models
+import optim
+from pretrain import metrics as metrics_lib
+
+PROGRESS_MODES = ('auto', 'on', 'off')
+
+
+class ProgressBar:
+  """A tqdm bar on stderr, or nothing.
+
+  Args:
+    mode: config.train.progress: 'on', 'off', or 'auto' (on when stderr is a terminal).
+    start, total: the first and the last step.
+  """
+
+  def __init__(self, mode: str, start: int, total: int):
+    enabled = mode == 'on' or (mode == 'auto' and sys.stderr.isatty())
+    self._bar = None
+    if enabled and jax.process_index() == 0:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True,
+                       file=sys.stderr, mininterval=0.5, smoothing=0.1)
+
+  @property
+  def enabled(self) -> bool:
+    return self._bar is not None
+
+  def advance(self):
+    if self._bar is not None:
+      self._bar.update(1)
+
+  def show(self, scalars: dict[str, float]):
+    """Puts the last logged loss and throughput on the bar."""
+    if self._bar is not None:
+      self._bar.set_postfix_str(f'loss {scalars["loss"]:.4f} | '
+                                f'{scalars["tokens_per_sec"]:,.0f} tok/s', refresh=False)
+
+  def log(self, fmt: str, *args):
+    """An INFO line printed above the bar (the bar is cleared and redrawn around it)."""
+    if self._bar is not None:
+      self._bar.clear()
+    logging.info(fmt, *args)
+    if self._bar is not None:
+      self._bar.refresh()
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+
+
+class TrainLog:
+  """Step metrics between two log lines, throughput and MFU (device-to-host only at log
+  steps). `add` after every step; `write(writer, step)` at a log step.
+
+  Args:
+    config: the run's config; bar: where the lines go (ProgressBar, possibly disabled).
+  """
+
+  def __init__(self, config, bar: ProgressBar | None = None):
+    self.num_steps = config.train.num_train_steps
+    self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
+    num_predictions = (objectives.max_predictions(config.data.seq_len, config.data.mask_rate)
+                       if config.objective == 'mlm' else config.data.seq_len)
+    self.flops_per_step = models.flops_per_token(config, num_predictions) * self.tokens_per_step
+    self.peak = metrics_lib.peak_flops(config.train.peak_flops_per_device)
+    self.schedule = optim.learning_rate_schedule(config)
+    self.accumulation = max(config.optim.accumulation_steps, 1)
+    self.bar = bar or ProgressBar('off', 0, 0)
+    self.pending, self.window_start, self.window_steps = [], time.time(), 0
+
+  def add(self, step_metrics, first: bool, state):
+    self.pending.append(step_metrics)
+    self.bar.advance()
+    if first:  # the first step includes compilation: report it apart from throughput
+      jax.block_until_ready(state)
+      self.bar.log('first step (compilation included) took %.1f s',
+                   time.time() - self.window_start)
+      self.window_start, self.window_steps = time.time(), -1
+    self.window_steps += 1
+
+  def write(self, writer: metrics_lib.MetricWriter, step: int):
+    if not self.pending:
+      return
+    fetched = jax.device_get(self.pending)
+    elapsed = max(time.time() - self.window_start, 1e-9)
+    sums = {k: sum(m[k] for m in fetched) for k in ('loss_sum', 'correct_sum', 'weight_sum')}
+    scalars = metrics_lib.summarize(sums)
+    del scalars['perplexity']
+    scalars['grad_norm'] = float(np.mean([m['grad_norm'] for m in fetched]))
+    skipped = sum(int(m['skipped']) for m in fetched)
+    if skipped:
+      scalars['skipped_steps'] = skipped
+    # The rate of the last optimizer update (updates = micro-steps // accumulation).
+    scalars['learning_rate'] = float(self.schedule(max(step // self.accumulation - 1, 0)))
+    scalars['tokens_per_sec'] = self.window_steps * self.tokens_per_step / elapsed
+    scalars['steps_per_sec'] = self.window_steps / elapsed
+    if self.peak:
+      scalars['mfu'] = self.flops_per_step * scalars['steps_per_sec'] / self.peak
+    scalars.update({k: float(v) for k, v in fetched[-1].items()
+                    if k.startswith(('eg/', 'optim/'))})
+    writer.write(step, 'train', scalars)
+    eta = (self.num_steps - step) / max(scalars['steps_per_sec'], 1e-9)
+    self.bar.show(scalars)
+    self.bar.log('%s | ETA %s', metrics_lib.log_line(step, self.num_steps, scalars),
+                 metrics_lib.format_duration(eta))
+    self.pending, self.window_start, self.window_steps = [], time.time(), 0
+
+
+def resume_command(argv: Sequence[str] | None = None) -> str:
+  """The command that continues this run: the launching command line when it was
+  `launch.pretrain`, else a template."""
+  argv = list(sys.argv if argv is None else argv)
+  if argv and argv[0].replace(os.sep, '/').endswith('launch/pretrain.py'):
+    return shlex.join(['python', '-m', 'launch.pretrain', *argv[1:]])
+  return 'python -m launch.pretrain --config=<the same config> --workdir=<this workdir>'
+
+
+def run_summary(*, workdir: str, start_step: int, step: int, num_steps: int,
+                tokens: int, seconds: float, evals: list[dict[str, Any]],
+                latest_checkpoint: int | None, stopped_by: str = '') -> str:
+  """The block printed when a run ends (done, or stopped by a signal).
+
+  Args:
+    evals: every evaluation of this run, as {'step', 'loss', 'accuracy', ...}.
+    stopped_by: 'SIGTERM' / 'Ctrl-C' when the run stopped early, else ''.
+  """
+  workdir = workdir if '://' in workdir else os.path.abspath(workdir)
+  state = f'stopped by {stopped_by} at' if stopped_by else 'at'
+  lines = [f'run summary ({state} step {step} of {num_steps})',
+           f'  steps        {start_step} -> {step} ({step - start_step} this run, '
+           f'{tokens:,} tokens)',
+           f'  wall time    {metrics_lib.format_duration(seconds)} '
+           f'({tokens / max(seconds, 1e-9):,.0f} tokens/s overall)']
+  if evals:
+    final, best = evals[-1], min(evals, key=lambda e: e['loss'])
+    lines.append(f'  eval         final loss {final["loss"]:.4f}, acc {final["accuracy"]:.4f} '
+                 f'(step {final["step"]}); best loss {best["loss"]:.4f} (step {best["step"]})')
+  lines += [f'  checkpoints  {os.path.join(workdir, "checkpoints")} (latest: '
+            f'{latest_checkpoint})',
+            f'  metrics      {os.path.join(workdir, "metrics.jsonl")}; plots: python -m '
+            f'launch.report {workdir}',
+            f'  tensorboard  tensorboard --logdir {os.path.join(workdir, "tensorboard")}',
+            f'  config       {os.path.join(workdir, "config.json")}']
+  command = resume_command()
+  if step < num_steps:
+    lines.append(f'  resume       {command}')
+  else:
+    lines.append(f'  continue     {command} --config.train.num_train_steps=<more than '
+                 f'{num_steps}>')
+  return '\n'.join(lines)

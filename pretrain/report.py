@@ -1,0 +1,189 @@
+"""Pictures and a table from run directories (`python -m launch.report`).
+
+Reads each run's `metrics.jsonl` (and `config.json` for tokens per step, `results.json` of a
+fine-tuning run where present) and draws, with one curve per run and a legend: training and
+evaluation loss against steps and against tokens seen, the learning rate, tokens/s and MFU.
+`summary_table` gives the Markdown table (final and best losses, tokens, wall time, MFU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from etils import epath
+import numpy as np
+
+
+class ReportError(ValueError):
+  """A run directory without usable metrics; the message names it."""
+
+
+@dataclasses.dataclass
+class RunHistory:
+  """One run's metrics.
+
+  Attributes:
+    name: the label in legends and tables (the directory's name unless given).
+    train, eval: the lines of each split, in step order ({'step', 'time', 'loss', ...}).
+    tokens_per_step: global_batch_size * seq_len from config.json (0 if unknown).
+    results: the run's results.json (fine-tuning), or None.
+  """
+  name: str
+  train: list[dict[str, float]]
+  eval: list[dict[str, float]]
+  tokens_per_step: int
+  results: dict[str, Any] | None = None
+
+  def column(self, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of `key` in `split` where present."""
+    lines = [l for l in getattr(self, split) if key in l]
+    return (np.array([l['step'] for l in lines], float),
+            np.array([l[key] for l in lines], float))
+
+
+def load_run(run_dir: str, name: str | None = None) -> RunHistory:
+  """Reads a run directory.
+
+  Raises:
+    ReportError: it has no metrics.jsonl with at least one line.
+  """
+  root = epath.Path(run_dir)
+  path = root / 'metrics.jsonl'
+  if not path.exists():
+    raise ReportError(f'{run_dir} has no metrics.jsonl: give run directories written by '
+                      f'launch.pretrain (or launch.upscale followed by training).')
+  lines = []
+  for line in path.read_text().splitlines():
+    try:
+      lines.append(json.loads(line))
+    except ValueError:
+      continue  # a torn last line of a killed run
+  if not lines:
+    raise ReportError(f'{path} is empty: the run has not logged a step yet.')
+  tokens_per_step = 0
+  if (root / 'config.json').exists():
+    data = json.loads((root / 'config.json').read_text()).get('data', {})
+    tokens_per_step = int(data.get('global_batch_size', 0)) * int(data.get('seq_len', 0))
+  results = None
+  if (root / 'results.json').exists():
+    results = json.loads((root / 'results.json').read_text())
+  by_split = {s: sorted((l for l in lines if l.get('split') == s), key=lambda l: l['step'])
+              for s in ('train', 'eval')}
+  return RunHistory(name or str(run_dir).rstrip('/').rsplit('/', 1)[-1], by_split['train'],
+                    by_split['eval'], tokens_per_step, results)
+
+
+def _figure(title: str, xlabel: str, ylabel: str, nrows: int = 1):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')  # files only: no display on a pod or in CI
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(nrows, 1, figsize=(7, 3.2 * nrows), squeeze=False)
+  axes = axes[:, 0]
+  axes[0].set_title(title)
+  for ax in axes:
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel(ylabel)
+  return fig, axes
+
+
+def plot_loss(runs: list[RunHistory], x: str = 'step'):
+  """Training (solid) and evaluation (dashed, dots) loss of every run vs `x` ('step' or
+  'tokens'); returns the matplotlib Figure."""
+  fig, (ax,) = _figure('loss', 'tokens seen' if x == 'tokens' else 'step', 'loss')
+  for i, run in enumerate(runs):
+    color = f'C{i % 10}'
+    scale = run.tokens_per_step if x == 'tokens' else 1
+    steps, loss = run.column('train', 'loss')
+    if len(steps):
+      ax.plot(steps * scale, loss, color=color, label=f'{run.name} train')
+    steps, loss = run.column('eval', 'loss')
+    if len(steps):
+      ax.plot(steps * scale, loss, color=color, linestyle='--', marker='o', markersize=3,
+              label=f'{run.name} eval')
+  ax.legend(fontsize=8)
+  return fig
+
+
+def plot_train_scalar(runs: list[RunHistory], key: str, title: str, ylabel: str):
+  """One training scalar (learning_rate, tokens_per_sec, mfu, grad_norm) vs step."""
+  fig, (ax,) = _figure(title, 'step', ylabel)
+  for i, run in enumerate(runs):
+    steps, values = run.column('train', key)
+    if len(steps):
+      ax.plot(steps, values, color=f'C{i % 10}', label=run.name)
+  ax.legend(fontsize=8)
+  return fig
+
+
+PLOTS = {
+    'loss_vs_step.png': lambda runs: plot_loss(runs, 'step'),
+    'loss_vs_tokens.png': lambda runs: plot_loss(runs, 'tokens'),
+    'learning_rate.png': lambda runs: plot_train_scalar(runs, 'learning_rate', 'learning rate',
+                                                        'learning rate'),
+    'tokens_per_sec.png': lambda runs: plot_train_scalar(runs, 'tokens_per_sec', 'throughput',
+                                                         'tokens/s'),
+    'mfu.png': lambda runs: plot_train_scalar(runs, 'mfu', 'model FLOPs utilisation', 'MFU'),
+}
+
+
+def summary_table(runs: list[RunHistory]) -> str:
+  """A Markdown table: steps, tokens, final train loss, final and best eval loss, wall time,
+  median tokens/s and MFU per run (and fine-tuning results where a run has them)."""
+  header = ('| run | steps | tokens | final train loss | final eval loss | best eval loss '
+            '(step) | wall time | tokens/s | MFU |\n|---|---|---|---|---|---|---|---|---|')
+  rows = [header]
+  fmt = lambda v, f='{:.4f}': '–' if v is None else f.format(v)
+  for run in runs:
+    last = run.train[-1] if run.train else {}
+    steps = max([l['step'] for l in run.train + run.eval] or [0])
+    evals = [l for l in run.eval if 'loss' in l]
+    best = min(evals, key=lambda l: l['loss']) if evals else None
+    times = [l['time'] for l in run.train + run.eval if 'time' in l]
+    wall = (max(times) - min(times)) if len(times) > 1 else None
+    rate = [l['tokens_per_sec'] for l in run.train if 'tokens_per_sec' in l]
+    mfu = [l['mfu'] for l in run.train if 'mfu' in l]
+    rows.append(
+        f'| {run.name} | {steps} | {steps * run.tokens_per_step:,} | {fmt(last.get("loss"))} | '
+        f'{fmt(evals[-1]["loss"] if evals else None)} | '
+        f'{fmt(best["loss"] if best else None)}{f" ({best["step"]})" if best else ""} | '
+        f'{fmt(wall, "{:.0f} s")} | {fmt(float(np.median(rate)) if rate else None, "{:,.0f}")} | '
+        f'{fmt(float(np.median(mfu)) if mfu else None, "{:.1%}")} |')
+  with_results = [r for r in runs if r.results]
+  if with_results:
+    rows.append('\n| run | fine-tuning results |\n|---|---|')
+    for run in with_results:
+      scalars = {k: v for k, v in run.results.items() if isinstance(v, (int, float))}
+      rows.append(f'| {run.name} | ' + ', '.join(f'{k} {v:.4g}' for k, v in scalars.items())
+                  + ' |')
+  return '\n'.join(rows) + '\n'
+
+
+def write_report(run_dirs: list[str], out_dir: str, names: list[str] | None = None) -> list[str]:
+  """Writes the PNG plots and `summary.md` of `run_dirs` into `out_dir`.
+
+  Returns:
+    The paths written.
+
+  Raises:
+    ReportError: a run directory has no metrics (named).
+  """
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = names or [None] * len(run_dirs)
+  runs = [load_run(d, n) for d, n in zip(run_dirs, names)]
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  for filename, make in PLOTS.items():
+    fig = make(runs)
+    if any(ax.get_lines() for ax in fig.axes):
+      path = os.path.join(out_dir, filename)
+      fig.savefig(path, dpi=110, bbox_inches='tight')
+      written.append(path)
+    plt.close(fig)
+  path = os.path.join(out_dir, 'summary.md')
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(summary_table(runs))
+  return written + [path]
