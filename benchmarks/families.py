@@ -4,7 +4,8 @@ prints parameters, throughput, MFU and losses side by side (issue: all three mod
   python benchmarks/families.py --steps=300 [--only=gau:tiny:clm,...]
 
 Each run uses a fresh workdir under runs/bench_families/ (deleted first), the preset's own
-optimizer and schedule (with num_train_steps overridden), and the same data order.
+optimizer and schedule (with num_train_steps overridden), and the same data order. The plots of
+all runs (launch.report's) go to runs/bench_families/report/.
 """
 
 import json
@@ -22,6 +23,7 @@ import numpy as np
 
 from launch.configs import deepnet, gau, roformer, roformer_v2
 from pretrain import mesh as mesh_lib
+from pretrain import report
 from pretrain import train
 
 _STEPS = flags.DEFINE_integer('steps', 300, 'Training steps per run.')
@@ -63,6 +65,7 @@ def run_one(family, preset, objective, steps):
       'mfu': float(np.median([l.get('mfu', math.nan) for l in train_lines[1:]])),
       'first_loss': train_lines[0]['loss'], 'last_loss': train_lines[-1]['loss'],
       'eval_loss': result['loss'], 'eval_accuracy': result['accuracy'], 'wall_s': wall,
+      'workdir': workdir,
   }
 
 
@@ -81,6 +84,11 @@ def main(argv):
     print(f"| {r['run']} | {r['params']:,} | {r['tokens_per_sec']:,.0f} | {r['mfu']:.1%} | "
           f"{r['first_loss']:.3f} | {r['last_loss']:.3f} | {r['eval_loss']:.3f} | "
           f"{r['eval_accuracy']:.3f} | {r['wall_s']:.0f} s |")
+  # The same runs as pictures (loss vs step and tokens, throughput, MFU): launch.report's.
+  written = report.write_report([r['workdir'] for r in rows],
+                                os.path.join('runs', 'bench_families', 'report'),
+                                [r['run'] for r in rows])
+  print('\nplots: ' + ', '.join(written))
 
 
 if __name__ == '__main__':

@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 
+from pretrain import report
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SMALL = dict(hidden_size=128, num_layers=2, num_heads=2, mlp_dim=512)
@@ -236,6 +238,10 @@ def main(argv):
 
   if args.plot:
     plot(args, (small, scratch, equal, curves), (f_small, f_large), budget, equal_steps)
+  # Every run's curves vs step and tokens, throughput and MFU (launch.report's plots).
+  dirs = [small_dir, scratch_dir, equal_dir] + [grown_dirs[v] for v in variants]
+  names = ['small', f'scratch_{S + T}', f'scratch_{equal_steps}'] + [f'grown_{v}' for v in variants]
+  print('plots: ' + ', '.join(report.write_report(dirs, os.path.join(args.root, 'report'), names)))
 
 
 if __name__ == '__main__':
