@@ -69,7 +69,11 @@ class KernelInit:
       return self.std, False
     if self.kind in ('roformer_v2', 'gau_alpha'):
       power = 0.5 if self.kind == 'roformer_v2' else 1.0 / 3.0
-      fan = su_fan(fan_in, fan_out)
+      # Embedding tables take the feature size: what bert4keras' shape rule gives every
+      # released model (vocabularies > 10000); taken literally it would give a 10..10000
+      # vocabulary (our tiny presets: 8000) sqrt(V / d) times smaller embeddings, and those
+      # models stall at the unigram loss (docs/algorithms.md 5.3).
+      fan = fan_out if role == 'embed' else su_fan(fan_in, fan_out)
       return TRUNCATION_CORRECTION / math.sqrt(fan) * self.num_layers ** (-power), True
     raise ValueError(f'unknown model.init={self.kind!r}; choose normal, roformer_v2 or gau_alpha')
 

@@ -62,7 +62,7 @@ def test_rv2_2_parameter_free_rms_norm():
 
 def test_rv2_3_init_stds():
   """Truncated normal (+-2 sigma), sigma = 1.13684723/sqrt(fan) * L^(-1/2); fan = shape[0],
-  or shape[1] if shape[0] > 10000 or < 10 (docs/algorithms.md 5.3)."""
+  or shape[1] if shape[0] > 10000 or < 10, and d for embedding tables (docs/algorithms.md 5.3)."""
   num_layers = 4
   params = nnx.to_pure_dict(nnx.state(models.build(v2_config(), rngs=nnx.Rngs(params=0)),
                                       nnx.Param))
@@ -77,8 +77,10 @@ def test_rv2_3_init_stds():
   check(lay['attention']['out']['kernel'], D)      # fan_in = h * d_h = D
   check(lay['mlp']['wi']['kernel'], D)
   check(lay['mlp']['wo']['kernel'], F)
-  check(params['embedder']['token']['embedding'], V)          # 10 <= V <= 10000: shape[0]
-  check(params['embedder']['token_type']['embedding'], D)     # shape[0] = 2 < 10: shape[1]
+  # Embedding tables: fan = d for every vocabulary size, as the rule gives released models
+  # (V > 10000); the literal rule would give fan = V here (10 <= V <= 10000).
+  check(params['embedder']['token']['embedding'], D)
+  check(params['embedder']['token_type']['embedding'], D)
   assert layers.su_fan(32000, 768) == 768 and layers.su_fan(8000, 768) == 8000
 
 
