@@ -127,6 +127,57 @@ class TrainLog:
     self.pending, self.window_start, self.window_steps = [], time.time(), 0
 
 
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+  """'START,COUNT' (config.train.profile_steps) -> (start, count); '' -> None.
+
+  Raises:
+    ValueError: not two integers with START >= 1 and COUNT >= 1 (message names the flag).
+  """
+  if not spec:
+    return None
+  try:
+    start, count = (int(v) for v in str(spec).split(','))
+  except ValueError:
+    start = count = 0
+  if start < 1 or count < 1:
+    raise ValueError(f'--config.train.profile_steps={spec!r}; give START,COUNT (e.g. 10,5: '
+                     f'trace steps 10 to 14; START after the first step keeps compilation out).')
+  return start, count
+
+
+class StepProfiler:
+  """A `jax.profiler` trace of steps [START, START + COUNT) under `<workdir>/profile`, from
+  config.train.profile_steps ('' = off). TensorBoard's profile plugin opens the directory;
+  Perfetto (ui.perfetto.dev) opens the `*.trace.json.gz` inside."""
+
+  def __init__(self, spec: str, workdir: str):
+    self.window = parse_profile_steps(spec)
+    self.directory = os.path.join(workdir, 'profile')
+    self.active = False
+
+  def before_step(self, step: int):
+    """Call before dispatching step `step + 1` (steps are counted from 1)."""
+    if self.window and step + 1 == self.window[0]:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after_step(self, step: int, state):
+    """Call after step `step`; stops the trace (waiting for the device) after the window."""
+    if self.active and step >= sum(self.window) - 1:
+      self.stop(state)
+
+  def stop(self, state=None):
+    if not self.active:
+      return
+    if state is not None:
+      jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    self.active = False
+    logging.info('profile of steps %d-%d written to %s (tensorboard --logdir %s, Profile tab; '
+                 'or open the .trace.json.gz in ui.perfetto.dev)', self.window[0],
+                 sum(self.window) - 1, self.directory, self.directory)
+
+
 def resume_command(argv: Sequence[str] | None = None) -> str:
   """The command that continues this run: the launching command line when it was
   `launch.pretrain`, else a template."""

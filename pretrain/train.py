@@ -258,6 +258,7 @@ def validate(config, mesh=None):
   """
   models.validate(config)  # also config.objective
   optim.validate(config)
+  progress.parse_profile_steps(config.train.profile_steps)
   if config.train.progress not in progress.PROGRESS_MODES:
     raise ValueError(f'--config.train.progress={config.train.progress!r}; use one of '
                      f'{", ".join(progress.PROGRESS_MODES)} (auto: a bar when on a terminal).')
@@ -465,14 +466,17 @@ def train_loop(run: Run) -> tuple[dict[str, float], int, int]:
                  '--config.train.num_train_steps to train further)', run.start_step, num_steps)
   base_key = jax.random.key(run.config.seed)
   signals, health = guards.StopSignals(), guards.Health(t.max_nonfinite_steps)
+  profiler = progress.StepProfiler(t.profile_steps, run.workdir)
   eval_result, step, previous = None, run.start_step, None
   try:
     while step < stop_at:
       batch = mesh_lib.global_batch(next(run.train_iter), run.run_setup.mesh)
+      profiler.before_step(step)
       run.state, step_metrics = run.train_step(run.state, batch, base_key)
       log.add(step_metrics, first=step == run.start_step, state=run.state)
       step += 1
       signals.current_step = step
+      profiler.after_step(step, run.state)
       if previous is not None:
         # Waits for the previous step: the host stays at most one step ahead of the device,
         # so a stop request is served within about one step (docs/design.md 9).
@@ -499,6 +503,7 @@ def train_loop(run: Run) -> tuple[dict[str, float], int, int]:
       eval_result = evaluate(run, step)
   finally:
     signals.restore()
+    profiler.stop()
   if health.skipped_total:
     logging.warning('%d step(s) had a non-finite loss or gradient; their updates were skipped',
                     health.skipped_total)

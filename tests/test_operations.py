@@ -228,3 +228,16 @@ def test_workdir_files_on_gs_paths(fake_gcs, text_corpus, cache_dir):
   assert run.name == 'base' and [l['step'] for l in run.train] == [1, 2]
   assert run.tokens_per_step == 8 * 32  # from config.json in the bucket
   assert checkpointing.checkpoint_directory(workdir + '/') == 'gs://bucket/runs/base/checkpoints'
+
+
+def test_profile_steps_write_a_trace_of_the_window(text_corpus, cache_dir, tmp_path):
+  config = make_tiny_config(text_corpus, cache_dir, **{'train.profile_steps': '2,2'})
+  config.train.num_train_steps = 4
+  train.train_and_evaluate(config, str(tmp_path))
+  traces = list((tmp_path / 'profile').rglob('*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  assert list((tmp_path / 'profile').rglob('*.trace.json.gz'))  # what Perfetto opens
+  for bad in ('5', '0,3', 'a,b'):
+    config.train.profile_steps = bad
+    with pytest.raises(train.InputError, match='profile_steps=.*give START,COUNT'):
+      train.train_and_evaluate(config, str(tmp_path / 'bad'))

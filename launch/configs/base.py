@@ -226,6 +226,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.max_nonfinite_steps = 10
   # A progress bar below the log lines: 'auto' (when stderr is a terminal), 'on' or 'off'.
   train.progress = 'auto'
+  # 'START,COUNT': a jax.profiler trace of steps START..START+COUNT-1 under <workdir>/profile
+  # (TensorBoard's Profile tab or ui.perfetto.dev); '' = off.
+  train.profile_steps = ''
 
   # ---------------------------------------------------------------- upscale
   # Lossless growth by launch.upscale (docs/algorithms.md 4), read from the target (large)
