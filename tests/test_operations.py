@@ -241,3 +241,30 @@ def test_profile_steps_write_a_trace_of_the_window(text_corpus, cache_dir, tmp_p
     config.train.profile_steps = bad
     with pytest.raises(train.InputError, match='profile_steps=.*give START,COUNT'):
       train.train_and_evaluate(config, str(tmp_path / 'bad'))
+
+
+# ----------------------------------------------------------------------------- AOT for TPU
+
+def test_topology_names_and_the_mfu_a_target_throughput_needs():
+  from pretrain import aot  # pylint: disable=g-import-not-at-top
+  assert aot.topology_name('v5e-32') == aot.topology_name('v5litepod-32') == 'v5e:4x8'
+  assert aot.topology_name('v6e:4x4') == 'v6e:4x4'
+  with pytest.raises(ValueError, match="--topology='v9-8' is not known"):
+    aot.topology_name('v9-8')
+  report_ = aot.AotReport(topology='v5e-8', chips=8, mesh={}, argument_bytes=2**30,
+                          output_bytes=2**30, temp_bytes=15 * 2**30, code_bytes=0,
+                          hbm_bytes=16 * 2**30, compiled_flops=0.0, model_flops=8e12,
+                          tokens_per_step=1000, peak_flops_per_chip=1e12)
+  assert report_.total_bytes == 16 * 2**30 and report_.fits  # donated outputs not counted
+  assert report_.mfu_needed(1000) == pytest.approx(1.0)  # 8e12 FLOPs/s over 8 x 1e12
+
+
+@pytest.mark.slow
+def test_aot_compiles_the_train_step_for_a_tpu_slice(text_corpus, cache_dir):
+  """Needs libtpu (`pip install -e '.[tpu]'`): compiles for v5e-8 with no TPU."""
+  pytest.importorskip('libtpu', reason="libtpu is not installed (pip install -e '.[tpu]')")
+  from pretrain import aot  # pylint: disable=g-import-not-at-top
+  config = make_tiny_config(text_corpus, cache_dir, **{'mesh.shape': (1, -1, 1)})
+  r = aot.compile_train_step(config, 'v5e-8')
+  assert r.chips == 8 and r.mesh == {'data': 1, 'fsdp': 8, 'tensor': 1}
+  assert 0 < r.argument_bytes < r.hbm_bytes and r.fits and r.compiled_flops > 0
