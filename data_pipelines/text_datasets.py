@@ -170,6 +170,9 @@ class _LocalTextBuilder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     ids = [doc_id for doc_id, _ in _documents(self._files, self._text_unit)]
+    if not ids:
+      raise DataError(f'the {len(self._files)} file(s) hold only blank text (e.g. '
+                      f'{self._files[0]}); point --config.data.text_files at text.')
     if len(ids) == 1:
       # One document (a single file, or a single line): its tail is the validation text.
       text = next(_documents(self._files, self._text_unit))[1]
@@ -208,6 +211,7 @@ def split_single_document(text: str, validation_fraction: float, name: str) -> t
   Raises:
     DataError: the document has fewer than MIN_SINGLE_DOCUMENT_CHARS non-blank characters.
   """
+  text = text.rstrip()  # trailing blank lines must not become the validation text
   size = len(text.strip())
   if size < MIN_SINGLE_DOCUMENT_CHARS:
     raise DataError(
@@ -256,6 +260,27 @@ def _fingerprint(files: Sequence[str], *settings) -> str:
   return h.hexdigest()[:16]
 
 
+_EDGE_BYTES = 65536
+
+
+def content_fingerprint(files: Sequence[str], *settings) -> str:
+  """What the data *is*, for the resume check: each file's path relative to the corpus root,
+  its size and a hash of its first and last 64 KiB, plus `settings`. Unlike the cache key it
+  ignores modification times, so data copied again unchanged (a new VM after a preemption)
+  still counts as the same data, and a different mount point does too."""
+  root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]) if files else ''
+  h = hashlib.sha256(repr(settings).encode())
+  for path in files:
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+      head = f.read(_EDGE_BYTES)
+      f.seek(max(size - _EDGE_BYTES, 0))
+      tail = f.read(_EDGE_BYTES)
+    rel = os.path.relpath(os.path.abspath(path), root)
+    h.update(f'{rel}\0{size}\0'.encode() + hashlib.sha256(head + tail).digest())
+  return h.hexdigest()[:16]
+
+
 def default_cache_dir() -> str:
   """`$XDG_CACHE_HOME/encoder_pretrain` or `~/.cache/encoder_pretrain`."""
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
@@ -272,12 +297,15 @@ class TextSource:
     train: random-access source of train records ({'text': bytes, ...}).
     validation: random-access source of validation records.
     text_key: feature holding the text.
+    data_fingerprint: identifies the content for the resume check (no modification times;
+      `content_fingerprint`); empty = use `fingerprint`.
   """
   name: str
   fingerprint: str
   train: Sequence
   validation: Sequence
   text_key: str
+  data_fingerprint: str = ''
 
 
 def _from_builder(builder: tfds.core.DatasetBuilder, name: str, fingerprint: str,
@@ -346,8 +374,10 @@ def load_text_source(data_config, *, build: bool = True) -> TextSource:
                     file_format='array_record')
       if not builder.is_prepared():
         raise
-  return _from_builder(builder, f'{name}({len(files)} files)', fingerprint,
-                       'train', 'validation', 'text')
+  source = _from_builder(builder, f'{name}({len(files)} files)', fingerprint,
+                         'train', 'validation', 'text')
+  source.data_fingerprint = content_fingerprint(files, unit, data_config.validation_fraction)
+  return source
 
 
 def _close_names(name: str) -> str:

@@ -41,7 +41,8 @@ def distributed_mode(coordinator: str | None, environ, num_tpu_chips: int) -> st
     return 'explicit'
   if any(environ.get(v) for v in CLUSTER_ENV_VARS):
     return 'auto'
-  if num_tpu_chips > 0 and environ.get('JAX_PLATFORMS', 'tpu') in ('', 'tpu'):
+  platforms = [p.strip() for p in environ.get('JAX_PLATFORMS', '').split(',') if p.strip()]
+  if num_tpu_chips > 0 and (not platforms or 'tpu' in platforms):
     return 'auto'
   return None
 

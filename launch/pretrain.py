@@ -12,6 +12,7 @@ A second Ctrl-C exits at once (130).
 """
 
 import os
+import signal
 
 from absl import app
 from absl import flags
@@ -76,6 +77,8 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    # The run is over and saved: a Ctrl-C while the process winds down just ends it.
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # pylint: disable=protected-access
   except train.InputError as e:
     fail(str(e))
   except guards.RunStopped as e:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -117,7 +118,19 @@ def _remote(o: Options, script: str) -> list[str]:
 
 
 def run_name(o: Options) -> str:
-  return o.run_name or o.workdir.rstrip('/').rsplit('/', 1)[-1]
+  """The log file's name: --run_name, else the workdir's last component.
+
+  Raises:
+    ValueError: neither is given, or the name has characters other than letters, digits,
+      '.', '_' and '-' (it goes into a remote shell command).
+  """
+  if not (o.run_name or o.workdir):
+    raise ValueError('give --workdir (the run directory) or --run_name (the log file name).')
+  name = o.run_name or o.workdir.rstrip('/').rsplit('/', 1)[-1]
+  if not re.fullmatch(r'[A-Za-z0-9._-]+', name):
+    raise ValueError(f'run name {name!r} (from --run_name or the last part of --workdir) may '
+                     f'only hold letters, digits, ".", "_" and "-"; pass --run_name.')
+  return name
 
 
 # The workers' Python is the image's (3.10 on Ubuntu 22.04): uv provides 3.12 for jax >= 0.11.
@@ -163,8 +176,8 @@ def commands(name: str, o: Options) -> list[list[str]]:
     train = (f'.venv/bin/python -m launch.pretrain --config={shlex.quote(o.config)} '
              f'--workdir={shlex.quote(o.workdir)} {o.args}').strip()
     return [_remote(dataclasses.replace(o, worker='all'),
-                    f'cd {REMOTE_DIR} && mkdir -p logs && (nohup {train} > {log} 2>&1 &) && '
-                    f'echo "worker $(hostname): logging to {REMOTE_DIR}/{log}"')]
+                    f'cd {REMOTE_DIR} && mkdir -p logs && (nohup {train} < /dev/null > {log} '
+                    f'2>&1 &) && echo "worker $(hostname): logging to {REMOTE_DIR}/{log}"')]
   if name == 'logs':
     if o.worker == 'all':
       raise ValueError('logs needs one --worker index (0 is the one that writes metrics).')
@@ -185,7 +198,8 @@ def wait_active(o: Options, poll_s: float = 30.0, timeout_s: float = 3 * 3600):
   describe = _queued(o, 'describe', '--format=value(state.state)')
   deadline = time.time() + timeout_s
   while time.time() < deadline:
-    state = subprocess.run(describe, capture_output=True, text=True, check=True).stdout.strip()
+    result = subprocess.run(describe, capture_output=True, text=True)
+    state = result.stdout.strip() if result.returncode == 0 else 'UNKNOWN (describe failed)'
     print(f'{o.tpu}: {state}', flush=True)
     if state == 'ACTIVE':
       return

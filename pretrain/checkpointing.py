@@ -24,6 +24,7 @@ from flax import traverse_util
 import grain
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 # Model fields whose change makes a checkpoint's parameters unusable.
@@ -100,7 +101,7 @@ class Checkpointer:
   @contextlib.contextmanager
   def _save_errors(self, step):
     """Turns any failure of a save (or of an earlier asynchronous one) into one SaveError."""
-    steps = self.all_steps()
+    steps = [s for s in self.all_steps() if s != step]
     try:
       yield
     except SaveError:
@@ -161,13 +162,16 @@ class Checkpointer:
     """
     failures = []
     for step in sorted(self.all_steps(), reverse=True):
-      try:
-        state = self.restore(step, abstract_state, data_iterator)
-      except Exception as e:  # pylint: disable=broad-except
-        failures.append((step, describe_error(e)))
+      state, cause = self._try_restore(step, abstract_state, data_iterator)
+      if jax.process_count() > 1:  # every process must resume from the same step
+        failed = multihost_utils.process_allgather(np.array(cause is not None))
+        if failed.any() and cause is None:
+          cause = f'it failed on {int(failed.sum())} other process(es)'
+      if cause is not None:
+        failures.append((step, cause))
         continue
-      for bad_step, cause in failures:
-        self._move_aside(bad_step, cause, step)
+      for bad_step, bad_cause in failures:
+        self._move_aside(bad_step, bad_cause, step)
       return step, state
     if failures:
       step, cause = failures[0]
@@ -178,14 +182,30 @@ class Checkpointer:
           f'pass the config that wrote it (config.json) or use a new --workdir.')
     return None, None
 
+  def _try_restore(self, step, abstract_state, data_iterator, attempts: int = 2):
+    """(state, None), or (None, cause) after `attempts` tries (a transient storage error is
+    not damage)."""
+    cause = None
+    for _ in range(attempts):
+      try:
+        return self.restore(step, abstract_state, data_iterator), None
+      except Exception as e:  # pylint: disable=broad-except
+        cause = describe_error(e)
+    return None, cause
+
   def _move_aside(self, step: int, cause: str, fallback: int):
     aside_root = os.path.join(os.path.dirname(self.directory), 'checkpoints_damaged')
     aside = os.path.join(aside_root, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
     logging.warning('checkpoint %s/%d cannot be restored (%s): moved to %s; resuming from '
                     'step %d', self.directory, step, cause, aside, fallback)
     if jax.process_index() == 0:
-      epath.Path(aside_root).mkdir(parents=True, exist_ok=True)
-      epath.Path(self.directory, str(step)).rename(aside)
+      try:
+        epath.Path(aside_root).mkdir(parents=True, exist_ok=True)
+        epath.Path(self.directory, str(step)).rename(aside)
+      except Exception as e:  # pylint: disable=broad-except
+        # e.g. a bucket without directories: the step stays and is skipped again next time.
+        logging.warning('could not move %s/%d aside (%s); it stays in place', self.directory,
+                        step, describe_error(e))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'checkpoint_move_aside_{step}')
     self._manager.reload()
@@ -243,20 +263,25 @@ def same_data(meta: dict[str, Any] | None, source, config, workdir: str) -> bool
     CheckpointError: the data changed and allow_changed_data is not set.
   """
   recorded = (meta or {}).get('data_fingerprint')
-  if recorded is None or recorded == source.fingerprint:
+  current = source.data_fingerprint or source.fingerprint
+  changed = recorded is not None and recorded != current
+  if jax.process_count() > 1:  # every process takes the same branch (one may see other files)
+    changed = bool(multihost_utils.process_allgather(np.array(changed)).any())
+  if not changed:
     return True
   if config.data.get('allow_changed_data', False):
     logging.warning('the training data changed since the checkpoint was written (%s, '
                     'fingerprint %s, was %s): resuming the model with the data iterator '
                     'started afresh (--config.data.allow_changed_data)', source.name,
-                    source.fingerprint, recorded)
+                    current, recorded)
     return False
   raise CheckpointError(
       f'the training data changed since the checkpoint in --workdir={workdir} was written '
-      f'({source.name}: fingerprint {source.fingerprint}, was {recorded}; files were added, '
-      f'removed, resized or touched). The saved data position would point into different '
-      f'text. Restore the original files, pass --config.data.allow_changed_data=true to '
-      f'resume the model with the data read from the start, or use a new --workdir.')
+      f'({source.name}: fingerprint {current}, was {recorded}; files were added, removed, '
+      f'renamed or their contents changed). The saved data position would point into '
+      f'different text. Restore the original files, pass '
+      f'--config.data.allow_changed_data=true to resume the model with the data read from '
+      f'the start, or use a new --workdir.')
 
 
 def abstract_like(tree, shardings):
@@ -288,7 +313,7 @@ def checkpoint_meta(config, tokenizer, mesh, source, lineage=None) -> dict[str, 
       'tokenizer': {'sha256': tokenizer.sha256, 'vocab_size': tokenizer.vocab_size,
                     'path': getattr(tokenizer, 'path', '')},
       'data_source': source.name,
-      'data_fingerprint': source.fingerprint,
+      'data_fingerprint': source.data_fingerprint or source.fingerprint,
       'mesh': dict(mesh.shape),
       'code_version': _code_version(),
       'lineage': lineage or [],

@@ -63,12 +63,17 @@ class StopSignals:
     self.current_step = 0  # set by the loop, for the log line
     self.reason = ''
     self._previous = {}
-    self._multiprocess = jax.process_count() > 1
+    # With JAX's distributed runtime started (several processes, or a one-host TPU VM) its
+    # preemption notifier owns SIGTERM from initialisation on; a Python handler would take
+    # it away, and signals before the loop would be lost to neither.
+    self._multiprocess = jax.process_count() > 1 or _distributed_runtime_started()
     if threading.current_thread() is not threading.main_thread():
       return
     signals = [signal.SIGINT] + ([] if self._multiprocess else [signal.SIGTERM])
     for signum in signals:
-      self._previous[signum] = signal.signal(signum, self._handle)
+      previous = signal.signal(signum, self._handle)
+      # None: a handler installed outside Python, which Python cannot put back.
+      self._previous[signum] = signal.SIG_DFL if previous is None else previous
 
   def _handle(self, signum, frame):
     del frame
@@ -96,6 +101,8 @@ class StopSignals:
     if multihost_utils.reached_preemption_sync_point(step):
       self.reason = 'SIGTERM'
       return True
+    if jax.process_count() == 1:
+      return self._requested.is_set()
     if log_step:
       agreed = bool(multihost_utils.process_allgather(
           np.array(self._requested.is_set())).any())
@@ -107,6 +114,14 @@ class StopSignals:
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
     self._previous = {}
+
+
+def _distributed_runtime_started() -> bool:
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    return distributed.global_state.client is not None
+  except (ImportError, AttributeError):
+    return False
 
 
 # ----------------------------------------------------------------------------- health
@@ -212,7 +227,12 @@ class WorkdirLock:
     f = open(self.path, 'a+', encoding='utf-8')
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as e:
+      if not isinstance(e, BlockingIOError):  # e.g. ENOLCK on some network filesystems
+        f.close()
+        logging.warning('cannot lock %s (%s): running without the one-run-per-workdir '
+                        'guard', self.path, e.strerror or e)
+        return self
       f.seek(0)
       holder = f.read().strip() or 'another process'
       f.close()

@@ -82,6 +82,11 @@ def format_duration(seconds: float) -> str:
   return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
+# A remote metrics.jsonl is rewritten whole at most this often (GCS allows about one write per
+# second to an object, and re-uploading the file at every log line grows quadratically).
+REMOTE_UPLOAD_SECONDS = 30.0
+
+
 def is_remote(path: str) -> bool:
   """Whether `path` has a scheme (gs://, s3://): written through etils.epath, not `open`."""
   return '://' in str(path)
@@ -90,8 +95,9 @@ def is_remote(path: str) -> bool:
 class MetricWriter:
   """Writes scalar metrics to `metrics.jsonl` and TensorBoard events under `workdir`.
 
-  A local workdir gets each line appended; a remote one (gs://, no appends there) gets the
-  whole file rewritten at each write through `etils.epath` (a few hundred KB at most).
+  A local workdir gets each line appended. A remote one (gs://, no appends there) gets the
+  whole file rewritten through `etils.epath` at most every REMOTE_UPLOAD_SECONDS and at close;
+  a failed upload is a warning, never the end of the run.
 
   Args:
     workdir: run directory (local or gs://); events go to `<workdir>/tensorboard`.
@@ -108,7 +114,7 @@ class MetricWriter:
       return
     path = epath.Path(workdir) / 'metrics.jsonl'
     if is_remote(workdir):
-      self._remote_path = path
+      self._remote_path, self._uploaded = path, 0.0
       self._remote_lines = path.read_text().splitlines(True) if path.exists() else []
     else:
       os.makedirs(workdir, exist_ok=True)
@@ -126,7 +132,8 @@ class MetricWriter:
     line = json.dumps(record) + '\n'
     if self._remote_lines is not None:
       self._remote_lines.append(line)
-      self._remote_path.write_text(''.join(self._remote_lines))
+      if time.time() - self._uploaded >= REMOTE_UPLOAD_SECONDS:
+        self._upload()
     else:
       self._jsonl.write(line)
       self._jsonl.flush()
@@ -139,7 +146,17 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.add_text(tag, text, 0)
 
+  def _upload(self):
+    try:
+      self._remote_path.write_text(''.join(self._remote_lines))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('could not write %s (%s); retrying at the next write', self._remote_path,
+                      e)
+    self._uploaded = time.time()
+
   def close(self):
+    if self._remote_lines is not None:
+      self._upload()
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:

@@ -149,7 +149,7 @@ def summary_table(runs: list[RunHistory]) -> str:
     rows.append(
         f'| {run.name} | {steps} | {steps * run.tokens_per_step:,} | {fmt(last.get("loss"))} | '
         f'{fmt(evals[-1]["loss"] if evals else None)} | '
-        f'{fmt(best["loss"] if best else None)}{f" ({best["step"]})" if best else ""} | '
+        f'{fmt(best["loss"] if best else None)}{" (%d)" % best["step"] if best else ""} | '
         f'{fmt(wall, "{:.0f} s")} | {fmt(float(np.median(rate)) if rate else None, "{:,.0f}")} | '
         f'{fmt(float(np.median(mfu)) if mfu else None, "{:.1%}")} |')
   with_results = [r for r in runs if r.results]

@@ -384,6 +384,9 @@ def prepare(config, workdir: str) -> Run:
       state, start_step = init_state(config, run_setup), 0
     else:
       logging.info('resuming from %s/%d', ckpt.directory, start_step)
+    if jax.process_index() == 0:  # before the writer opens metrics.jsonl for appending
+      metrics_lib.truncate_history(workdir, start_step)
+    writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   except BaseException as e:
     if ckpt is not None:
       ckpt.close()
@@ -391,16 +394,13 @@ def prepare(config, workdir: str) -> Run:
     if isinstance(e, ValueError):  # includes DataError, TokenizerError, CheckpointError
       raise InputError(str(e)) from e
     raise
-  if jax.process_index() == 0:
-    metrics_lib.truncate_history(workdir, start_step)
   lineage = (meta or {}).get('lineage', [])
   return Run(config=config, workdir=workdir, run_setup=run_setup, ckpt=ckpt,
              meta=checkpointing.checkpoint_meta(config, tokenizer, mesh, source, lineage),
              train_iter=train_iter, eval_set=eval_set, state=state, start_step=start_step,
              train_step=jit_train_step(run_setup, config),
              eval_step=jit_eval_step(run_setup, config),
-             writer=metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0),
-             lock=lock)
+             writer=writer, lock=lock)
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -420,33 +420,42 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
   return result
 
 
-def save(run: Run, step: int, health: guards.Health | None = None):
+def save(run: Run, step: int, health: guards.Health | None = None,
+         force: bool = False) -> bool:
   """Starts an asynchronous checkpoint of run.state, the data iterator and the metadata,
-  unless the last step was non-finite (its state must not replace a good checkpoint).
+  unless the last step was non-finite (a run that is going wrong must not rotate out good
+  checkpoints) and `force` is off (a stop on a signal saves anyway: skipped updates left the
+  state as it was).
+
+  Returns:
+    Whether a save was started.
 
   Raises:
     guards.RunStopped: the save (or an earlier asynchronous one) failed (exit code 4).
   """
-  if health is not None and not health.healthy:
+  if health is not None and not health.healthy and not force:
     logging.warning('not saving step %d: its update was non-finite (%d in a row); the last '
                     'good checkpoint stays the newest', step, health.streak)
-    return
+    return False
   try:
     run.ckpt.save(step, run.state, run.train_iter, run.meta)
   except checkpointing.SaveError as e:
     raise guards.RunStopped(str(e), guards.EXIT_SAVE_FAILED) from None
+  return True
 
 
 # ----------------------------------------------------------------------------- loop
 
-def train_loop(run: Run) -> tuple[dict[str, float], int, int]:
+def train_loop(run: Run, signals: guards.StopSignals | None = None
+               ) -> tuple[dict[str, float], int, int]:
   """Steps from run.start_step to the end (or train.stop_after_steps, SIGTERM or Ctrl-C),
   with the periodic hooks: log every log_every_steps, evaluate every eval_every_steps and at
   the last step, checkpoint every checkpoint_every_steps, at the stop and on SIGTERM / Ctrl-C
   (never from a non-finite step: see guards.Health).
 
   Returns:
-    (the last evaluation, the number of steps taken, the tokens they consumed).
+    (the last evaluation, {} if stopped by a signal before one, the number of steps taken,
+    the tokens they consumed).
 
   Raises:
     guards.RunStopped: train.max_nonfinite_steps non-finite steps in a row (exit code 3), or a
@@ -465,7 +474,9 @@ def train_loop(run: Run) -> tuple[dict[str, float], int, int]:
     logging.info('the checkpoint is already at step %d of %d: evaluating only (raise '
                  '--config.train.num_train_steps to train further)', run.start_step, num_steps)
   base_key = jax.random.key(run.config.seed)
-  signals, health = guards.StopSignals(), guards.Health(t.max_nonfinite_steps)
+  own_signals = signals is None
+  signals = guards.StopSignals() if own_signals else signals
+  health = guards.Health(t.max_nonfinite_steps)
   profiler = progress.StepProfiler(t.profile_steps, run.workdir)
   eval_result, step, previous = None, run.start_step, None
   try:
@@ -488,27 +499,31 @@ def train_loop(run: Run) -> tuple[dict[str, float], int, int]:
       if step % t.eval_every_steps == 0 or step == num_steps:
         eval_result = evaluate(run, step)
       stop = signals.should_stop(step, log_step)
+      saved = False
       if step % t.checkpoint_every_steps == 0 or step == stop_at or stop:
         health.observe(step, step_metrics)
-        save(run, step, health)
+        saved = save(run, step, health, force=stop)
       else:
         _check_saves(run)
       if stop:
         run.stopped_by = signals.reason
-        logging.warning('stopped at step %d after %s; checkpoint saved', step, signals.reason)
+        logging.warning('stopped at step %d after %s; %s', step, signals.reason,
+                        'checkpoint saved' if saved else 'no checkpoint saved')
         break
     if previous is not None:
       health.observe(step, previous)
-    if eval_result is None:
+    if eval_result is None and not run.stopped_by:
+      # Not after a stop signal: a preemption's grace period is for the save, not for an eval.
       eval_result = evaluate(run, step)
   finally:
-    signals.restore()
+    if own_signals:
+      signals.restore()
     profiler.stop()
   if health.skipped_total:
     logging.warning('%d step(s) had a non-finite loss or gradient; their updates were skipped',
                     health.skipped_total)
   steps_done = step - run.start_step
-  return eval_result, steps_done, steps_done * log.tokens_per_step
+  return eval_result or {}, steps_done, steps_done * log.tokens_per_step
 
 
 def _check_saves(run: Run):
@@ -536,15 +551,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       message says what happened and what to do; `exit_code` is 3 or 4.
   """
   metrics_lib.quiet_library_logs()
-  run = prepare(config, workdir)
-  start = time.time()
+  # From before prepare to after the last save: a signal during set-up or the final wait is
+  # served too (during set-up, at the first step boundary).
+  signals = guards.StopSignals()
   try:
-    eval_result, steps_done, tokens_done = train_loop(run)
-  finally:
+    run = prepare(config, workdir)
+    start = time.time()
     try:
-      run.close()
-    except checkpointing.SaveError as e:
-      raise guards.RunStopped(str(e), guards.EXIT_SAVE_FAILED) from None
+      eval_result, steps_done, tokens_done = train_loop(run, signals)
+    finally:
+      try:
+        run.close()
+      except checkpointing.SaveError as e:
+        raise guards.RunStopped(str(e), guards.EXIT_SAVE_FAILED) from None
+  finally:
+    signals.restore()
   step = run.start_step + steps_done
   logging.info('%s', progress.run_summary(
       workdir=workdir, start_step=run.start_step, step=step,

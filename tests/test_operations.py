@@ -61,14 +61,19 @@ def test_run_starts_the_same_pretrain_command_on_every_worker_with_a_log_each():
   script = cmd[-1]
   assert script.startswith('--command=cd ~/encoder-pretrain && mkdir -p logs && (nohup ')
   assert ('.venv/bin/python -m launch.pretrain --config=launch/configs/roformer.py:base '
-          '--workdir=gs://bucket/runs/base --config.train.num_train_steps=1000 > logs/base.log '
-          '2>&1 &)') in script
+          '--workdir=gs://bucket/runs/base --config.train.num_train_steps=1000 < /dev/null > '
+          'logs/base.log 2>&1 &)') in script
   with pytest.raises(ValueError, match='give a gs:// path'):
     tpu_vm.commands('run', tpu_vm.Options(tpu='p', zone='z', workdir='runs/base'))
   (logs,) = tpu_vm.commands('logs', dataclasses.replace(POD, worker='3', follow=True))
   assert '--worker=3' in logs and logs[-1] == (
       '--command=tail -n 100 -F ~/encoder-pretrain/logs/base.log')
   assert tpu_vm.commands('delete', POD)[0][-2:] == ['--force', '--quiet']
+  for bad in ('gs://b/runs/my run', 'gs://b/$(id)'):
+    with pytest.raises(ValueError, match='may only hold letters'):
+      tpu_vm.commands('run', dataclasses.replace(POD, workdir=bad))
+  with pytest.raises(ValueError, match='give --workdir'):
+    tpu_vm.commands('logs', tpu_vm.Options(tpu='p', zone='z', worker='0'))
 
 
 def test_dry_run_cli_prints_the_commands_and_accepts_gcloud_spelling():
@@ -93,6 +98,7 @@ def test_dry_run_cli_prints_the_commands_and_accepts_gcloud_spelling():
     (None, {'MEGASCALE_COORDINATOR_ADDRESS': 'a'}, 0, 'auto'),
     (None, {}, 4, 'auto'),                           # a Cloud TPU VM: no variable is set
     (None, {'JAX_PLATFORMS': 'cpu'}, 4, None),       # TPU chips, but told to use the CPU
+    (None, {'JAX_PLATFORMS': 'tpu,cpu'}, 4, 'auto'),
     (None, {}, 0, None),                             # a laptop, a GPU box, CI
 ])
 def test_distributed_runtime_starts_on_tpu_vms_and_clusters_only(coordinator, environ, chips,
