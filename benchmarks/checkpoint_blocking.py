@@ -16,13 +16,10 @@ import time
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 
+from bench_utils import time_train_step
 from launch.configs import roformer
-from pretrain import aot
 from pretrain import checkpointing
-from pretrain import mesh as mesh_lib
-from pretrain import train
 
 _PRESET = flags.DEFINE_string('preset', 'small', 'RoFormer preset.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 256, 'Tokens per row.')
@@ -30,35 +27,11 @@ _BATCH = flags.DEFINE_integer('batch', 16, 'Rows per step.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats of the step and of the save.')
 
 
-def synthetic_batch(config, mesh):
-  rng = np.random.default_rng(0)
-  batch = {}
-  for k, spec in aot.abstract_batch(config, mesh).items():
-    if spec.dtype == np.int32:
-      high = config.data.seq_len if 'positions' in k else config.model.vocab_size
-      batch[k] = rng.integers(1, high, spec.shape).astype(np.int32)
-    else:
-      batch[k] = np.ones(spec.shape, np.float32)
-  return mesh_lib.global_batch(batch, mesh)
-
-
 def main(argv):
   del argv
   config = roformer.get_config(_PRESET.value)
   config.data.seq_len, config.data.global_batch_size = _SEQ_LEN.value, _BATCH.value
-  mesh = mesh_lib.make_mesh(config.mesh)
-  run_setup = train.setup(config, mesh)
-  state = train.init_state(config, run_setup)
-  step_fn = train.jit_train_step(run_setup, config)
-  batch, key = synthetic_batch(config, mesh), jax.random.key(0)
-  state, _ = step_fn(state, batch, key)
-  jax.block_until_ready(state)  # compiled
-  step_times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch, key)
-    jax.block_until_ready((state, metrics))
-    step_times.append(time.perf_counter() - start)
+  step, state = time_train_step(config, _REPEATS.value)
   save_times = []
   with tempfile.TemporaryDirectory() as workdir:
     ckpt = checkpointing.Checkpointer(workdir, keep=2)
@@ -68,7 +41,7 @@ def main(argv):
       save_times.append(time.perf_counter() - start)
       ckpt.wait()
     ckpt.close()
-  step, save = statistics.median(step_times), statistics.median(save_times)
+  save = statistics.median(save_times)
   size = sum(x.nbytes for x in jax.tree.leaves(state))
   print(f'\nroformer {_PRESET.value} (params + optimizer state {size / 2**20:,.0f} MiB), '
         f'batch {_BATCH.value} x {_SEQ_LEN.value}, {jax.device_count()} '
