@@ -1,0 +1,65 @@
+r"""Step time against sequence length for softmax attention (RoFormer), quadratic GAU and
+FLASH's mixed-chunk attention at about equal parameters (issue 13, item 5).
+
+  python benchmarks/seq_len_scaling.py [--lengths=512,1024,2048,4096,8192 --tokens=8192]
+
+Each model is its family's `tiny` preset (about 1.9M parameters; FLASH chunk 32 -> 128 here so
+the chunk is not the bottleneck at long n), trained on a synthetic batch of --tokens tokens
+(batch = tokens / n), MLM objective; the real train step, median of --repeats after compiling.
+Targets: FLASH >= 3x faster than RoFormer at n = 4096; FLASH time per token within 25 % from
+n = 1024 to 8192.
+"""
+
+from absl import app
+from absl import flags
+
+from bench_utils import time_train_step
+from launch.configs import gau
+from launch.configs import roformer
+
+_LENGTHS = flags.DEFINE_list('lengths', ['512', '1024', '2048', '4096', '8192'], 'Values of n.')
+_TOKENS = flags.DEFINE_integer('tokens', 8192, 'Tokens per step (batch = tokens / n).')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed steps per point.')
+_CHUNK = flags.DEFINE_integer('chunk_size', 128, 'FLASH chunk size c.')
+
+MODELS = {
+    'roformer (softmax)': lambda: roformer.get_config('tiny'),
+    'gau (quadratic)': lambda: gau.get_config('tiny'),
+    'flash (mixed chunk)': lambda: gau.get_config('flash_tiny'),
+}
+
+
+def main(argv):
+  del argv
+  lengths = [int(n) for n in _LENGTHS.value]
+  times = {}
+  for name, make in MODELS.items():
+    for n in lengths:
+      config = make()
+      config.data.seq_len, config.data.global_batch_size = n, max(_TOKENS.value // n, 1)
+      config.mesh.shape = (1, 1, 1)
+      if config.model.chunk_size:
+        config.model.chunk_size = min(_CHUNK.value, n)
+      seconds, _ = time_train_step(config, _REPEATS.value)
+      times[name, n] = seconds
+      print(f'{name} n={n}: {seconds * 1e3:,.0f} ms/step', flush=True)
+  print(f'\n{_TOKENS.value} tokens per step, ms per step (and microseconds per token)\n')
+  print('| model | ' + ' | '.join(f'n={n}' for n in lengths) + ' |')
+  print('|---|' + '---|' * len(lengths))
+  for name in MODELS:
+    cells = [f'{times[name, n] * 1e3:,.0f} ({times[name, n] / _TOKENS.value * 1e6:.0f})'
+             for n in lengths]
+    print(f'| {name} | ' + ' | '.join(cells) + ' |')
+  flash, soft = 'flash (mixed chunk)', 'roformer (softmax)'
+  if 4096 in lengths:
+    ratio = times[soft, 4096] / times[flash, 4096]
+    print(f'\nFLASH vs RoFormer at n=4096: {ratio:.2f}x faster (target >= 3x: '
+          f'{"met" if ratio >= 3 else "not met"})')
+  if 1024 in lengths and max(lengths) >= 4096:
+    spread = times[flash, max(lengths)] / times[flash, 1024] - 1
+    print(f'FLASH time per token n=1024 -> {max(lengths)}: {spread:+.0%} (target within 25 %: '
+          f'{"met" if abs(spread) <= 0.25 else "not met"})')
+
+
+if __name__ == '__main__':
+  app.run(main)
