@@ -34,6 +34,8 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0 for multi-process runs off TPU VMs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (0-based).')
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout_s', 300, 'Seconds to wait for every host to join the run.')
 
 
 def parse_flags(argv):
@@ -43,9 +45,6 @@ def parse_flags(argv):
   except FLAG_ERRORS as e:
     fail(flag_error_message(e))
 
-
-_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
-    'distributed_timeout_s', 300, 'Seconds to wait for every host to join the run.')
 
 def initialize_distributed():
   """Starts JAX's multi-controller runtime when the run may span several processes.

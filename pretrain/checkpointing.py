@@ -27,6 +27,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pretrain import metrics as metrics_lib
+
 # Model fields whose change makes a checkpoint's parameters unusable.
 SHAPE_FIELDS = ('family', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'head_dim',
                 'mlp_dim', 'type_vocab_size', 'residual', 'expansion_factor', 'shared_dim',
@@ -58,7 +60,7 @@ def describe_error(e: BaseException) -> str:
 def checkpoint_directory(workdir: str) -> str:
   """`<workdir>/checkpoints`, absolute for a local workdir; gs:// and other remote paths go to
   orbax as they are (it writes them natively)."""
-  if '://' in workdir:
+  if metrics_lib.is_remote(workdir):
     return workdir.rstrip('/') + '/checkpoints'
   return os.path.abspath(os.path.join(workdir, 'checkpoints'))
 
@@ -99,22 +101,25 @@ class Checkpointer:
       self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   @contextlib.contextmanager
-  def _save_errors(self, step):
-    """Turns any failure of a save (or of an earlier asynchronous one) into one SaveError."""
-    steps = [s for s in self.all_steps() if s != step]
+  def _save_errors(self, step: int | None = None):
+    """Turns any failure of a save (or of an earlier asynchronous one) into one SaveError;
+    `step` is the save's step (None: the newest, which is the one an asynchronous failure is
+    about). Does nothing more on success: `check_for_errors` runs at every step."""
     try:
       yield
     except SaveError:
       raise
     except Exception as e:  # pylint: disable=broad-except
+      step = self.latest_step() if step is None else step
+      intact = [s for s in self.all_steps() if s != step]
       raise SaveError(
           f'saving checkpoint {os.path.join(self.directory, str(step))} failed: '
-          f'{describe_error(e)}. The earlier checkpoints {steps} are intact; fix the cause '
+          f'{describe_error(e)}. The earlier checkpoints {intact} are intact; fix the cause '
           f'(free disk space, permissions) and run the same command to resume.') from e
 
   def check_for_errors(self):
     """Raises SaveError if an asynchronous save has failed (cheap: no waiting)."""
-    with self._save_errors(self.latest_step()):
+    with self._save_errors():
       self._manager.check_for_errors()
 
   def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
@@ -211,7 +216,7 @@ class Checkpointer:
     self._manager.reload()
 
   def wait(self):
-    with self._save_errors(self.latest_step()):
+    with self._save_errors():
       self._manager.wait_until_finished()
 
   def close(self):
@@ -269,7 +274,7 @@ def same_data(meta: dict[str, Any] | None, source, config, workdir: str) -> bool
     changed = bool(multihost_utils.process_allgather(np.array(changed)).any())
   if not changed:
     return True
-  if config.data.get('allow_changed_data', False):
+  if config.data.allow_changed_data:
     logging.warning('the training data changed since the checkpoint was written (%s, '
                     'fingerprint %s, was %s): resuming the model with the data iterator '
                     'started afresh (--config.data.allow_changed_data)', source.name,

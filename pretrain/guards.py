@@ -27,6 +27,8 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from pretrain import metrics as metrics_lib
+
 
 class RunStopped(RuntimeError):
   """The run stopped on a problem found while training (not bad input).
@@ -221,7 +223,7 @@ class WorkdirLock:
     self._file = None
 
   def acquire(self) -> 'WorkdirLock':
-    if '://' in self.workdir or jax.process_index() != 0:
+    if metrics_lib.is_remote(self.workdir) or jax.process_index() != 0:
       return self
     check_writable_dir(self.workdir)
     f = open(self.path, 'a+', encoding='utf-8')
@@ -261,7 +263,7 @@ def check_writable_dir(path: str, flag: str = '--workdir'):
   Raises:
     ValueError: naming the flag, the path and what is wrong.
   """
-  if '://' in path:  # gs://: orbax and epath create what they write; nothing to check here
+  if metrics_lib.is_remote(path):  # orbax and epath create what they write there
     return
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f'{flag}={path} is a file, not a directory; give a directory (it is '

@@ -196,7 +196,7 @@ def run_summary(*, workdir: str, start_step: int, step: int, num_steps: int,
     evals: every evaluation of this run, as {'step', 'loss', 'accuracy', ...}.
     stopped_by: 'SIGTERM' / 'Ctrl-C' when the run stopped early, else ''.
   """
-  workdir = workdir if '://' in workdir else os.path.abspath(workdir)
+  workdir = workdir if metrics_lib.is_remote(workdir) else os.path.abspath(workdir)
   state = f'stopped by {stopped_by} at' if stopped_by else 'at'
   lines = [f'run summary ({state} step {step} of {num_steps})',
            f'  steps        {start_step} -> {step} ({step - start_step} this run, '

@@ -76,24 +76,22 @@ def load_run(run_dir: str, name: str | None = None) -> RunHistory:
                     by_split['eval'], tokens_per_step, results)
 
 
-def _figure(title: str, xlabel: str, ylabel: str, nrows: int = 1):
+def _figure(title: str, xlabel: str, ylabel: str):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')  # files only: no display on a pod or in CI
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(nrows, 1, figsize=(7, 3.2 * nrows), squeeze=False)
-  axes = axes[:, 0]
-  axes[0].set_title(title)
-  for ax in axes:
-    ax.set_xlabel(xlabel)
-    ax.grid(alpha=0.3)
-  axes[0].set_ylabel(ylabel)
-  return fig, axes
+  fig, ax = plt.subplots(figsize=(7, 3.2))
+  ax.set_title(title)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  return fig, ax
 
 
 def plot_loss(runs: list[RunHistory], x: str = 'step'):
   """Training (solid) and evaluation (dashed, dots) loss of every run vs `x` ('step' or
   'tokens'); returns the matplotlib Figure."""
-  fig, (ax,) = _figure('loss', 'tokens seen' if x == 'tokens' else 'step', 'loss')
+  fig, ax = _figure('loss', 'tokens seen' if x == 'tokens' else 'step', 'loss')
   for i, run in enumerate(runs):
     color = f'C{i % 10}'
     scale = run.tokens_per_step if x == 'tokens' else 1
@@ -110,7 +108,7 @@ def plot_loss(runs: list[RunHistory], x: str = 'step'):
 
 def plot_train_scalar(runs: list[RunHistory], key: str, title: str, ylabel: str):
   """One training scalar (learning_rate, tokens_per_sec, mfu, grad_norm) vs step."""
-  fig, (ax,) = _figure(title, 'step', ylabel)
+  fig, ax = _figure(title, 'step', ylabel)
   for i, run in enumerate(runs):
     steps, values = run.column('train', key)
     if len(steps):

@@ -10,6 +10,7 @@ state (docs/design.md 4).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -437,21 +438,31 @@ def save(run: Run, step: int, health: guards.Health | None = None,
     logging.warning('not saving step %d: its update was non-finite (%d in a row); the last '
                     'good checkpoint stays the newest', step, health.streak)
     return False
-  try:
+  with _stop_on_failed_save():
     run.ckpt.save(step, run.state, run.train_iter, run.meta)
+  return True
+
+
+@contextlib.contextmanager
+def _stop_on_failed_save():
+  """A failed save (this one, or an earlier asynchronous one) stops the run: exit code 4."""
+  try:
+    yield
   except checkpointing.SaveError as e:
     raise guards.RunStopped(str(e), guards.EXIT_SAVE_FAILED) from None
-  return True
 
 
 # ----------------------------------------------------------------------------- loop
 
-def train_loop(run: Run, signals: guards.StopSignals | None = None
-               ) -> tuple[dict[str, float], int, int]:
+def train_loop(run: Run, signals: guards.StopSignals) -> tuple[dict[str, float], int, int]:
   """Steps from run.start_step to the end (or train.stop_after_steps, SIGTERM or Ctrl-C),
   with the periodic hooks: log every log_every_steps, evaluate every eval_every_steps and at
-  the last step, checkpoint every checkpoint_every_steps, at the stop and on SIGTERM / Ctrl-C
-  (never from a non-finite step: see guards.Health).
+  the last step, checkpoint every checkpoint_every_steps (skipped right after a non-finite
+  step, see `save`), at the stop and on SIGTERM / Ctrl-C.
+
+  Args:
+    run: what `prepare` set up; signals: the stop requests (installed by the caller, which
+      also covers set-up and the final wait).
 
   Returns:
     (the last evaluation, {} if stopped by a signal before one, the number of steps taken,
@@ -474,8 +485,6 @@ def train_loop(run: Run, signals: guards.StopSignals | None = None
     logging.info('the checkpoint is already at step %d of %d: evaluating only (raise '
                  '--config.train.num_train_steps to train further)', run.start_step, num_steps)
   base_key = jax.random.key(run.config.seed)
-  own_signals = signals is None
-  signals = guards.StopSignals() if own_signals else signals
   health = guards.Health(t.max_nonfinite_steps)
   profiler = progress.StepProfiler(t.profile_steps, run.workdir)
   eval_result, step, previous = None, run.start_step, None
@@ -504,7 +513,8 @@ def train_loop(run: Run, signals: guards.StopSignals | None = None
         health.observe(step, step_metrics)
         saved = save(run, step, health, force=stop)
       else:
-        _check_saves(run)
+        with _stop_on_failed_save():
+          run.ckpt.check_for_errors()
       if stop:
         run.stopped_by = signals.reason
         logging.warning('stopped at step %d after %s; %s', step, signals.reason,
@@ -516,22 +526,12 @@ def train_loop(run: Run, signals: guards.StopSignals | None = None
       # Not after a stop signal: a preemption's grace period is for the save, not for an eval.
       eval_result = evaluate(run, step)
   finally:
-    if own_signals:
-      signals.restore()
     profiler.stop()
   if health.skipped_total:
     logging.warning('%d step(s) had a non-finite loss or gradient; their updates were skipped',
                     health.skipped_total)
   steps_done = step - run.start_step
   return eval_result or {}, steps_done, steps_done * log.tokens_per_step
-
-
-def _check_saves(run: Run):
-  """Stops the run at the first failed asynchronous save (exit code 4)."""
-  try:
-    run.ckpt.check_for_errors()
-  except checkpointing.SaveError as e:
-    raise guards.RunStopped(str(e), guards.EXIT_SAVE_FAILED) from None
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -560,10 +560,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     try:
       eval_result, steps_done, tokens_done = train_loop(run, signals)
     finally:
-      try:
+      with _stop_on_failed_save():
         run.close()
-      except checkpointing.SaveError as e:
-        raise guards.RunStopped(str(e), guards.EXIT_SAVE_FAILED) from None
   finally:
     signals.restore()
   step = run.start_step + steps_done
