@@ -33,7 +33,8 @@ class Tokenize(grain.transforms.Map):
     text = record[self._text_key]
     text = text.decode('utf-8') if isinstance(text, bytes) else str(text)
     ids = self._tokenizer.encode(text)
-    return {'tokens': np.concatenate([ids, np.array([tokenizer_lib.SEP_ID], np.int32)])}
+    sep = getattr(self._tokenizer, 'sep_id', tokenizer_lib.SEP_ID)  # WordPiece: its [SEP]
+    return {'tokens': np.concatenate([ids, np.array([sep], np.int32)])}
 
 
 def _rename_packed(row):
@@ -103,7 +104,9 @@ def make_dataset(records: Sequence, tokenizer: tokenizer_lib.Tokenizer, config, 
     seed = (data.shuffle_seed * 1_000_003 + process_index * 7919 + (0 if train else 1)) % 2**32
     it = it.random_map(functools.partial(
         _mask, vocab_size=tokenizer.vocab_size, mask_rate=data.mask_rate,
-        mask_token_rate=data.mask_token_rate, random_token_rate=data.random_token_rate),
+        mask_token_rate=data.mask_token_rate, random_token_rate=data.random_token_rate,
+        mask_id=getattr(tokenizer, 'mask_id', tokenizer_lib.MASK_ID),
+        num_special=getattr(tokenizer, 'num_special', tokenizer_lib.NUM_SPECIAL)),
                        seed=seed)
   elif config.objective == 'clm':
     it = it.map(objectives.next_token_targets)

@@ -1,18 +1,32 @@
-"""SentencePiece tokenizer: trained once on a sample of the training split, or loaded.
+"""Tokenizers: SentencePiece (trained here, or a given .model) or BERT WordPiece (a vocab.txt).
 
-Training settings (docs/design.md 8): BPE, `byte_fallback` (unseen characters become byte pieces, so
-every text round-trips), identity normalization and no whitespace folding (code and full-width
-punctuation survive). Trained models are cached under `<cache_dir>/tokenizers/<hash>.model`,
-keyed by the corpus fingerprint and every training setting.
-
-Special ids (fixed for every trained model): 0 = <pad>, 1 = <unk>, 2 = [CLS] (<s>),
+SentencePiece (the default, docs/design.md 8): BPE, `byte_fallback` (unseen characters become
+byte pieces, so every text round-trips), identity normalization and no whitespace folding
+(code and full-width punctuation survive). Trained models are cached under
+`<cache_dir>/tokenizers/<hash>.model`, keyed by the corpus fingerprint and every training
+setting. Special ids (fixed for every trained model): 0 = <pad>, 1 = <unk>, 2 = [CLS] (<s>),
 3 = [SEP] (</s>, appended to every document), 4 = [MASK].
+
+WordPiece (`--config.data.tokenizer_model=vocab.txt`, or `tokenizer_kind=wordpiece` to train
+one): the BERT / RoFormer / RoFormer-v2 / GAU-alpha vocabulary format (one token per line, the
+id is the line number; Chinese vocabularies are character-level), encoded by the `tokenizers`
+library exactly as transformers' BertTokenizerFast does (BERT normalizer with CJK characters
+split apart, optional lower-casing and accent stripping, `##` continuation pieces). Special ids
+are those of [PAD], [UNK], [CLS], [SEP] and [MASK] in the file (0, 100, 101, 102, 103 in BERT's
+vocabularies); ids below `num_special` are never masked.
+
+Every tokenizer object has the same interface: `encode(text) -> int32 ids`, `decode(ids)`,
+`vocab_size`, `sha256` (recorded in checkpoint metadata), `model_bytes` (the file's bytes),
+`kind`, and the special ids `pad_id`, `unk_id`, `cls_id`, `sep_id`, `mask_id`, `num_special`.
+`load(path)` opens either kind; `load_run_tokenizer(meta)` the tokenizer a checkpoint was
+trained with (docs/huggingface.md 4).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from typing import Iterable, Sequence
@@ -24,6 +38,12 @@ import sentencepiece as spm
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
 NUM_SPECIAL = 5
 _TRAINER_VERSION = 1  # bump when training settings change, to invalidate caches
+# config.data.tokenizer_kind: 'auto' = a `.txt` tokenizer_model is a WordPiece vocab.txt,
+# any other file a SentencePiece model; with no file, train SentencePiece.
+KINDS = ('auto', 'sentencepiece', 'wordpiece')
+# BERT's special tokens, by the attribute that holds their id.
+WORDPIECE_SPECIALS = {'pad_id': '[PAD]', 'unk_id': '[UNK]', 'cls_id': '[CLS]',
+                      'sep_id': '[SEP]', 'mask_id': '[MASK]'}
 
 
 class TokenizerError(ValueError):
@@ -37,12 +57,20 @@ class Tokenizer:
     model_bytes: the serialized SentencePiece model.
     sha256: hex digest of `model_bytes` (recorded in checkpoint metadata).
     vocab_size: number of pieces (ids are in [0, vocab_size)).
+    kind: 'sentencepiece'.
+    pad_id, unk_id, cls_id, sep_id, mask_id, num_special: the fixed special ids above.
+    path: the file it was loaded from ('' if built from bytes).
   """
+
+  kind = 'sentencepiece'
+  pad_id, unk_id, cls_id, sep_id, mask_id = PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID
+  num_special = NUM_SPECIAL
 
   def __init__(self, model_bytes: bytes):
     self.model_bytes = model_bytes
     self.sha256 = hashlib.sha256(model_bytes).hexdigest()
     self._sp = None
+    self.path = ''
     self.vocab_size = self.processor.get_piece_size()
 
   @property
@@ -52,10 +80,11 @@ class Tokenizer:
     return self._sp
 
   def __getstate__(self):
-    return {'model_bytes': self.model_bytes}
+    return {'model_bytes': self.model_bytes, 'path': self.path}
 
   def __setstate__(self, state):
     self.__init__(state['model_bytes'])
+    self.path = state.get('path', '')
 
   def encode(self, text: str) -> np.ndarray:
     """Returns the int32 ids of `text` (no special tokens added)."""
@@ -63,6 +92,207 @@ class Tokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.processor.decode([int(i) for i in ids])
+
+
+class WordPieceTokenizer:
+  """A picklable BERT WordPiece tokenizer over a vocab.txt, through the `tokenizers` library.
+
+  Encodes as transformers' BertTokenizerFast(vocab, do_lower_case=lowercase): BERT normalizer
+  (control characters removed, whitespace unified, CJK characters surrounded by spaces,
+  lower-casing and accent stripping when `lowercase`), BERT pre-tokenizer (whitespace and
+  punctuation), WordPiece with `##` continuations and [UNK] for words longer than 100
+  characters or not coverable.
+
+  Args:
+    vocab_bytes: the vocab.txt file (UTF-8, one token per line, id = line number).
+    lowercase: BERT's do_lower_case (uncased and Chinese vocabularies: True).
+
+  Attributes:
+    model_bytes: `vocab_bytes`; lowercase: as given; kind: 'wordpiece'.
+    sha256: hex digest of the vocabulary and the lowercase flag (both change the ids).
+    vocab_size: lines in the file.
+    pad_id, unk_id, cls_id, sep_id, mask_id: ids of [PAD], [UNK], [CLS], [SEP], [MASK].
+    num_special: 1 + the largest of those ids; ids below it are never masked or sampled as
+      random MLM replacements (BERT's [unused*] slots lie there too).
+    path: the file it was loaded from ('' if built from bytes).
+
+  Raises:
+    TokenizerError: not UTF-8, a special token missing, or special tokens not at the start
+      of the vocabulary.
+  """
+
+  kind = 'wordpiece'
+
+  def __init__(self, vocab_bytes: bytes, lowercase: bool = True):
+    self.model_bytes, self.lowercase = vocab_bytes, bool(lowercase)
+    self.sha256 = hashlib.sha256(
+        vocab_bytes + (b'\n#lowercase' if self.lowercase else b'\n#cased')).hexdigest()
+    self.path = ''
+    try:
+      tokens = vocab_bytes.decode('utf-8').splitlines()
+    except UnicodeDecodeError as e:
+      raise TokenizerError(f'the WordPiece vocabulary is not UTF-8 text ({e}); give a BERT '
+                           'vocab.txt (one token per line).') from None
+    self.vocab = {}
+    for i, token in enumerate(tokens):
+      self.vocab[token.rstrip('\r')] = i  # a repeated line keeps its last id, as BERT's
+    self.vocab_size = len(tokens)
+    missing = [t for t in WORDPIECE_SPECIALS.values() if t not in self.vocab]
+    if missing:
+      raise TokenizerError(
+          f'the WordPiece vocabulary has no {", ".join(missing)} line; a BERT vocab.txt '
+          'holds [PAD], [UNK], [CLS], [SEP] and [MASK] (add the missing lines).')
+    for attr, token in WORDPIECE_SPECIALS.items():
+      setattr(self, attr, self.vocab[token])
+    self.num_special = 1 + max(getattr(self, a) for a in WORDPIECE_SPECIALS)
+    if self.num_special > self.vocab_size // 2:
+      raise TokenizerError(
+          f'the special tokens of the WordPiece vocabulary lie at ids up to '
+          f'{self.num_special - 1} of {self.vocab_size}; masking treats every id below the '
+          'largest special id as special, so put [PAD] [UNK] [CLS] [SEP] [MASK] at the '
+          "start of the file (BERT's layout).")
+    self._backend = None
+
+  @property
+  def backend(self):
+    """The `tokenizers.Tokenizer` (built on first use)."""
+    if self._backend is None:
+      self._backend = wordpiece_backend(self.vocab, self.lowercase)
+    return self._backend
+
+  def __getstate__(self):
+    return {'model_bytes': self.model_bytes, 'lowercase': self.lowercase, 'path': self.path}
+
+  def __setstate__(self, state):
+    self.__init__(state['model_bytes'], state['lowercase'])
+    self.path = state.get('path', '')
+
+  def encode(self, text: str) -> np.ndarray:
+    """Returns the int32 ids of `text` (no special tokens added)."""
+    return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of `ids` (special tokens dropped, `##` pieces joined), as BertTokenizerFast."""
+    return self.backend.decode([int(i) for i in ids])
+
+
+def wordpiece_backend(vocab: dict[str, int], lowercase: bool):
+  """A `tokenizers.Tokenizer` equal to transformers' BertTokenizerFast for `vocab`: BERT
+  normalizer (clean_text, CJK split, lowercase, accents stripped iff lowercase), BERT
+  pre-tokenizer, WordPiece ('##', [UNK], 100 characters per word), WordPiece decoder, and the
+  BERT template `[CLS] A [SEP] (B [SEP])` used when special tokens are asked for."""
+  from tokenizers import Tokenizer as Backend  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top
+  backend = Backend(models.WordPiece(vocab, unk_token='[UNK]', max_input_chars_per_word=100))
+  backend.normalizer = normalizers.BertNormalizer(
+      clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+  backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  backend.decoder = decoders.WordPiece(prefix='##')
+  backend.add_special_tokens(list(WORDPIECE_SPECIALS.values()))
+  cls, sep = vocab['[CLS]'], vocab['[SEP]']
+  backend.post_processor = processors.TemplateProcessing(
+      single='[CLS]:0 $A:0 [SEP]:0', pair='[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1',
+      special_tokens=[('[CLS]', cls), ('[SEP]', sep)])
+  return backend
+
+
+def resolve_kind(path: str, kind: str = 'auto') -> str:
+  """'sentencepiece' or 'wordpiece' for a tokenizer file: `kind` unless 'auto', else by name
+  (`*.txt` is a WordPiece vocab.txt).
+
+  Raises:
+    TokenizerError: an unknown kind.
+  """
+  if kind not in KINDS:
+    raise TokenizerError(f'--config.data.tokenizer_kind={kind!r}; choose one of '
+                         f'{", ".join(KINDS)}.')
+  if kind != 'auto':
+    return kind
+  return 'wordpiece' if path.endswith('.txt') else 'sentencepiece'
+
+
+def wordpiece_lowercase(path: str, lowercase: bool | None = None) -> bool:
+  """BERT's do_lower_case for the vocab.txt at `path`: `lowercase` if given, else the
+  `do_lower_case` of a `tokenizer_config.json` next to it (a Hugging Face model directory),
+  else True (BERT uncased and the Chinese vocabularies)."""
+  if lowercase is not None:
+    return bool(lowercase)
+  sibling = os.path.join(os.path.dirname(path), 'tokenizer_config.json')
+  if os.path.isfile(sibling):
+    try:
+      with open(sibling, encoding='utf-8') as f:
+        value = json.load(f).get('do_lower_case')
+      if isinstance(value, bool):
+        return value
+    except (OSError, ValueError, AttributeError):
+      pass
+  return True
+
+
+def load(path: str, kind: str = 'auto', lowercase: bool | None = None):
+  """Opens a tokenizer file: a SentencePiece .model or a WordPiece vocab.txt.
+
+  Args:
+    path: the file.
+    kind: 'auto' (by name, see `resolve_kind`), 'sentencepiece' or 'wordpiece'.
+    lowercase: WordPiece only, see `wordpiece_lowercase` (None: from the directory).
+
+  Returns:
+    A `Tokenizer` or `WordPieceTokenizer` whose `path` is `path`.
+
+  Raises:
+    TokenizerError: missing or unreadable file, naming --config.data.tokenizer_model.
+  """
+  kind = resolve_kind(path, kind)
+  if not os.path.isfile(path):
+    raise TokenizerError(
+        f'--config.data.tokenizer_model={path!r} does not exist; give a SentencePiece '
+        f'.model file, a WordPiece vocab.txt, or leave it empty to train one.')
+  with open(path, 'rb') as f:
+    data = f.read()
+  if kind == 'wordpiece':
+    try:
+      tok = WordPieceTokenizer(data, wordpiece_lowercase(path, lowercase))
+    except TokenizerError as e:
+      raise TokenizerError(f'--config.data.tokenizer_model={path!r}: {e}') from None
+  else:
+    try:
+      tok = Tokenizer(data)
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError on bad protos.
+      raise TokenizerError(
+          f'--config.data.tokenizer_model={path!r} is not a SentencePiece model ({e}); a '
+          'WordPiece vocabulary must end in .txt or be given with '
+          '--config.data.tokenizer_kind=wordpiece.') from None
+  tok.path = path
+  return tok
+
+
+def load_run_tokenizer(meta: dict, path: str | None = None):
+  """The tokenizer a checkpoint was trained with, from its metadata (`meta`: the JSON item
+  of `pretrain.checkpointing`; `path` overrides the recorded file, e.g. on another machine).
+
+  The one function that re-opens a run's tokenizer (fine-tuning, export, upscale checks): the
+  kind and lowercase flag come from the run's `config.data`, and the result must have the
+  recorded sha256.
+
+  Raises:
+    TokenizerError: the file is missing, or is not the one the run recorded (the message
+      names the recorded path and --tokenizer / --config.data.tokenizer_model).
+  """
+  recorded = (meta or {}).get('tokenizer', {})
+  data = (meta or {}).get('config', {}).get('data', {})
+  path = path or recorded.get('path', '')
+  if not path or not os.path.isfile(path):
+    raise TokenizerError(
+        f'the tokenizer of this run ({path or "path not recorded"}) is not on this machine; '
+        'pass the same file with --tokenizer=PATH (or --config.data.tokenizer_model=PATH).')
+  tok = load(path, data.get('tokenizer_kind', 'auto'), data.get('tokenizer_lowercase'))
+  if recorded.get('sha256') not in (None, tok.sha256):
+    raise TokenizerError(
+        f'{path} is not the tokenizer the run was trained with (sha256 {tok.sha256[:12]} vs '
+        f'recorded {recorded["sha256"][:12]}); pass the file it recorded, '
+        f'{recorded.get("path") or "(none recorded)"}.')
+  return tok
 
 
 def _sample_lines(records: Sequence, text_key: str, sample_bytes: int) -> list[str]:
@@ -111,64 +341,87 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int) -> bytes:
   return buf.getvalue()
 
 
+def train_wordpiece(lines: Iterable[str], vocab_size: int, lowercase: bool = True) -> bytes:
+  """Trains a BERT WordPiece vocabulary (tokenizers' WordPieceTrainer over BERT
+  normalisation and pre-tokenisation); returns vocab.txt bytes with [PAD] [UNK] [CLS] [SEP]
+  [MASK] at ids 0-4.
+
+  Raises:
+    TokenizerError: the text yields no vocabulary.
+  """
+  from tokenizers import Tokenizer as Backend  # pylint: disable=g-import-not-at-top
+  from tokenizers import models, normalizers, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  backend = Backend(models.WordPiece(unk_token='[UNK]'))
+  backend.normalizer = normalizers.BertNormalizer(
+      clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+  backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  trainer = trainers.WordPieceTrainer(
+      vocab_size=vocab_size, special_tokens=list(WORDPIECE_SPECIALS.values()),
+      show_progress=False, continuing_subword_prefix='##')
+  backend.train_from_iterator(list(lines), trainer=trainer)
+  vocab = backend.get_vocab()
+  if len(vocab) <= len(WORDPIECE_SPECIALS):
+    raise TokenizerError('training a WordPiece vocabulary found no text; give more text.')
+  return ''.join(f'{t}\n' for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])).encode()
+
+
 def load_or_train(data_config, model_config, train_records: Sequence, text_key: str,
-                  fingerprint: str) -> Tokenizer:
+                  fingerprint: str):
   """Loads `config.data.tokenizer_model`, or trains (and caches) one on the training split.
 
   Args:
-    data_config: `config.data` (tokenizer_model, tokenizer_sample_bytes, cache_dir).
+    data_config: `config.data` (tokenizer_model, tokenizer_kind, tokenizer_lowercase,
+      tokenizer_sample_bytes, cache_dir).
     model_config: `config.model` (vocab_size).
     train_records: random-access training records.
     text_key: feature holding the text.
     fingerprint: corpus fingerprint (part of the cache key).
 
   Returns:
-    The Tokenizer; its vocab_size is <= config.model.vocab_size.
+    The `Tokenizer` (SentencePiece) or `WordPieceTokenizer`; its vocab_size is <=
+    config.model.vocab_size.
 
   Raises:
-    TokenizerError: the .model file is missing or unreadable, or has more pieces than
+    TokenizerError: the file is missing or unreadable, or has more pieces than
       config.model.vocab_size.
   """
   vocab_size = model_config.vocab_size
+  kind = data_config.get('tokenizer_kind', 'auto')
+  lowercase = data_config.get('tokenizer_lowercase', None)
   if data_config.tokenizer_model:
     path = data_config.tokenizer_model
-    if not os.path.isfile(path):
-      raise TokenizerError(
-          f'--config.data.tokenizer_model={path!r} does not exist; give a SentencePiece '
-          f'.model file or leave it empty to train one.')
-    with open(path, 'rb') as f:
-      try:
-        tok = Tokenizer(f.read())
-      except Exception as e:  # sentencepiece raises RuntimeError/OSError on bad protos.
-        raise TokenizerError(
-            f'--config.data.tokenizer_model={path!r} is not a SentencePiece model ({e}).'
-        ) from None
-    if tok.processor.piece_to_id('[MASK]') == tok.processor.unk_id():
+    tok = load(path, kind, lowercase)
+    if tok.kind == 'sentencepiece' and (
+        tok.processor.piece_to_id('[MASK]') == tok.processor.unk_id()):
       logging.warning('%s has no [MASK] piece; MLM uses id %d (%r) as the mask token', path,
                       MASK_ID, tok.processor.id_to_piece(MASK_ID))
   else:
     from data_pipelines.text_datasets import default_cache_dir  # pylint: disable=g-import-not-at-top
     cache_dir = os.path.join(data_config.cache_dir or default_cache_dir(), 'tokenizers')
-    key = hashlib.sha256(repr((_TRAINER_VERSION, fingerprint, vocab_size,
-                               data_config.tokenizer_sample_bytes)).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f'bpe{vocab_size}_{key}.model')
-    if os.path.isfile(path):
-      with open(path, 'rb') as f:
-        tok = Tokenizer(f.read())
-    else:
+    kind = resolve_kind('', kind)
+    settings = (_TRAINER_VERSION, fingerprint, vocab_size, data_config.tokenizer_sample_bytes)
+    if kind == 'wordpiece':
+      lowercase = True if lowercase is None else bool(lowercase)
+      settings += ('wordpiece', lowercase)
+    key = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, (f'wordpiece{vocab_size}_{key}.txt' if kind == 'wordpiece'
+                                    else f'bpe{vocab_size}_{key}.model'))
+    if not os.path.isfile(path):
       lines = _sample_lines(train_records, text_key, data_config.tokenizer_sample_bytes)
-      logging.info('training a %d-piece BPE tokenizer on %d lines (%.1f MB)', vocab_size,
-                   len(lines), sum(map(len, lines)) / 1e6)
-      tok = Tokenizer(train_tokenizer(lines, vocab_size))
+      logging.info('training a %d-piece %s tokenizer on %d lines (%.1f MB)', vocab_size,
+                   'WordPiece' if kind == 'wordpiece' else 'BPE', len(lines),
+                   sum(map(len, lines)) / 1e6)
+      data = (train_wordpiece(lines, vocab_size, lowercase) if kind == 'wordpiece'
+              else train_tokenizer(lines, vocab_size))
       os.makedirs(cache_dir, exist_ok=True)
       tmp = f'{path}.tmp{os.getpid()}'
       with open(tmp, 'wb') as f:
-        f.write(tok.model_bytes)
+        f.write(data)
       os.replace(tmp, path)  # atomic: concurrent processes never read a partial model
+    tok = load(path, kind, lowercase)
   if tok.vocab_size > vocab_size:
     raise TokenizerError(
         f'the tokenizer {path} has {tok.vocab_size} pieces but --config.model.vocab_size='
         f'{vocab_size}; set --config.model.vocab_size={tok.vocab_size} or larger.')
   logging.info('tokenizer %s: %d pieces, sha256 %s', path, tok.vocab_size, tok.sha256[:12])
-  tok.path = path
   return tok

@@ -165,10 +165,13 @@ class Embedder(nnx.Module):
     self.dropout_rate = spec.dropout_rate
     self.dropout_first = spec.embed_dropout_first
 
-  def __call__(self, tokens, key=None):
+  def __call__(self, tokens, key=None, token_types=None):
     x = self.token(tokens)
     if self.token_type is not None:
-      x = x + self.token_type.embedding[0].astype(x.dtype)  # every token has type 0
+      if token_types is None:  # pretraining: every token has type 0
+        x = x + self.token_type.embedding[0].astype(x.dtype)
+      else:  # sentence pairs (fine-tuning): type 0 for the first text, 1 for the second
+        x = x + self.token_type(token_types)
     if self.dropout_first:
       return self.norm(layers.dropout(x, self.dropout_rate, key))
     return layers.dropout(self.norm(x), self.dropout_rate, key)
@@ -262,10 +265,11 @@ class Encoder(nnx.Module):
   def context(self, segment_ids, positions):
     return make_context(self.spec, segment_ids, positions)
 
-  def encode(self, tokens, segment_ids, positions, dropout_rng=None):
-    """Final hidden states [b, n, d] (compute dtype)."""
+  def encode(self, tokens, segment_ids, positions, dropout_rng=None, token_types=None):
+    """Final hidden states [b, n, d] (compute dtype). token_types: int32 [b, n] or None (all
+    type 0); ignored when model.type_vocab_size is 0."""
     k_embed, k_layers = layers.split_key(dropout_rng, 2)
-    x = layers.constrain(self.embedder(tokens, k_embed), ACTIVATION_AXES)
+    x = layers.constrain(self.embedder(tokens, k_embed, token_types), ACTIVATION_AXES)
     return self.run_layers(x, segment_ids, positions, k_layers)
 
   def run_layers(self, x, segment_ids, positions, dropout_rng=None):

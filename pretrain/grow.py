@@ -41,7 +41,8 @@ INHERITED_FIELDS = ('objective', 'model.vocab_size', 'model.type_vocab_size',
                     'data.text_files', 'data.text_unit', 'data.tfds_name', 'data.tfds_data_dir',
                     'data.tfds_text_key', 'data.train_split', 'data.eval_split',
                     'data.validation_fraction', 'data.cache_dir',
-                    'data.tokenizer_sample_bytes')
+                    'data.tokenizer_sample_bytes', 'data.tokenizer_kind',
+                    'data.tokenizer_lowercase')
 
 
 @dataclasses.dataclass

@@ -95,19 +95,28 @@ summarize = metrics_lib.summarize  # the public name callers use
 
 # ----------------------------------------------------------------------------- steps
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, config) -> Callable:
+def make_train_step(graphdef, tx: optax.GradientTransformation, config,
+                    loss_fn: Callable | None = None) -> Callable:
   """Builds the pure train step `(state, batch, base_key) -> (state, metrics)`.
 
   Per-step randomness (dropout) is `fold_in(base_key, state['step'])`, so a resumed run draws
   the same numbers as an uninterrupted one.
+
+  Args:
+    loss_fn: `(params, graphdef, batch, dropout_rng) -> (mean loss, sums)` with the sums of
+      `loss_and_metrics`; None = the pretraining objective's `model_loss` (fine-tuning passes
+      its task loss, pretrain/finetune.py).
   """
   objective = config.objective
   use_dropout = config.model.dropout_rate > 0
+  if loss_fn is None:
+    loss_fn = lambda params, graphdef, batch, rng: model_loss(params, graphdef, batch,  # noqa: E731
+                                                              objective, rng)
 
   def train_step(state: State, batch, base_key):
     dropout_rng = jax.random.fold_in(base_key, state['step']) if use_dropout else None
-    (loss, sums), grads = jax.value_and_grad(model_loss, has_aux=True)(
-        state['params'], graphdef, batch, objective, dropout_rng)
+    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'], graphdef, batch, dropout_rng)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
@@ -136,12 +145,13 @@ def make_eval_step(graphdef, config) -> Callable:
   return eval_step
 
 
-def jit_train_step(run_setup: 'Setup', config) -> Callable:
+def jit_train_step(run_setup: 'Setup', config, loss_fn: Callable | None = None) -> Callable:
   """The compiled train step `(state, batch, base_key) -> (state, metrics)` on the setup's
   mesh: state sharded as `run_setup.state_shardings` and donated, batch split over the batch
-  axes, traced under the mesh and logical axis rules (`mesh_lib.jit`, docs/design.md 4)."""
+  axes, traced under the mesh and logical axis rules (`mesh_lib.jit`, docs/design.md 4).
+  loss_fn: see `make_train_step`."""
   mesh = run_setup.mesh
-  return mesh_lib.jit(make_train_step(run_setup.graphdef, run_setup.tx, config), mesh,
+  return mesh_lib.jit(make_train_step(run_setup.graphdef, run_setup.tx, config, loss_fn), mesh,
                       config.mesh.logical_axis_rules,
                       in_shardings=(run_setup.state_shardings, mesh_lib.batch_sharding(mesh),
                                     None),
@@ -184,15 +194,17 @@ class Setup:
   num_params: int
 
 
-def setup(config, mesh) -> Setup:
+def setup(config, mesh, build_model: Callable | None = None) -> Setup:
   """Traces the model and optimizer abstractly (no allocation) and derives the shardings.
 
   Parameter shardings come from the logical axis names on every parameter and
-  `config.mesh.logical_axis_rules`.
+  `config.mesh.logical_axis_rules`. build_model: `config -> nnx.Module` (None: the
+  pretraining encoder, `models.build`; fine-tuning passes the encoder with a task head).
   """
   tx = optim.build(config)
+  build_model = build_model or _build_model
   with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(config.mesh.logical_axis_rules)):
-    abstract_model = nnx.eval_shape(lambda: _build_model(config))
+    abstract_model = nnx.eval_shape(lambda: build_model(config))
     graphdef, abstract_param_state = nnx.split(abstract_model, nnx.Param)
     param_shardings = nnx.to_pure_dict(nnx.get_named_sharding(abstract_param_state, mesh))
   abstract_params = nnx.to_pure_dict(abstract_param_state)

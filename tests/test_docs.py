@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DOCS = ('algorithms', 'design', 'dependencies')
+DOCS = ('algorithms', 'design', 'dependencies', 'huggingface', 'finetuning')
 # `docs/algorithms.md 6.2`, docs/design.md 4, `docs/algorithms.md` 1.2-1.3 (first number).
 CITATION = re.compile(r'docs/(\w+)\.md`?\s*(\d+(?:\.\d+)?)?')
 

@@ -116,8 +116,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.allow_changed_data = False
   # Where built TFDS datasets and trained tokenizers are cached; empty = ~/.cache/encoder_pretrain.
   data.cache_dir = ''
-  # A SentencePiece .model to load; empty = train one on a sample of the training split.
+  # A tokenizer file to load: a SentencePiece .model, or a BERT WordPiece vocab.txt (as the
+  # RoFormer / RoFormer-v2 / GAU-alpha releases ship); empty = train one on a sample of the
+  # training split.
   data.tokenizer_model = ''
+  # Tokenizer kind: 'auto' (a .txt tokenizer_model is WordPiece, any other file
+  # SentencePiece; with no file, train SentencePiece), 'sentencepiece', or 'wordpiece' (with
+  # no file, train a WordPiece vocabulary). docs/huggingface.md 4.
+  data.tokenizer_kind = 'auto'
+  # WordPiece lower-casing and accent stripping (BERT's do_lower_case); None = the
+  # do_lower_case of a tokenizer_config.json next to the vocab.txt, else True.
+  data.tokenizer_lowercase = ml_collections.config_dict.placeholder(bool)
   # Bytes of training text sampled to train the tokenizer.
   data.tokenizer_sample_bytes = 4_000_000
   # Tokens per packed row n.
@@ -216,7 +225,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Checkpoint period (steps; the final step is always saved) and how many to keep.
   train.checkpoint_every_steps = 100
   train.keep_checkpoints = 2
-  # Peak FLOP/s of one device for MFU; 0 = look up by device kind (CPU: 100 GFLOP/s per core).
+  # Peak FLOP/s of one device for MFU; 0 = look up (CPU: measured, docs/design.md 10).
   train.peak_flops_per_device = 0.0
   # Stop after this many steps in this run (0 = run to num_train_steps); for tests and
   # preemption drills.

@@ -1,0 +1,59 @@
+r"""Exports a run to a Hugging Face model directory.
+
+  python -m launch.export --from_workdir=runs/roformer_tiny --out=hf/roformer_tiny \
+      [--step=N] [--tokenizer=PATH] [--max_position_embeddings=1536]
+
+Writes config.json, model.safetensors (PyTorch names and layout) and the tokenizer
+(tokenizer.json for AutoTokenizer, plus the original tokenizer.model or vocab.txt) of the
+latest (or --step) checkpoint (`pretrain.hf_io.export_run`, docs/huggingface.md). RoFormer v1
+loads with transformers' RoFormerForMaskedLM / FlaxRoFormerForMaskedLM; RoFormer-v2 and
+GAU-alpha are written in the layouts of their PyTorch ports (the `roformer` and `gau-alpha`
+packages). The workdir is only read.
+
+Exit codes: 0 written, 2 bad input (one paragraph on stderr, nothing written).
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from launch.cli import FLAG_ERRORS, fail, flag_error_message
+
+_FROM = flags.DEFINE_string('from_workdir', None, 'Workdir of the run to export.')
+_OUT = flags.DEFINE_string('out', None, 'New (or empty) output directory.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default latest).')
+_TOKENIZER = flags.DEFINE_string(
+    'tokenizer', None, "The run's tokenizer file, when the recorded path is not on this machine.")
+_MAX_POSITIONS = flags.DEFINE_integer(
+    'max_position_embeddings', 1536,
+    'max_position_embeddings in config.json (position tables of the PyTorch code).')
+
+
+def parse_flags(argv):
+  """absl flag parsing whose errors exit with code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except FLAG_ERRORS as e:
+    fail(flag_error_message(e))
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f'unexpected arguments {argv[1:]}; flags are --from_workdir, --out, --step, '
+         '--tokenizer and --max_position_embeddings.')
+  for name, flag in (('from_workdir', _FROM), ('out', _OUT)):
+    if flag.value is None:
+      fail(f'--{name} is required: python -m launch.export --from_workdir=RUN --out=DIR')
+  from pretrain import hf_io  # pylint: disable=g-import-not-at-top
+  from pretrain import train  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  try:
+    result = hf_io.export_run(_FROM.value, _OUT.value, _STEP.value, _TOKENIZER.value,
+                              _MAX_POSITIONS.value)
+  except train.InputError as e:
+    fail(str(e))
+  print(hf_io.export_summary(result))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,512 @@
+"""Hugging Face directories in and out: export a run, import a checkpoint as a new run
+(docs/huggingface.md).
+
+  result = hf_io.export_run('runs/X', 'hf/X')              # an ExportResult; read-only on runs/X
+  print(hf_io.export_summary(result))
+  result = hf_io.import_run('hf/X', 'runs/Y')              # an ImportResult; runs/Y step 0
+  print(hf_io.import_summary(result, 'runs/Y'))
+
+Export writes `config.json` (the family's PyTorch layout, `models.hf_export.hf_config`, plus
+our own record under "encoder_pretrain"), `model.safetensors` (PyTorch names and [out, in]
+weights, metadata format=pt, so transformers' Flax classes read it without torch), the
+tokenizer files (`data_pipelines.hf_tokenizer.hf_files`) and a README.md. Import reads
+`model.safetensors` (or its sharded index), `flax_model.msgpack`, or `pytorch_model.bin` (only
+through `torch.load(weights_only=True)`; never pickle), and a `vocab.txt` or
+`tokenizer.model`, and writes the new run exactly as `launch.upscale` writes a grown one
+(`pretrain.grow`: config.json, checkpoint 0 with the data iterator and metadata), so that
+`launch.pretrain` continues it, fine-tuning starts from it and `launch.upscale` grows it.
+
+Every bad input raises `train.InputError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines import hf_tokenizer
+from data_pipelines import pipeline
+from data_pipelines import text_datasets
+from data_pipelines import tokenizer as tokenizer_lib
+import models
+from models import hf_export
+from models import hf_import
+from pretrain import checkpointing
+from pretrain import grow
+from pretrain import mesh as mesh_lib
+from pretrain import train
+
+WEIGHTS = 'model.safetensors'
+WEIGHTS_INDEX = 'model.safetensors.index.json'
+FLAX_WEIGHTS = 'flax_model.msgpack'
+TORCH_WEIGHTS = 'pytorch_model.bin'
+DEFAULT_MAX_POSITIONS = 1536  # transformers' RoFormerConfig default
+LAYOUT_NAMES = {
+    'roformer': "transformers' RoFormerForMaskedLM (PyTorch and Flax)",
+    'roformer_v2': "the roformer package's RoFormerForMaskedLM, RoFormer-v2 (norm_type rms_norm)",
+    'gau': "the gau-alpha package's GAUAlphaForMaskedLM",
+}
+# (import line, masked-LM class) that load an export of each family.
+LOAD_HINTS = {
+    'roformer': ('from transformers import AutoTokenizer, RoFormerForMaskedLM  '
+                 '# or FlaxRoFormerForMaskedLM (no torch needed)', 'RoFormerForMaskedLM'),
+    'roformer_v2': ('from transformers import AutoTokenizer; from roformer import '
+                    "RoFormerForMaskedLM  # pip install 'roformer>=0.4' (transformers' own "
+                    'RoFormer would build LayerNorms and biases)', 'RoFormerForMaskedLM'),
+    'gau': ('from transformers import AutoTokenizer; from gau_alpha import GAUAlphaForMaskedLM  '
+            '# pip install gau-alpha', 'GAUAlphaForMaskedLM'),
+}
+
+
+# ----------------------------------------------------------------------------- export
+
+@dataclasses.dataclass
+class ExportResult:
+  """What `export_run` wrote.
+
+  Attributes:
+    out_dir: the directory; files: {name: size in bytes}; family: our model family;
+    step: the checkpoint step; num_params: parameter count; hf_config: config.json's dict;
+    tokenizer_kind: 'sentencepiece' or 'wordpiece'.
+  """
+  out_dir: str
+  files: dict[str, int]
+  family: str
+  step: int
+  num_params: int
+  hf_config: dict
+  tokenizer_kind: str
+
+
+def _safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  return save(tensors, metadata={'format': 'pt'})
+
+
+def _restore_params(workdir: str, step: int | None):
+  """(config, meta, step, params as NumPy) of a run's checkpoint, restored on one device."""
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise train.InputError(f'--from_workdir={workdir} has no complete checkpoint.')
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise train.InputError(f'--step={step} is not a checkpoint of {workdir}; available: '
+                             f'{", ".join(map(str, sorted(steps)))}.')
+    meta = ckpt.read_meta(step)
+    config = grow.config_from_meta(meta['config'])
+    try:
+      hf_export.check_exportable(config)
+    except hf_export.ExportError as e:
+      raise train.InputError(f'{workdir} (family {config.model.family}): {e}') from None
+    restore_config = copy.deepcopy(config)
+    restore_config.mesh.shape = (-1, 1, 1)
+    mesh = mesh_lib.make_mesh(restore_config.mesh, jax.devices()[:1])
+    run_setup = train.setup(restore_config, mesh)
+    state = ckpt.restore(step, run_setup.abstract_state)
+  finally:
+    ckpt.close()
+  return config, meta, step, jax.device_get(state['params']), run_setup.num_params
+
+
+def _readme(family: str, step: int, workdir: str) -> bytes:
+  return (f'# {family} masked LM exported by encoder_pretrain\n\n'
+          f'From `{workdir}`, step {step}. Layout: {LAYOUT_NAMES[family]}.\n\n'
+          '```python\n'
+          f'{LOAD_HINTS[family][0]}\n'
+          f"model = {LOAD_HINTS[family][1]}.from_pretrained('.')\n"
+          "tokenizer = AutoTokenizer.from_pretrained('.')\n"
+          '```\n\nconfig.json["encoder_pretrain"] records the source run\'s model config; '
+          '`python -m launch.convert --from_hf=DIR --workdir=NEW_RUN` imports it back.\n'
+          ).encode()
+
+
+def export_run(from_workdir: str, out_dir: str, step: int | None = None,
+               tokenizer_path: str | None = None,
+               max_position_embeddings: int = DEFAULT_MAX_POSITIONS) -> ExportResult:
+  """Writes the checkpoint of `from_workdir` as a Hugging Face model directory `out_dir`.
+
+  Reads only (the workdir is not modified). The state dict is re-imported and compared with
+  the checkpoint bit for bit before anything is written.
+
+  Args:
+    from_workdir: a run written by launch.pretrain, launch.upscale or launch.convert.
+    out_dir: a new or empty directory.
+    step: the checkpoint step (default: latest).
+    tokenizer_path: the run's tokenizer file when the recorded path is not on this machine.
+    max_position_embeddings: length of the position tables in config.json (and the
+      tokenizer's model_max_length); our model itself has no limit.
+
+  Returns:
+    An ExportResult.
+
+  Raises:
+    train.InputError: no checkpoint, a non-empty --out, a family or config the layouts cannot
+      express, a missing or different tokenizer.
+  """
+  if not os.path.isdir(os.path.join(from_workdir, 'checkpoints')):
+    raise train.InputError(f'--from_workdir={from_workdir} has no checkpoints/ directory; give '
+                           'the workdir of a run written by launch.pretrain.')
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    raise train.InputError(f'--out={out_dir} exists and is not an empty directory; choose a '
+                           'new --out (export never overwrites files).')
+  if max_position_embeddings < 1:
+    raise train.InputError(f'--max_position_embeddings={max_position_embeddings} must be >= 1.')
+  config, meta, step, params, num_params = _restore_params(from_workdir, step)
+  try:
+    tok = tokenizer_lib.load_run_tokenizer(meta, tokenizer_path)
+  except tokenizer_lib.TokenizerError as e:
+    raise train.InputError(str(e)) from None
+  family = config.model.family
+  state_dict = hf_export.to_torch(params, config, max_position_embeddings)
+  back, _ = hf_import.from_torch(state_dict, config)
+  same = jax.tree.map(lambda a, b: np.asarray(a).dtype == np.asarray(b).dtype
+                      and np.array_equal(a, b), params, back)
+  if not all(jax.tree.leaves(same)):  # a bug in the name table, never a user error
+    raise RuntimeError('the exported state dict does not re-import bit-identically')
+  hf_cfg = hf_export.hf_config(config, pad_token_id=tok.pad_id,
+                               max_position_embeddings=max_position_embeddings)
+  hf_cfg['encoder_pretrain'] = {
+      'family': family, 'objective': config.objective, 'model': config.model.to_dict(),
+      'tokenizer': {'kind': tok.kind, 'sha256': tok.sha256,
+                    'lowercase': getattr(tok, 'lowercase', None)},
+      'from_workdir': os.path.abspath(from_workdir), 'step': int(step),
+      'code_version': meta.get('code_version', 'unknown'),
+  }
+  try:
+    tokenizer_files = hf_tokenizer.hf_files(tok, max_position_embeddings)
+  except tokenizer_lib.TokenizerError as e:
+    raise train.InputError(f'the tokenizer {tok.path}: {e}') from None
+  files = {'config.json': (json.dumps(hf_cfg, indent=2, sort_keys=True) + '\n').encode(),
+           WEIGHTS: _safetensors_bytes(state_dict), **tokenizer_files,
+           'README.md': _readme(family, step, from_workdir)}
+  os.makedirs(out_dir, exist_ok=True)
+  for name, data in files.items():
+    tmp = os.path.join(out_dir, f'.{name}.tmp{os.getpid()}')
+    with open(tmp, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, os.path.join(out_dir, name))
+  return ExportResult(out_dir=out_dir, files={k: len(v) for k, v in files.items()},
+                      family=family, step=int(step), num_params=num_params, hf_config=hf_cfg,
+                      tokenizer_kind=tok.kind)
+
+
+def export_summary(result: ExportResult) -> str:
+  """The lines `launch.export` prints: what was written and how to load it."""
+  files = ', '.join(f'{name} ({size / 1e6:.1f} MB)' if size > 1e5 else name
+                    for name, size in result.files.items())
+  return '\n'.join([
+      f'exported {result.family} step {result.step} ({result.num_params:,} parameters) as '
+      f'{LAYOUT_NAMES[result.family]}',
+      f'wrote {result.out_dir}: {files}',
+      'check: the state dict re-imports bit-identically',
+      f'load it with:\n  {LOAD_HINTS[result.family][0]}',
+      f'  model = {LOAD_HINTS[result.family][1]}.from_pretrained({result.out_dir!r})',
+      f'  tokenizer = AutoTokenizer.from_pretrained({result.out_dir!r})'])
+
+
+# ----------------------------------------------------------------------------- import
+
+@dataclasses.dataclass
+class ImportResult:
+  """What `import_run` did.
+
+  Attributes:
+    config: the new run's ConfigDict; config_spec: the `file:preset` it started from;
+    family: our family; weights_file: the file read; tokenizer: the tokenizer (its path in
+    the new workdir); report: {'ignored': tensor names not used, 'filled': our head paths
+    initialised fresh}; heldout: {'loss', 'accuracy', 'perplexity'} on one held-out batch;
+    checkpoint: the written step-0 directory; num_params: parameter count.
+  """
+  config: Any
+  config_spec: str
+  family: str
+  weights_file: str
+  tokenizer: Any
+  report: dict
+  heldout: dict
+  checkpoint: str
+  num_params: int
+
+
+def _bad(from_hf: str, message: str):
+  raise train.InputError(f'--from_hf={from_hf}: {message}')
+
+
+def read_weights(from_hf: str) -> tuple[str, dict[str, np.ndarray]]:
+  """(file name, {PyTorch name: ndarray}) of a Hugging Face model directory.
+
+  Order: model.safetensors, its sharded index, flax_model.msgpack (msgpack, no pickle; Flax
+  names are mapped to PyTorch names), pytorch_model.bin (only with torch installed, through
+  torch.load(weights_only=True)).
+
+  Raises:
+    train.InputError: no weights file, or a pytorch_model.bin without torch (the message says
+      how to turn it into model.safetensors).
+  """
+  path = lambda name: os.path.join(from_hf, name)  # noqa: E731
+  if os.path.isfile(path(WEIGHTS)) or os.path.isfile(path(WEIGHTS_INDEX)):
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    if os.path.isfile(path(WEIGHTS)):
+      shards, name = [WEIGHTS], WEIGHTS
+    else:
+      with open(path(WEIGHTS_INDEX), encoding='utf-8') as f:
+        shards, name = sorted(set(json.load(f)['weight_map'].values())), WEIGHTS_INDEX
+    tensors, fmt = {}, 'pt'
+    for shard in shards:
+      try:
+        with safe_open(path(shard), framework='numpy') as f:
+          fmt = (f.metadata() or {}).get('format', 'pt')
+          for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+      except (OSError, ValueError, TypeError, RuntimeError) as e:  # bf16 has no NumPy dtype
+        try:
+          with safe_open(path(shard), framework='flax') as f:
+            for key in f.keys():
+              tensors[key] = np.asarray(f.get_tensor(key), np.float32)
+        except Exception:  # pylint: disable=broad-except
+          _bad(from_hf, f'{shard} is not a readable safetensors file ({e}).')
+    if fmt == 'flax':  # saved by a transformers Flax model: Flax names, [in, out] kernels
+      from flax import traverse_util  # pylint: disable=g-import-not-at-top
+      tensors = hf_import.torch_names_from_flax(
+          traverse_util.unflatten_dict({tuple(k.split('.')): v for k, v in tensors.items()}))
+    return name, tensors
+  if os.path.isfile(path(FLAX_WEIGHTS)):
+    from flax import serialization  # pylint: disable=g-import-not-at-top
+    with open(path(FLAX_WEIGHTS), 'rb') as f:
+      try:
+        tree = serialization.msgpack_restore(f.read())
+      except Exception as e:  # pylint: disable=broad-except
+        _bad(from_hf, f'{FLAX_WEIGHTS} is not a Flax msgpack file ({e}).')
+    return FLAX_WEIGHTS, hf_import.torch_names_from_flax(tree)
+  if os.path.isfile(path(TORCH_WEIGHTS)):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      _bad(from_hf, f'only {TORCH_WEIGHTS} is there, a pickle file that is read only through '
+           'torch.load(weights_only=True), and torch is not installed. Install it '
+           "(pip install -e '.[torch]'), or convert it once where torch is: python -c "
+           '"import torch; from safetensors.torch import save_file; '
+           f"sd = torch.load('{path(TORCH_WEIGHTS)}', weights_only=True); "
+           "save_file({k: v.float().contiguous().clone() for k, v in sd.items()}, "
+           f"'{path(WEIGHTS)}', metadata={{'format': 'pt'}})\"")
+    try:
+      state = torch.load(path(TORCH_WEIGHTS), map_location='cpu', weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+      _bad(from_hf, f'torch.load(weights_only=True) refused {TORCH_WEIGHTS} ({e}).')
+    return TORCH_WEIGHTS, {k: v.float().numpy() for k, v in state.items()}
+  present = ', '.join(sorted(os.listdir(from_hf))) or 'nothing'
+  _bad(from_hf, f'no weights file ({WEIGHTS}, {FLAX_WEIGHTS} or {TORCH_WEIGHTS}); the '
+       f'directory holds {present}.')
+
+
+# Model fields that change how the model runs, not what it computes: from --config.
+RUNTIME_FIELDS = ('dtype', 'remat_policy', 'scan_layers')
+
+
+def _config_for(from_hf: str, hf: dict, config, explicit: frozenset):
+  """The new run's config: `config` with the checkpoint's model fields (our own record in
+  config.json["encoder_pretrain"] when config.json still describes it, RUNTIME_FIELDS
+  excepted; else the fields `hf_import.model_fields` reads), except fields given on the
+  command line."""
+  try:
+    family, fields = hf_import.model_fields(hf)
+  except hf_import.FormatError as e:
+    _bad(from_hf, str(e))
+  if config.model.family != family:
+    raise train.InputError(
+        f'--from_hf={from_hf} holds a {family} checkpoint but --config is a '
+        f'{config.model.family} config; pass --config=launch/configs/{family}.py:PRESET (or '
+        'leave --config out).')
+  config = copy.deepcopy(config)
+  own = hf.get('encoder_pretrain') or {}
+  values = {f'model.{k}': v for k, v in fields.items()}
+  if own.get('family') == family and isinstance(own.get('model'), dict):
+    candidate = copy.deepcopy(config)
+    candidate.model.update({k: v for k, v in own['model'].items() if k in candidate.model})
+    try:
+      described = hf_export.hf_config(candidate, pad_token_id=hf.get('pad_token_id', 0),
+                                      max_position_embeddings=hf.get('max_position_embeddings',
+                                                                     1))
+    except (hf_export.ExportError, ValueError, TypeError):
+      described = {}
+    if all(described.get(k) == v for k, v in hf.items() if k in described):
+      values = {f'model.{k}': candidate.model[k] for k in own['model']
+                if k in config.model and k not in RUNTIME_FIELDS}
+  config.update_from_flattened_dict(
+      {k: grow._to_tuples(v) for k, v in values.items() if k not in explicit})  # pylint: disable=protected-access
+  return config
+
+
+def _tokenizer_for(from_hf: str, config, explicit: frozenset):
+  """(tokenizer, source file, lowercase) of the import: --config.data.tokenizer_model if
+  given, else the directory's tokenizer.model or vocab.txt."""
+  try:
+    if 'data.tokenizer_model' in explicit:
+      src = config.data.tokenizer_model
+      tok = tokenizer_lib.load(src, config.data.tokenizer_kind, config.data.tokenizer_lowercase)
+    else:
+      name, lowercase = hf_tokenizer.find_in_hf_dir(from_hf)
+      src = os.path.join(from_hf, name)
+      if config.data.tokenizer_lowercase is not None:
+        lowercase = config.data.tokenizer_lowercase
+      tok = tokenizer_lib.load(src, 'auto', lowercase)
+  except tokenizer_lib.TokenizerError as e:
+    _bad(from_hf, str(e))
+  if tok.vocab_size > config.model.vocab_size:
+    _bad(from_hf, f'the tokenizer {src} has {tok.vocab_size} tokens but config.json '
+         f'vocab_size={config.model.vocab_size}; they must belong together (give the model\'s '
+         'own vocabulary).')
+  return tok, src
+
+
+def _initial_state(config, run_setup, params):
+  """Step 0: `params`, a fresh optimizer state, on the run's shardings."""
+  abstract = run_setup.abstract_state
+  params = jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract['params'], params)
+  state = {'step': np.zeros((), np.int32), 'params': params,
+           'opt_state': jax.jit(run_setup.tx.init)(params)}
+  return jax.tree.map(lambda a, x: jax.device_put(jnp.asarray(x, a.dtype), a.sharding),
+                      abstract, state)
+
+
+def import_run(from_hf: str, workdir: str, config=None, config_spec: str | None = None,
+               explicit: frozenset = frozenset()) -> ImportResult:
+  """Writes a Hugging Face checkpoint directory as step 0 of a new run `workdir`.
+
+  Args:
+    from_hf: a directory with config.json, weights (see read_weights) and a vocab.txt or
+      tokenizer.model.
+    workdir: the new run directory; must hold no checkpoint.
+    config: the run's config (data, optimizer, schedule; its model fields are replaced by the
+      checkpoint's); None: `launch/configs/<family>.py:tiny`.
+    config_spec: the `file:preset` `config` came from (for the printed continue command).
+    explicit: dotted config fields given on the command line (kept over the checkpoint's).
+
+  Returns:
+    An ImportResult.
+
+  Raises:
+    train.InputError: a missing or unsupported file, another model type, a family that does
+      not match --config, weights that do not match config.json; nothing has been written.
+  """
+  if not os.path.isfile(os.path.join(from_hf, 'config.json')):
+    raise train.InputError(f'--from_hf={from_hf} has no config.json; give a Hugging Face model '
+                           'directory (config.json, model.safetensors, vocab.txt).')
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')) and os.listdir(
+      os.path.join(workdir, 'checkpoints')):
+    raise train.InputError(f'--workdir={workdir} already holds checkpoints; launch.convert '
+                           'writes a new run: choose an empty --workdir.')
+  if os.path.abspath(workdir) == os.path.abspath(from_hf):
+    raise train.InputError('--workdir must differ from --from_hf.')
+  try:
+    with open(os.path.join(from_hf, 'config.json'), encoding='utf-8') as f:
+      hf = json.load(f)
+  except (OSError, ValueError) as e:
+    _bad(from_hf, f'config.json is not readable JSON ({e}).')
+  if not isinstance(hf, dict):
+    _bad(from_hf, 'config.json is not a JSON object.')
+  if config is None:
+    try:
+      family, _ = hf_import.model_fields(hf)
+    except hf_import.FormatError as e:
+      _bad(from_hf, str(e))
+    config_spec = f'launch/configs/{family}.py:tiny'
+    config = grow.load_preset(os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), 'launch', 'configs', f'{family}.py') + ':tiny')
+  config = _config_for(from_hf, hf, config, explicit)
+  tok, tok_src = _tokenizer_for(from_hf, config, explicit)
+  tok_dst = os.path.abspath(os.path.join(workdir, 'tokenizer', os.path.basename(tok_src)))
+  config.data.tokenizer_model = tok_dst
+  config.data.tokenizer_kind = tok.kind
+  if tok.kind == 'wordpiece':
+    config.data.tokenizer_lowercase = tok.lowercase
+  weights_file, state_dict = read_weights(from_hf)
+  try:
+    models.validate(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    train.validate(config, mesh)
+  except ValueError as e:
+    raise train.InputError(str(e)) from e
+  run_setup = train.setup(config, mesh)
+  head_names = [e.name for e in hf_export.layout(config) if e.path[0] == 'head']
+  fill = None
+  if any(name not in state_dict for name in head_names):
+    fill = jax.device_get(train.init_state(config, run_setup)['params'])
+  try:
+    params, report = hf_import.from_torch(state_dict, config, fill=fill,
+                                          source=os.path.join(from_hf, weights_file))
+  except hf_import.FormatError as e:
+    raise train.InputError(str(e)) from None
+  state = _initial_state(config, run_setup, params)
+  try:
+    source = text_datasets.load_text_source(config.data)
+    heldout = pipeline.eval_batches(source.validation, tok, config,
+                                    text_key=source.text_key)[0]
+    train_iter = iter(pipeline.make_dataset(source.train, tok, config,
+                                            text_key=source.text_key, train=True))
+  except ValueError as e:
+    raise train.InputError(str(e)) from e
+  sums = train.jit_eval_step(run_setup, config)(state['params'],
+                                                 mesh_lib.global_batch(heldout, mesh))
+  heldout_metrics = train.summarize(jax.device_get(sums))
+  # Every check passed: write the tokenizer copy, then the run.
+  os.makedirs(os.path.dirname(tok_dst), exist_ok=True)
+  shutil.copyfile(tok_src, tok_dst)
+  if tok.kind == 'wordpiece':
+    with open(os.path.join(os.path.dirname(tok_dst), 'tokenizer_config.json'), 'w',
+              encoding='utf-8') as f:
+      json.dump({'tokenizer_class': 'BertTokenizer', 'do_lower_case': tok.lowercase}, f)
+  tok.path = tok_dst
+  lineage = [{'imported_from': os.path.abspath(from_hf), 'weights': weights_file,
+              'model_type': hf.get('model_type'), 'layout': LAYOUT_NAMES[config.model.family],
+              'ignored': report['ignored'], 'filled': report['filled'],
+              'heldout_loss': heldout_metrics['loss']}]
+  meta = checkpointing.checkpoint_meta(config, tok, mesh, source, lineage)
+  checkpoint = grow._write_run(workdir, config, state, train_iter, meta)  # pylint: disable=protected-access
+  return ImportResult(config=config, config_spec=config_spec or '', family=config.model.family,
+                      weights_file=os.path.join(from_hf, weights_file), tokenizer=tok,
+                      report=report, heldout=heldout_metrics, checkpoint=checkpoint,
+                      num_params=run_setup.num_params)
+
+
+def import_summary(result: ImportResult, workdir: str) -> str:
+  """The lines `launch.convert` prints: what was read, the held-out check, where the run
+  went and the exact `launch.pretrain` command that continues it."""
+  tok = result.tokenizer
+  kind = ('WordPiece' + (', lowercase' if tok.lowercase else ', cased')
+          if tok.kind == 'wordpiece' else 'SentencePiece')
+  lines = [f'imported {result.family} ({result.num_params:,} parameters) from '
+           f'{result.weights_file} as {LAYOUT_NAMES[result.family]}',
+           f'tokenizer: {tok.path} ({kind}, {tok.vocab_size} tokens)']
+  if result.report['ignored']:
+    lines.append('ignored tensors (not part of the masked LM): '
+                 + ', '.join(result.report['ignored']))
+  if result.report['filled']:
+    lines.append('no MLM head in the checkpoint: initialised fresh: '
+                 + ', '.join(result.report['filled']))
+  h = result.heldout
+  lines.append(f"held-out batch: {result.config.objective.upper()} loss {h['loss']:.4f}, "
+               f"accuracy {h['accuracy']:.4f}")
+  lines.append(f'wrote {result.checkpoint}')
+  spec = result.config_spec
+  try:
+    path, _, preset = spec.partition(':')
+    if not os.path.isfile(path):  # a spec relative to the repository, run from elsewhere
+      path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    extra = grow.continue_flags(result.config, grow.load_preset(f'{path}:{preset}'))
+  except Exception:  # pylint: disable=broad-except
+    extra = ['<the overrides in', os.path.join(workdir, 'config.json>')]
+  lines.append('continue training with:\n  python -m launch.pretrain '
+               + ' '.join([f'--config={spec}', f'--workdir={workdir}'] + extra))
+  return '\n'.join(lines)
+

@@ -1,0 +1,366 @@
+"""Fine-tuning (pretrain/finetune.py, models/classifier.py, data_pipelines/tasks.py,
+launch/finetune.py; docs/finetuning.md): a task the model learns in seconds (label = whether
+a marker word occurs) reaches high dev accuracy from a pretraining checkpoint whose encoder
+weights are loaded exactly; an interrupted run resumes to the uninterrupted result; the
+metrics match scikit-learn and scipy; bad inputs give a message naming the flag or file
+(exit code 2 from the launcher)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from flax import nnx
+import jax
+import numpy as np
+import pytest
+
+from data_pipelines import tasks
+from helpers import ROOT
+from helpers import make_tiny_config
+import models
+import optim
+from pretrain import checkpointing
+from pretrain import finetune
+from pretrain import mesh as mesh_lib
+from pretrain import report
+
+WORDS = ('the a of to and in is it for on with as by this that from value list name file '
+         'data').split()
+MARKER = 'zebra'
+
+
+def _marker_rows(rng, n):
+  """(label, sentence) rows: label 1 iff the marker word occurs (half of them)."""
+  rows = []
+  for _ in range(n):
+    words = list(rng.choice(WORDS, rng.integers(4, 10)))
+    label = int(rng.random() < 0.5)
+    if label:
+      words.insert(int(rng.integers(0, len(words) + 1)), MARKER)
+    rows.append((label, ' '.join(words)))
+  return rows
+
+
+@pytest.fixture(scope='module')
+def marker_task(tmp_path_factory):
+  """train.tsv (512) and dev.tsv (128) as `label<TAB>sentence` (the MR layout)."""
+  root = tmp_path_factory.mktemp('marker')
+  rng = np.random.default_rng(0)
+  for name, n in (('train.tsv', 512), ('dev.tsv', 128)):
+    (root / name).write_text(''.join(f'{y}\t{s}\n' for y, s in _marker_rows(rng, n)))
+  return root
+
+
+@pytest.fixture(scope='module')
+def pretrained_run(tiny_data, tmp_path_factory):
+  """A launch.pretrain-style workdir: checkpoint 7 (params, optimizer state, metadata with
+  config and tokenizer) of the tiny test config, initialised from seed 123."""
+  config, source, tok = tiny_data
+  config = make_tiny_config_like(config, seed=123)
+  workdir = tmp_path_factory.mktemp('pretrained')
+  model = models.build(config, rngs=nnx.Rngs(params=config.seed))  # eager, unsharded
+  params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  state = {'step': np.int32(7), 'params': params,
+           'opt_state': jax.device_get(optim.build(config).init(params))}
+  ckpt = checkpointing.Checkpointer(str(workdir), async_save=False)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  ckpt.save(7, state, None, checkpointing.checkpoint_meta(config, tok, mesh, source))
+  ckpt.close()
+  return workdir, params
+
+
+def make_tiny_config_like(config, **fields):
+  config = config.copy_and_resolve_references()
+  for key, value in fields.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def steps_cache():
+  """Compiled steps shared by the tests (one compile for the module)."""
+  return {}
+
+
+def _options(marker_task, **overrides):
+  data = tasks.TaskOptions(train_file=str(marker_task / 'train.tsv'),
+                           dev_file=str(marker_task / 'dev.tsv'))
+  values = dict(data=data, max_seq_len=24, batch_size=16, num_steps=40,
+                learning_rates=(3e-3,), seeds=(0,), pooling='mean', log_every_steps=20,
+                checkpoint_every_steps=20, progress='off')
+  values.update(overrides)
+  return finetune.Options(**values)
+
+
+@pytest.fixture(scope='module')
+def sweep(pretrained_run, marker_task, steps_cache, tmp_path_factory):
+  """The whole library path once: two seeds from the pretraining checkpoint."""
+  workdir = tmp_path_factory.mktemp('sweep')
+  options = _options(marker_task, seeds=(0, 1))
+  results = finetune.finetune(options, str(workdir), from_workdir=str(pretrained_run[0]),
+                              steps_cache=steps_cache)
+  return workdir, options, results
+
+
+# ----------------------------------------------------------------------------- learning
+
+def test_finetune_from_a_checkpoint_learns_the_task_and_writes_results(sweep, pretrained_run):
+  workdir, options, results = sweep
+  assert results['init'] == 'pretrained' and results['from_step'] == 7
+  assert results['metric'] == 'accuracy' and results['num_seeds'] == 2
+  assert results['dev_accuracy_mean'] >= 0.9, results['sweep']
+  assert [r['seed'] for r in results['runs']] == [0, 1]
+  on_disk = json.loads((workdir / 'results.json').read_text())
+  assert on_disk['dev_accuracy_mean'] == results['dev_accuracy_mean']
+  values = results['sweep'][0]['dev']['accuracy']
+  assert results['dev_accuracy_std'] == pytest.approx(np.std(values, ddof=1))
+  for seed in (0, 1):
+    run_dir = workdir / finetune.run_name(3e-3, seed)
+    assert (run_dir / 'result.json').exists() and (run_dir / 'checkpoints' / '40').is_dir()
+  # launch.report reads the fine-tuning directory (metrics of the best run, results.json).
+  run = report.load_run(str(workdir))
+  assert run.results['dev_accuracy_mean'] == results['dev_accuracy_mean']
+  assert f'dev_accuracy_mean {results["dev_accuracy_mean"]:.4g}' in report.summary_table([run])
+  table = finetune.results_table(results)
+  assert '| 0.003 (best) |' in table and 'accuracy (mean ± std)' in table
+  # Running the same command again skips the finished runs and gives the same results.
+  again = finetune.finetune(options, str(workdir), from_workdir=str(pretrained_run[0]),
+                            steps_cache={})
+  assert again['sweep'] == results['sweep']
+
+
+def test_the_encoder_starts_from_the_checkpoint_weights(pretrained_run, marker_task,
+                                                        steps_cache, tmp_path):
+  run_dir, saved = pretrained_run
+  options = _options(marker_task)
+  start = finetune.resolve_start(str(run_dir))
+  task = tasks.load(options.data)
+  data = (tasks.encode(task.train, start.tokenizer, options.max_seq_len),
+          tasks.encode(task.dev, start.tokenizer, options.max_seq_len))
+  config = finetune.run_config(start.config, options, task, 3e-3, 0, 40)
+  run_setup = finetune.compiled_steps(config, task, options, steps_cache)[0]
+  encoder = finetune.load_encoder_params(str(run_dir), 7,
+                                         run_setup.abstract_state['params']['encoder'])
+  run = finetune.prepare_run(start, options, task, data, str(tmp_path / 'run'), 3e-3, 0,
+                             encoder, steps_cache)
+  try:
+    params = jax.device_get(run.state['params'])
+  finally:
+    run.close()
+  assert run.start_step == 0 and 'head' not in params['encoder']
+  expected = {k: v for k, v in saved.items() if k != 'head'}
+  jax.tree.map(np.testing.assert_array_equal, params['encoder'], expected)
+  assert set(params) == {'encoder', 'output'}  # mean pooling: no pooler
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(sweep, pretrained_run,
+                                                               marker_task, steps_cache,
+                                                               tmp_path):
+  workdir, _, results = sweep
+  interrupted = tmp_path / 'interrupted'
+  stopped = finetune.finetune(_options(marker_task, stop_after_steps=15), str(interrupted),
+                              from_workdir=str(pretrained_run[0]), steps_cache=steps_cache)
+  assert stopped is None
+  name = finetune.run_name(3e-3, 0)
+  assert sorted(os.listdir(interrupted / name / 'checkpoints')) == ['15']
+  resumed = finetune.finetune(_options(marker_task), str(interrupted),
+                              from_workdir=str(pretrained_run[0]), steps_cache=steps_cache)
+  assert resumed['runs'][0]['dev'] == results['runs'][0]['dev']
+  states = []
+  for root in (workdir, interrupted):
+    ckpt = checkpointing.Checkpointer(str(root / name))
+    run_setup = next(iter(steps_cache.values()))[0]
+    states.append(jax.device_get(ckpt.restore(40, run_setup.abstract_state)))
+    ckpt.close()
+  jax.tree.map(np.testing.assert_array_equal, states[0], states[1])
+  lines = [json.loads(l) for l in (interrupted / name / 'metrics.jsonl').read_text().splitlines()]
+  assert [l['step'] for l in lines if l['split'] == 'train'] == [15, 20, 40]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_metrics_match_scikit_learn_and_scipy():
+  sklearn_metrics = pytest.importorskip('sklearn.metrics')
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  for k in (2, 3, 5):
+    labels = rng.integers(0, k, 200)
+    predictions = np.where(rng.random(200) < 0.6, labels, rng.integers(0, k, 200))
+    assert tasks.accuracy(predictions, labels) == pytest.approx(
+        sklearn_metrics.accuracy_score(labels, predictions), abs=1e-12)
+    average = 'binary' if k == 2 else 'macro'
+    assert tasks.f1(predictions, labels, k) == pytest.approx(
+        sklearn_metrics.f1_score(labels, predictions, average=average), abs=1e-12)
+    assert tasks.matthews(predictions, labels) == pytest.approx(
+        sklearn_metrics.matthews_corrcoef(labels, predictions), abs=1e-12)
+  # Degenerate: one predicted class (MCC 0 in both), F1 with no positive prediction.
+  labels = np.array([0, 1, 1, 0, 1])
+  assert tasks.matthews(np.zeros(5, int), labels) == sklearn_metrics.matthews_corrcoef(
+      labels, np.zeros(5, int)) == 0.0
+  assert tasks.f1(np.zeros(5, int), labels) == sklearn_metrics.f1_score(
+      labels, np.zeros(5, int), zero_division=0)
+  x = rng.normal(size=300)
+  y = 0.5 * x + rng.normal(size=300)
+  ties = np.round(x * 2) / 2  # many tied values: average ranks
+  assert tasks.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+  assert tasks.spearman(ties, y) == pytest.approx(stats.spearmanr(ties, y)[0], abs=1e-12)
+  assert tasks.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+  task = tasks.Task('t', 'regression', (), 'pearson', None, None)
+  scores = tasks.compute_metrics(task, x[:, None], y)
+  assert scores == {'pearson': pytest.approx(stats.pearsonr(x, y)[0]),
+                    'spearman': pytest.approx(stats.spearmanr(x, y)[0])}
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_pairs_regression_and_jsonl_read_and_encode(tiny_data, tmp_path):
+  _, _, tok = tiny_data
+  (tmp_path / 'train.csv').write_text(
+      'id,first,second,score\n1,"a cat, sat",on the mat,0.5\n2,dogs run,fast,4\n')
+  (tmp_path / 'dev.csv').write_text('id,first,second,score\n3,x,y,2.25\n')
+  options = tasks.TaskOptions(train_file=str(tmp_path / 'train.csv'),
+                              dev_file=str(tmp_path / 'dev.csv'), header=True,
+                              label_column='score', text_column='first',
+                              text_pair_column='second', task_type='regression')
+  task = tasks.load(options)
+  assert task.kind == 'regression' and task.metric == 'pearson' and task.num_outputs == 1
+  assert task.train.texts == ['a cat, sat', 'dogs run'] and task.train.pairs[0] == 'on the mat'
+  np.testing.assert_array_equal(task.train.labels, np.float32([0.5, 4]))
+  encoded = tasks.encode(task.train, tok, max_seq_len=8)
+  a, b = tok.encode('a cat, sat'), tok.encode('on the mat')
+  row = encoded.ids[0]
+  assert len(row) <= 8 and row[0] == tok.cls_id and row[-1] == tok.sep_id
+  assert list(row).count(tok.sep_id) == 2
+  batch = tasks.make_batch(encoded, [0, -1], 8, tok)
+  start = encoded.type_starts[0]
+  assert batch['token_types'][0, start - 1] == 0 and batch['token_types'][0, start] == 1
+  assert batch['weights'].tolist() == [1.0, 0.0] and batch['segment_ids'][1].sum() == 1
+  assert len(a) + len(b) + 3 > 8  # the example was cut, longest text first
+  # JSONL with CLUE-style string labels: names sorted into ids, F1's positive class second.
+  lines = [{'sentence': f'text {i}', 'label': ['neg', 'pos'][i % 2]} for i in range(6)]
+  (tmp_path / 'train.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
+  (tmp_path / 'dev.jsonl').write_text(json.dumps({'sentence': 'z', 'label': 'pos'}) + '\n')
+  task = tasks.load(tasks.TaskOptions(train_file=str(tmp_path / 'train.jsonl'),
+                                      dev_file=str(tmp_path / 'dev.jsonl')))
+  assert task.label_names == ('neg', 'pos') and task.dev.labels.tolist() == [1]
+  assert task.train.labels.tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_training_order_is_a_function_of_the_step():
+  first = np.concatenate([tasks.train_indices(10, s, 4, seed=1) for s in range(5)])
+  assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))
+  np.testing.assert_array_equal(tasks.train_indices(10, 3, 4, seed=1), first[12:16])
+  assert not np.array_equal(tasks.train_indices(10, 0, 4, seed=2), first[:4])
+
+
+def _write(path, text):
+  path.write_text(text)
+  return str(path)
+
+
+BAD_INPUTS = {
+    'label column missing': (dict(label_column='5'), '0\tgood\n1\tbad\n',
+                             r'--label_column=5 does not exist in .*rows have 2 column'),
+    'label name without header': (dict(label_column='label'), '0\tgood\n',
+                                  '--label_column=label names a column but'),
+    'label name not in header': (dict(header=True, label_column='lbl'),
+                                 'label\ttext\n0\tgood\n', '--label_column=lbl is not a column'),
+    'labels not integers': (dict(), '0.5\tgood\n1\tbad\n', 'must be integers or names'),
+    'text in the label column': (dict(label_column='1', text_column='0'),
+                                 ''.join(f'0\tsentence number {i}\n' for i in range(300)),
+                                 'that is text, not class labels'),
+    'empty file': (dict(), '', 'has no examples'),
+    'only a header': (dict(header=True), 'label\ttext\n', 'has no examples'),
+    'pair column missing': (dict(text_pair_column='2'), '0\tgood\n1\tbad\n',
+                            '--text_pair_column=2 does not exist'),
+    'short row': (dict(), '0\tgood\n1\n', 'line 2 of .* has 1 column'),
+    'one label': (dict(), '1\tgood\n1\tbad\n', 'only the label'),
+    'regression target not a number': (dict(task_type='regression'), 'pos\tgood\n',
+                                       'a regression task needs numbers'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUTS))
+def test_bad_inputs_name_the_flag_and_the_fix(case, tmp_path):
+  fields, text, message = BAD_INPUTS[case]
+  options = tasks.TaskOptions(train_file=_write(tmp_path / 'train.tsv', text),
+                              dev_file=_write(tmp_path / 'dev.tsv', '0\tok\n'), **fields)
+  with pytest.raises(tasks.TaskError, match=message):
+    tasks.load(options)
+
+
+def test_bad_files_jsonl_and_dev_labels(tmp_path):
+  good = _write(tmp_path / 'good.tsv', '0\ta\n1\tb\n')
+  with pytest.raises(tasks.TaskError, match='--train_file=.*missing.tsv does not exist'):
+    tasks.load(tasks.TaskOptions(train_file=str(tmp_path / 'missing.tsv'), dev_file=good))
+  with pytest.raises(tasks.TaskError, match="the label '7', which is not among"):
+    tasks.load(tasks.TaskOptions(train_file=good,
+                                 dev_file=_write(tmp_path / 'dev.tsv', '7\tc\n')))
+  jsonl = _write(tmp_path / 'a.jsonl', json.dumps({'text': 'x', 'label': '1'}) + '\n')
+  with pytest.raises(tasks.TaskError, match='--text_column=sentence is not a field'):
+    tasks.load(tasks.TaskOptions(train_file=jsonl, dev_file=jsonl))
+  with pytest.raises(tasks.TaskError, match='line 1 of .* is not JSON'):
+    tasks.load(tasks.TaskOptions(train_file=_write(tmp_path / 'b.jsonl', '{oops\n'),
+                                 dev_file=jsonl))
+  with pytest.raises(tasks.TaskError, match='glue/<name> with name in cola, sst2'):
+    tasks.load(tasks.TaskOptions(task='glue/nope'))
+
+
+def test_glue_offline_fails_fast_with_the_way_out(tmp_path, monkeypatch):
+  def unreachable(*args, **kwargs):
+    raise OSError(-2, 'Name or service not known')
+
+  monkeypatch.setattr(socket, 'create_connection', unreachable)
+  with pytest.raises(tasks.TaskError, match='cannot reach .*--tfds_data_dir=DIR'):
+    tasks.load(tasks.TaskOptions(task='glue/sst2', tfds_data_dir=str(tmp_path)))
+
+
+def test_a_checkpoint_of_another_family_or_shape_is_refused(pretrained_run, tiny_data,
+                                                            text_corpus, cache_dir):
+  run_dir = str(pretrained_run[0])
+  gau = make_tiny_config(text_corpus, cache_dir, preset='gau:tiny')
+  with pytest.raises(finetune.InputError, match='holds a roformer checkpoint but --config is '
+                     'a gau config'):
+    finetune.resolve_start(run_dir, gau)
+  wider = make_tiny_config_like(tiny_data[0])
+  wider.model.hidden_size = 64
+  with pytest.raises(finetune.InputError, match='hidden_size: checkpoint 32 vs --config 64'):
+    finetune.resolve_start(run_dir, wider)
+  with pytest.raises(finetune.InputError, match='has no checkpoints/ directory'):
+    finetune.resolve_start(os.path.dirname(run_dir))
+
+
+# ----------------------------------------------------------------------------- launcher
+
+def _launch(*flags, timeout=300):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'launch.finetune', *flags], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_launcher_exits_2_on_a_label_column_that_does_not_exist(pretrained_run, marker_task,
+                                                                tmp_path):
+  result = _launch(f'--from_workdir={pretrained_run[0]}', f'--workdir={tmp_path / "ft"}',
+                   f'--train_file={marker_task / "train.tsv"}',
+                   f'--dev_file={marker_task / "dev.tsv"}', '--label_column=4')
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'error: --label_column=4 does not exist in' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.slow
+def test_launcher_sweeps_learning_rates_and_seeds(pretrained_run, marker_task, tmp_path):
+  workdir = tmp_path / 'ft'
+  result = _launch(f'--from_workdir={pretrained_run[0]}', f'--workdir={workdir}',
+                   f'--train_file={marker_task / "train.tsv"}',
+                   f'--dev_file={marker_task / "dev.tsv"}', '--max_seq_len=24',
+                   '--batch_size=16', '--num_steps=40', '--lrs=1e-3,3e-3', '--seeds=0,1',
+                   '--pooling=mean', '--progress=off', timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '| learning rate | accuracy (mean ± std)' in result.stdout
+  results = json.loads((workdir / 'results.json').read_text())
+  assert [s['learning_rate'] for s in results['sweep']] == [1e-3, 3e-3]
+  assert results['num_seeds'] == 2 and results['dev_accuracy_mean'] >= 0.9
