@@ -14,6 +14,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from data_pipelines import objectives
 import models
@@ -95,6 +96,16 @@ def topology_name(accelerator_type: str) -> str:
     raise ValueError(f'--topology={accelerator_type!r} is not known; use one of '
                      f'{", ".join(TOPOLOGIES)} or a topology such as v5e:4x8.')
   return TOPOLOGIES[accelerator_type]
+
+
+def chips(accelerator_type: str) -> int:
+  """Chips in a slice from its topology name ('v5e-8' -> 'v5e:2x4' -> 8; 'v4-8' -> 4).
+
+  Raises:
+    ValueError: an unknown accelerator type.
+  """
+  dims = topology_name(accelerator_type).split(':')[1].split('x')
+  return int(np.prod([int(d) for d in dims]))
 
 
 def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:

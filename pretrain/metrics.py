@@ -9,6 +9,7 @@ import json
 import math
 import logging as logging_std
 import os
+import platform
 import time
 from typing import Any, Mapping
 
@@ -47,26 +48,96 @@ def peak_flops_per_device(device_kind: str) -> float:
   """The dense bf16 peak FLOP/s of one device of `device_kind` (exact match), or 0.0 if the
   table does not know it (no substring guessing: 'NVIDIA L40S' is not an 'L4')."""
   return PEAK_FLOPS_BY_DEVICE_KIND.get(device_kind.strip(), 0.0)
-# Measured float32 matmul throughput of one CPU core (docs/dependencies.md 4: ~200 GFLOP/s on 2
-# cores).
-CPU_FLOPS_PER_CORE = 100e9
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
-def peak_flops(configured: float = 0.0) -> float:
-  """Total peak FLOP/s of all devices of this job.
+def matmul_peak_cache_path() -> str:
+  """Where measured matmul peaks are cached: $XDG_CACHE_HOME (or ~/.cache)/encoder-pretrain/."""
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'encoder-pretrain', 'matmul_peak.json')
+
+
+def measured_matmul_peak(dtype: str = 'float32', size: int = 2048, refresh: bool = False) -> float:
+  """FLOP/s of a large jitted [size, size] x [size, size] matmul on this process's first device.
+
+  The best of 5 timed runs of 4 chained matmuls (2 size^3 FLOPs each), after compilation. On
+  CPU this is the rate of all cores together (XLA's CPU matmuls use every core), the realistic
+  ceiling for MFU there (docs/design.md 10). The result is cached in
+  `matmul_peak_cache_path()` keyed by platform, processor, core count, jax version, dtype and
+  size, so a run measures it once per machine (about a second); `refresh` measures again.
+
+  Args:
+    dtype: a jnp dtype name ('float32', 'bfloat16').
+    size: the matrix side (2048: large enough to reach the CPU's peak, 64 MiB in float32).
+
+  Returns:
+    FLOP/s (float).
+  """
+  device = jax.devices()[0]
+  key = '|'.join([device.platform, device.device_kind, _cpu_model(), str(os.cpu_count()),
+                  jax.__version__, dtype, str(size)])
+  path = matmul_peak_cache_path()
+  cache = {}
+  try:
+    with open(path) as f:
+      cache = json.load(f)
+  except (OSError, ValueError):
+    pass
+  if not refresh and isinstance(cache.get(key), (int, float)) and cache[key] > 0:
+    return float(cache[key])
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a = jax.device_put(jnp.ones((size, size), dtype) / size, device)
+
+  @jax.jit
+  def chain(x):
+    for _ in range(4):  # x stays ~1/size-scaled: no overflow, no denormals
+      x = x @ a
+    return x
+
+  jax.block_until_ready(chain(a))
+  best = float('inf')
+  for _ in range(5):
+    start = time.perf_counter()
+    jax.block_until_ready(chain(a))
+    best = min(best, time.perf_counter() - start)
+  flops = 4 * 2 * size**3 / best
+  cache[key] = flops
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(cache, f, indent=1)
+    os.replace(tmp, path)
+  except OSError as e:  # a read-only home only costs a re-measure next time
+    logging.warning('could not cache the measured matmul peak in %s: %s', path, e)
+  return flops
+
+
+def peak_flops(configured: float = 0.0, dtype: str = 'float32') -> float:
+  """Total peak FLOP/s of all devices of this job (MFU's denominator).
 
   Args:
     configured: per-device peak from config.train.peak_flops_per_device; 0 = look up.
+    dtype: the compute dtype (config.model.dtype); used for the CPU measurement.
 
   Returns:
-    Peak FLOP/s summed over `jax.device_count()` devices (CPU: cores x 100 GFLOP/s, however
-    many fake devices share them). 0 if unknown (MFU is then not reported).
+    Peak FLOP/s summed over all devices: the configured figure x devices; on CPU the measured
+    `dtype` matmul rate of this host (however many fake devices share its cores) x processes;
+    on TPU/GPU the dense bf16 table figure x devices. 0 if unknown (MFU is then not reported).
   """
   devices = jax.devices()
   if configured > 0:
     return configured * len(devices)
   if devices[0].platform == 'cpu':
-    return CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) * jax.process_count()
+    return measured_matmul_peak(dtype) * jax.process_count()
   flops = peak_flops_per_device(devices[0].device_kind)
   if not flops:
     logging.warning('MFU not reported: device kind %r is not in the peak FLOP/s table '

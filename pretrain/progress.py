@@ -83,7 +83,8 @@ class TrainLog:
     num_predictions = (objectives.max_predictions(config.data.seq_len, config.data.mask_rate)
                        if config.objective == 'mlm' else config.data.seq_len)
     self.flops_per_step = models.flops_per_token(config, num_predictions) * self.tokens_per_step
-    self.peak = metrics_lib.peak_flops(config.train.peak_flops_per_device)
+    self.peak = metrics_lib.peak_flops(config.train.peak_flops_per_device,
+                                       config.model.dtype)
     self.schedule = optim.learning_rate_schedule(config)
     self.accumulation = max(config.optim.accumulation_steps, 1)
     self.bar = bar or ProgressBar('off', 0, 0)

@@ -1,0 +1,132 @@
+r"""Will every preset fit? The ahead-of-time TPU compile (`pretrain/aot.py`) for every preset of
+every family on several TPU slices, and the first setting that fits (issue 13, items 9, 11).
+
+  pip install -e '.[tpu]'   # libtpu; no TPU needed
+  python benchmarks/aot_table.py [--topologies=v4-8,v5e-8,v5p-8,v6e-8,v5e-32]
+      [--configs=roformer,roformer_v2,gau,deepnet] [--out=aot_table.jsonl]
+
+For each (preset, topology) it compiles the preset as it is; if that does not fit one chip's
+HBM it tries, in order, FSDP over every chip (mesh (1, -1, 1)), then full rematerialisation,
+then half the batch per step with twice the gradient accumulation (same tokens per update),
+until it fits or the batch is one row per chip. Each result is appended to --out as one JSON
+line (an interrupted run resumes where it stopped) and the markdown table is printed from
+that file at the end.
+"""
+
+import dataclasses
+import importlib
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+
+from pretrain import aot
+
+_TOPOLOGIES = flags.DEFINE_list('topologies', ['v4-8', 'v5e-8', 'v5p-8', 'v6e-8', 'v5e-32'],
+                                'Accelerator types.')
+_CONFIGS = flags.DEFINE_list('configs', ['roformer', 'roformer_v2', 'gau', 'deepnet'],
+                             'Config modules under launch/configs.')
+_PRESETS = flags.DEFINE_list('presets', [], 'Only these presets (default: all of each module).')
+_OUT = flags.DEFINE_string('out', 'aot_table.jsonl', 'Results, one JSON line per compile.')
+
+GIB = 2.0**30
+
+
+def presets_of(module_name: str) -> tuple[str, ...]:
+  module = importlib.import_module(f'launch.configs.{module_name}')
+  if hasattr(module, 'PRESETS'):
+    return module.PRESETS
+  return importlib.import_module('launch.configs.roformer').PRESETS
+
+
+def attempts(config, chips: int):
+  """(description, config) to try in order: as is, FSDP, + full remat, then halved batches."""
+  yield 'preset as is', config
+  config = config.copy_and_resolve_references()
+  changes = []
+  if tuple(config.mesh.shape) != (1, -1, 1):
+    config.mesh.shape = (1, -1, 1)
+    changes.append('FSDP')
+    yield ' + '.join(changes), config
+  if config.model.remat_policy != 'full':
+    config = config.copy_and_resolve_references()
+    config.model.remat_policy = 'full'
+    changes.append('full remat')
+    yield ' + '.join(changes), config
+  while config.data.global_batch_size // 2 >= chips:
+    config = config.copy_and_resolve_references()
+    config.data.global_batch_size //= 2
+    config.optim.accumulation_steps = max(config.optim.accumulation_steps, 1) * 2
+    yield ' + '.join(changes + [f'batch {config.data.global_batch_size} x '
+                                f'{config.optim.accumulation_steps} accumulation']), config
+
+
+def run_one(module_name: str, preset: str, topology: str) -> dict:
+  config = importlib.import_module(f'launch.configs.{module_name}').get_config(preset)
+  row = {'config': module_name, 'preset': preset, 'topology': topology}
+  start = time.time()
+  for description, candidate in attempts(config, aot.chips(topology)):
+    try:
+      r = aot.compile_train_step(candidate, topology)
+    except ValueError as e:  # e.g. a batch that does not split over this many chips
+      row.update(setting=description, error=str(e).splitlines()[0])
+      continue
+    row.update(dataclasses.asdict(r), setting=description, fits=r.fits,
+               total_bytes=r.total_bytes, remat=candidate.model.remat_policy,
+               dtype=candidate.model.dtype, global_batch_size=candidate.data.global_batch_size,
+               accumulation_steps=candidate.optim.accumulation_steps)
+    row.pop('error', None)
+    if r.fits:
+      break
+  row['compile_seconds'] = round(time.time() - start, 1)
+  return row
+
+
+def table(rows: list[dict]) -> str:
+  lines = ['| config:preset | topology | fits with | mesh (data, fsdp, tensor) | remat | '
+           'batch x accumulation | arguments / chip | temporaries / chip | total / HBM |',
+           '|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    if 'mesh' not in r:
+      lines.append(f'| {r["config"]}:{r["preset"]} | {r["topology"]} | error: {r["error"]} '
+                   '| | | | | | |')
+      continue
+    verdict = r['setting'] if r['fits'] else f'DOES NOT FIT ({r["setting"]})'
+    lines.append(
+        f'| {r["config"]}:{r["preset"]} | {r["topology"]} | {verdict} | '
+        f'{tuple(r["mesh"].values())} | {r["remat"]} | {r["global_batch_size"]} x '
+        f'{r["accumulation_steps"]} | {r["argument_bytes"] / GIB:.2f} GiB | '
+        f'{r["temp_bytes"] / GIB:.2f} GiB | {r["total_bytes"] / GIB:.1f} / '
+        f'{r["hbm_bytes"] / GIB:.0f} GiB |')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  aot.quiet_libtpu(_TOPOLOGIES.value[0])
+  done = []
+  if os.path.exists(_OUT.value):
+    with open(_OUT.value) as f:
+      done = [json.loads(line) for line in f if line.strip()]
+  seen = {(r['config'], r['preset'], r['topology']) for r in done}
+  for module_name in _CONFIGS.value:
+    for preset in presets_of(module_name):
+      if _PRESETS.value and preset not in _PRESETS.value:
+        continue
+      for topology in _TOPOLOGIES.value:
+        if (module_name, preset, topology) in seen:
+          continue
+        row = run_one(module_name, preset, topology)
+        print(f'{module_name}:{preset} {topology}: {row.get("setting")} '
+              f'fits={row.get("fits")} ({row["compile_seconds"]} s)', flush=True)
+        with open(_OUT.value, 'a') as f:
+          f.write(json.dumps(row) + '\n')
+        done.append(row)
+  print()
+  print(table(done))
+
+
+if __name__ == '__main__':
+  app.run(main)
