@@ -28,6 +28,23 @@ def flag_error_message(e: Exception) -> str:
 FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
 
 
+def parse_flags(argv):
+  """absl flag parsing (`app.run(main, flags_parser=parse_flags)`) whose errors (an unknown
+  config field, a bad value) exit with code 2 and one readable sentence."""
+  try:
+    return flags.FLAGS(argv)
+  except FLAG_ERRORS as e:
+    fail(flag_error_message(e))
+
+
+def require(usage: str, **flag_values):
+  """Exits with code 2 naming the first of `flag_values` (flag name -> value) that is None,
+  followed by `usage` (the command line that works)."""
+  for name, value in flag_values.items():
+    if value is None:
+      fail(f'--{name} is required: {usage}')
+
+
 # Variables that a multi-host TPU environment sets (GKE, multislice); a Cloud TPU VM slice sets
 # none of them, so TPU chips on the machine also count (JAX then asks the metadata server).
 CLUSTER_ENV_VARS = ('TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',

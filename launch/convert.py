@@ -21,7 +21,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from launch.cli import FLAG_ERRORS, fail, flag_error_message
+from launch.cli import FLAG_ERRORS, fail, flag_error_message, parse_flags, require
 
 try:
   _CONFIG = config_flags.DEFINE_config_file(
@@ -34,21 +34,13 @@ _FROM = flags.DEFINE_string('from_hf', None, 'Hugging Face model directory.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'New workdir (empty).')
 
 
-def parse_flags(argv):
-  """absl flag parsing whose errors (unknown config field, bad value) exit with code 2."""
-  try:
-    return flags.FLAGS(argv)
-  except FLAG_ERRORS as e:
-    fail(flag_error_message(e))
-
 
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; flags are --from_hf, --workdir, --config and '
          '--config.x.y=v.')
-  for name, flag in (('from_hf', _FROM), ('workdir', _WORKDIR)):
-    if flag.value is None:
-      fail(f'--{name} is required: python -m launch.convert --from_hf=DIR --workdir=NEW_RUN')
+  require('python -m launch.convert --from_hf=DIR --workdir=NEW_RUN', from_hf=_FROM.value,
+          workdir=_WORKDIR.value)
   from pretrain import hf_io  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)

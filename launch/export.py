@@ -17,7 +17,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from launch.cli import FLAG_ERRORS, fail, flag_error_message
+from launch.cli import fail, parse_flags, require
 
 _FROM = flags.DEFINE_string('from_workdir', None, 'Workdir of the run to export.')
 _OUT = flags.DEFINE_string('out', None, 'New (or empty) output directory.')
@@ -29,21 +29,13 @@ _MAX_POSITIONS = flags.DEFINE_integer(
     'max_position_embeddings in config.json (position tables of the PyTorch code).')
 
 
-def parse_flags(argv):
-  """absl flag parsing whose errors exit with code 2."""
-  try:
-    return flags.FLAGS(argv)
-  except FLAG_ERRORS as e:
-    fail(flag_error_message(e))
-
 
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; flags are --from_workdir, --out, --step, '
          '--tokenizer and --max_position_embeddings.')
-  for name, flag in (('from_workdir', _FROM), ('out', _OUT)):
-    if flag.value is None:
-      fail(f'--{name} is required: python -m launch.export --from_workdir=RUN --out=DIR')
+  require('python -m launch.export --from_workdir=RUN --out=DIR', from_workdir=_FROM.value,
+          out=_OUT.value)
   from pretrain import hf_io  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)

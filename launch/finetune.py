@@ -26,7 +26,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from launch.cli import FLAG_ERRORS, fail, flag_error_message
+from launch.cli import FLAG_ERRORS, fail, flag_error_message, parse_flags
 
 try:
   _CONFIG = config_flags.DEFINE_config_file(
@@ -87,13 +87,6 @@ _STOP_AFTER = flags.DEFINE_integer('stop_after_steps', 0, 'Stop each run after t
                                    'steps in this process (0: off; drills and tests).')
 _PROGRESS = flags.DEFINE_enum('progress', 'auto', ['auto', 'on', 'off'], 'Progress bar.')
 
-
-def parse_flags(argv):
-  """absl flag parsing whose errors exit with code 2."""
-  try:
-    return flags.FLAGS(argv)
-  except FLAG_ERRORS as e:
-    fail(flag_error_message(e))
 
 
 def _numbers(flag: str, values, kind):

@@ -19,7 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from launch.cli import FLAG_ERRORS, distributed_mode, fail, flag_error_message, tpu_chips
+from launch.cli import FLAG_ERRORS, distributed_mode, fail, flag_error_message, parse_flags, tpu_chips
 
 
 try:
@@ -37,13 +37,6 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (0-ba
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     'distributed_timeout_s', 300, 'Seconds to wait for every host to join the run.')
 
-
-def parse_flags(argv):
-  """absl flag parsing whose errors (unknown config field, bad value) exit with code 2."""
-  try:
-    return flags.FLAGS(argv)
-  except FLAG_ERRORS as e:
-    fail(flag_error_message(e))
 
 
 def initialize_distributed():

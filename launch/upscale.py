@@ -19,7 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from launch.cli import FLAG_ERRORS, fail, flag_error_message
+from launch.cli import FLAG_ERRORS, fail, flag_error_message, parse_flags, require
 
 try:
   _CONFIG = config_flags.DEFINE_config_file(
@@ -32,22 +32,14 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'New workdir for the grown model
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step of --from_workdir (default latest).')
 
 
-def parse_flags(argv):
-  """absl flag parsing whose errors (unknown config field, bad value) exit with code 2."""
-  try:
-    return flags.FLAGS(argv)
-  except FLAG_ERRORS as e:
-    fail(flag_error_message(e))
-
 
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; flags are --from_workdir, --config, --workdir, '
          '--step and --config.x.y=v.')
-  for name, flag in (('from_workdir', _FROM), ('workdir', _WORKDIR), ('config', _CONFIG)):
-    if flag.value is None:
-      fail(f'--{name} is required: python -m launch.upscale --from_workdir=SMALL_RUN '
-           '--config=launch/configs/<family>.py:<preset> --workdir=NEW_RUN')
+  require('python -m launch.upscale --from_workdir=SMALL_RUN '
+          '--config=launch/configs/<family>.py:<preset> --workdir=NEW_RUN',
+          from_workdir=_FROM.value, workdir=_WORKDIR.value, config=_CONFIG.value)
   from pretrain import grow  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)

@@ -66,6 +66,23 @@ class GrowthResult:
   config: ml_collections.ConfigDict
 
 
+def source_step(ckpt: checkpointing.Checkpointer, workdir: str, step: int | None) -> int:
+  """The checkpoint step to read from `workdir`: `step` (--step) or the latest complete one.
+
+  Raises:
+    train.InputError: no complete checkpoint, or `step` is not one of them (lists those that
+      are).
+  """
+  steps = ckpt.all_steps()
+  if not steps:
+    raise train.InputError(f'--from_workdir={workdir} has no complete checkpoint.')
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise train.InputError(f'--step={step} is not a checkpoint of {workdir}; '
+                           f'available: {", ".join(map(str, sorted(steps)))}.')
+  return step
+
+
 def _to_tuples(value):
   if isinstance(value, (list, tuple)):
     return tuple(_to_tuples(v) for v in value)
@@ -238,13 +255,7 @@ def grow_run(from_workdir: str, config, workdir: str, step: int | None = None,
   _check_paths(from_workdir, workdir)
   src_ckpt = checkpointing.Checkpointer(from_workdir, async_save=False)
   try:
-    steps = src_ckpt.all_steps()
-    if not steps:
-      raise train.InputError(f'--from_workdir={from_workdir} has no complete checkpoint.')
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise train.InputError(f'--step={step} is not a checkpoint of {from_workdir}; '
-                             f'available: {", ".join(map(str, sorted(steps)))}.')
+    step = source_step(src_ckpt, from_workdir, step)
     meta = src_ckpt.read_meta(step)
     src_config = config_from_meta(meta['config'])
     config = _target_config(config, src_config, meta, from_workdir, explicit)

@@ -95,13 +95,7 @@ def _restore_params(workdir: str, step: int | None):
   """(config, meta, step, params as NumPy) of a run's checkpoint, restored on one device."""
   ckpt = checkpointing.Checkpointer(workdir, async_save=False)
   try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise train.InputError(f'--from_workdir={workdir} has no complete checkpoint.')
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise train.InputError(f'--step={step} is not a checkpoint of {workdir}; available: '
-                             f'{", ".join(map(str, sorted(steps)))}.')
+    step = grow.source_step(ckpt, workdir, step)
     meta = ckpt.read_meta(step)
     config = grow.config_from_meta(meta['config'])
     try:

@@ -46,6 +46,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.dropout_rate = 0.0
   # RoPE base (theta_i = rotary_base^(-2i/d_h)), docs/algorithms.md 7.1.
   model.rotary_base = 10000.0
+  # Position information: 'rope' (rotary on q and k, no position table; every preset) or
+  # 'learned' (BERT-style absolute table [max_position, d] added to the token embeddings,
+  # rotary off), docs/algorithms.md 7.6. Positions restart at 0 in every packed document.
+  model.position_embedding = 'rope'
+  # Rows of the 'learned' table (positions 0..max_position-1; BERT's 512). Fixed, not tied to
+  # data.seq_len, so a checkpoint evaluates at any seq_len <= max_position; rows at or beyond
+  # the training length are never trained. Unused with 'rope'.
+  model.max_position = 512
   # Softmax attention scale: 'standard' (1/sqrt(d_h)) or 'entropy_invariant'
   # (log_512(n)/sqrt(d_h), n = valid keys clamped at 16), docs/algorithms.md 7.4.
   model.attention_scale = 'standard'

@@ -41,6 +41,8 @@ def apply_preset(config, preset: str):
     train.checkpoint_every_steps = 1000
     optim.learning_rate, optim.warmup_steps = 1e-3, 1000
   elif preset == 'base':
+    # bfloat16 activations over float32 parameters and optimizer state; data parallel (the
+    # base mesh): fits one 16 GiB v5e chip per 8 with room to spare (README "Will it fit?").
     model.hidden_size, model.num_layers, model.num_heads, model.mlp_dim = 768, 12, 12, 3072
     data.seq_len, data.global_batch_size = 512, 256
     train.num_train_steps, train.eval_every_steps = 200_000, 5000
@@ -54,6 +56,10 @@ def apply_preset(config, preset: str):
     train.checkpoint_every_steps, train.log_every_steps = 5000, 100
     optim.learning_rate, optim.warmup_steps = 2e-4, 10_000
     model.dtype, model.remat_policy = 'bfloat16', 'full'
+    # Fully sharded: with parameters and optimizer state replicated (pure data parallelism)
+    # this shape does not fit a 16 GiB v5e chip at any chip count; FSDP over every chip fits
+    # from 16 v5e chips (README "Will it fit?", benchmarks/aot_table.py).
+    config.mesh.shape = (1, -1, 1)
   else:
     raise ValueError(f'unknown preset {preset!r}; choose one of {", ".join(PRESETS)}')
   return config
