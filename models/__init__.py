@@ -20,6 +20,9 @@ from models.encoder import Encoder, resolve, stack_layers, unstack_layers
 from models.flops import flops_per_token
 
 FAMILIES = ('roformer', 'roformer_v2', 'gau')
+# model.position_embedding: rotary (every preset) or a learned absolute table (docs/algorithms.md
+# 7.6).
+POSITION_EMBEDDINGS = ('rope', 'learned')
 
 __all__ = ['build', 'validate', 'flops_per_token', 'Encoder', 'resolve', 'stack_layers',
            'unstack_layers', 'FAMILIES']
@@ -66,6 +69,17 @@ def validate(config) -> None:
   _choice('model.mlp_activation', m.mlp_activation, tuple(layers.ACTIVATIONS))
   _choice('model.causal_normalizer', m.causal_normalizer, ('visible', 'n'))
   _choice('model.attention_scale', m.attention_scale, ('standard', 'entropy_invariant'))
+  _choice('model.position_embedding', m.position_embedding, POSITION_EMBEDDINGS)
+  if m.position_embedding == 'learned':
+    if m.max_position <= 0:
+      raise ValueError(f'model.max_position={m.max_position} must be positive with '
+                       "model.position_embedding='learned' (rows of the position table)")
+    seq_len = config.data.seq_len if 'data' in config else 0
+    if seq_len > m.max_position:
+      raise ValueError(
+          f'data.seq_len={seq_len} > model.max_position={m.max_position}: the learned '
+          f'position table has no row for positions >= {m.max_position}; set '
+          f'--config.model.max_position >= {seq_len} (a new run) or a shorter seq_len')
   _choice('model.residual', m.residual, ('post_ln', 'deepnorm'))
   _choice('model.init', m.init, ('normal', 'roformer_v2', 'gau_alpha'))
   _choice('model.remat_policy', m.remat_policy, encoder.REMAT_POLICIES)

@@ -4,7 +4,9 @@
 
 tokens, segment_ids, positions: int32 [b, n]. segment_ids 0 = padding, 1..k = packed
 documents; attention never crosses segments (nor reaches padding); objective 'clm' adds j <= i.
-positions restart at 0 in every segment and drive RoPE (no absolute position embedding).
+positions restart at 0 in every segment and drive RoPE (model.position_embedding='rope', the
+default) or index a learned absolute table ('learned': BERT-style, rotary off; docs/algorithms.md
+7.6).
 prediction_positions [b, P] (MLM): the final hidden states are gathered there before the head,
 so logits are [b, P, V]; None: logits for every position [b, n, V]. Logits are float32.
 dropout_rng: a PRNG key (training) or None (deterministic). Dropout keys are derived from it
@@ -17,6 +19,7 @@ name 'layers'; scan_layers=False: `layers` is a list, layers/<i>/... without the
 
   embedder/token/embedding                [V, d]         ('vocab', 'embed')   (tied LM head)
   embedder/token_type/embedding           [T, d]         (None, 'embed')      if T > 0
+  embedder/position/embedding             [P, d]         (None, 'embed')      'learned' only
   embedder/norm/{scale,bias}              [d]            ('embed',)           v1 (LayerNorm)
   RoFormer v1 / v2 / DeepNet block:
   layers/attention/{query,key,value}/kernel [L, d, h, d_h] ('layers', 'embed', 'heads', 'kv')
@@ -68,6 +71,8 @@ class ArchSpec:
   type_vocab_size: int
   dropout_rate: float
   rotary_base: float
+  position_embedding: str
+  max_position: int
   attention_scale: str
   norm_eps: float
   norm: str
@@ -123,7 +128,8 @@ def resolve(config) -> ArchSpec:
       family=family, vocab_size=m.vocab_size, hidden=m.hidden_size, num_layers=m.num_layers,
       num_heads=m.num_heads, head_dim=head_dim, mlp_dim=m.mlp_dim,
       type_vocab_size=m.type_vocab_size, dropout_rate=float(m.dropout_rate),
-      rotary_base=float(m.rotary_base), attention_scale=m.attention_scale,
+      rotary_base=float(m.rotary_base), position_embedding=m.position_embedding,
+      max_position=int(m.max_position), attention_scale=m.attention_scale,
       norm_eps=float(m.norm_eps), norm=norm, use_bias=use_bias, residual=m.residual,
       residual_alpha=alpha,
       kernel_init=layers.KernelInit(m.init, m.initializer_range, m.num_layers, beta),
@@ -146,15 +152,26 @@ def block_class(spec: ArchSpec):
 
 
 class Embedder(nnx.Module):
-  """Token (+ token type 0) embeddings, then Norm -> Dropout (v1, as Hugging Face's
-  RoFormerEmbeddings) or Dropout -> Norm (v2 and GAU-alpha, as bert4keras' RoFormerV2 and
-  GAU_alpha build their embeddings; docs/algorithms.md 7.2, 6.3)."""
+  """Token (+ learned absolute position) (+ token type 0) embeddings, then Norm -> Dropout (v1,
+  as Hugging Face's RoFormerEmbeddings) or Dropout -> Norm (v2 and GAU-alpha, as bert4keras'
+  RoFormerV2 and GAU_alpha build their embeddings; docs/algorithms.md 7.2, 6.3).
+
+  model.position_embedding='learned' adds `position` [max_position, d] (BERT's
+  position_embeddings, Devlin et al. 2019; docs/algorithms.md 7.6) at the batch's positions,
+  which restart at 0 in every packed document. 'rope' has no table (RoPE acts in attention).
+  """
 
   def __init__(self, spec: ArchSpec, *, rngs: nnx.Rngs):
     common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
     init = spec.kernel_init('embed', (spec.vocab_size,), (spec.hidden,))
     self.token = layers.Embed(spec.vocab_size, spec.hidden, init=init, vocab_axis='vocab',
                               **common)
+    if spec.position_embedding == 'learned':
+      pinit = spec.kernel_init('embed', (spec.max_position,), (spec.hidden,))
+      self.position = layers.Embed(spec.max_position, spec.hidden, init=pinit,
+                                   vocab_axis=None, **common)
+    else:
+      self.position = None
     if spec.type_vocab_size > 0:
       tinit = spec.kernel_init('embed', (spec.type_vocab_size,), (spec.hidden,))
       self.token_type = layers.Embed(spec.type_vocab_size, spec.hidden, init=tinit,
@@ -165,8 +182,18 @@ class Embedder(nnx.Module):
     self.dropout_rate = spec.dropout_rate
     self.dropout_first = spec.embed_dropout_first
 
-  def __call__(self, tokens, key=None, token_types=None):
+  def __call__(self, tokens, key=None, token_types=None, positions=None):
+    """tokens (and positions, token_types) int32 [b, n] -> [b, n, d] (compute dtype).
+
+    positions: needed with a learned table (ValueError otherwise), ignored with RoPE. A
+    position outside [0, max_position) gives NaN rows (jnp.take's fill); models.validate
+    refuses data.seq_len > model.max_position before that can happen.
+    """
     x = self.token(tokens)
+    if self.position is not None:
+      if positions is None:
+        raise ValueError("model.position_embedding='learned' needs the batch's positions")
+      x = x + self.position(positions)
     if self.token_type is not None:
       if token_types is None:  # pretraining: every token has type 0
         x = x + self.token_type.embedding[0].astype(x.dtype)
@@ -221,10 +248,14 @@ def _remat(fn, policy: str, prevent_cse: bool):
 
 
 def make_context(spec: ArchSpec, segment_ids, positions) -> dict:
-  """Per-call constants shared by all layers: segment_ids, RoPE sin/cos [b, n, r/2], and for
-  quadratic attention the mask [b, n, n] and the softmax scale."""
+  """Per-call constants shared by all layers: segment_ids, RoPE sin/cos [b, n, r/2] (None with
+  model.position_embedding='learned': no rotation), and for quadratic attention the mask
+  [b, n, n] and the softmax scale."""
   ctx = {'segment_ids': segment_ids}
-  ctx['sin'], ctx['cos'] = rope.sin_cos(positions, spec.rope_dim, spec.rotary_base)
+  if spec.position_embedding == 'learned':
+    ctx['sin'] = ctx['cos'] = None
+  else:
+    ctx['sin'], ctx['cos'] = rope.sin_cos(positions, spec.rope_dim, spec.rotary_base)
   if not (spec.family == 'gau' and spec.chunk_size > 0):
     ctx['mask'] = attention.attention_mask(segment_ids, spec.causal)
     ctx['scale'] = attention.attention_scale(spec.attention_scale, ctx['mask'], spec.rope_dim)
@@ -269,7 +300,8 @@ class Encoder(nnx.Module):
     """Final hidden states [b, n, d] (compute dtype). token_types: int32 [b, n] or None (all
     type 0); ignored when model.type_vocab_size is 0."""
     k_embed, k_layers = layers.split_key(dropout_rng, 2)
-    x = layers.constrain(self.embedder(tokens, k_embed, token_types), ACTIVATION_AXES)
+    x = layers.constrain(self.embedder(tokens, k_embed, token_types, positions),
+                         ACTIVATION_AXES)
     return self.run_layers(x, segment_ids, positions, k_layers)
 
   def run_layers(self, x, segment_ids, positions, dropout_rng=None):

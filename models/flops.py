@@ -2,9 +2,10 @@
 
 Conventions: a matmul [m, k] x [k, n] costs 2 m k n; training = 3 x forward (backward is two
 matmuls per forward matmul); attention is counted in full (bidirectional, not halved, also for
-causal LM); element-wise work (norms, softmax, activations, RoPE) is ignored. The MLM head runs
-only at predicted positions, so it is scaled by num_predictions_per_row / seq_len; the causal LM
-head runs at every position.
+causal LM); element-wise work (norms, softmax, activations, RoPE) and embedding lookups (token,
+token type, the learned position table of model.position_embedding='learned') are ignored. The
+MLM head runs only at predicted positions, so it is scaled by num_predictions_per_row / seq_len;
+the causal LM head runs at every position.
 """
 
 from __future__ import annotations

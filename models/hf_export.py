@@ -117,8 +117,9 @@ def layout(config) -> list[Entry]:
 def check_exportable(config) -> None:
   """Raises ExportError unless `config` is expressible in its family's PyTorch layout.
 
-  Refused: objective 'clm'; DeepNorm residuals; entropy-invariant softmax scale; a RoPE base
-  other than 10000; v1 without LayerNorm and biases or with head_dim * num_heads != hidden;
+  Refused: objective 'clm'; DeepNorm residuals; entropy-invariant softmax scale; learned
+  absolute positions (model.position_embedding='learned': every layout is RoPE-only); a RoPE
+  base other than 10000; v1 without LayerNorm and biases or with head_dim * num_heads != hidden;
   v2 / GAU with biases (the ports' MLM heads have none) or a norm other than the
   parameter-free RMS norm; FLASH (chunk_size > 0); activations without a transformers name.
   """
@@ -140,6 +141,9 @@ def check_exportable(config) -> None:
            'are bidirectional masked LMs')
   if m.residual != 'post_ln':
     refuse(f'model.residual={m.residual!r} (DeepNorm scales the residual by alpha)')
+  if m.position_embedding != 'rope':
+    refuse(f'model.position_embedding={m.position_embedding!r} (a learned absolute position '
+           'table with rotary off; the layout has RoPE and no position table)')
   if float(m.rotary_base) != ROPE_BASE:
     refuse(f'model.rotary_base={m.rotary_base} (the PyTorch code fixes it at 10000)')
   if m.family == 'gau':

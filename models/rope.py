@@ -37,8 +37,11 @@ def sin_cos(positions: jax.Array, dim: int, base: float = 10000.0):
 def apply_sin_cos(x: jax.Array, sin: jax.Array, cos: jax.Array, head_axis: bool = True):
   """Rotates interleaved pairs of x [..., n, (h,) d] by precomputed sin/cos [..., n, d/2].
 
-  Computed in float32; returns x's dtype.
+  Computed in float32; returns x's dtype. sin = cos = None returns x unchanged (no rotary:
+  model.position_embedding='learned', docs/algorithms.md 7.6).
   """
+  if sin is None:
+    return x
   if head_axis:
     sin, cos = sin[..., None, :], cos[..., None, :]
   xf = x.astype(jnp.float32)

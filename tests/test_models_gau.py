@@ -321,6 +321,32 @@ def test_presets_validate_and_build_abstractly(preset):
   assert 'bias' not in params['layers']['uvz']
 
 
+def preset_branch_rms(preset: str, n: int = 256) -> float:
+  """RMS of one GAU layer's branch O at the preset's init on a unit-RMS stream X ~ N(0, 1)
+  (one document of n tokens)."""
+  from launch.configs import gau as gau_presets  # pylint: disable=g-import-not-at-top
+  config = gau_presets.get_config(preset)
+  block = make_block(config)
+  x = rand((1, n, config.model.hidden_size), seed=1)
+  out = block_mix(block, config, x, *ones_row(n))
+  return float(jnp.sqrt(jnp.mean(jnp.square(out))))
+
+
+def test_flash_presets_keep_the_papers_init_scale_at_every_width():
+  """The FLASH paper's N(0, 0.02^2) init is 0.55/sqrt(d) at d = 768; flash_tiny (d = 128)
+  keeps that relative scale (0.049). The absolute 0.02 there (0.23/sqrt(d)) started every
+  relu^2 branch ~100x smaller than flash_base's (O is homogeneous of degree ~7 in the
+  weights), and flash_tiny learned visibly slower (launch/configs/gau.py)."""
+  from launch.configs import gau as gau_presets  # pylint: disable=g-import-not-at-top
+  for preset in ('flash_tiny', 'flash_base'):
+    m = gau_presets.get_config(preset).model
+    assert m.init == 'normal'
+    assert m.initializer_range * math.sqrt(m.hidden_size) == pytest.approx(
+        0.02 * math.sqrt(768))
+  tiny, base_rms = preset_branch_rms('flash_tiny'), preset_branch_rms('flash_base')
+  assert tiny > 0.5 * base_rms, (tiny, base_rms)
+
+
 @pytest.mark.parametrize('preset', ['small', 'base', 'large'])
 def test_gau_alpha_presets_use_the_released_schedule(preset):
   """LAMB at 1.76e-3, no warmup, multipliers {0: 1, 160k: 0.5, 640k: 0.1, 1.28M: 0.01} of a

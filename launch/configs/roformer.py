@@ -56,9 +56,9 @@ def apply_preset(config, preset: str):
     train.checkpoint_every_steps, train.log_every_steps = 5000, 100
     optim.learning_rate, optim.warmup_steps = 2e-4, 10_000
     model.dtype, model.remat_policy = 'bfloat16', 'full'
-    # Fully sharded: with parameters and optimizer state replicated (pure data parallelism)
-    # this shape does not fit a 16 GiB v5e chip at any chip count; FSDP over every chip fits
-    # from 16 v5e chips (README "Will it fit?", benchmarks/aot_table.py).
+    # Fully sharded: replicated (pure data parallelism), parameters and AdamW state take
+    # 7.8 GiB of every chip, half of a v5e chip's 16 GiB; FSDP over every chip fits from 16
+    # v5e chips (README "Will it fit?", benchmarks/aot_table.py).
     config.mesh.shape = (1, -1, 1)
   else:
     raise ValueError(f'unknown preset {preset!r}; choose one of {", ".join(PRESETS)}')

@@ -11,6 +11,9 @@ with residual='deepnorm', gau (GAU / GAU-alpha / FLASH)):
   width  hidden_size d -> k d; num_heads h -> k_h h; head_dim d_h -> k_dh d_h (zero-slot RoPE);
          mlp_dim F -> k_F F; GAU e = expansion_factor * d -> k_e e; GAU shared_dim s -> k_s s;
   depth  num_layers L -> L' >= L: zero-branch blocks inserted at `Options.depth_positions`.
+A learned absolute position table (model.position_embedding='learned', docs/algorithms.md 7.6)
+grows like the token table (same stream map, rows unchanged); without RoPE the zero-slot map of
+d_h is a plain zero padding of q and k and stays exact.
 
 The scale-tracking calculus (docs/algorithms.md 4.1): every activation site carries c * E(x), E an
 expansion
@@ -441,7 +444,12 @@ def plan(src_config, dst_config, options: Options | None = None) -> Plan:
       ('type_vocab_size', 'model.type_vocab_size'), ('norm', 'model.norm_type'),
       ('use_bias', 'model.use_bias'), ('residual', 'model.residual'),
       ('rotary_base', 'model.rotary_base'), ('attention_scale', 'model.attention_scale'),
-      ('mlp_activation', 'model.mlp_activation')])
+      ('mlp_activation', 'model.mlp_activation'),
+      ('position_embedding', 'model.position_embedding')])
+  if src.position_embedding == 'learned':
+    # The [P, d] table is an embedding on the stream (same map as the token table); its row
+    # count is not a width and does not grow.
+    _require_equal(src, dst, [('max_position', 'model.max_position')])
   if src.family == 'gau':
     _require_equal(src, dst, [('attention_norm', 'model.attention_norm'),
                               ('chunk_size', 'model.chunk_size'),
