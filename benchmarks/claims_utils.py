@@ -190,6 +190,16 @@ def layer_grad_norms(config, batch: dict | None = None) -> np.ndarray:
   return np.asarray(per_layer(params, batch))
 
 
+def run_overrides(steps: int, seed: int, log_points: int = 20) -> dict:
+  """The trainer fields every claim run shares: `steps` steps with `log_points` logged losses
+  (the curve), one evaluation and one checkpoint at the end, no progress bar."""
+  return {
+      'train.num_train_steps': steps, 'train.log_every_steps': max(1, steps // log_points),
+      'train.eval_every_steps': steps, 'train.checkpoint_every_steps': steps,
+      'train.progress': 'off', 'seed': seed,
+  }
+
+
 def mean_std(values, fmt: str = '.3f') -> str:
   """'m ± s' over seeds (sample std), or 'm' for one value; nan-aware ('nan' if all are)."""
   values = [v for v in values if v is not None]

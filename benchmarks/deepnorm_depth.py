@@ -82,9 +82,7 @@ def overrides(variant: str, depth: int, seed: int) -> dict:
       'model.mlp_dim': _MLP.value, 'model.remat_policy': 'full' if depth > 128 else 'none',
       'data.seq_len': _SEQ_LEN.value, 'data.global_batch_size': _BATCH.value,
       'optim.learning_rate': _LR.value, 'optim.warmup_steps': _WARMUP.value,
-      'train.num_train_steps': steps, 'train.log_every_steps': max(1, steps // 20),
-      'train.eval_every_steps': steps, 'train.checkpoint_every_steps': steps,
-      'train.progress': 'off', 'seed': seed,
+      **claims_utils.run_overrides(steps, seed),
   }
 
 

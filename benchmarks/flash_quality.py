@@ -75,9 +75,7 @@ def overrides(model_o: dict, objective: str, n: int, seed: int) -> dict:
       'data.global_batch_size': max(1, _TOKENS.value // n),
       'optim.name': 'adamw', 'optim.schedule': 'linear', 'optim.learning_rate': _LR.value,
       'optim.warmup_steps': max(1, steps // 10),
-      'train.num_train_steps': steps, 'train.log_every_steps': max(1, steps // 10),
-      'train.eval_every_steps': steps, 'train.checkpoint_every_steps': steps,
-      'train.progress': 'off', 'seed': seed,
+      **claims_utils.run_overrides(steps, seed, log_points=10),
   })
   return o
 

@@ -73,9 +73,7 @@ def overrides(model_overrides: dict, lr: float, warmup: bool, seed: int) -> dict
       'optim.name': _OPTIMIZER.value, 'optim.schedule': 'linear',
       'optim.learning_rate': lr,
       'optim.warmup_steps': max(1, round(_WARMUP.value * steps)) if warmup else 0,
-      'train.num_train_steps': steps, 'train.log_every_steps': max(1, steps // 20),
-      'train.eval_every_steps': steps, 'train.checkpoint_every_steps': steps,
-      'train.progress': 'off', 'seed': seed,
+      **claims_utils.run_overrides(steps, seed),
   })
   return o
 

@@ -34,7 +34,6 @@ _FROM = flags.DEFINE_string('from_hf', None, 'Hugging Face model directory.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'New workdir (empty).')
 
 
-
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; flags are --from_hf, --workdir, --config and '

@@ -29,7 +29,6 @@ _MAX_POSITIONS = flags.DEFINE_integer(
     'max_position_embeddings in config.json (position tables of the PyTorch code).')
 
 
-
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; flags are --from_workdir, --out, --step, '

@@ -88,7 +88,6 @@ _STOP_AFTER = flags.DEFINE_integer('stop_after_steps', 0, 'Stop each run after t
 _PROGRESS = flags.DEFINE_enum('progress', 'auto', ['auto', 'on', 'off'], 'Progress bar.')
 
 
-
 def _numbers(flag: str, values, kind):
   try:
     return tuple(kind(v) for v in values)

@@ -38,7 +38,6 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     'distributed_timeout_s', 300, 'Seconds to wait for every host to join the run.')
 
 
-
 def initialize_distributed():
   """Starts JAX's multi-controller runtime when the run may span several processes.
 

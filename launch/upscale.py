@@ -32,7 +32,6 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'New workdir for the grown model
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step of --from_workdir (default latest).')
 
 
-
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; flags are --from_workdir, --config, --workdir, '
