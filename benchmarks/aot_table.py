@@ -73,6 +73,9 @@ def run_one(module_name: str, preset: str, topology: str) -> dict:
     except ValueError as e:  # e.g. a batch that does not split over this many chips
       row.update(setting=description, error=str(e).splitlines()[0])
       continue
+    except aot.DoesNotFit as e:  # the compiler's own out-of-HBM verdict: try the next setting
+      row.update(setting=description, fits=False, error=f'compiler: {e}')
+      continue
     row.update(dataclasses.asdict(r), setting=description, fits=r.fits,
                total_bytes=r.total_bytes, remat=candidate.model.remat_policy,
                dtype=candidate.model.dtype, global_batch_size=candidate.data.global_batch_size,
@@ -86,12 +89,13 @@ def run_one(module_name: str, preset: str, topology: str) -> dict:
 
 def table(rows: list[dict]) -> str:
   lines = ['| config:preset | topology | fits with | mesh (data, fsdp, tensor) | remat | '
-           'batch x accumulation | arguments / chip | temporaries / chip | total / HBM |',
+           'batch x accumulation | arguments / device | temporaries / device | total / HBM |',
            '|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     if 'mesh' not in r:
-      lines.append(f'| {r["config"]}:{r["preset"]} | {r["topology"]} | error: {r["error"]} '
-                   '| | | | | | |')
+      what = 'DOES NOT FIT (last try: ' if r.get('fits') is False else 'error: '
+      lines.append(f'| {r["config"]}:{r["preset"]} | {r["topology"]} | {what}{r["setting"]}: '
+                   f'{r["error"]}) | | | | | | |')
       continue
     verdict = r['setting'] if r['fits'] else f'DOES NOT FIT ({r["setting"]})'
     lines.append(

@@ -43,7 +43,8 @@ def validate(config) -> None:
     if m[name] <= 0:
       raise ValueError(f'model.{name}={m[name]} must be positive; set --config.model.{name} > 0')
   if m.family == 'gau':
-    if m.shared_dim <= 0 or m.shared_dim % 2:
+    # RoPE rotates pairs of features; learned absolute positions take any width.
+    if m.shared_dim <= 0 or (m.shared_dim % 2 and m.position_embedding == 'rope'):
       raise ValueError(f'model.shared_dim={m.shared_dim} must be a positive even number '
                        '(RoPE rotates pairs); choose an even shared_dim such as 128')
     if m.expansion_factor <= 0:
@@ -61,7 +62,7 @@ def validate(config) -> None:
           f'num_heads={m.num_heads} does not divide hidden_size={m.hidden_size}; choose '
           'num_heads so that hidden_size % num_heads == 0 (or set model.head_dim)')
     head_dim = m.head_dim or m.hidden_size // m.num_heads
-    if head_dim % 2:
+    if head_dim % 2 and m.position_embedding == 'rope':
       raise ValueError(f'head_dim={head_dim} is odd but RoPE rotates pairs of features; '
                        'choose hidden_size, num_heads or model.head_dim so that head_dim is even')
     if m.mlp_dim <= 0:

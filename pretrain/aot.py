@@ -4,7 +4,12 @@
 `jax.experimental.topologies.get_topology_desc` describes a TPU slice from libtpu alone (the
 `tpu` extra; no TPU needed); the train step is lowered with abstract, sharded arguments on a
 mesh of those devices and compiled by the TPU compiler; `memory_analysis()` gives the bytes
-per chip and `cost_analysis()` the FLOPs of one step.
+per device and `cost_analysis()` the FLOPs of one step.
+
+A device is a chip, except on v4: libtpu describes a v4 slice with one device per TensorCore
+(two per chip, each with half the chip's HBM), not the megacore device a v4 VM gives JAX, so
+there memory is compared with half a chip's HBM (a conservative verdict: a megacore chip pools
+both halves).
 """
 
 from __future__ import annotations
@@ -33,22 +38,28 @@ TOPOLOGIES = {
 HBM_BYTES = {'v4': 32 * 2**30, 'v5e': 16 * 2**30, 'v5p': 95 * 2**30, 'v6e': 32 * 2**30}
 
 
+class DoesNotFit(RuntimeError):
+  """The TPU compiler refused the step outright: it needs more HBM than a device has."""
+
+
 @dataclasses.dataclass
 class AotReport:
-  """What compiling one train step for a topology showed (bytes are per chip).
+  """What compiling one train step for a topology showed (bytes are per device).
 
   Attributes:
-    topology: the accelerator type asked for; chips: devices in the slice.
+    topology: the accelerator type asked for; chips: chips in the slice; devices: JAX devices
+      the step was compiled for (2 per chip on v4, one per TensorCore; else = chips).
     mesh: the resolved mesh shape {'data', 'fsdp', 'tensor'}.
     argument_bytes, output_bytes, temp_bytes, code_bytes: from memory_analysis().
-    hbm_bytes: one chip's HBM.
-    compiled_flops: cost_analysis()['flops'] (per chip, as XLA counts it; 0 if absent).
+    hbm_bytes: the HBM one device has (a chip's HBM / devices per chip).
+    compiled_flops: cost_analysis()['flops'] (per device, as XLA counts it; 0 if absent).
     model_flops: the analytic model FLOPs of one step over the whole slice.
     tokens_per_step: global_batch_size * seq_len.
     peak_flops_per_chip: dense bf16 peak of one chip (pretrain/metrics.py table; 0 unknown).
   """
   topology: str
   chips: int
+  devices: int
   mesh: dict[str, int]
   argument_bytes: int
   output_bytes: int
@@ -104,8 +115,11 @@ def chips(accelerator_type: str) -> int:
   Raises:
     ValueError: an unknown accelerator type.
   """
-  dims = topology_name(accelerator_type).split(':')[1].split('x')
-  return int(np.prod([int(d) for d in dims]))
+  return _chips_of(topology_name(accelerator_type))
+
+
+def _chips_of(name: str) -> int:
+  return int(np.prod([int(d) for d in name.split(':')[1].split('x')]))
 
 
 def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -128,6 +142,7 @@ def compile_train_step(config, accelerator_type: str) -> AotReport:
 
   Raises:
     ValueError: unknown topology, or a config the trainer refuses (mesh, batch, shapes).
+    DoesNotFit: the compiler ran out of HBM while compiling (no memory figures exist then).
     RuntimeError: libtpu is missing (install the `tpu` extra).
   """
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
@@ -145,7 +160,15 @@ def compile_train_step(config, accelerator_type: str) -> AotReport:
   step = train.jit_train_step(run_setup, config)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   with jax.set_mesh(mesh):
-    compiled = step.lower(run_setup.abstract_state, abstract_batch(config, mesh), key).compile()
+    lowered = step.lower(run_setup.abstract_state, abstract_batch(config, mesh), key)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      # The TPU compiler stops with RESOURCE_EXHAUSTED when even its best schedule overflows
+      # HBM; that is a verdict, not a failure of this tool.
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      raise DoesNotFit(str(e).splitlines()[0]) from None
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
@@ -153,13 +176,15 @@ def compile_train_step(config, accelerator_type: str) -> AotReport:
   predictions = (objectives.max_predictions(config.data.seq_len, config.data.mask_rate)
                  if config.objective == 'mlm' else config.data.seq_len)
   family = name.split(':')[0]
+  slice_chips = _chips_of(name)
+  devices_per_chip = max(len(devices) // slice_chips, 1)
   return AotReport(
-      topology=accelerator_type, chips=len(devices), mesh=dict(mesh.shape),
+      topology=accelerator_type, chips=slice_chips, devices=len(devices), mesh=dict(mesh.shape),
       argument_bytes=int(memory.argument_size_in_bytes),
       output_bytes=int(memory.output_size_in_bytes),
       temp_bytes=int(memory.temp_size_in_bytes),
       code_bytes=int(memory.generated_code_size_in_bytes),
-      hbm_bytes=HBM_BYTES.get(family, 0), compiled_flops=float(cost.get('flops', 0.0)),
+      hbm_bytes=HBM_BYTES.get(family, 0) // devices_per_chip, compiled_flops=float(cost.get('flops', 0.0)),
       model_flops=models.flops_per_token(config, predictions) * tokens,
       tokens_per_step=tokens,
       peak_flops_per_chip=metrics_lib.peak_flops_per_device(devices[0].device_kind))

@@ -226,10 +226,13 @@ class Checkpointer:
       self._manager.close()
 
 
+# Model fields besides the shape whose change makes the same parameters compute another
+# function or changes their tree (a learned position table appears or changes rows).
+FUNCTION_FIELDS = ('norm_type', 'use_bias', 'mlp_activation', 'attention_norm',
+                   'position_embedding', 'max_position')
 # Config fields (besides the model shape) a run cannot change on resume: they change the
 # parameter or optimizer-state tree, or the function the parameters compute.
-RESUME_FIELDS = ('objective', 'model.norm_type', 'model.use_bias', 'model.mlp_activation',
-                 'optim.name')
+RESUME_FIELDS = ('objective', 'optim.name') + tuple(f'model.{k}' for k in FUNCTION_FIELDS)
 
 
 def check_compatible(meta: dict[str, Any] | None, config, workdir: str):

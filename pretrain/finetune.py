@@ -200,9 +200,7 @@ class Start:
   meta: dict | None = None
 
 
-# Model fields besides the shape whose change makes pretrained parameters compute another
-# function (compared between --config and the checkpoint).
-FUNCTION_FIELDS = ('norm_type', 'use_bias', 'mlp_activation', 'attention_norm')
+FUNCTION_FIELDS = checkpointing.FUNCTION_FIELDS  # compared between --config and the checkpoint
 # Model fields --config may change for fine-tuning a run (how it computes, not what).
 OVERRIDABLE_FIELDS = ('dtype', 'remat_policy')
 

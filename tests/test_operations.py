@@ -257,7 +257,7 @@ def test_topology_names_and_the_mfu_a_target_throughput_needs():
   assert aot.topology_name('v6e:4x4') == 'v6e:4x4'
   with pytest.raises(ValueError, match="--topology='v9-8' is not known"):
     aot.topology_name('v9-8')
-  report_ = aot.AotReport(topology='v5e-8', chips=8, mesh={}, argument_bytes=2**30,
+  report_ = aot.AotReport(topology='v5e-8', chips=8, devices=8, mesh={}, argument_bytes=2**30,
                           output_bytes=2**30, temp_bytes=15 * 2**30, code_bytes=0,
                           hbm_bytes=16 * 2**30, compiled_flops=0.0, model_flops=8e12,
                           tokens_per_step=1000, peak_flops_per_chip=1e12)
@@ -272,5 +272,11 @@ def test_aot_compiles_the_train_step_for_a_tpu_slice(text_corpus, cache_dir):
   from pretrain import aot  # pylint: disable=g-import-not-at-top
   config = make_tiny_config(text_corpus, cache_dir, **{'mesh.shape': (1, -1, 1)})
   r = aot.compile_train_step(config, 'v5e-8')
-  assert r.chips == 8 and r.mesh == {'data': 1, 'fsdp': 8, 'tensor': 1}
+  assert r.chips == r.devices == 8 and r.mesh == {'data': 1, 'fsdp': 8, 'tensor': 1}
   assert 0 < r.argument_bytes < r.hbm_bytes and r.fits and r.compiled_flops > 0
+  # libtpu describes v4 with one device per TensorCore: 4 chips, 8 devices, each with half a
+  # chip's 32 GiB; the MFU divides by the 4 chips' peak, not 8.
+  r = aot.compile_train_step(config, 'v4-8')
+  assert (r.chips, r.devices, r.hbm_bytes) == (4, 8, 16 * 2**30)
+  assert r.mfu_needed(1e6) == pytest.approx(
+      r.model_flops * 1e6 / r.tokens_per_step / (4 * r.peak_flops_per_chip))

@@ -157,6 +157,13 @@ def test_validate_names_the_option():
   models.validate(config)
   with pytest.raises(ValueError, match="'learned' needs the batch's positions"):
     build(config).embedder(jnp.zeros((1, 4), jnp.int32))
+  # Odd head widths: refused with RoPE (it rotates pairs), built and run with a learned table.
+  for family, field, odd in (('roformer', 'head_dim', 7), ('gau', 'shared_dim', 7)):
+    with pytest.raises(ValueError, match=f'{field}.*{odd}'):
+      models.validate(config_of(family, **{field: odd}))
+    config = config_of(family, position_embedding='learned', **{field: odd})
+    models.validate(config)
+    assert np.isfinite(forward(build(config), *packed())).all()
 
 
 # ----------------------------------------------------------------------------- export, growth

@@ -89,6 +89,8 @@ def test_workdir_with_other_model_shape_is_refused(text_corpus, cache_dir, tmp_p
       ('objective', 'clm', "objective: checkpoint 'mlm' vs config 'clm'"),
       ('model.norm_type', 'rmsnorm', "norm_type: checkpoint 'layernorm' vs config 'rmsnorm'"),
       ('model.use_bias', False, 'use_bias: checkpoint True vs config False'),
+      ('model.position_embedding', 'learned',
+       "position_embedding: checkpoint 'rope' vs config 'learned'"),
       ('optim.name', 'sgdm', "optim.name: checkpoint 'adamw' vs config 'sgdm'")):
     changed = copy.deepcopy(config)
     changed.update_from_flattened_dict({field: value})
