@@ -106,17 +106,31 @@ def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir):
     port = s.getsockname()[1]
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu')
+  workdir = tmp_path / 'run'
 
   def launch(steps):
-    procs = [subprocess.Popen(
-        [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
-         f'--workdir={tmp_path}', f'--coordinator_address=localhost:{port}',
-         '--num_processes=2', f'--process_id={i}',
-         *tiny_flags(text_corpus, cache_dir, **{'train.num_train_steps': steps,
-                                                'data.text_unit': 'line'})],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    # Output goes to files, not pipes: a pipe read only after the other process finishes
+    # fills up (64 KiB), blocks its writer, and the pair deadlocks in their next collective.
+    logs = [tmp_path / f'launch{steps}_process{i}.log' for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+      with open(log, 'w') as f:
+        procs.append(subprocess.Popen(
+            [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
+             f'--workdir={workdir}', f'--coordinator_address=localhost:{port}',
+             '--num_processes=2', f'--process_id={i}',
+             *tiny_flags(text_corpus, cache_dir, **{'train.num_train_steps': steps,
+                                                    'data.text_unit': 'line'})],
+            cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+    try:
+      for p in procs:
+        p.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      pytest.fail('a process did not finish in 300 s; their output:\n' +
+                  '\n'.join(log.read_text()[-3000:] for log in logs))
+    outs = [log.read_text() for log in logs]
     for p, out in zip(procs, outs):
       assert p.returncode == 0, out[-3000:]
     return outs
@@ -125,6 +139,6 @@ def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir):
   assert 'mesh {\'data\': 4' in outs[0]
   outs = launch(4)
   assert all('resuming from' in out for out in outs)
-  steps = [json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  steps = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()
            if json.loads(l)['split'] == 'train']
   assert steps == [2, 4]  # one writer: process 0
