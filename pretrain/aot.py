@@ -115,11 +115,8 @@ def chips(accelerator_type: str) -> int:
   Raises:
     ValueError: an unknown accelerator type.
   """
-  return _chips_of(topology_name(accelerator_type))
-
-
-def _chips_of(name: str) -> int:
-  return int(np.prod([int(d) for d in name.split(':')[1].split('x')]))
+  dims = topology_name(accelerator_type).split(':')[1].split('x')
+  return int(np.prod([int(d) for d in dims]))
 
 
 def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -176,7 +173,7 @@ def compile_train_step(config, accelerator_type: str) -> AotReport:
   predictions = (objectives.max_predictions(config.data.seq_len, config.data.mask_rate)
                  if config.objective == 'mlm' else config.data.seq_len)
   family = name.split(':')[0]
-  slice_chips = _chips_of(name)
+  slice_chips = chips(accelerator_type)
   devices_per_chip = max(len(devices) // slice_chips, 1)
   return AotReport(
       topology=accelerator_type, chips=slice_chips, devices=len(devices), mesh=dict(mesh.shape),
@@ -184,7 +181,8 @@ def compile_train_step(config, accelerator_type: str) -> AotReport:
       output_bytes=int(memory.output_size_in_bytes),
       temp_bytes=int(memory.temp_size_in_bytes),
       code_bytes=int(memory.generated_code_size_in_bytes),
-      hbm_bytes=HBM_BYTES.get(family, 0) // devices_per_chip, compiled_flops=float(cost.get('flops', 0.0)),
+      hbm_bytes=HBM_BYTES.get(family, 0) // devices_per_chip,
+      compiled_flops=float(cost.get('flops', 0.0)),
       model_flops=models.flops_per_token(config, predictions) * tokens,
       tokens_per_step=tokens,
       peak_flops_per_chip=metrics_lib.peak_flops_per_device(devices[0].device_kind))

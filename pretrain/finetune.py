@@ -200,7 +200,6 @@ class Start:
   meta: dict | None = None
 
 
-FUNCTION_FIELDS = checkpointing.FUNCTION_FIELDS  # compared between --config and the checkpoint
 # Model fields --config may change for fine-tuning a run (how it computes, not what).
 OVERRIDABLE_FIELDS = ('dtype', 'remat_policy')
 
@@ -226,9 +225,9 @@ def _check_same_encoder(meta: dict, config, from_workdir: str):
         f'(launch/configs/), or leave --config out to use the run\'s own config.')
   saved = dict(meta.get('model_shape', {}))
   saved_model = meta.get('config', {}).get('model', {})
-  saved.update({k: saved_model[k] for k in FUNCTION_FIELDS if k in saved_model})
+  saved.update({k: saved_model[k] for k in checkpointing.FUNCTION_FIELDS if k in saved_model})
   current = checkpointing.model_shape(config.model)
-  current.update({k: config.model[k] for k in FUNCTION_FIELDS if k in config.model})
+  current.update({k: config.model[k] for k in checkpointing.FUNCTION_FIELDS if k in config.model})
   diffs = [f'{k}: checkpoint {saved[k]!r} vs --config {current[k]!r}'
            for k in sorted(current) if k in saved and saved[k] != current[k]]
   if diffs:

@@ -110,7 +110,7 @@ def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir):
 
   def launch(steps):
     # Output goes to files, not pipes: a pipe read only after the other process finishes
-    # fills up (64 KiB), blocks its writer, and the pair deadlocks in their next collective.
+    # could fill (64 KiB) and block its writer, deadlocking the pair in a collective.
     logs = [tmp_path / f'launch{steps}_process{i}.log' for i in range(2)]
     procs = []
     for i, log in enumerate(logs):
