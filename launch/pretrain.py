@@ -11,6 +11,7 @@ row (the last good checkpoint is kept), 4 a checkpoint save failed (earlier ones
 A second Ctrl-C exits at once (130).
 """
 
+import faulthandler
 import os
 import signal
 
@@ -62,6 +63,11 @@ def initialize_distributed():
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; flags are --config, --workdir and --config.x.y=v.')
+  # A crash in native code (XLA, a collectives library) leaves the Python stacks in the log;
+  # a hung run (a collective waiting for a process that is gone, a stuck storage call) shows
+  # where every thread is with `kill -USR1 <pid>`, without stopping it.
+  faulthandler.enable()
+  faulthandler.register(signal.SIGUSR1, all_threads=True)
   initialize_distributed()
   from pretrain import guards  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top

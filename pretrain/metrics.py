@@ -82,7 +82,9 @@ def measured_matmul_peak(dtype: str = 'float32', size: int = 2048, refresh: bool
   Returns:
     FLOP/s (float).
   """
-  device = jax.devices()[0]
+  # This process's own device: jax.devices()[0] belongs to process 0, and on any other process
+  # the matmul would run there (or nowhere) and time nothing.
+  device = jax.local_devices()[0]
   key = '|'.join([device.platform, device.device_kind, _cpu_model(), str(os.cpu_count()),
                   jax.__version__, dtype, str(size)])
   path = matmul_peak_cache_path()

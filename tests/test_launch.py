@@ -2,8 +2,11 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import warnings
 
 import pytest
 
@@ -47,6 +50,20 @@ def test_second_run_resumes(trained_workdir, text_corpus, cache_dir):
   steps = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()
            if json.loads(l)['split'] == 'train']
   assert steps == [2, 4, 6]
+
+
+def _without_config(log: str) -> str:
+  """A launch.pretrain log without the resolved-config dump (its lines after 'resolved config:'
+  up to the next absl log line)."""
+  lines, in_config = [], False
+  for line in log.splitlines():
+    if 'resolved config:' in line:
+      in_config = True
+    elif in_config and line[:1] in 'IWEF' and line[1:5].isdigit():
+      in_config = False
+    if not in_config:
+      lines.append(line)
+  return '\n'.join(lines)
 
 
 def _expect_input_error(result, *fragments):
@@ -97,21 +114,56 @@ def test_workdir_with_other_model_shape(trained_workdir, text_corpus, cache_dir)
   assert sorted(os.listdir(workdir / 'checkpoints')) == before  # nothing touched
 
 
-def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir):
+class _PairStuck(Exception):
+  """Two-process launch that hung or died by a signal; the message has both logs and stacks."""
+
+
+def _wait_for_pair(procs, logs, timeout: float):
+  """Waits for both processes. Raises _PairStuck when one is still running after `timeout`
+  seconds, or 30 s after the other died by a signal (a peer that is gone leaves the other
+  waiting in a collective); the message has each log and, via SIGUSR1 (launch.pretrain's
+  faulthandler), the stacks of the ones still running."""
+  start, died_at = time.time(), None
+  while any(p.poll() is None for p in procs):
+    now = time.time()
+    if died_at is None and any(p.returncode is not None and p.returncode < 0 for p in procs):
+      died_at = now
+    if now - start > timeout or (died_at is not None and now - died_at > 30):
+      codes = [p.poll() for p in procs]
+      for p in procs:
+        if p.poll() is None:
+          p.send_signal(signal.SIGUSR1)
+      time.sleep(3)
+      for p in procs:
+        p.kill()
+        p.wait()
+      raise _PairStuck(f'exit codes {codes} (None: still running) after {now - start:.0f} s; '
+                       'logs without the config dump, stacks at the end:\n' + '\n'.join(
+                           f'--- process {i}\n' + _without_config(log.read_text())
+                           for i, log in enumerate(logs)))
+    time.sleep(0.5)
+
+
+def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir, monkeypatch):
   """JAX's multi-controller runtime with two local CPU processes of 2 devices each: both
-  finish, process 0 alone writes metrics, and the second launch resumes."""
+  finish, process 0 alone writes metrics, the second launch resumes, and the matmul peak each
+  process measures for MFU (into an empty cache) is its own device's, not a zero-time run on
+  process 0's device (which process 1 used to cache as ~1000x the machine's peak).
+
+  CPU collectives (gloo) are a test stand-in for TPU interconnects; a pair that hangs or dies
+  by a signal is retried once in a fresh workdir, with the first attempt's logs and stacks
+  shown as a warning (CI showed one unexplained hang in about ten runs; see the closing note
+  of that change). A second hang, or any wrong result, fails.
+  """
   import socket  # pylint: disable=g-import-not-at-top
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    port = s.getsockname()[1]
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu')
-  workdir = tmp_path / 'run'
+  peak_caches = [tmp_path / f'peak_cache_process{i}' for i in range(2)]  # one each: no race
 
-  def launch(steps):
+  def launch(workdir, port, steps):
     # Output goes to files, not pipes: a pipe read only after the other process finishes
     # could fill (64 KiB) and block its writer, deadlocking the pair in a collective.
-    logs = [tmp_path / f'launch{steps}_process{i}.log' for i in range(2)]
+    logs = [workdir.parent / f'{workdir.name}_launch{steps}_process{i}.log' for i in range(2)]
     procs = []
     for i, log in enumerate(logs):
       with open(log, 'w') as f:
@@ -121,24 +173,38 @@ def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir):
              '--num_processes=2', f'--process_id={i}',
              *tiny_flags(text_corpus, cache_dir, **{'train.num_train_steps': steps,
                                                     'data.text_unit': 'line'})],
-            cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
-    try:
-      for p in procs:
-        p.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-      for p in procs:
-        p.kill()
-      pytest.fail('a process did not finish in 300 s; their output:\n' +
-                  '\n'.join(log.read_text()[-3000:] for log in logs))
+            cwd=ROOT, env=dict(env, XDG_CACHE_HOME=str(peak_caches[i])), stdout=f,
+            stderr=subprocess.STDOUT))
+    _wait_for_pair(procs, logs, timeout=180)
     outs = [log.read_text() for log in logs]
     for p, out in zip(procs, outs):
       assert p.returncode == 0, out[-3000:]
     return outs
 
-  outs = launch(2)
-  assert 'mesh {\'data\': 4' in outs[0]
-  outs = launch(4)
+  for attempt in range(2):
+    workdir = tmp_path / f'run{attempt}'
+    with socket.socket() as s:
+      s.bind(('localhost', 0))
+      port = s.getsockname()[1]
+    try:
+      outs = launch(workdir, port, 2)
+      assert 'mesh {\'data\': 4' in outs[0]
+      outs = launch(workdir, port, 4)
+      break
+    except _PairStuck as e:
+      if attempt:
+        raise
+      warnings.warn(f'two-process launch stuck, retrying once: {e}')
   assert all('resuming from' in out for out in outs)
   steps = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()
            if json.loads(l)['split'] == 'train']
   assert steps == [2, 4]  # one writer: process 0
+  from pretrain import metrics  # pylint: disable=g-import-not-at-top
+  peaks = []
+  for peak_cache in peak_caches:
+    monkeypatch.setenv('XDG_CACHE_HOME', str(peak_cache))
+    with open(metrics.matmul_peak_cache_path()) as f:
+      peaks.append(max(json.load(f).values()))
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'own_cache'))
+  own_peak = metrics.measured_matmul_peak()
+  assert max(peaks) < 5 * own_peak, (peaks, own_peak)
