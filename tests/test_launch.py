@@ -148,12 +148,12 @@ def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir, monkey
   """JAX's multi-controller runtime with two local CPU processes of 2 devices each: both
   finish, process 0 alone writes metrics, the second launch resumes, and the matmul peak each
   process measures for MFU (into an empty cache) is its own device's, not a zero-time run on
-  process 0's device (which process 1 used to cache as ~1000x the machine's peak).
+  process 0's device (which process 1 used to cache as ~1e5x the machine's peak).
 
   CPU collectives (gloo) are a test stand-in for TPU interconnects; a pair that hangs or dies
   by a signal is retried once in a fresh workdir, with the first attempt's logs and stacks
-  shown as a warning (CI showed one unexplained hang in about ten runs; see the closing note
-  of that change). A second hang, or any wrong result, fails.
+  shown as a warning (a hang was seen twice in full-suite runs, once on CI, and never when the
+  test ran alone; the stacks are there to find it). A second hang, or any wrong result, fails.
   """
   import socket  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',

@@ -280,3 +280,7 @@ def test_aot_compiles_the_train_step_for_a_tpu_slice(text_corpus, cache_dir):
   assert (r.chips, r.devices, r.hbm_bytes) == (4, 8, 16 * 2**30)
   assert r.mfu_needed(1e6) == pytest.approx(
       r.model_flops * 1e6 / r.tokens_per_step / (4 * r.peak_flops_per_chip))
+  # The compiler's own out-of-HBM verdict is DoesNotFit, not a crash.
+  config.data.global_batch_size = 2**20
+  with pytest.raises(aot.DoesNotFit, match='HBM'):
+    aot.compile_train_step(config, 'v5e-8')
