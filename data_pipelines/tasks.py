@@ -561,10 +561,9 @@ def load_glue(options: TaskOptions) -> Task:
       raise TaskError(f'preparing --task={options.task} with TFDS failed '
                       f'({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); check '
                       f'the network and --tfds_data_dir, or use local files.') from None
-  sources = builder.as_data_source()
   splits = {}
   for split in ('train', spec.dev_split):
-    records = _records(sources[split])
+    records = _records(builder.as_data_source(split=split))
     texts = [_decode(r[spec.text_keys[0]]) for r in records]
     pairs = ([_decode(r[spec.text_keys[1]]) for r in records] if len(spec.text_keys) > 1
              else None)

@@ -63,10 +63,9 @@ def initialize_distributed():
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; flags are --config, --workdir and --config.x.y=v.')
-  # A crash in native code (XLA, a collectives library) leaves the Python stacks in the log;
-  # a hung run (a collective waiting for a process that is gone, a stuck storage call) shows
-  # where every thread is with `kill -USR1 <pid>`, without stopping it.
-  faulthandler.enable()
+  # absl's app.run has enabled faulthandler (a crash in native code leaves the Python stacks
+  # in the log); a hung run (a collective waiting for a peer that is stuck or gone, a stuck
+  # storage call) shows where every thread is with `kill -USR1 <pid>`, without stopping.
   faulthandler.register(signal.SIGUSR1, all_threads=True)
   initialize_distributed()
   from pretrain import guards  # pylint: disable=g-import-not-at-top

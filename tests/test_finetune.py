@@ -317,6 +317,28 @@ def test_glue_offline_fails_fast_with_the_way_out(tmp_path, monkeypatch):
     tasks.load(tasks.TaskOptions(task='glue/sst2', tfds_data_dir=str(tmp_path)))
 
 
+@pytest.mark.parametrize('name', sorted(tasks.GLUE_TASKS))
+def test_every_glue_task_reads_from_tfds(name, monkeypatch):
+  """Offline: TFDS's mock data, generated from each GLUE builder's own feature spec, stands in
+  for the prepared dataset; a text field, split or label kind that does not match TFDS's glue
+  fails here."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda self: True)
+  spec = tasks.GLUE_TASKS[name]
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    task = tasks.load(tasks.TaskOptions(task=f'glue/{name}'))
+  assert (task.kind, task.metric) == (spec.kind, spec.metric)
+  for split in (task.train, task.dev):
+    assert len(split.texts) == len(split.labels) == 6
+    assert all(isinstance(t, str) and t for t in split.texts)
+    assert (split.pairs is not None) == (len(spec.text_keys) == 2)
+  if spec.kind == 'classification':
+    assert len(task.label_names) >= 2 and task.train.labels.dtype == np.int32
+    assert set(task.train.labels) <= set(range(len(task.label_names)))
+  else:
+    assert task.label_names == () and task.train.labels.dtype == np.float32
+
+
 def test_a_checkpoint_of_another_family_or_shape_is_refused(pretrained_run, tiny_data,
                                                             text_corpus, cache_dir):
   run_dir = str(pretrained_run[0])
