@@ -139,6 +139,20 @@ def tiny_flags(corpus, cache_dir, **overrides) -> list[str]:
   return [f'--config.{k}={v}' for k, v in values.items()]
 
 
+def two_process_env() -> dict[str, str]:
+  """Environment of each process of a two-process (multi-controller) test: CPU, one device.
+
+  One device per process on purpose. XLA's CPU client gang-schedules a collective over the
+  process's devices on a thread pool of max(cores, devices) threads, so with two fake devices
+  on a 2-core machine no thread is spare while a collective waits for the other process; with
+  two devices per process the pair hung a few times in full-suite runs (never when run alone,
+  cause not pinned down). Several devices per process are covered by the one-process mesh
+  tests; these tests are about what differs between processes.
+  """
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+              JAX_PLATFORMS='cpu')
+
+
 def run_pretrain(workdir, flags, devices=1, timeout=300):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu')

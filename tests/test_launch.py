@@ -13,6 +13,7 @@ import pytest
 from helpers import ROOT
 from helpers import run_pretrain
 from helpers import tiny_flags
+from helpers import two_process_env
 
 
 @pytest.fixture(scope='module')
@@ -145,19 +146,18 @@ def _wait_for_pair(procs, logs, timeout: float):
 
 
 def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir, monkeypatch):
-  """JAX's multi-controller runtime with two local CPU processes of 2 devices each: both
+  """JAX's multi-controller runtime with two local CPU processes (one device each): both
   finish, process 0 alone writes metrics, the second launch resumes, and the matmul peak each
   process measures for MFU (into an empty cache) is its own device's, not a zero-time run on
   process 0's device (which process 1 used to cache as ~1e5x the machine's peak).
 
   CPU collectives (gloo) are a test stand-in for TPU interconnects; a pair that hangs or dies
   by a signal is retried once in a fresh workdir, with the first attempt's logs and stacks
-  shown as a warning (a hang was seen twice in full-suite runs, once on CI, and never when the
-  test ran alone; the stacks are there to find it). A second hang, or any wrong result, fails.
+  shown as a warning (see helpers.two_process_env). A second hang, or any wrong result,
+  fails.
   """
   import socket  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu')
+  env = two_process_env()
   peak_caches = [tmp_path / f'peak_cache_process{i}' for i in range(2)]  # one each: no race
 
   def launch(workdir, port, steps):
@@ -188,7 +188,7 @@ def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir, monkey
       port = s.getsockname()[1]
     try:
       outs = launch(workdir, port, 2)
-      assert 'mesh {\'data\': 4' in outs[0]
+      assert 'mesh {\'data\': 2' in outs[0]
       outs = launch(workdir, port, 4)
       break
     except _PairStuck as e:

@@ -21,6 +21,7 @@ from helpers import make_tiny_config
 from helpers import packed_batch
 from helpers import ROOT
 from helpers import tiny_flags
+from helpers import two_process_env
 from pretrain import guards
 from pretrain import mesh as mesh_lib
 from pretrain import train
@@ -393,8 +394,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(text_corpu
       'train.num_train_steps': 100000, 'train.log_every_steps': 100000,
       'train.eval_every_steps': 100000, 'train.checkpoint_every_steps': 100000,
       'data.text_unit': 'line'})
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu')
+  env = two_process_env()
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
        f'--workdir={tmp_path}', f'--coordinator_address=localhost:{port}',
