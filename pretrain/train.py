@@ -10,6 +10,7 @@ state (docs/design.md 4).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -420,11 +421,15 @@ def prepare(config, workdir: str) -> Run:
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
   """Evaluates run.state on the evaluation batches; logs and writes the result."""
-  totals = None
+  totals = collections.Counter()
   for batch in run.eval_set:
     sums = run.eval_step(run.state['params'], mesh_lib.global_batch(batch, run.run_setup.mesh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  result = summarize(jax.device_get(totals))
+    # Fetched batch by batch: one eval step (and its all-reduce) in flight at a time.
+    # Independent collective programs in flight together are where two-process CPU runs
+    # (gloo collectives, which XLA leaves untagged) were seen to hang; eval is off the hot
+    # path, and the sums add in float64.
+    totals.update({k: float(v) for k, v in jax.device_get(sums).items()})
+  result = summarize(totals)
   run.writer.write(step, 'eval', result)
   run.evals.append(dict(result, step=step))
   run.bar.log('eval step %d | loss %.4f | acc %.4f | ppl %.2f (%d batches, %d tokens)', step,

@@ -140,16 +140,15 @@ def tiny_flags(corpus, cache_dir, **overrides) -> list[str]:
 
 
 def two_process_env() -> dict[str, str]:
-  """Environment of each process of a two-process (multi-controller) test: CPU, one device.
+  """Environment of each process of a two-process (multi-controller) test: CPU, 2 devices.
 
-  One device per process on purpose. XLA's CPU client gang-schedules a collective over the
-  process's devices on a thread pool of max(cores, devices) threads, so with two fake devices
-  on a 2-core machine no thread is spare while a collective waits for the other process; with
-  two devices per process the pair hung a few times in full-suite runs (never when run alone,
-  cause not pinned down). Several devices per process are covered by the one-process mesh
-  tests; these tests are about what differs between processes.
+  CPU collectives (gloo) stand in for a TPU interconnect here, and a pair of training
+  processes sometimes hangs inside XLA's CPU all-reduce (both processes in gloo, one waiting to
+  receive, the other to send; with one or two devices per process, at the first train step or
+  in evaluation). The tests that train two processes are therefore `slow`
+  (README "Tests").
   """
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
               JAX_PLATFORMS='cpu')
 
 
