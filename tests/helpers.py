@@ -4,6 +4,7 @@ gradients, tree comparisons, and the launcher in a subprocess. Fixtures live in 
 import importlib
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -139,6 +140,20 @@ def tiny_flags(corpus, cache_dir, **overrides) -> list[str]:
   return [f'--config.{k}={v}' for k, v in values.items()]
 
 
+def cpu_env(devices: int = 1, **extra: str) -> dict[str, str]:
+  """Environment of a subprocess the tests start: this one's, on CPU with `devices` fake
+  devices (conftest gives the test process 8), plus `extra` variables."""
+  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              JAX_PLATFORMS='cpu', **extra)
+
+
+def free_port() -> int:
+  """A TCP port on localhost that was free a moment ago (for a JAX coordinator)."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
 def two_process_env() -> dict[str, str]:
   """Environment of each process of a two-process (multi-controller) test: CPU, 2 devices.
 
@@ -148,13 +163,11 @@ def two_process_env() -> dict[str, str]:
   in evaluation). The tests that train two processes are therefore `slow`
   (README "Tests").
   """
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-              JAX_PLATFORMS='cpu')
+  return cpu_env(2)
 
 
 def run_pretrain(workdir, flags, devices=1, timeout=300):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu')
+  env = cpu_env(devices)
   cmd = [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
          f'--workdir={workdir}', *flags]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from data_pipelines import tasks
-from helpers import ROOT
+from helpers import cpu_env
 from helpers import make_tiny_config
+from helpers import ROOT
 import models
 import optim
 from pretrain import checkpointing
@@ -357,8 +358,7 @@ def test_a_checkpoint_of_another_family_or_shape_is_refused(pretrained_run, tiny
 # ----------------------------------------------------------------------------- launcher
 
 def _launch(*flags, timeout=300):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_PLATFORMS='cpu')
+  env = cpu_env()
   return subprocess.run([sys.executable, '-m', 'launch.finetune', *flags], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

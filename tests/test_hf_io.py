@@ -20,8 +20,9 @@ from flax import nnx
 from data_pipelines import hf_tokenizer
 from data_pipelines import pipeline
 from data_pipelines import tokenizer as tokenizer_lib
-from helpers import ROOT
+from helpers import cpu_env
 from helpers import make_tiny_config
+from helpers import ROOT
 import models
 from models import hf_export
 from models import hf_import
@@ -348,8 +349,7 @@ def test_bad_inputs_name_the_file_and_the_fix(v1_export, tiny_data, tmp_path):
 
 
 def test_convert_exits_2_with_one_paragraph(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_PLATFORMS='cpu')
+  env = cpu_env()
   result = subprocess.run(
       [sys.executable, '-m', 'launch.convert', f'--from_hf={tmp_path}',
        f'--workdir={tmp_path / "w"}', '--config=launch/configs/roformer.py:tiny',

@@ -10,6 +10,8 @@ import warnings
 
 import pytest
 
+from helpers import cpu_env
+from helpers import free_port
 from helpers import ROOT
 from helpers import run_pretrain
 from helpers import tiny_flags
@@ -155,7 +157,6 @@ def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir):
   retried once in a fresh workdir, with the first attempt's logs and stacks shown as a
   warning; a second hang, or any wrong result, fails.
   """
-  import socket  # pylint: disable=g-import-not-at-top
   env = two_process_env()
 
   def launch(workdir, port, steps):
@@ -180,9 +181,7 @@ def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir):
 
   for attempt in range(2):
     workdir = tmp_path / f'run{attempt}'
-    with socket.socket() as s:
-      s.bind(('localhost', 0))
-      port = s.getsockname()[1]
+    port = free_port()
     try:
       outs = launch(workdir, port, 2)
       assert 'mesh {\'data\': 4' in outs[0]
@@ -212,16 +211,12 @@ def test_each_process_measures_its_own_matmul_peak(tmp_path, monkeypatch):
   """MFU's CPU peak, measured by each of two processes into an empty cache, is its own
   device's: process 1 used to time a matmul placed on process 0's device (jax.devices()[0]),
   which ran nothing there, and cached ~1e5x the machine's peak for every later run."""
-  import socket  # pylint: disable=g-import-not-at-top
   from pretrain import metrics  # pylint: disable=g-import-not-at-top
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    port = s.getsockname()[1]
+  port = free_port()
   caches = [tmp_path / f'cache_process{i}' for i in range(2)]
   procs = [subprocess.Popen(
       [sys.executable, '-c', _PEAK_SCRIPT, f'localhost:{port}', str(i)], cwd=ROOT,
-      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-               JAX_PLATFORMS='cpu', XDG_CACHE_HOME=str(caches[i])),
+      env=cpu_env(XDG_CACHE_HOME=str(caches[i])),
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=120)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs

@@ -17,6 +17,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from data_pipelines import text_datasets
+from helpers import cpu_env
+from helpers import free_port
 from helpers import make_tiny_config
 from helpers import packed_batch
 from helpers import ROOT
@@ -346,8 +348,7 @@ def _child(workdir, corpus, cache_dir, **overrides):
   flags = tiny_flags(corpus, cache_dir, **{
       'train.num_train_steps': 100000, 'train.log_every_steps': 100000,
       'train.eval_every_steps': 100000, 'train.checkpoint_every_steps': 100000, **overrides})
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_PLATFORMS='cpu')
+  env = cpu_env()
   return subprocess.Popen(
       [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
        f'--workdir={workdir}', *flags], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
@@ -386,10 +387,7 @@ def test_sigterm_saves_within_two_steps_and_a_second_ctrl_c_exits_at_once(text_c
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(text_corpus, cache_dir,
                                                                       tmp_path):
   """JAX's preemption sync point: the signalled process and the other save the same step."""
-  import socket  # pylint: disable=g-import-not-at-top
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    port = s.getsockname()[1]
+  port = free_port()
   flags = tiny_flags(text_corpus, cache_dir, **{
       'train.num_train_steps': 100000, 'train.log_every_steps': 100000,
       'train.eval_every_steps': 100000, 'train.checkpoint_every_steps': 100000,

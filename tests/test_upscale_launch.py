@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from helpers import cpu_env
 from helpers import ROOT
 from helpers import run_pretrain
 from helpers import tiny_flags
@@ -25,8 +26,7 @@ TARGET = ['--config.model.hidden_size=64', '--config.model.num_heads=4',
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-              JAX_PLATFORMS='cpu')
+  return cpu_env()
 
 
 def run_upscale(from_workdir, workdir, *flags, config='launch/configs/roformer.py:tiny'):
