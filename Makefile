@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh clone (see README):
 #   make pretrain   # .venv + install + pretrain the tiny RoFormer on the built-in corpus
 #   make test       # .venv + install with test extras + pytest (slow tests excluded)
+#   make lint       # ruff check + ruff format --check (configured in pyproject.toml)
 # Both are idempotent: the install re-runs only when setup.cfg changes.
 
 SHELL := /bin/bash
@@ -18,7 +19,7 @@ PYTHON ?= $(shell for v in 3.12 3.14 3.13 3.11; do \
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: pretrain test test-slow venv clean
+.PHONY: pretrain test test-slow lint venv clean
 
 $(VENV)/.created:
 	@if [ -z "$(PYTHON)" ]; then echo "error: no Python >= 3.11 found; install python3.12 (e.g. pyenv install 3.12) and re-run, or pass PYTHON=/path/to/python3.12" >&2; exit 2; fi
@@ -37,6 +38,10 @@ pretrain: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

@@ -71,8 +71,15 @@ flags.DEFINE_string('cache_dir', '/tmp/exp/cache', 'cache dir')
 flags.DEFINE_integer('print_every', 1, 'rows of the loss-curve table')
 
 
-def make_config(args, name: str, lr: float, accumulation: str = 'multisteps', k: int = 1,
-                num_updates: int | None = None, warmup: int | None = None):
+def make_config(
+  args,
+  name: str,
+  lr: float,
+  accumulation: str = 'multisteps',
+  k: int = 1,
+  num_updates: int | None = None,
+  warmup: int | None = None,
+):
   """The tiny RoFormer config; train.num_train_steps = U * k micro-batches only sets the
   schedule length (U optimizer updates), since this script drives the loop itself."""
   c = roformer.get_config('tiny')
@@ -96,8 +103,9 @@ def load_data(args):
   """(U*k micro-batches of B rows, eval batches of k*B rows), NumPy dicts."""
   c = make_config(args, 'sgdm', 1.0)
   source = text_datasets.load_text_source(c.data)
-  tok = tokenizer_lib.load_or_train(c.data, c.model, source.train, source.text_key,
-                                    source.fingerprint)
+  tok = tokenizer_lib.load_or_train(
+    c.data, c.model, source.train, source.text_key, source.fingerprint
+  )
   it = iter(pipeline.make_dataset(source.train, tok, c, text_key=source.text_key))
   micro = [next(it) for _ in range(args.updates * args.k)]
   c.data.global_batch_size = args.micro_batch * args.k
@@ -106,8 +114,10 @@ def load_data(args):
 
 
 def concat_windows(micro, k):
-  return [{key: np.concatenate([b[key] for b in micro[j:j + k]], axis=0) for key in micro[0]}
-          for j in range(0, len(micro), k)]
+  return [
+    {key: np.concatenate([b[key] for b in micro[j : j + k]], axis=0) for key in micro[0]}
+    for j in range(0, len(micro), k)
+  ]
 
 
 def _loss(batch_sums):
@@ -144,20 +154,28 @@ class Runner:
     def step(state, batch):
       def loss_fn(params):
         model = nnx.merge(graphdef, params)
-        logits = model(batch['inputs'], batch['segment_ids'], batch['positions'],
-                       prediction_positions=batch['mlm_positions'], dropout_rng=None)
+        logits = model(
+          batch['inputs'],
+          batch['segment_ids'],
+          batch['positions'],
+          prediction_positions=batch['mlm_positions'],
+          dropout_rng=None,
+        )
         split = lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:])  # noqa: E731
         chunk_loss, _ = jax.vmap(train.loss_and_metrics)(
-            split(logits), split(batch['mlm_targets']), split(batch['mlm_weights']))
-        token_loss, _ = train.loss_and_metrics(logits, batch['mlm_targets'],
-                                               batch['mlm_weights'])
+          split(logits), split(batch['mlm_targets']), split(batch['mlm_weights'])
+        )
+        token_loss, _ = train.loss_and_metrics(logits, batch['mlm_targets'], batch['mlm_weights'])
         chunk_mean = jnp.mean(chunk_loss)
         return (chunk_mean if weighting == 'chunk_mean' else token_loss), chunk_mean
 
       (_, chunk_mean), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
       updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-      return {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
-              'opt_state': opt_state}, chunk_mean
+      return {
+        'step': state['step'] + 1,
+        'params': optax.apply_updates(state['params'], updates),
+        'opt_state': opt_state,
+      }, chunk_mean
 
     step = jax.jit(step, donate_argnums=0)
     losses = []
@@ -178,8 +196,10 @@ class Runner:
 
 
 def max_param_diff(p, q):
-  return max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-             for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)))
+  return max(
+    float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q))
+  )
 
 
 def print_curves(title, columns, every):
@@ -212,10 +232,12 @@ def run_all(args, micro, large, evals):
   print('\nruns:', flush=True)
   # ------------------------------------------------------------------ SGDM (a), (b), (c), (c')
   lr = args.sgdm_lr
-  for label, acc, kk, mode in (('a momentum', 'momentum', k, 'micro'),
-                               ('b multisteps', 'multisteps', k, 'micro'),
-                               ('c large', 'multisteps', 1, 'chunk_mean'),
-                               ("c' large token-wt", 'multisteps', 1, 'token')):
+  for label, acc, kk, mode in (
+    ('a momentum', 'momentum', k, 'micro'),
+    ('b multisteps', 'multisteps', k, 'micro'),
+    ('c large', 'multisteps', 1, 'chunk_mean'),
+    ("c' large token-wt", 'multisteps', 1, 'token'),
+  ):
     r = Runner(make_config(args, 'sgdm', lr, acc, kk))
     if mode == 'micro':
       results['sgdm ' + label] = timed('sgdm ' + label, lambda: r.run_micro(micro, k))
@@ -224,9 +246,11 @@ def run_all(args, micro, large, evals):
     finals['sgdm ' + label] = r.params()
   # ------------------------------------------------------------------ AdamW (d)
   lr = args.adam_lr
-  for label, acc, kk, mode in (('a momentum', 'momentum', k, 'micro'),
-                               ('b multisteps', 'multisteps', k, 'micro'),
-                               ('c large', 'multisteps', 1, 'chunk_mean')):
+  for label, acc, kk, mode in (
+    ('a momentum', 'momentum', k, 'micro'),
+    ('b multisteps', 'multisteps', k, 'micro'),
+    ('c large', 'multisteps', 1, 'chunk_mean'),
+  ):
     r = Runner(make_config(args, 'adamw', lr, acc, kk))
     if mode == 'micro':
       results['adam ' + label] = timed('adam ' + label, lambda: r.run_micro(micro, k))
@@ -237,16 +261,20 @@ def run_all(args, micro, large, evals):
   # steps are
   # up to sqrt(k) smaller; rerun it with the peak lr multiplied by sqrt(k).
   r = Runner(make_config(args, 'adamw', lr * np.sqrt(k), 'momentum', k))
-  results['adam a momentum lr*sqrt(k)'] = timed('adam a momentum, lr x sqrt(k)',
-                                                lambda: r.run_micro(micro, k))
+  results['adam a momentum lr*sqrt(k)'] = timed(
+    'adam a momentum, lr x sqrt(k)', lambda: r.run_micro(micro, k)
+  )
   # ------------------------------------------------------------------ every_k (e)
   evals_e = {}
   for name, lr in (('sgdm', args.sgdm_lr), ('adamw', args.adam_lr)):
     variants = [
-        ('every_k', make_config(args, name, lr, 'every_k', k)),
-        ('per-step', make_config(args, name, lr, 'multisteps', 1, num_updates=U * k,
-                                 warmup=args.warmup * k)),
-        ('accumulation (multisteps, exact)', make_config(args, name, lr, 'multisteps', k))]
+      ('every_k', make_config(args, name, lr, 'every_k', k)),
+      (
+        'per-step',
+        make_config(args, name, lr, 'multisteps', 1, num_updates=U * k, warmup=args.warmup * k),
+      ),
+      ('accumulation (multisteps, exact)', make_config(args, name, lr, 'multisteps', k)),
+    ]
     if name == 'adamw':
       variants.append(('accumulation (momentum)', make_config(args, name, lr, 'momentum', k)))
     for label, cfg in variants:
@@ -260,56 +288,83 @@ def run_all(args, micro, large, evals):
 def print_adam_table(args, results, finals):
   """(d): AdamW accumulation in momentum vs MultiSteps vs the large batch."""
   a = {key[5:]: v for key, v in results.items() if key.startswith('adam')}
-  cols = {'(a) momentum': a['a momentum'], '(b) multisteps': a['b multisteps'],
-          '(c) large': a['c large'], '(a) lr x sqrt(k)': a['a momentum lr*sqrt(k)'],
-          '|a-b|': np.abs(a['a momentum'] - a['b multisteps']),
-          '|b-c|': np.abs(a['b multisteps'] - a['c large'])}
-  print_curves(f'(d) AdamW (lr {args.adam_lr}): training loss per optimizer update', cols,
-               args.print_every)
+  cols = {
+    '(a) momentum': a['a momentum'],
+    '(b) multisteps': a['b multisteps'],
+    '(c) large': a['c large'],
+    '(a) lr x sqrt(k)': a['a momentum lr*sqrt(k)'],
+    '|a-b|': np.abs(a['a momentum'] - a['b multisteps']),
+    '|b-c|': np.abs(a['b multisteps'] - a['c large']),
+  }
+  print_curves(
+    f'(d) AdamW (lr {args.adam_lr}): training loss per optimizer update', cols, args.print_every
+  )
   print('\nAdamW max abs differences over all updates (loss curve; final parameters):')
   print('| pair | max abs loss diff | max abs param diff |')
   print('|---|---|---|')
-  for x, y in (('a momentum', 'b multisteps'), ('b multisteps', 'c large'),
-               ('a momentum', 'c large')):
-    print(f'| {x} vs {y} | {np.max(np.abs(a[x] - a[y])):.2e} | '
-          f'{max_param_diff(finals["adam " + x], finals["adam " + y]):.2e} |')
+  for x, y in (
+    ('a momentum', 'b multisteps'),
+    ('b multisteps', 'c large'),
+    ('a momentum', 'c large'),
+  ):
+    print(
+      f'| {x} vs {y} | {np.max(np.abs(a[x] - a[y])):.2e} | '
+      f'{max_param_diff(finals["adam " + x], finals["adam " + y]):.2e} |'
+    )
   last = slice(-10, None)
-  print(f'mean loss over the last 10 updates: (a) {np.mean(a["a momentum"][last]):.4f}, '
-        f'(b) {np.mean(a["b multisteps"][last]):.4f}, (c) {np.mean(a["c large"][last]):.4f}, '
-        f'(a) with lr x sqrt(k) {np.mean(a["a momentum lr*sqrt(k)"][last]):.4f}')
-
+  print(
+    f'mean loss over the last 10 updates: (a) {np.mean(a["a momentum"][last]):.4f}, '
+    f'(b) {np.mean(a["b multisteps"][last]):.4f}, (c) {np.mean(a["c large"][last]):.4f}, '
+    f'(a) with lr x sqrt(k) {np.mean(a["a momentum lr*sqrt(k)"][last]):.4f}'
+  )
 
 
 def print_tables(args, results, finals, evals_e):
-  """The README tables: SGDM (a)-(c'), AdamW (d), every_k (e)."""
+  """The tables of docs/optimizers.md: SGDM (a)-(c'), AdamW (d), every_k (e)."""
   k, B, U = args.k, args.micro_batch, args.updates
   s = {key[5:]: v for key, v in results.items() if key.startswith('sgdm')}
-  cols = {'(a) momentum': s['a momentum'], '(b) multisteps': s['b multisteps'],
-          '(c) large': s['c large'], "(c') large token-wt": s["c' large token-wt"],
-          '|a-c|': np.abs(s['a momentum'] - s['c large']),
-          '|b-c|': np.abs(s['b multisteps'] - s['c large']),
-          '|a-b|': np.abs(s['a momentum'] - s['b multisteps'])}
-  print_curves(f'SGDM (lr {args.sgdm_lr}, b1 0.9): training loss per optimizer update '
-               f'(mean of the window\'s micro-batch losses = chunk-mean loss of the large batch)',
-               cols, args.print_every)
+  cols = {
+    '(a) momentum': s['a momentum'],
+    '(b) multisteps': s['b multisteps'],
+    '(c) large': s['c large'],
+    "(c') large token-wt": s["c' large token-wt"],
+    '|a-c|': np.abs(s['a momentum'] - s['c large']),
+    '|b-c|': np.abs(s['b multisteps'] - s['c large']),
+    '|a-b|': np.abs(s['a momentum'] - s['b multisteps']),
+  }
+  print_curves(
+    f'SGDM (lr {args.sgdm_lr}, b1 0.9): training loss per optimizer update '
+    f"(mean of the window's micro-batch losses = chunk-mean loss of the large batch)",
+    cols,
+    args.print_every,
+  )
   print('\nSGDM max abs differences over all updates (loss curve; final parameters):')
   print('| pair | max abs loss diff | max abs param diff |')
   print('|---|---|---|')
-  for x, y in (('a momentum', 'b multisteps'), ('a momentum', 'c large'),
-               ('b multisteps', 'c large'), ('c large', "c' large token-wt")):
-    print(f'| {x} vs {y} | {np.max(np.abs(s[x] - s[y])):.2e} | '
-          f'{max_param_diff(finals["sgdm " + x], finals["sgdm " + y]):.2e} |')
+  for x, y in (
+    ('a momentum', 'b multisteps'),
+    ('a momentum', 'c large'),
+    ('b multisteps', 'c large'),
+    ('c large', "c' large token-wt"),
+  ):
+    print(
+      f'| {x} vs {y} | {np.max(np.abs(s[x] - s[y])):.2e} | '
+      f'{max_param_diff(finals["sgdm " + x], finals["sgdm " + y]):.2e} |'
+    )
 
   print_adam_table(args, results, finals)
-  print(f'\n(e) Su\'s every_k vs per-step updates at micro-batch B={B} (same {U * k} '
-        f'micro-batches, same peak lr; per-step: {U * k} updates, warmup {args.warmup * k}):')
-  print('| optimizer | variant | updates | train loss, first window | train loss, last 5 '
-        'windows | eval loss (final) |')
+  print(
+    f"\n(e) Su's every_k vs per-step updates at micro-batch B={B} (same {U * k} "
+    f'micro-batches, same peak lr; per-step: {U * k} updates, warmup {args.warmup * k}):'
+  )
+  print(
+    '| optimizer | variant | updates | train loss, first window | train loss, last 5 '
+    'windows | eval loss (final) |'
+  )
   print('|---|---|---|---|---|---|')
   for (name, label), (curve, ev) in evals_e.items():
     n_up = U * k if label == 'per-step' else U
-    print(f'| {name} | {label} | {n_up} | {curve[0]:.4f} | {np.mean(curve[-5:]):.4f} | '
-          f'{ev:.4f} |')
+    print(f'| {name} | {label} | {n_up} | {curve[0]:.4f} | {np.mean(curve[-5:]):.4f} | {ev:.4f} |')
 
 
 def main(argv):
@@ -317,16 +372,21 @@ def main(argv):
   args = flags.FLAGS
   k, B, U = args.k, args.micro_batch, args.updates
   t_start = time.time()
-  print(f'jax {jax.__version__} on {jax.devices()[0].platform}; tiny RoFormer MLM d64 L2 n64; '
-        f'micro-batch B={B}, k={k}, large batch {k * B}, {U} optimizer updates; float32',
-        flush=True)
+  print(
+    f'jax {jax.__version__} on {jax.devices()[0].platform}; tiny RoFormer MLM d64 L2 n64; '
+    f'micro-batch B={B}, k={k}, large batch {k * B}, {U} optimizer updates; float32',
+    flush=True,
+  )
   micro, evals = load_data(args)
   large = concat_windows(micro, k)
   w = np.array([b['mlm_weights'].sum() for b in micro]).reshape(U, k)
   unequal = int(np.sum(w.min(axis=1) != w.max(axis=1)))
-  print(f'data: {len(micro)} micro-batches; masked tokens per micro-batch {w.min():.0f}..'
-        f'{w.max():.0f}; {unequal}/{U} windows have unequal counts (token-weighted large-batch '
-        f'loss != mean of micro-batch means there)', flush=True)
+  print(
+    f'data: {len(micro)} micro-batches; masked tokens per micro-batch {w.min():.0f}..'
+    f'{w.max():.0f}; {unequal}/{U} windows have unequal counts (token-weighted large-batch '
+    f'loss != mean of micro-batch means there)',
+    flush=True,
+  )
   results, finals, evals_e = run_all(args, micro, large, evals)
   print_tables(args, results, finals, evals_e)
   print(f'\ntotal wall time {time.time() - t_start:.0f} s')

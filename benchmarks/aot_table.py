@@ -24,10 +24,12 @@ from absl import flags
 
 from pretrain import aot
 
-_TOPOLOGIES = flags.DEFINE_list('topologies', ['v4-8', 'v5e-8', 'v5p-8', 'v6e-8', 'v5e-32'],
-                                'Accelerator types.')
-_CONFIGS = flags.DEFINE_list('configs', ['roformer', 'roformer_v2', 'gau', 'deepnet'],
-                             'Config modules under launch/configs.')
+_TOPOLOGIES = flags.DEFINE_list(
+  'topologies', ['v4-8', 'v5e-8', 'v5p-8', 'v6e-8', 'v5e-32'], 'Accelerator types.'
+)
+_CONFIGS = flags.DEFINE_list(
+  'configs', ['roformer', 'roformer_v2', 'gau', 'deepnet'], 'Config modules under launch/configs.'
+)
 _PRESETS = flags.DEFINE_list('presets', [], 'Only these presets (default: all of each module).')
 _OUT = flags.DEFINE_string('out', 'aot_table.jsonl', 'Results, one JSON line per compile.')
 
@@ -59,8 +61,15 @@ def attempts(config, chips: int):
     config = config.copy_and_resolve_references()
     config.data.global_batch_size //= 2
     config.optim.accumulation_steps = max(config.optim.accumulation_steps, 1) * 2
-    yield ' + '.join(changes + [f'batch {config.data.global_batch_size} x '
-                                f'{config.optim.accumulation_steps} accumulation']), config
+    yield (
+      ' + '.join(
+        changes
+        + [
+          f'batch {config.data.global_batch_size} x {config.optim.accumulation_steps} accumulation'
+        ]
+      ),
+      config,
+    )
 
 
 def run_one(module_name: str, preset: str, topology: str) -> dict:
@@ -76,10 +85,16 @@ def run_one(module_name: str, preset: str, topology: str) -> dict:
     except aot.DoesNotFit as e:  # the compiler's own out-of-HBM verdict: try the next setting
       row.update(setting=description, fits=False, error=f'compiler: {e}')
       continue
-    row.update(dataclasses.asdict(r), setting=description, fits=r.fits,
-               total_bytes=r.total_bytes, remat=candidate.model.remat_policy,
-               dtype=candidate.model.dtype, global_batch_size=candidate.data.global_batch_size,
-               accumulation_steps=candidate.optim.accumulation_steps)
+    row.update(
+      dataclasses.asdict(r),
+      setting=description,
+      fits=r.fits,
+      total_bytes=r.total_bytes,
+      remat=candidate.model.remat_policy,
+      dtype=candidate.model.dtype,
+      global_batch_size=candidate.data.global_batch_size,
+      accumulation_steps=candidate.optim.accumulation_steps,
+    )
     row.pop('error', None)
     if r.fits:
       break
@@ -88,22 +103,27 @@ def run_one(module_name: str, preset: str, topology: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-  lines = ['| config:preset | topology | fits with | mesh (data, fsdp, tensor) | remat | '
-           'batch x accumulation | arguments / device | temporaries / device | total / HBM |',
-           '|---|---|---|---|---|---|---|---|---|']
+  lines = [
+    '| config:preset | topology | fits with | mesh (data, fsdp, tensor) | remat | '
+    'batch x accumulation | arguments / device | temporaries / device | total / HBM |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
   for r in rows:
     if 'mesh' not in r:
       what = 'DOES NOT FIT (last try: ' if r.get('fits') is False else 'error: '
-      lines.append(f'| {r["config"]}:{r["preset"]} | {r["topology"]} | {what}{r["setting"]}: '
-                   f'{r["error"]}) | | | | | | |')
+      lines.append(
+        f'| {r["config"]}:{r["preset"]} | {r["topology"]} | {what}{r["setting"]}: '
+        f'{r["error"]}) | | | | | | |'
+      )
       continue
     verdict = r['setting'] if r['fits'] else f'DOES NOT FIT ({r["setting"]})'
     lines.append(
-        f'| {r["config"]}:{r["preset"]} | {r["topology"]} | {verdict} | '
-        f'{tuple(r["mesh"].values())} | {r["remat"]} | {r["global_batch_size"]} x '
-        f'{r["accumulation_steps"]} | {r["argument_bytes"] / GIB:.2f} GiB | '
-        f'{r["temp_bytes"] / GIB:.2f} GiB | {r["total_bytes"] / GIB:.1f} / '
-        f'{r["hbm_bytes"] / GIB:.0f} GiB |')
+      f'| {r["config"]}:{r["preset"]} | {r["topology"]} | {verdict} | '
+      f'{tuple(r["mesh"].values())} | {r["remat"]} | {r["global_batch_size"]} x '
+      f'{r["accumulation_steps"]} | {r["argument_bytes"] / GIB:.2f} GiB | '
+      f'{r["temp_bytes"] / GIB:.2f} GiB | {r["total_bytes"] / GIB:.1f} / '
+      f'{r["hbm_bytes"] / GIB:.0f} GiB |'
+    )
   return '\n'.join(lines)
 
 
@@ -123,8 +143,11 @@ def main(argv):
         if (module_name, preset, topology) in seen:
           continue
         row = run_one(module_name, preset, topology)
-        print(f'{module_name}:{preset} {topology}: {row.get("setting")} '
-              f'fits={row.get("fits")} ({row["compile_seconds"]} s)', flush=True)
+        print(
+          f'{module_name}:{preset} {topology}: {row.get("setting")} '
+          f'fits={row.get("fits")} ({row["compile_seconds"]} s)',
+          flush=True,
+        )
         with open(_OUT.value, 'a') as f:
           f.write(json.dumps(row) + '\n')
         done.append(row)

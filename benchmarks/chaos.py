@@ -38,14 +38,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def command(workdir: str, steps: int) -> list[str]:
   overrides = {
-      'model.hidden_size': 64, 'model.num_layers': 2, 'model.num_heads': 2,
-      'model.mlp_dim': 128, 'model.vocab_size': 2000, 'model.dropout_rate': 0.1,
-      'data.seq_len': 64, 'data.global_batch_size': 8, 'train.num_train_steps': steps,
-      'train.log_every_steps': 3, 'train.eval_every_steps': steps, 'train.eval_steps': 2,
-      'train.checkpoint_every_steps': 3, 'train.keep_checkpoints': 2,
+    'model.hidden_size': 64,
+    'model.num_layers': 2,
+    'model.num_heads': 2,
+    'model.mlp_dim': 128,
+    'model.vocab_size': 2000,
+    'model.dropout_rate': 0.1,
+    'data.seq_len': 64,
+    'data.global_batch_size': 8,
+    'train.num_train_steps': steps,
+    'train.log_every_steps': 3,
+    'train.eval_every_steps': steps,
+    'train.eval_steps': 2,
+    'train.checkpoint_every_steps': 3,
+    'train.keep_checkpoints': 2,
   }
-  return [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
-          f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in overrides.items()]
+  return [
+    sys.executable,
+    '-m',
+    'launch.pretrain',
+    '--config=launch/configs/roformer.py:tiny',
+    f'--workdir={workdir}',
+  ] + [f'--config.{k}={v}' for k, v in overrides.items()]
 
 
 def run(workdir: str, steps: int, kill_after: float | None = None):
@@ -56,8 +70,14 @@ def run(workdir: str, steps: int, kill_after: float | None = None):
   """
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   start = time.time()
-  proc = subprocess.Popen(command(workdir, steps), cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    command(workdir, steps),
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   if kill_after is not None:
     try:
       proc.wait(timeout=kill_after)
@@ -80,6 +100,7 @@ def latest_step(workdir: str):
 def final_state(workdir: str):
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')))
   step = mngr.latest_step()
   state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
@@ -97,8 +118,10 @@ def main(argv):
   _, _, wall = run(reference, _STEPS.value)
   times = [json.loads(l)['time'] for l in open(os.path.join(reference, 'metrics.jsonl'))]
   startup = max(wall - (max(times) - min(times)), 0.0)  # imports, data, compile, restore
-  print(f'reference: {_STEPS.value} steps uninterrupted in {wall:.1f} s '
-        f'({startup:.1f} s of it before the first step)')
+  print(
+    f'reference: {_STEPS.value} steps uninterrupted in {wall:.1f} s '
+    f'({startup:.1f} s of it before the first step)'
+  )
   rng = np.random.default_rng(_SEED.value)
   delivered = 0
   while delivered < _KILLS.value:
@@ -110,17 +133,21 @@ def main(argv):
       print(f'  the run ended before {after:.1f} s: {delivered} kills delivered')
       break
     delivered += 1
-    print(f'kill {delivered}: SIGKILL {after:.1f} s after start (resumed from step {resume}); '
-          f'next start resumes from step {latest_step(chaos)}')
+    print(
+      f'kill {delivered}: SIGKILL {after:.1f} s after start (resumed from step {resume}); '
+      f'next start resumes from step {latest_step(chaos)}'
+    )
   run(chaos, _STEPS.value)
   step_a, a = final_state(reference)
   step_b, b = final_state(chaos)
   same = [np.array_equal(x, y) for x, y in zip(a, b)]
   lines = [json.loads(l) for l in open(os.path.join(chaos, 'metrics.jsonl'))]
   logged = [l['step'] for l in lines if l['split'] == 'train']
-  print(f'{delivered} kills survived; final step {step_b} (reference {step_a}); '
-        f'{sum(same)}/{len(same)} arrays bit-identical; train metrics lines '
-        f'{"one per logged step" if logged == sorted(set(logged)) else "DUPLICATED"}')
+  print(
+    f'{delivered} kills survived; final step {step_b} (reference {step_a}); '
+    f'{sum(same)}/{len(same)} arrays bit-identical; train metrics lines '
+    f'{"one per logged step" if logged == sorted(set(logged)) else "DUPLICATED"}'
+  )
   ok = step_a == step_b and all(same) and len(a) == len(b) and logged == sorted(set(logged))
   print('PASS' if ok else 'FAIL')
   sys.exit(0 if ok else 1)

@@ -43,13 +43,17 @@ def main(argv):
     ckpt.close()
   save = statistics.median(save_times)
   size = sum(x.nbytes for x in jax.tree.leaves(state))
-  print(f'\nroformer {_PRESET.value} (params + optimizer state {size / 2**20:,.0f} MiB), '
-        f'batch {_BATCH.value} x {_SEQ_LEN.value}, {jax.device_count()} '
-        f'{jax.devices()[0].platform} device(s)')
+  print(
+    f'\nroformer {_PRESET.value} (params + optimizer state {size / 2**20:,.0f} MiB), '
+    f'batch {_BATCH.value} x {_SEQ_LEN.value}, {jax.device_count()} '
+    f'{jax.devices()[0].platform} device(s)'
+  )
   print('| train step (median) | save blocks the loop (median) | fraction of a step | target |')
   print('|---|---|---|---|')
-  print(f'| {step * 1e3:,.0f} ms | {save * 1e3:,.0f} ms | {save / step:.1%} | <= 10 % '
-        f'{"met" if save / step <= 0.10 else "NOT met"} |')
+  print(
+    f'| {step * 1e3:,.0f} ms | {save * 1e3:,.0f} ms | {save / step:.1%} | <= 10 % '
+    f'{"met" if save / step <= 0.10 else "NOT met"} |'
+  )
 
 
 if __name__ == '__main__':

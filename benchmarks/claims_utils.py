@@ -56,8 +56,10 @@ def command(spec: str, overrides: dict, workdir: str) -> str:
   """The `python -m launch.pretrain` line that trains the same run."""
   family, _, preset = spec.partition(':')
   flags = ' '.join(f'--config.{k}={v}' for k, v in overrides.items())
-  return (f'python -m launch.pretrain --config=launch/configs/{family}.py:{preset} '
-          f'--workdir={workdir} {flags}')
+  return (
+    f'python -m launch.pretrain --config=launch/configs/{family}.py:{preset} '
+    f'--workdir={workdir} {flags}'
+  )
 
 
 def workdir_for(root: str, name: str, spec: str, overrides: dict) -> str:
@@ -72,8 +74,9 @@ def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
   return ([l for l in lines if l['split'] == 'train'], [l for l in lines if l['split'] == 'eval'])
 
 
-def train_run(spec: str, overrides: dict, root: str, name: str, fresh: bool = False,
-              verbose: bool = True) -> dict:
+def train_run(
+  spec: str, overrides: dict, root: str, name: str, fresh: bool = False, verbose: bool = True
+) -> dict:
   """Trains one run (or reuses a finished one) and returns its outcome.
 
   Returns a dict: name, workdir, command, params, wall_s, status ('ok', or 'diverged' when
@@ -106,22 +109,30 @@ def train_run(spec: str, overrides: dict, root: str, name: str, fresh: bool = Fa
     status = 'diverged'
   wall = time.time() - start
   train_lines, eval_lines = read_metrics(workdir)
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(
-      nnx.state(nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(0))), nnx.Param)))
-  rates = [l['steps_per_sec'] for l in train_lines[1:]] or [l['steps_per_sec']
-                                                            for l in train_lines]
+  num_params = sum(
+    math.prod(x.shape)
+    for x in jax.tree.leaves(
+      nnx.state(nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(0))), nnx.Param)
+    )
+  )
+  rates = [l['steps_per_sec'] for l in train_lines[1:]] or [l['steps_per_sec'] for l in train_lines]
   out = {
-      'name': name, 'spec': spec, 'overrides': {k: repr(v) for k, v in overrides.items()},
-      'workdir': workdir, 'command': cmd, 'params': num_params, 'wall_s': wall,
-      'status': status,
-      'curve': [(l['step'], l['loss']) for l in train_lines],
-      'eval_curve': [(l['step'], l['loss']) for l in eval_lines],
-      'eval_loss': float(final.get('loss', math.nan)),
-      'eval_accuracy': float(final.get('accuracy', math.nan)),
-      'skipped': int(sum(l.get('skipped_steps', 0) for l in train_lines)),
-      'steps_per_sec': float(statistics.median(rates)) if rates else math.nan,
-      'first_loss': train_lines[0]['loss'] if train_lines else math.nan,
-      'last_loss': train_lines[-1]['loss'] if train_lines else math.nan,
+    'name': name,
+    'spec': spec,
+    'overrides': {k: repr(v) for k, v in overrides.items()},
+    'workdir': workdir,
+    'command': cmd,
+    'params': num_params,
+    'wall_s': wall,
+    'status': status,
+    'curve': [(l['step'], l['loss']) for l in train_lines],
+    'eval_curve': [(l['step'], l['loss']) for l in eval_lines],
+    'eval_loss': float(final.get('loss', math.nan)),
+    'eval_accuracy': float(final.get('accuracy', math.nan)),
+    'skipped': int(sum(l.get('skipped_steps', 0) for l in train_lines)),
+    'steps_per_sec': float(statistics.median(rates)) if rates else math.nan,
+    'first_loss': train_lines[0]['loss'] if train_lines else math.nan,
+    'last_loss': train_lines[-1]['loss'] if train_lines else math.nan,
   }
   with open(result_path, 'w') as f:
     json.dump(out, f)
@@ -133,10 +144,18 @@ def train_run(spec: str, overrides: dict, root: str, name: str, fresh: bool = Fa
 def first_batch(config) -> dict:
   """The first training batch the trainer draws for `config` (same data, seed and masking)."""
   source = text_datasets.load_text_source(config.data)
-  tokenizer = tokenizer_lib.load_or_train(config.data, config.model, source.train,
-                                          source.text_key, source.fingerprint)
-  data = pipeline.make_dataset(source.train, tokenizer, config, text_key=source.text_key,
-                               train=True, process_index=0, process_count=1)
+  tokenizer = tokenizer_lib.load_or_train(
+    config.data, config.model, source.train, source.text_key, source.fingerprint
+  )
+  data = pipeline.make_dataset(
+    source.train,
+    tokenizer,
+    config,
+    text_key=source.text_key,
+    train=True,
+    process_index=0,
+    process_count=1,
+  )
   return {k: jnp.asarray(v) for k, v in next(iter(data)).items()}
 
 
@@ -147,23 +166,34 @@ def unigram_loss(config, num_batches: int = 50) -> float:
   objective, seq_len, batch and train.eval_steps). An eval loss at this level means the model
   predicts one distribution everywhere (accuracy = the commonest token's share)."""
   source = text_datasets.load_text_source(config.data)
-  tokenizer = tokenizer_lib.load_or_train(config.data, config.model, source.train,
-                                          source.text_key, source.fingerprint)
+  tokenizer = tokenizer_lib.load_or_train(
+    config.data, config.model, source.train, source.text_key, source.fingerprint
+  )
   counting = config.copy_and_resolve_references()
   counting.objective, counting.data.global_batch_size, counting.data.seq_len = 'clm', 64, 128
-  data = iter(pipeline.make_dataset(source.train, tokenizer, counting,
-                                    text_key=source.text_key, train=True, process_index=0,
-                                    process_count=1))
+  data = iter(
+    pipeline.make_dataset(
+      source.train,
+      tokenizer,
+      counting,
+      text_key=source.text_key,
+      train=True,
+      process_index=0,
+      process_count=1,
+    )
+  )
   counts = np.zeros(config.model.vocab_size)
   for _ in range(num_batches):
     batch = next(data)
     np.add.at(counts, np.asarray(batch['targets']).ravel(), np.asarray(batch['weights']).ravel())
   log_p = np.log((counts + 0.5) / (counts + 0.5).sum())
-  key, wkey = ('mlm_targets', 'mlm_weights') if config.objective == 'mlm' else ('targets',
-                                                                                 'weights')
+  key, wkey = (
+    ('mlm_targets', 'mlm_weights') if config.objective == 'mlm' else ('targets', 'weights')
+  )
   total = weight = 0.0
-  for batch in pipeline.eval_batches(source.validation, tokenizer, config,
-                                     text_key=source.text_key):
+  for batch in pipeline.eval_batches(
+    source.validation, tokenizer, config, text_key=source.text_key
+  ):
     w = np.asarray(batch[wkey]).ravel()
     total -= float((log_p[np.asarray(batch[key]).ravel()] * w).sum())
     weight += float(w.sum())
@@ -181,10 +211,11 @@ def layer_grad_norms(config, batch: dict | None = None) -> np.ndarray:
 
   @jax.jit
   def per_layer(params, batch):
-    grads = jax.grad(lambda p: train.model_loss(p, graphdef, batch, config.objective)[0])(
-        params)
-    squares = [jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
-               for g in jax.tree.leaves(grads['layers'])]
+    grads = jax.grad(lambda p: train.model_loss(p, graphdef, batch, config.objective)[0])(params)
+    squares = [
+      jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
+      for g in jax.tree.leaves(grads['layers'])
+    ]
     return jnp.sqrt(sum(squares))
 
   return np.asarray(per_layer(params, batch))
@@ -194,9 +225,12 @@ def run_overrides(steps: int, seed: int, log_points: int = 20) -> dict:
   """The trainer fields every claim run shares: `steps` steps with `log_points` logged losses
   (the curve), one evaluation and one checkpoint at the end, no progress bar."""
   return {
-      'train.num_train_steps': steps, 'train.log_every_steps': max(1, steps // log_points),
-      'train.eval_every_steps': steps, 'train.checkpoint_every_steps': steps,
-      'train.progress': 'off', 'seed': seed,
+    'train.num_train_steps': steps,
+    'train.log_every_steps': max(1, steps // log_points),
+    'train.eval_every_steps': steps,
+    'train.checkpoint_every_steps': steps,
+    'train.progress': 'off',
+    'seed': seed,
   }
 
 
@@ -214,13 +248,19 @@ def mean_std(values, fmt: str = '.3f') -> str:
   return f'{format(m, fmt)} ± {format(s, fmt.replace("+", ""))}{extra}'
 
 
-def plot_curves(path: str, groups: dict[str, list[dict]], title: str, ylabel: str = 'train loss',
-                log_y: bool = False) -> str | None:
+def plot_curves(
+  path: str,
+  groups: dict[str, list[dict]],
+  title: str,
+  ylabel: str = 'train loss',
+  log_y: bool = False,
+) -> str | None:
   """Train-loss curves, one colour per label (every seed drawn), saved as a PNG at `path`."""
   if not path:
     return None
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -232,9 +272,14 @@ def plot_curves(path: str, groups: dict[str, list[dict]], title: str, ylabel: st
     for j, run in enumerate(runs):
       if run['curve']:
         steps, losses = zip(*run['curve'])
-        ax.plot(steps, losses, color=colours[i % len(colours)], alpha=0.9 if j == 0 else 0.5,
-                label=label if j == 0 else None,
-                linestyle='--' if run['status'] != 'ok' else '-')
+        ax.plot(
+          steps,
+          losses,
+          color=colours[i % len(colours)],
+          alpha=0.9 if j == 0 else 0.5,
+          label=label if j == 0 else None,
+          linestyle='--' if run['status'] != 'ok' else '-',
+        )
   ax.set_xlabel('step')
   ax.set_ylabel(ylabel)
   if log_y:

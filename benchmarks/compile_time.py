@@ -21,8 +21,9 @@ from pretrain import train
 
 _LAYERS = flags.DEFINE_string('layers', '12,128', 'Comma-separated depths.')
 _PRESET = flags.DEFINE_string('preset', 'deepnet:deep', 'launch/configs file:preset.')
-_UNSCANNED_MAX = flags.DEFINE_integer('unscanned_max_layers', 24,
-                                      'Also compile without scan up to this depth.')
+_UNSCANNED_MAX = flags.DEFINE_integer(
+  'unscanned_max_layers', 24, 'Also compile without scan up to this depth.'
+)
 
 
 def compile_seconds(config) -> float:
@@ -31,9 +32,14 @@ def compile_seconds(config) -> float:
   b, n = config.data.global_batch_size, config.data.seq_len
   p = objectives.max_predictions(n, config.data.mask_rate)
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-  batch = {'inputs': i32(b, n), 'segment_ids': i32(b, n), 'positions': i32(b, n),
-           'mlm_positions': i32(b, p), 'mlm_targets': i32(b, p),
-           'mlm_weights': jax.ShapeDtypeStruct((b, p), jnp.float32)}
+  batch = {
+    'inputs': i32(b, n),
+    'segment_ids': i32(b, n),
+    'positions': i32(b, n),
+    'mlm_positions': i32(b, p),
+    'mlm_targets': i32(b, p),
+    'mlm_weights': jax.ShapeDtypeStruct((b, p), jnp.float32),
+  }
   step = train.jit_train_step(s, config)
   start = time.time()
   step.lower(s.abstract_state, batch, jax.random.key(0)).compile()

@@ -99,9 +99,15 @@ def eg_summary(lines):
       last = line
   if last is None:
     return None
-  scales = {k[len('eg/scale/'):]: v for k, v in last.items() if k.startswith('eg/scale/')}
-  return (float(np.mean(list(scales.values()))), min(scales.values()), max(scales.values()),
-          last.get('eg/gain_mean', float('nan')), traj, scales)
+  scales = {k[len('eg/scale/') :]: v for k, v in last.items() if k.startswith('eg/scale/')}
+  return (
+    float(np.mean(list(scales.values()))),
+    min(scales.values()),
+    max(scales.values()),
+    last.get('eg/gain_mean', float('nan')),
+    traj,
+    scales,
+  )
 
 
 def _find_eg_state(tree):
@@ -125,8 +131,9 @@ def gain_geomeans(workdir):
   """(geometric mean of all gains p, of the gains of leaves under 'layers') at the end."""
   try:
     mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-    restored = mngr.restore(mngr.latest_step(),
-                            args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    restored = mngr.restore(
+      mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
     eg = _find_eg_state(restored['state']['opt_state'])
     logs, layer_logs = [], []
     for path, p in jax.tree_util.tree_leaves_with_path(eg['gain']):
@@ -134,8 +141,10 @@ def gain_geomeans(workdir):
       logs.append(lp)
       if 'layers' in jax.tree_util.keystr(path):
         layer_logs.append(lp)
-    return (float(np.exp(np.concatenate(logs).mean())),
-            float(np.exp(np.concatenate(layer_logs).mean())) if layer_logs else float('nan'))
+    return (
+      float(np.exp(np.concatenate(logs).mean())),
+      float(np.exp(np.concatenate(layer_logs).mean())) if layer_logs else float('nan'),
+    )
   except Exception as e:  # pylint: disable=broad-except
     print(f'  (could not read gains from {workdir}: {e})')
     return (float('nan'), float('nan'))
@@ -149,9 +158,17 @@ def run(args, tag, name, lr, eg=None):
   lines = read_metrics(workdir)
   train_losses = [l['loss'] for l in lines if l.get('split') == 'train']
   wall = time.time() - t0
-  out = {'tag': tag, 'name': name, 'lr': lr, 'eg': eg, 'eval': result['loss'],
-         'train': train_losses[-1], 'wall': wall, 'eg_summary': eg_summary(lines),
-         'gains': gain_geomeans(workdir) if eg is not None else None}
+  out = {
+    'tag': tag,
+    'name': name,
+    'lr': lr,
+    'eg': eg,
+    'eval': result['loss'],
+    'train': train_losses[-1],
+    'wall': wall,
+    'eg_summary': eg_summary(lines),
+    'gains': gain_geomeans(workdir) if eg is not None else None,
+  }
   s = out['eg_summary']
   extra = f', final mean S {s[0]:.3f}' if s else ''
   print(f'  {tag}: eval loss {result["loss"]:.4f}{extra} ({wall:.0f} s)', flush=True)
@@ -167,9 +184,11 @@ def main(argv):
   args = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
   t_start = time.time()
-  print(f'jax {jax.__version__} on {jax.devices()[0].platform}; tiny RoFormer MLM d64 L2 n64, '
-        f'batch {args.batch}, {args.steps} updates, linear warmup 50 + linear decay, clip 1.0',
-        flush=True)
+  print(
+    f'jax {jax.__version__} on {jax.devices()[0].platform}; tiny RoFormer MLM d64 L2 n64, '
+    f'batch {args.batch}, {args.steps} updates, linear warmup 50 + linear decay, clip 1.0',
+    flush=True,
+  )
   eg_variants = [('EG', {})]
   if not args.no_fast_eg:
     eg_variants.append(('EG eta_S=1e-2', {'scale_lr': 1e-2}))
@@ -188,11 +207,14 @@ def main(argv):
         rows.append((name, label, lr, eg_label, run(args, tag, name, lr, eg)))
     rows.append((name, 'sweep', None, None, sweep))
 
-  print('\nFinal eval loss after {} updates (8 eval batches of {} rows x 64 tokens); '
-        'S = EG per-leaf scale, mean over layer groups at the last step:'.format(
-            args.steps, args.batch))
-  print('| optimizer | lr setting | peak lr | EG | final eval loss | vs tuned no-EG | '
-        'final train loss | mean S | S min..max | mean gain | gain geo-mean all / layers |')
+  print(
+    '\nFinal eval loss after {} updates (8 eval batches of {} rows x 64 tokens); '
+    'S = EG per-leaf scale, mean over layer groups at the last step:'.format(args.steps, args.batch)
+  )
+  print(
+    '| optimizer | lr setting | peak lr | EG | final eval loss | vs tuned no-EG | '
+    'final train loss | mean S | S min..max | mean gain | gain geo-mean all / layers |'
+  )
   print('|---|---|---|---|---|---|---|---|---|---|---|')
   ref = {}
   for name, label, lr, eg_label, r in rows:
@@ -202,19 +224,28 @@ def main(argv):
     if label == 'sweep':
       continue
     s = r['eg_summary']
-    s_cells = (f'{s[0]:.3f} | {s[1]:.3f}..{s[2]:.3f} | {s[3]:.3f} | '
-               f'{r["gains"][0]:.3f} / {r["gains"][1]:.3f}' if s else '- | - | - | -')
+    s_cells = (
+      f'{s[0]:.3f} | {s[1]:.3f}..{s[2]:.3f} | {s[3]:.3f} | '
+      f'{r["gains"][0]:.3f} / {r["gains"][1]:.3f}'
+      if s
+      else '- | - | - | -'
+    )
     rel = 100 * (r['eval'] / ref[name] - 1)
-    print(f'| {name} | {label} | {fmt_lr(lr)} | {eg_label} | {r["eval"]:.4f} | {rel:+.1f} % | '
-          f'{r["train"]:.4f} | {s_cells} |')
+    print(
+      f'| {name} | {label} | {fmt_lr(lr)} | {eg_label} | {r["eval"]:.4f} | {rel:+.1f} % | '
+      f'{r["train"]:.4f} | {s_cells} |'
+    )
 
   print('\nLr sweep without EG (final eval loss):')
   print('| optimizer | lr: final eval loss |')
   print('|---|---|')
   for name, label, lr, eg_label, sweep in rows:
     if label == 'sweep':
-      print(f'| {name} | ' + ', '.join(f'{fmt_lr(lr)}: {r["eval"]:.4f}'
-                                       for lr, r in sweep.items()) + ' |')
+      print(
+        f'| {name} | '
+        + ', '.join(f'{fmt_lr(lr)}: {r["eval"]:.4f}' for lr, r in sweep.items())
+        + ' |'
+      )
 
   print('\nMean S trajectory of the EG runs (step: mean S over layer groups):')
   for name, label, lr, eg_label, r in rows:
@@ -226,11 +257,12 @@ def main(argv):
   for name, label, lr, eg_label, r in rows:
     if label != 'sweep' and r['eg_summary']:
       groups = r['eg_summary'][5]
-      print(f'  {name} {label} ({fmt_lr(lr)}) {eg_label}: ' +
-            ', '.join(f'{g} {v:.3f}' for g, v in sorted(groups.items())))
+      print(
+        f'  {name} {label} ({fmt_lr(lr)}) {eg_label}: '
+        + ', '.join(f'{g} {v:.3f}' for g, v in sorted(groups.items()))
+      )
   total = time.time() - t_start
-  print(f'\ntotal wall time {total:.0f} s ({sum(1 for x in rows if x[1] != "sweep")} table '
-        'rows)')
+  print(f'\ntotal wall time {total:.0f} s ({sum(1 for x in rows if x[1] != "sweep")} table rows)')
 
 
 if __name__ == '__main__':

@@ -19,19 +19,25 @@ from absl import app
 import length_extrapolation
 
 VARIANTS = {
-    'standard': {'attention_scale': 'standard'},
-    'entropy_invariant': {'attention_scale': 'entropy_invariant'},
+  'standard': {'attention_scale': 'standard'},
+  'entropy_invariant': {'attention_scale': 'entropy_invariant'},
 }
-SU = {'standard': {64: 43.27, 128: 36.53, 256: 23.02, 512: 15.12},
-      'entropy_invariant': {64: 43.11, 128: 41.17, 256: 34.04, 512: 20.15}}
+SU = {
+  'standard': {64: 43.27, 128: 36.53, 256: 23.02, 512: 15.12},
+  'entropy_invariant': {64: 43.11, 128: 41.17, 256: 34.04, 512: 20.15},
+}
 
 
 def main(argv):
   del argv
   length_extrapolation.run_claim(
-      'entropy_scale_extrapolation',
-      'Entropy-invariant attention scale: MLM accuracy (%) at evaluation length n, trained '
-      'at n = {train_len}', VARIANTS, SU, 'Su (RoFormer-small, Chinese, trained at n = 64)')
+    'entropy_scale_extrapolation',
+    'Entropy-invariant attention scale: MLM accuracy (%) at evaluation length n, trained '
+    'at n = {train_len}',
+    VARIANTS,
+    SU,
+    'Su (RoFormer-small, Chinese, trained at n = 64)',
+  )
 
 
 if __name__ == '__main__':

@@ -55,28 +55,43 @@ _FRESH = flags.DEFINE_bool('fresh', False, 'Rerun runs whose results are in --ro
 
 def models_() -> dict[str, tuple[str, dict]]:
   d, blocks = _HIDDEN.value, _BLOCKS.value
-  gau = {'model.hidden_size': d, 'model.num_layers': 2 * blocks,
-         'model.shared_dim': _SHARED.value, 'model.expansion_factor': 2,
-         'model.initializer_range': round(gau_presets.flash_init_std(d), 5)}
+  gau = {
+    'model.hidden_size': d,
+    'model.num_layers': 2 * blocks,
+    'model.shared_dim': _SHARED.value,
+    'model.expansion_factor': 2,
+    'model.initializer_range': round(gau_presets.flash_init_std(d), 5),
+  }
   return {
-      'RoFormer': ('roformer:tiny', {'model.hidden_size': d, 'model.num_layers': blocks,
-                                     'model.num_heads': max(1, d // 64),
-                                     'model.mlp_dim': 4 * d}),
-      'GAU quad': ('gau:flash_tiny', dict(gau, **{'model.chunk_size': 0})),
-      'FLASH': ('gau:flash_tiny', dict(gau, **{'model.chunk_size': _CHUNK.value})),
+    'RoFormer': (
+      'roformer:tiny',
+      {
+        'model.hidden_size': d,
+        'model.num_layers': blocks,
+        'model.num_heads': max(1, d // 64),
+        'model.mlp_dim': 4 * d,
+      },
+    ),
+    'GAU quad': ('gau:flash_tiny', dict(gau, **{'model.chunk_size': 0})),
+    'FLASH': ('gau:flash_tiny', dict(gau, **{'model.chunk_size': _CHUNK.value})),
   }
 
 
 def overrides(model_o: dict, objective: str, n: int, seed: int) -> dict:
   steps = _STEPS.value
   o = dict(model_o)
-  o.update({
-      'objective': objective, 'data.seq_len': n,
+  o.update(
+    {
+      'objective': objective,
+      'data.seq_len': n,
       'data.global_batch_size': max(1, _TOKENS.value // n),
-      'optim.name': 'adamw', 'optim.schedule': 'linear', 'optim.learning_rate': _LR.value,
+      'optim.name': 'adamw',
+      'optim.schedule': 'linear',
+      'optim.learning_rate': _LR.value,
       'optim.warmup_steps': max(1, steps // 10),
       **claims_utils.run_overrides(steps, seed, log_points=10),
-  })
+    }
+  )
   return o
 
 
@@ -85,9 +100,11 @@ def main(argv):
   start = time.time()
   lengths = [int(n) for n in _LENGTHS.value]
   seeds = range(_SEEDS.value)
-  print(f'd {_HIDDEN.value}, {_BLOCKS.value} RoFormer blocks / {2 * _BLOCKS.value} GAU layers '
-        f'(s {_SHARED.value}, e {2 * _HIDDEN.value}), FLASH c {_CHUNK.value}; {_TOKENS.value} '
-        f'tokens/step, {_STEPS.value} steps, AdamW {_LR.value:g}; seeds {list(seeds)}')
+  print(
+    f'd {_HIDDEN.value}, {_BLOCKS.value} RoFormer blocks / {2 * _BLOCKS.value} GAU layers '
+    f'(s {_SHARED.value}, e {2 * _HIDDEN.value}), FLASH c {_CHUNK.value}; {_TOKENS.value} '
+    f'tokens/step, {_STEPS.value} steps, AdamW {_LR.value:g}; seeds {list(seeds)}'
+  )
   results, groups = {}, {}
   for objective in _OBJECTIVES.value:
     for n in lengths:
@@ -104,27 +121,33 @@ def main(argv):
   for objective in _OBJECTIVES.value:
     for n in lengths:
       spec, model_o = models_()['RoFormer']
-      unigram[objective, n] = claims_utils.unigram_loss(claims_utils.make_config(
-          spec, overrides(model_o, objective, n, 0)))
-  print(f'\n{_STEPS.value} steps x {_TOKENS.value} tokens, {len(seeds)} seed(s) (mean ± std '
-        f'where > 1); unigram = the eval loss of a model that ignores its input\n')
-  print('| objective | n | model | params | eval loss | unigram | eval acc | ms / step | '
-        'wall |')
+      unigram[objective, n] = claims_utils.unigram_loss(
+        claims_utils.make_config(spec, overrides(model_o, objective, n, 0))
+      )
+  print(
+    f'\n{_STEPS.value} steps x {_TOKENS.value} tokens, {len(seeds)} seed(s) (mean ± std '
+    f'where > 1); unigram = the eval loss of a model that ignores its input\n'
+  )
+  print('| objective | n | model | params | eval loss | unigram | eval acc | ms / step | wall |')
   print('|---|---|---|---|---|---|---|---|---|')
   for (objective, n, name), runs in results.items():
     ms = [1e3 / r['steps_per_sec'] for r in runs]
-    print(f"| {objective.upper()} | {n} | {name} | {runs[0]['params']:,} | "
-          f"{claims_utils.mean_std([r['eval_loss'] for r in runs])} | "
-          f"{unigram[objective, n]:.3f} | "
-          f"{claims_utils.mean_std([r['eval_accuracy'] for r in runs])} | "
-          f"{claims_utils.mean_std(ms, ',.0f')} | "
-          f"{sum(r['wall_s'] for r in runs):.0f} s |")
+    print(
+      f'| {objective.upper()} | {n} | {name} | {runs[0]["params"]:,} | '
+      f'{claims_utils.mean_std([r["eval_loss"] for r in runs])} | '
+      f'{unigram[objective, n]:.3f} | '
+      f'{claims_utils.mean_std([r["eval_accuracy"] for r in runs])} | '
+      f'{claims_utils.mean_std(ms, ",.0f")} | '
+      f'{sum(r["wall_s"] for r in runs):.0f} s |'
+    )
   written = claims_utils.plot_curves(_PLOT.value, groups, 'FLASH vs GAU quad vs RoFormer')
   if written:
     print(f'\nplot: {written}')
   total = sum(r['wall_s'] for runs in results.values() for r in runs)
-  print(f'total wall time {time.time() - start:.0f} s (training runs: {total:.0f} s when '
-        'they ran; reused runs cost nothing now)')
+  print(
+    f'total wall time {time.time() - start:.0f} s (training runs: {total:.0f} s when '
+    'they ran; reused runs cost nothing now)'
+  )
 
 
 if __name__ == '__main__':

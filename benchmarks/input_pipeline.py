@@ -39,13 +39,16 @@ def main(argv):
   del argv
   config = roformer.get_config(_PRESET.value)
   source = text_datasets.load_text_source(config.data)
-  tok = tokenizer_lib.load_or_train(config.data, config.model, source.train, source.text_key,
-                                    source.fingerprint)
+  tok = tokenizer_lib.load_or_train(
+    config.data, config.model, source.train, source.text_key, source.fingerprint
+  )
   seconds, _ = time_train_step(config)
   consumed = config.data.global_batch_size * config.data.seq_len / seconds
-  print(f'\nroformer {_PRESET.value}, batch {config.data.global_batch_size} x '
-        f'{config.data.seq_len}, {jax.devices()[0].platform}: the train step consumes '
-        f'{consumed:,.0f} tokens/s\n')
+  print(
+    f'\nroformer {_PRESET.value}, batch {config.data.global_batch_size} x '
+    f'{config.data.seq_len}, {jax.devices()[0].platform}: the train step consumes '
+    f'{consumed:,.0f} tokens/s\n'
+  )
   print('| data.num_threads | pipeline tokens/s | headroom over the step |')
   print('|---|---|---|')
   for threads in _THREADS.value:

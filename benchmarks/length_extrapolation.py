@@ -12,7 +12,7 @@ defines the run (a workdir that already holds the final step is reused: an inter
 benchmark continues, and the two claims share their common baseline, RoPE with the standard
 scale). Then the final checkpoint is
 restored with `pretrain.checkpointing.Checkpointer` onto the run's own parameter tree (config
-rebuilt from the checkpoint's metadata by `pretrain.grow.config_from_meta`) and evaluated with
+rebuilt from the checkpoint's metadata by `pretrain.rundir.config_from_meta`) and evaluated with
 the trainer's eval step (`train.jit_eval_step`, summed loss / accuracy over MLM predictions)
 on the held-out split read by the pipeline (`data_pipelines.pipeline.eval_batches`) at every
 `--eval_lens` n. Every model sees the same evaluation text at every n (the first
@@ -58,12 +58,16 @@ from data_pipelines import tokenizer as tokenizer_lib
 from launch.configs import roformer
 from launch.configs import roformer_v2
 from pretrain import checkpointing
-from pretrain import grow
+from pretrain import rundir
 from pretrain import mesh as mesh_lib
 from pretrain import train
 
-flags.DEFINE_enum('family', 'roformer_v2', ['roformer_v2', 'roformer'],
-                  "the model: the 'tiny' preset of launch/configs/<family>.py at the shape below")
+flags.DEFINE_enum(
+  'family',
+  'roformer_v2',
+  ['roformer_v2', 'roformer'],
+  "the model: the 'tiny' preset of launch/configs/<family>.py at the shape below",
+)
 flags.DEFINE_integer('steps', 300, 'training steps per run')
 flags.DEFINE_integer('seeds', 2, 'seeds per variant (0..seeds-1: init and data order)')
 flags.DEFINE_integer('train_len', 64, 'training seq_len n')
@@ -76,8 +80,12 @@ flags.DEFINE_integer('heads', 2, 'attention heads')
 flags.DEFINE_integer('mlp', 512, 'FFN width')
 flags.DEFINE_integer('eval_tokens', 4096, 'tokens per evaluation batch (rows = this // n)')
 flags.DEFINE_integer('eval_batches', 8, 'evaluation batches per length')
-flags.DEFINE_string('text_files', '', 'training/held-out text (glob; empty: built-in corpus), '
-                    'e.g. ../shared/data/wikitext2/*.txt with --text_unit=line')
+flags.DEFINE_string(
+  'text_files',
+  '',
+  'training/held-out text (glob; empty: built-in corpus), '
+  'e.g. ../shared/data/wikitext2/*.txt with --text_unit=line',
+)
 flags.DEFINE_string('text_unit', 'file', "'file' or 'line' documents (config.data.text_unit)")
 flags.DEFINE_float('validation_fraction', 0.1, 'held-out fraction of the documents')
 flags.DEFINE_string('root', '/tmp/exp/length_extrapolation', 'workdirs go under ROOT/runs')
@@ -111,13 +119,19 @@ def base_config(args, seed: int):
 def run_name(config, args, seed: int) -> str:
   """The workdir name: every field the variants or the flags set (equal runs share it)."""
   m = config.model
-  position = m.position_embedding + (f'{m.max_position}' if m.position_embedding == 'learned'
-                                     else '')
-  data = (os.path.basename(args.text_files.split(',')[0]).replace('*', 'x') + f'_{args.text_unit}'
-          if args.text_files else 'stdlib')
-  return (f'{args.family}_{m.attention_scale}_{position}_L{args.layers}_d{args.hidden}_'
-          f'h{args.heads}_f{args.mlp}_n{args.train_len}_b{args.batch}_lr{args.lr:g}_'
-          f'{data}_v{args.validation_fraction:g}_s{args.steps}_seed{seed}')
+  position = m.position_embedding + (
+    f'{m.max_position}' if m.position_embedding == 'learned' else ''
+  )
+  data = (
+    os.path.basename(args.text_files.split(',')[0]).replace('*', 'x') + f'_{args.text_unit}'
+    if args.text_files
+    else 'stdlib'
+  )
+  return (
+    f'{args.family}_{m.attention_scale}_{position}_L{args.layers}_d{args.hidden}_'
+    f'h{args.heads}_f{args.mlp}_n{args.train_len}_b{args.batch}_lr{args.lr:g}_'
+    f'{data}_v{args.validation_fraction:g}_s{args.steps}_seed{seed}'
+  )
 
 
 def train_run(config, workdir: str) -> float:
@@ -129,8 +143,9 @@ def train_run(config, workdir: str) -> float:
   start = time.time()
   train.train_and_evaluate(config, workdir)
   if not os.path.isdir(os.path.join(workdir, 'checkpoints', str(steps))):
-    raise SystemExit(f'{workdir} stopped before step {steps} (signal?); run the same command '
-                     'again to resume it')
+    raise SystemExit(
+      f'{workdir} stopped before step {steps} (signal?); run the same command again to resume it'
+    )
   return time.time() - start
 
 
@@ -168,18 +183,21 @@ class Evaluator:
       data_key = key[:3]
       if data_key not in self._data:
         source = text_datasets.load_text_source(config.data)
-        tokenizer = tokenizer_lib.load_or_train(config.data, config.model, source.train,
-                                                source.text_key, source.fingerprint)
+        tokenizer = tokenizer_lib.load_or_train(
+          config.data, config.model, source.train, source.text_key, source.fingerprint
+        )
         self._data[data_key] = (source, tokenizer)
       source, tokenizer = self._data[data_key]
       if tokenizer.sha256 != tokenizer_sha:
-        raise SystemExit(f'the cached tokenizer ({tokenizer.sha256[:12]}) is not the one the '
-                         f'checkpoint was trained with ({tokenizer_sha[:12]})')
+        raise SystemExit(
+          f'the cached tokenizer ({tokenizer.sha256[:12]}) is not the one the '
+          f'checkpoint was trained with ({tokenizer_sha[:12]})'
+        )
       c = self._eval_config(config, n)
-      batches = pipeline.eval_batches(source.validation, tokenizer, c,
-                                      text_key=source.text_key)
-      pos = np.concatenate([np.take_along_axis(b['positions'], b['mlm_positions'], 1)
-                            for b in batches])
+      batches = pipeline.eval_batches(source.validation, tokenizer, c, text_key=source.text_key)
+      pos = np.concatenate(
+        [np.take_along_axis(b['positions'], b['mlm_positions'], 1) for b in batches]
+      )
       weights = np.concatenate([b['mlm_weights'] for b in batches])
       self._batches[key] = (batches, pos, weights)
     return self._batches[key]
@@ -190,7 +208,7 @@ class Evaluator:
     try:
       step = ckpt.latest_step()
       meta = ckpt.read_meta(step)
-      config = grow.config_from_meta(meta['config'])
+      config = rundir.config_from_meta(meta['config'])
       c0 = self._eval_config(config, self.eval_lens[0])
       mesh = mesh_lib.make_mesh(c0.mesh, jax.devices()[:1])
       run_setup = train.setup(c0, mesh)
@@ -224,8 +242,13 @@ def fmt(values, scale=1.0, digits=2):
   return f'{mean:.{digits}f}' if math.isnan(std) else f'{mean:.{digits}f} ± {std:.{digits}f}'
 
 
-def run_claim(claim: str, title: str, variants: dict[str, dict], reference: dict | None = None,
-              reference_note: str = ''):
+def run_claim(
+  claim: str,
+  title: str,
+  variants: dict[str, dict],
+  reference: dict | None = None,
+  reference_note: str = '',
+):
   """Trains every variant x seed, evaluates at every n, prints the tables, writes the plot.
 
   Args:
@@ -254,21 +277,23 @@ def run_claim(claim: str, title: str, variants: dict[str, dict], reference: dict
       results[name].append(evaluator(workdir, args.train_len))
       train_losses[name].append(last_train_loss(workdir))
       accs = ' '.join(f'{n}:{r["accuracy"]:.3f}' for n, r in results[name][-1].items())
-      print(f'{name} seed {seed}: trained {seconds:.0f} s ({workdir}); accuracy {accs}',
-            flush=True)
+      print(f'{name} seed {seed}: trained {seconds:.0f} s ({workdir}); accuracy {accs}', flush=True)
   wall = time.time() - start
 
   print(f'\n{title}')
-  print(f'{args.family}, {args.steps} steps of {args.batch} x {args.train_len} tokens, '
-        f'd {args.hidden}, {args.layers} blocks, {args.heads} heads, {args.seeds} seed(s) '
-        f'(mean ± std), data: {args.text_files or "built-in corpus"}; wall {wall / 60:.1f} min\n')
+  print(
+    f'{args.family}, {args.steps} steps of {args.batch} x {args.train_len} tokens, '
+    f'd {args.hidden}, {args.layers} blocks, {args.heads} heads, {args.seeds} seed(s) '
+    f'(mean ± std), data: {args.text_files or "built-in corpus"}; wall {wall / 60:.1f} min\n'
+  )
   head = ' | '.join(f'n={n}' for n in eval_lens)
   print(f'| variant | final train loss | {head} |')
   print('|---|---|' + '---|' * len(eval_lens))
   for name in variants:
     cells = [fmt([r[n]['accuracy'] for r in results[name]], 100.0) for n in eval_lens]
-    print(f'| {name}, ours (MLM acc %) | {fmt(train_losses[name], digits=3)} | '
-          f'{" | ".join(cells)} |')
+    print(
+      f'| {name}, ours (MLM acc %) | {fmt(train_losses[name], digits=3)} | {" | ".join(cells)} |'
+    )
   for name, numbers in (reference or {}).items():
     cells = [f'{numbers[n]:.2f}' if n in numbers else '' for n in eval_lens]
     print(f'| {name}, {reference_note} | | {" | ".join(cells)} |')
@@ -280,34 +305,49 @@ def run_claim(claim: str, title: str, variants: dict[str, dict], reference: dict
     print(f'| {name} | {" | ".join(cells)} |')
   first = next(iter(results.values()))[0]
   beyond = ', '.join(f'{n}: {first[n]["beyond"] * 100:.0f} %' for n in eval_lens)
-  print(f'\npredictions at positions >= {args.train_len} (never seen in training), per n: '
-        f'{beyond}')
+  print(f'\npredictions at positions >= {args.train_len} (never seen in training), per n: {beyond}')
   plot_path = args.plot or os.path.join(args.root, f'{claim}.png')
   if plot_path != 'none':
     plot(plot_path, title, eval_lens, results, reference, reference_note, args.train_len)
   cpu = time.process_time()
-  print(f'wall time {time.time() - start:.0f} s, CPU time of this process {cpu:.0f} s (on a '
-        f'shared machine the wall time depends on the load)')
+  print(
+    f'wall time {time.time() - start:.0f} s, CPU time of this process {cpu:.0f} s (on a '
+    f'shared machine the wall time depends on the load)'
+  )
   return results
 
 
 def plot(path, title, eval_lens, results, reference, reference_note, train_len):
   """Accuracy and loss against evaluation length, one line per variant (error bars: std)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
   for i, (name, runs) in enumerate(results.items()):
     color = f'C{i}'
     for ax, key, scale in ((ax_acc, 'accuracy', 100.0), (ax_loss, 'loss', 1.0)):
       stats = [mean_std([r[n][key] * scale for r in runs]) for n in eval_lens]
-      ax.errorbar(eval_lens, [s[0] for s in stats],
-                  yerr=[0.0 if math.isnan(s[1]) else s[1] for s in stats], color=color,
-                  marker='o', capsize=3, label=f'{name} (ours)')
+      ax.errorbar(
+        eval_lens,
+        [s[0] for s in stats],
+        yerr=[0.0 if math.isnan(s[1]) else s[1] for s in stats],
+        color=color,
+        marker='o',
+        capsize=3,
+        label=f'{name} (ours)',
+      )
     if reference and name in reference:
       xs = [n for n in eval_lens if n in reference[name]]
-      ax_acc.plot(xs, [reference[name][n] for n in xs], color=color, ls='--', marker='x',
-                  label=f'{name} ({reference_note})')
+      ax_acc.plot(
+        xs,
+        [reference[name][n] for n in xs],
+        color=color,
+        ls='--',
+        marker='x',
+        label=f'{name} ({reference_note})',
+      )
   for ax, label in ((ax_acc, 'MLM accuracy (%)'), (ax_loss, 'MLM loss')):
     ax.set_xscale('log', base=2)
     ax.set_xticks(eval_lens, [str(n) for n in eval_lens])

@@ -34,19 +34,23 @@ def roformer_base_shapes(vocab=8000, d=768, layers=12, mlp=3072, dtype=jnp.float
   """The nested dict of ShapeDtypeStructs described in the module docstring."""
   s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
   norm = lambda *lead: {'scale': s(*lead, d), 'bias': s(*lead, d)}  # noqa: E731
-  dense = lambda n_in, n_out, *lead: {'kernel': s(*lead, n_in, n_out),  # noqa: E731
-                                      'bias': s(*lead, n_out)}
+  dense = lambda n_in, n_out, *lead: {
+    'kernel': s(*lead, n_in, n_out),  # noqa: E731
+    'bias': s(*lead, n_out),
+  }
   return {
-      'embed': {'token': {'embedding': s(vocab, d)}, 'segment': {'embedding': s(2, d)},
-                'norm': norm()},
-      'layers': {
-          'attention': {name: dense(d, d, layers) for name in ('query', 'key', 'value',
-                                                                'output')},
-          'attention_norm': norm(layers),
-          'mlp': {'wi': dense(d, mlp, layers), 'wo': dense(mlp, d, layers)},
-          'mlp_norm': norm(layers),
-      },
-      'mlm': {'transform': dense(d, d), 'norm': norm(), 'output': {'bias': s(vocab)}},
+    'embed': {
+      'token': {'embedding': s(vocab, d)},
+      'segment': {'embedding': s(2, d)},
+      'norm': norm(),
+    },
+    'layers': {
+      'attention': {name: dense(d, d, layers) for name in ('query', 'key', 'value', 'output')},
+      'attention_norm': norm(layers),
+      'mlp': {'wi': dense(d, mlp, layers), 'wo': dense(mlp, d, layers)},
+      'mlp_norm': norm(layers),
+    },
+    'mlm': {'transform': dense(d, d), 'norm': norm(), 'output': {'bias': s(vocab)}},
   }
 
 
@@ -56,13 +60,16 @@ def model_shapes():
     return roformer_base_shapes(), 'built-in BERT-base-like tree (--builtin)'
   try:
     import models  # pylint: disable=import-outside-toplevel
+
     build = getattr(models, 'build', None)
     if build is not None:
       from flax import nnx  # pylint: disable=import-outside-toplevel
+
       config = roformer.get_config('base')
       state = jax.eval_shape(lambda: nnx.state(build(config, rngs=nnx.Rngs(0)), nnx.Param))
-      shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            nnx.to_pure_dict(state))
+      shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state)
+      )
       return shapes, 'models.build(roformer.py:base)'
   except Exception as e:  # pylint: disable=broad-except
     print(f'(models.build unusable here: {type(e).__name__}: {e}; using the built-in tree)')
@@ -70,8 +77,7 @@ def model_shapes():
 
 
 def tree_bytes(tree) -> int:
-  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(tree))
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def state_bytes(shapes, **optim_fields) -> int:
@@ -107,59 +113,105 @@ def main():
   shapes, source = model_shapes()
   params = tree_bytes(shapes)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-  print(f'Parameters: {n_params / 1e6:.1f}M ({params / 2**20:.1f} MiB float32), '
-        f'from the {source}; jax {jax.__version__}, shape-only (jax.eval_shape).')
+  print(
+    f'Parameters: {n_params / 1e6:.1f}M ({params / 2**20:.1f} MiB float32), '
+    f'from the {source}; jax {jax.__version__}, shape-only (jax.eval_shape).'
+  )
   adamw = state_bytes(shapes, name='adamw')
   sgdm = state_bytes(shapes, name='sgdm')
   af_b4k = state_bytes(shapes, name='adafactor', adafactor_variant='bert4keras', b1=0.9)
   rows = [
-      # (optimizer, bytes, base bytes for "extra", target text)
-      ('AdamW', adamw, None, '2x (mu, nu)'),
-      ('AdaFactor factored, b1=0', state_bytes(shapes, name='adafactor', b1=0.0), None,
-       f'<= 0.05x AdamW = {0.05 * adamw / params:.3f}x'),
-      ('  same, raw optax rule (no axis merge)',
-       state_bytes(shapes, name='adafactor', b1=0.0, factor_merge_small_axes=False), None,
-       'optax rule on raw shapes'),
-      ('AdaFactor + momentum b1=0.9', state_bytes(shapes, name='adafactor', b1=0.9), None,
-       '~1x + factored stats'),
-      ('SGDM (heavy ball)', sgdm, None, '1x'),
-      ('SGDM, accumulate in momentum k=8',
-       state_bytes(shapes, name='sgdm', accumulation='momentum', accumulation_steps=8), sgdm,
-       '+0 over SGDM'),
-      ('AdamW, accumulate in momentum k=8',
-       state_bytes(shapes, name='adamw', accumulation='momentum', accumulation_steps=8), adamw,
-       '+0 over AdamW'),
-      ('AdaFactor b1=0.9, accumulate in M k=8',
-       state_bytes(shapes, name='adafactor', adafactor_variant='bert4keras', b1=0.9,
-                   accumulation='momentum', accumulation_steps=8), af_b4k,
-       '+0 over AdaFactor b1=0.9'),
-      ('AdamW, every_k k=8 (Su)',
-       state_bytes(shapes, name='adamw', accumulation='every_k', accumulation_steps=8), adamw,
-       '+0 over AdamW'),
-      ('AdamW, optax.MultiSteps k=8',
-       state_bytes(shapes, name='adamw', accumulation='multisteps', accumulation_steps=8),
-       adamw, '+1x over AdamW'),
-      ('SGDM + EG (EGDD form)',
-       state_bytes(shapes, name='sgdm', **{'eg.enabled': True}), sgdm, '+2x (p, gbar)'),
-      ('AdamW + EG (momentum signal)',
-       state_bytes(shapes, name='adamw', **{'eg.enabled': True}), adamw,
-       '+3x (p, gbar, u_prev)'),
+    # (optimizer, bytes, base bytes for "extra", target text)
+    ('AdamW', adamw, None, '2x (mu, nu)'),
+    (
+      'AdaFactor factored, b1=0',
+      state_bytes(shapes, name='adafactor', b1=0.0),
+      None,
+      f'<= 0.05x AdamW = {0.05 * adamw / params:.3f}x',
+    ),
+    (
+      '  same, raw optax rule (no axis merge)',
+      state_bytes(shapes, name='adafactor', b1=0.0, factor_merge_small_axes=False),
+      None,
+      'optax rule on raw shapes',
+    ),
+    (
+      'AdaFactor + momentum b1=0.9',
+      state_bytes(shapes, name='adafactor', b1=0.9),
+      None,
+      '~1x + factored stats',
+    ),
+    ('SGDM (heavy ball)', sgdm, None, '1x'),
+    (
+      'SGDM, accumulate in momentum k=8',
+      state_bytes(shapes, name='sgdm', accumulation='momentum', accumulation_steps=8),
+      sgdm,
+      '+0 over SGDM',
+    ),
+    (
+      'AdamW, accumulate in momentum k=8',
+      state_bytes(shapes, name='adamw', accumulation='momentum', accumulation_steps=8),
+      adamw,
+      '+0 over AdamW',
+    ),
+    (
+      'AdaFactor b1=0.9, accumulate in M k=8',
+      state_bytes(
+        shapes,
+        name='adafactor',
+        adafactor_variant='bert4keras',
+        b1=0.9,
+        accumulation='momentum',
+        accumulation_steps=8,
+      ),
+      af_b4k,
+      '+0 over AdaFactor b1=0.9',
+    ),
+    (
+      'AdamW, every_k k=8 (Su)',
+      state_bytes(shapes, name='adamw', accumulation='every_k', accumulation_steps=8),
+      adamw,
+      '+0 over AdamW',
+    ),
+    (
+      'AdamW, optax.MultiSteps k=8',
+      state_bytes(shapes, name='adamw', accumulation='multisteps', accumulation_steps=8),
+      adamw,
+      '+1x over AdamW',
+    ),
+    (
+      'SGDM + EG (EGDD form)',
+      state_bytes(shapes, name='sgdm', **{'eg.enabled': True}),
+      sgdm,
+      '+2x (p, gbar)',
+    ),
+    (
+      'AdamW + EG (momentum signal)',
+      state_bytes(shapes, name='adamw', **{'eg.enabled': True}),
+      adamw,
+      '+3x (p, gbar, u_prev)',
+    ),
   ]
   print()
-  print(f'| {"optimizer":40s} | {"state MiB":>9s} | {"state/param":>11s} | '
-        f'{"extra over base":>22s} | target')
+  print(
+    f'| {"optimizer":40s} | {"state MiB":>9s} | {"state/param":>11s} | '
+    f'{"extra over base":>22s} | target'
+  )
   print(f'|{"-" * 42}|{"-" * 11}|{"-" * 13}|{"-" * 24}|{"-" * 32}')
   for name, nbytes, base, target in rows:
     diff = nbytes - base if base is not None else 0
     size = f'{diff:+d} B' if abs(diff) < 2**20 else f'{diff / 2**20:+.1f} MiB'
     extra = '' if base is None else f'{diff / params:+.4f}x ({size})'
 
-    print(f'| {name:40s} | {nbytes / 2**20:9.2f} | {nbytes / params:10.4f}x | {extra:>22s} | '
-          f'{target}')
+    print(
+      f'| {name:40s} | {nbytes / 2**20:9.2f} | {nbytes / params:10.4f}x | {extra:>22s} | {target}'
+    )
   ratio = rows[1][1] / adamw
   print()
-  print(f'AdaFactor (b1=0) state / AdamW state = {ratio:.4f} (target <= 0.05): '
-        f'{"met" if ratio <= 0.05 else "NOT met"}')
+  print(
+    f'AdaFactor (b1=0) state / AdamW state = {ratio:.4f} (target <= 0.05): '
+    f'{"met" if ratio <= 0.05 else "NOT met"}'
+  )
   print('AdaFactor statistics per leaf (rank >= 2):')
   print('\n'.join(factoring_report(shapes)))
 

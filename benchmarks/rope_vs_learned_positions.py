@@ -20,17 +20,19 @@ from absl import app
 import length_extrapolation
 
 VARIANTS = {
-    'rope': {'position_embedding': 'rope'},
-    'learned': {'position_embedding': 'learned', 'max_position': 512},
+  'rope': {'position_embedding': 'rope'},
+  'learned': {'position_embedding': 'learned', 'max_position': 512},
 }
 
 
 def main(argv):
   del argv
   length_extrapolation.run_claim(
-      'rope_vs_learned_positions',
-      'RoPE vs learned absolute positions: MLM accuracy (%) at evaluation length n, trained '
-      'at n = {train_len}', VARIANTS)
+    'rope_vs_learned_positions',
+    'RoPE vs learned absolute positions: MLM accuracy (%) at evaluation length n, trained '
+    'at n = {train_len}',
+    VARIANTS,
+  )
 
 
 if __name__ == '__main__':

@@ -23,9 +23,9 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed steps per point.')
 _CHUNK = flags.DEFINE_integer('chunk_size', 128, 'FLASH chunk size c.')
 
 MODELS = {
-    'roformer (softmax)': lambda: roformer.get_config('tiny'),
-    'gau (quadratic)': lambda: gau.get_config('tiny'),
-    'flash (mixed chunk)': lambda: gau.get_config('flash_tiny'),
+  'roformer (softmax)': lambda: roformer.get_config('tiny'),
+  'gau (quadratic)': lambda: gau.get_config('tiny'),
+  'flash (mixed chunk)': lambda: gau.get_config('flash_tiny'),
 }
 
 
@@ -47,18 +47,23 @@ def main(argv):
   print('| model | ' + ' | '.join(f'n={n}' for n in lengths) + ' |')
   print('|---|' + '---|' * len(lengths))
   for name in MODELS:
-    cells = [f'{times[name, n] * 1e3:,.0f} ({times[name, n] / _TOKENS.value * 1e6:.0f})'
-             for n in lengths]
+    cells = [
+      f'{times[name, n] * 1e3:,.0f} ({times[name, n] / _TOKENS.value * 1e6:.0f})' for n in lengths
+    ]
     print(f'| {name} | ' + ' | '.join(cells) + ' |')
   flash, soft = 'flash (mixed chunk)', 'roformer (softmax)'
   if 4096 in lengths:
     ratio = times[soft, 4096] / times[flash, 4096]
-    print(f'\nFLASH vs RoFormer at n=4096: {ratio:.2f}x faster (target >= 3x: '
-          f'{"met" if ratio >= 3 else "not met"})')
+    print(
+      f'\nFLASH vs RoFormer at n=4096: {ratio:.2f}x faster (target >= 3x: '
+      f'{"met" if ratio >= 3 else "not met"})'
+    )
   if 1024 in lengths and max(lengths) >= 4096:
     spread = times[flash, max(lengths)] / times[flash, 1024] - 1
-    print(f'FLASH time per token n=1024 -> {max(lengths)}: {spread:+.0%} (target within 25 %: '
-          f'{"met" if abs(spread) <= 0.25 else "not met"})')
+    print(
+      f'FLASH time per token n=1024 -> {max(lengths)}: {spread:+.0%} (target within 25 %: '
+      f'{"met" if abs(spread) <= 0.25 else "not met"})'
+    )
 
 
 if __name__ == '__main__':

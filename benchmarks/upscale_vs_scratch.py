@@ -22,8 +22,8 @@ reused, so an interrupted benchmark continues.
 
 Prints, per variant: the validation loss at equal total compute (grown: S small steps + T large
 steps; scratch: the equal-compute run, and the S+T run interpolated there) and at equal
-large-model steps (T), plus the held-out loss before/after growth (equal when exact). Saves a PNG of validation loss vs
-training FLOPs (matplotlib, installed with the package).
+large-model steps (T), plus the held-out loss before/after growth (equal when exact). Saves a
+PNG of validation loss vs training FLOPs (matplotlib, installed with the package).
 """
 
 from __future__ import annotations
@@ -48,9 +48,12 @@ LARGE = dict(hidden_size=256, num_layers=4, num_heads=4, mlp_dim=1024)
 
 flags.DEFINE_integer('small_steps', 200, 'S: small-model steps')
 flags.DEFINE_integer('grown_steps', 200, 'T: steps after growth')
-flags.DEFINE_string('variants', 'none,zero_out,noise,none:map',
-                    'comma-separated upscale.symmetry_breaking values, each optionally with '
-                    ':map (upscale.optimizer_state=map; default reset)')
+flags.DEFINE_string(
+  'variants',
+  'none,zero_out,noise,none:map',
+  'comma-separated upscale.symmetry_breaking values, each optionally with '
+  ':map (upscale.optimizer_state=map; default reset)',
+)
 flags.DEFINE_float('noise_sigma', 1e-2, 'noise sigma')
 flags.DEFINE_integer('eval_every', 25, 'eval every')
 flags.DEFINE_integer('eval_batches', 16, 'eval batches')
@@ -63,11 +66,18 @@ flags.DEFINE_string('plot', 'upscale_vs_scratch.png', 'PNG path (empty: no plot)
 
 def common_flags(args, steps: int) -> list[str]:
   warmup = max(1, steps // 10)
-  values = {'data.seq_len': args.seq_len, 'data.global_batch_size': args.batch,
-            'train.num_train_steps': steps, 'train.eval_every_steps': args.eval_every,
-            'train.eval_steps': args.eval_batches, 'train.log_every_steps': args.eval_every,
-            'train.checkpoint_every_steps': steps, 'optim.learning_rate': args.lr,
-            'optim.warmup_steps': warmup, 'model.dropout_rate': 0.0}
+  values = {
+    'data.seq_len': args.seq_len,
+    'data.global_batch_size': args.batch,
+    'train.num_train_steps': steps,
+    'train.eval_every_steps': args.eval_every,
+    'train.eval_steps': args.eval_batches,
+    'train.log_every_steps': args.eval_every,
+    'train.checkpoint_every_steps': steps,
+    'optim.learning_rate': args.lr,
+    'optim.warmup_steps': warmup,
+    'model.dropout_rate': 0.0,
+  }
   return [f'--config.{k}={v}' for k, v in values.items()]
 
 
@@ -79,8 +89,7 @@ def run(cmd: list[str], log_path: str):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   start = time.time()
   with open(log_path, 'w') as log:
-    result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log,
-                            text=True)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
   if result.returncode != 0:
     raise SystemExit(f'{" ".join(cmd)} failed ({result.returncode}); see {log_path}')
   print(f'  {os.path.basename(log_path)}: {time.time() - start:.0f} s', flush=True)
@@ -93,9 +102,19 @@ def done(workdir: str, step: int) -> bool:
 
 def pretrain(args, workdir: str, shape: dict, steps: int, extra=()):
   if not done(workdir, steps):
-    run([sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
-         f'--workdir={workdir}', *shape_flags(shape), *common_flags(args, steps), *extra],
-        workdir.rstrip('/') + '.log')
+    run(
+      [
+        sys.executable,
+        '-m',
+        'launch.pretrain',
+        '--config=launch/configs/roformer.py:tiny',
+        f'--workdir={workdir}',
+        *shape_flags(shape),
+        *common_flags(args, steps),
+        *extra,
+      ],
+      workdir.rstrip('/') + '.log',
+    )
 
 
 def eval_curve(workdir: str) -> list[tuple[int, float]]:
@@ -112,6 +131,7 @@ def flops_per_step(args, shape: dict) -> float:
   import models  # pylint: disable=g-import-not-at-top
   from data_pipelines import objectives  # pylint: disable=g-import-not-at-top
   from launch.configs import roformer  # pylint: disable=g-import-not-at-top
+
   config = roformer.get_config('tiny')
   for k, v in shape.items():
     config.model[k] = v
@@ -142,20 +162,32 @@ def grow_variants(args, small_dir, variants):
     grown_dirs[variant] = grown
     if not done(grown, T):
       if not done(grown, 0):
-        out = run([sys.executable, '-m', 'launch.upscale', f'--from_workdir={small_dir}',
-                   '--config=launch/configs/roformer.py:tiny', f'--workdir={grown}',
-                   *shape_flags(LARGE), *common_flags(args, T),
-                   f'--config.upscale.symmetry_breaking={symmetry}',
-                   f'--config.upscale.optimizer_state={state or "reset"}',
-                   f'--config.upscale.noise_sigma={args.noise_sigma}'],
-                  grown.rstrip('/') + '.upscale.log')
+        out = run(
+          [
+            sys.executable,
+            '-m',
+            'launch.upscale',
+            f'--from_workdir={small_dir}',
+            '--config=launch/configs/roformer.py:tiny',
+            f'--workdir={grown}',
+            *shape_flags(LARGE),
+            *common_flags(args, T),
+            f'--config.upscale.symmetry_breaking={symmetry}',
+            f'--config.upscale.optimizer_state={state or "reset"}',
+            f'--config.upscale.noise_sigma={args.noise_sigma}',
+          ],
+          grown.rstrip('/') + '.upscale.log',
+        )
         with open(grown.rstrip('/') + '.upscale.out', 'w') as f:
           f.write(out)
       cont = open(grown.rstrip('/') + '.upscale.out').read()
       command = shlex.split(cont.split('continue training with:')[1])[3:]  # after python -m x
       run([sys.executable, '-m', 'launch.pretrain', *command], grown.rstrip('/') + '.log')
-    growth_lines[variant] = [l for l in open(grown.rstrip('/') + '.upscale.out').read()
-                             .splitlines() if l.startswith('held-out')]
+    growth_lines[variant] = [
+      l
+      for l in open(grown.rstrip('/') + '.upscale.out').read().splitlines()
+      if l.startswith('held-out')
+    ]
   return grown_dirs, growth_lines
 
 
@@ -166,6 +198,7 @@ def plot(args, curves_all, flops, budget, equal_steps):
   f_small, f_large = flops
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -173,13 +206,25 @@ def plot(args, curves_all, flops, budget, equal_steps):
     return
   fig, ax = plt.subplots(figsize=(7, 4.5))
   ax.plot([s * f_small for s, _ in small], [l for _, l in small], 'k-', label='small (d 128, 2L)')
-  ax.plot([s * f_large for s, _ in scratch], [l for _, l in scratch], 'r-',
-          label=f'large from scratch (d 256, 4L), {S + T} steps')
-  ax.plot([s * f_large for s, _ in equal], [l for _, l in equal], 'm-',
-          label=f'large from scratch, {equal_steps} steps (equal compute)')
+  ax.plot(
+    [s * f_large for s, _ in scratch],
+    [l for _, l in scratch],
+    'r-',
+    label=f'large from scratch (d 256, 4L), {S + T} steps',
+  )
+  ax.plot(
+    [s * f_large for s, _ in equal],
+    [l for _, l in equal],
+    'm-',
+    label=f'large from scratch, {equal_steps} steps (equal compute)',
+  )
   for variant, curve in curves.items():
-    ax.plot([S * f_small + s * f_large for s, _ in curve], [l for _, l in curve], '--',
-            label=f'grown ({variant})')
+    ax.plot(
+      [S * f_small + s * f_large for s, _ in curve],
+      [l for _, l in curve],
+      '--',
+      label=f'grown ({variant})',
+    )
   ax.axvline(budget, color='gray', lw=0.5)
   ax.set_xlabel('training FLOPs')
   ax.set_ylabel('validation MLM loss')
@@ -188,7 +233,6 @@ def plot(args, curves_all, flops, budget, equal_steps):
   fig.tight_layout()
   fig.savefig(args.plot, dpi=120)
   print(f'plot: {os.path.abspath(args.plot)}')
-
 
 
 def main(argv):
@@ -212,27 +256,35 @@ def main(argv):
   small = eval_curve(small_dir)
   scratch = eval_curve(scratch_dir)
   equal = eval_curve(equal_dir)
-  print(f'\nFLOPs/step: small {f_small:.3g}, large {f_large:.3g} (ratio {f_large / f_small:.2f}); '
-        f'budget S*small + T*large = {budget:.3g} FLOPs = {equal_steps} large steps')
+  print(
+    f'\nFLOPs/step: small {f_small:.3g}, large {f_large:.3g} (ratio {f_large / f_small:.2f}); '
+    f'budget S*small + T*large = {budget:.3g} FLOPs = {equal_steps} large steps'
+  )
   print(f'small model after {S} steps: val loss {small[-1][1]:.4f}')
-  print(f'scratch large, {S + T}-step schedule: val loss {interpolate(scratch, T):.4f} at step '
-        f'{T}, {interpolate(scratch, budget / f_large):.4f} at equal compute (step '
-        f'{budget / f_large:.0f}, mid-schedule), {scratch[-1][1]:.4f} at step {S + T}')
-  print(f'scratch large, {equal_steps}-step schedule (equal compute): val loss '
-        f'{equal[-1][1]:.4f}')
-  print(f'\n| variant | held-out batch loss small -> grown | grown after T={T} | scratch, equal '
-        f'compute ({equal_steps} steps, own schedule) | scratch at T={T} of {S + T} | scratch '
-        f'at {S + T} |')
+  print(
+    f'scratch large, {S + T}-step schedule: val loss {interpolate(scratch, T):.4f} at step '
+    f'{T}, {interpolate(scratch, budget / f_large):.4f} at equal compute (step '
+    f'{budget / f_large:.0f}, mid-schedule), {scratch[-1][1]:.4f} at step {S + T}'
+  )
+  print(f'scratch large, {equal_steps}-step schedule (equal compute): val loss {equal[-1][1]:.4f}')
+  print(
+    f'\n| variant | held-out batch loss small -> grown | grown after T={T} | scratch, equal '
+    f'compute ({equal_steps} steps, own schedule) | scratch at T={T} of {S + T} | scratch '
+    f'at {S + T} |'
+  )
   print('|---|---|---|---|---|---|')
   curves = {}
   for variant in variants:
     curve = eval_curve(grown_dirs[variant])
     curves[variant] = [(0, small[-1][1])] + curve  # lossless: the small model's loss at 0
     m = [l for l in growth_lines[variant] if 'MLM loss small' in l]
-    moved = (m[0].split('MLM loss small ')[1].split(';')[0].replace(' vs grown ', ' -> ')
-             if m else '?')
-    print(f'| {variant} | {moved} | {curve[-1][1]:.4f} | {equal[-1][1]:.4f} | '
-          f'{interpolate(scratch, T):.4f} | {scratch[-1][1]:.4f} |')
+    moved = (
+      m[0].split('MLM loss small ')[1].split(';')[0].replace(' vs grown ', ' -> ') if m else '?'
+    )
+    print(
+      f'| {variant} | {moved} | {curve[-1][1]:.4f} | {equal[-1][1]:.4f} | '
+      f'{interpolate(scratch, T):.4f} | {scratch[-1][1]:.4f} |'
+    )
   for variant in variants:
     print(f'  {variant}: {" ".join(growth_lines[variant])}')
 

@@ -26,6 +26,7 @@ _SPACE = '\u2581'  # SentencePiece's whitespace symbol
 
 def _sp_proto(model_bytes: bytes):
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(model_bytes)
   return proto
@@ -48,6 +49,7 @@ def sentencepiece_backend(model_bytes: bytes):
   """
   from tokenizers import AddedToken, Tokenizer as Backend  # pylint: disable=g-import-not-at-top
   from tokenizers import decoders, models, normalizers  # pylint: disable=g-import-not-at-top
+
   proto = _sp_proto(model_bytes)
   trainer, norm = proto.trainer_spec, proto.normalizer_spec
   problems = []
@@ -61,9 +63,10 @@ def sentencepiece_backend(model_bytes: bytes):
     problems.append('it treats whitespace as a suffix')
   if problems:
     raise tokenizer_lib.TokenizerError(
-        f'the SentencePiece model cannot be converted exactly ({"; ".join(problems)}); the '
-        'export converts the BPE models this suite trains (identity normalisation, no '
-        'whitespace folding).')
+      f'the SentencePiece model cannot be converted exactly ({"; ".join(problems)}); the '
+      'export converts the BPE models this suite trains (identity normalisation, no '
+      'whitespace folding).'
+    )
   pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
   vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
   normal = proto.SentencePiece.NORMAL
@@ -77,9 +80,15 @@ def sentencepiece_backend(model_bytes: bytes):
         merges.append((-score, i, vocab[left], vocab[right], left, right))
   merges.sort()
   unk = pieces[proto.trainer_spec.unk_id][0]
-  backend = Backend(models.BPE(vocab=vocab, merges=[(m[4], m[5]) for m in merges],
-                               unk_token=unk, fuse_unk=True,
-                               byte_fallback=bool(trainer.byte_fallback)))
+  backend = Backend(
+    models.BPE(
+      vocab=vocab,
+      merges=[(m[4], m[5]) for m in merges],
+      unk_token=unk,
+      fuse_unk=True,
+      byte_fallback=bool(trainer.byte_fallback),
+    )
+  )
   steps = [normalizers.Replace(' ', _SPACE)]
   if norm.add_dummy_prefix:
     steps.insert(0, normalizers.Prepend(_SPACE))
@@ -89,9 +98,12 @@ def sentencepiece_backend(model_bytes: bytes):
   if norm.add_dummy_prefix:
     decode.append(decoders.Strip(' ', 1, 0))
   backend.decoder = decoders.Sequence(decode)
-  special = [p for p, _, kind in pieces
-             if kind in (proto.SentencePiece.CONTROL, proto.SentencePiece.UNKNOWN,
-                         proto.SentencePiece.USER_DEFINED)]
+  special = [
+    p
+    for p, _, kind in pieces
+    if kind
+    in (proto.SentencePiece.CONTROL, proto.SentencePiece.UNKNOWN, proto.SentencePiece.USER_DEFINED)
+  ]
   # normalized=True: matched in the normalised text, as SentencePiece matches them.
   backend.add_special_tokens([AddedToken(p, special=True, normalized=True) for p in special])
   return backend
@@ -99,23 +111,37 @@ def sentencepiece_backend(model_bytes: bytes):
 
 def _template(backend, cls_token: str, sep_token: str):
   from tokenizers import processors  # pylint: disable=g-import-not-at-top
+
   backend.post_processor = processors.TemplateProcessing(
-      single=f'{cls_token}:0 $A:0 {sep_token}:0',
-      pair=f'{cls_token}:0 $A:0 {sep_token}:0 $B:1 {sep_token}:1',
-      special_tokens=[(cls_token, backend.token_to_id(cls_token)),
-                      (sep_token, backend.token_to_id(sep_token))])
+    single=f'{cls_token}:0 $A:0 {sep_token}:0',
+    pair=f'{cls_token}:0 $A:0 {sep_token}:0 $B:1 {sep_token}:1',
+    special_tokens=[
+      (cls_token, backend.token_to_id(cls_token)),
+      (sep_token, backend.token_to_id(sep_token)),
+    ],
+  )
 
 
 def special_tokens(tokenizer) -> dict[str, str]:
   """The special token strings of `tokenizer` by transformers' names (pad_token, ...)."""
   if tokenizer.kind == 'wordpiece':
-    return {'pad_token': '[PAD]', 'unk_token': '[UNK]', 'cls_token': '[CLS]',
-            'sep_token': '[SEP]', 'mask_token': '[MASK]'}
+    return {
+      'pad_token': '[PAD]',
+      'unk_token': '[UNK]',
+      'cls_token': '[CLS]',
+      'sep_token': '[SEP]',
+      'mask_token': '[MASK]',
+    }
   piece = tokenizer.processor.id_to_piece
-  return {'pad_token': piece(tokenizer.pad_id), 'unk_token': piece(tokenizer.unk_id),
-          'cls_token': piece(tokenizer.cls_id), 'sep_token': piece(tokenizer.sep_id),
-          'bos_token': piece(tokenizer.cls_id), 'eos_token': piece(tokenizer.sep_id),
-          'mask_token': piece(tokenizer.mask_id)}
+  return {
+    'pad_token': piece(tokenizer.pad_id),
+    'unk_token': piece(tokenizer.unk_id),
+    'cls_token': piece(tokenizer.cls_id),
+    'sep_token': piece(tokenizer.sep_id),
+    'bos_token': piece(tokenizer.cls_id),
+    'eos_token': piece(tokenizer.sep_id),
+    'mask_token': piece(tokenizer.mask_id),
+  }
 
 
 def hf_files(tokenizer, model_max_length: int) -> dict[str, bytes]:
@@ -136,18 +162,30 @@ def hf_files(tokenizer, model_max_length: int) -> dict[str, bytes]:
   if tokenizer.kind == 'wordpiece':
     backend = tokenizer_lib.wordpiece_backend(tokenizer.vocab, tokenizer.lowercase)
     raw = {WORDPIECE_FILE: tokenizer.model_bytes}
-    config = {'tokenizer_class': 'BertTokenizer', 'do_lower_case': tokenizer.lowercase,
-              'tokenize_chinese_chars': True, 'strip_accents': None}
+    config = {
+      'tokenizer_class': 'BertTokenizer',
+      'do_lower_case': tokenizer.lowercase,
+      'tokenize_chinese_chars': True,
+      'strip_accents': None,
+    }
   else:
     backend = sentencepiece_backend(tokenizer.model_bytes)
     _template(backend, specials['cls_token'], specials['sep_token'])
     raw = {SENTENCEPIECE_FILE: tokenizer.model_bytes}
     config = {'tokenizer_class': 'PreTrainedTokenizerFast'}
-  config.update(specials, model_max_length=int(model_max_length), clean_up_tokenization_spaces=False,
-                model_input_names=['input_ids', 'token_type_ids', 'attention_mask'])
+  config.update(
+    specials,
+    model_max_length=int(model_max_length),
+    clean_up_tokenization_spaces=False,
+    model_input_names=['input_ids', 'token_type_ids', 'attention_mask'],
+  )
   dump = lambda obj: (json.dumps(obj, indent=2, ensure_ascii=False) + '\n').encode()  # noqa: E731
-  return {**raw, 'tokenizer.json': backend.to_str(pretty=True).encode(),
-          'tokenizer_config.json': dump(config), 'special_tokens_map.json': dump(specials)}
+  return {
+    **raw,
+    'tokenizer.json': backend.to_str(pretty=True).encode(),
+    'tokenizer_config.json': dump(config),
+    'special_tokens_map.json': dump(specials),
+  }
 
 
 def find_in_hf_dir(directory: str) -> tuple[str, bool | None]:
@@ -165,9 +203,11 @@ def find_in_hf_dir(directory: str) -> tuple[str, bool | None]:
     return SENTENCEPIECE_FILE, None
   if os.path.isfile(os.path.join(directory, WORDPIECE_FILE)):
     return WORDPIECE_FILE, tokenizer_lib.wordpiece_lowercase(
-        os.path.join(directory, WORDPIECE_FILE))
+      os.path.join(directory, WORDPIECE_FILE)
+    )
   found = sorted(n for n in os.listdir(directory) if 'token' in n or n.endswith('.model'))
   raise tokenizer_lib.TokenizerError(
-      f'{directory} has no vocab.txt (WordPiece) or tokenizer.model (SentencePiece) '
-      f'(tokenizer files there: {", ".join(found) or "none"}); a tokenizer.json alone is not '
-      'read. Give the vocabulary with --config.data.tokenizer_model=PATH.')
+    f'{directory} has no vocab.txt (WordPiece) or tokenizer.model (SentencePiece) '
+    f'(tokenizer files there: {", ".join(found) or "none"}); a tokenizer.json alone is not '
+    'read. Give the vocabulary with --config.data.tokenizer_model=PATH.'
+  )

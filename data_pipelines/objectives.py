@@ -20,10 +20,17 @@ def max_predictions(seq_len: int, mask_rate: float) -> int:
   return max(1, math.ceil(mask_rate * seq_len))
 
 
-def mask_tokens(batch: dict[str, np.ndarray], rng: np.random.Generator, *, vocab_size: int,
-                mask_rate: float = 0.15, mask_token_rate: float = 0.8,
-                random_token_rate: float = 0.1, mask_id: int = tokenizer_lib.MASK_ID,
-                num_special: int = tokenizer_lib.NUM_SPECIAL) -> dict[str, np.ndarray]:
+def mask_tokens(
+  batch: dict[str, np.ndarray],
+  rng: np.random.Generator,
+  *,
+  vocab_size: int,
+  mask_rate: float = 0.15,
+  mask_token_rate: float = 0.8,
+  random_token_rate: float = 0.1,
+  mask_id: int = tokenizer_lib.MASK_ID,
+  num_special: int = tokenizer_lib.NUM_SPECIAL,
+) -> dict[str, np.ndarray]:
   """BERT masking (Devlin et al. 2019, 3.1): selects 15 % of the maskable tokens of each row.
 
   A token is maskable if it is not special (id >= num_special) and not padding. Each row gets
@@ -57,15 +64,22 @@ def mask_tokens(batch: dict[str, np.ndarray], rng: np.random.Generator, *, vocab
 
   action = rng.random((b, p))
   random_ids = rng.integers(num_special, vocab_size, size=(b, p))
-  replacement = np.where(action < mask_token_rate, mask_id,
-                         np.where(action < mask_token_rate + random_token_rate, random_ids,
-                                  targets))
+  replacement = np.where(
+    action < mask_token_rate,
+    mask_id,
+    np.where(action < mask_token_rate + random_token_rate, random_ids, targets),
+  )
   inputs = tokens.copy()
   rows = np.broadcast_to(np.arange(b)[:, None], (b, p))
   real = weights > 0
   inputs[rows[real], positions[real]] = replacement[real]
-  return {**batch, 'inputs': inputs.astype(np.int32), 'mlm_positions': positions,
-          'mlm_targets': targets.astype(np.int32), 'mlm_weights': weights}
+  return {
+    **batch,
+    'inputs': inputs.astype(np.int32),
+    'mlm_positions': positions,
+    'mlm_targets': targets.astype(np.int32),
+    'mlm_weights': weights,
+  }
 
 
 def next_token_targets(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -38,17 +38,20 @@ class Tokenize(grain.transforms.Map):
 
 
 def _rename_packed(row):
-  return {'tokens': row['tokens'].astype(np.int32),
-          'segment_ids': row['tokens_segment_ids'].astype(np.int32),
-          'positions': row['tokens_positions'].astype(np.int32)}
+  return {
+    'tokens': row['tokens'].astype(np.int32),
+    'segment_ids': row['tokens_segment_ids'].astype(np.int32),
+    'positions': row['tokens_positions'].astype(np.int32),
+  }
 
 
 def _mask(batch, rng, **kwargs):
   return objectives.mask_tokens(batch, rng, **kwargs)
 
 
-def document_dataset(records: Sequence, *, process_index: int, process_count: int, seed: int,
-                     shuffle: bool) -> grain.MapDataset:
+def document_dataset(
+  records: Sequence, *, process_index: int, process_count: int, seed: int, shuffle: bool
+) -> grain.MapDataset:
   """This process's shard of the documents, shuffled per epoch if `shuffle`, repeated forever.
 
   Raises:
@@ -56,17 +59,25 @@ def document_dataset(records: Sequence, *, process_index: int, process_count: in
   """
   if len(records) < process_count:
     raise ValueError(
-        f'the split has {len(records)} document(s), fewer than the {process_count} processes; '
-        f'every process needs at least one (add text or use --config.data.text_unit=line).')
+      f'the split has {len(records)} document(s), fewer than the {process_count} processes; '
+      f'every process needs at least one (add text or use --config.data.text_unit=line).'
+    )
   ds = grain.MapDataset.source(records)[process_index::process_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)
   return ds.repeat(None)
 
 
-def make_dataset(records: Sequence, tokenizer: tokenizer_lib.Tokenizer, config, *,
-                 text_key: str = 'text', train: bool = True, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
+def make_dataset(
+  records: Sequence,
+  tokenizer: tokenizer_lib.Tokenizer,
+  config,
+  *,
+  text_key: str = 'text',
+  train: bool = True,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.IterDataset:
   """Builds the per-process batch stream.
 
   Args:
@@ -89,25 +100,38 @@ def make_dataset(records: Sequence, tokenizer: tokenizer_lib.Tokenizer, config, 
   data = config.data
   if data.global_batch_size % process_count:
     raise ValueError(
-        f'--config.data.global_batch_size={data.global_batch_size} does not divide over '
-        f'{process_count} processes; use a multiple of {process_count}.')
-  ds = document_dataset(records, process_index=process_index, process_count=process_count,
-                        seed=data.shuffle_seed, shuffle=train)
+      f'--config.data.global_batch_size={data.global_batch_size} does not divide over '
+      f'{process_count} processes; use a multiple of {process_count}.'
+    )
+  ds = document_dataset(
+    records,
+    process_index=process_index,
+    process_count=process_count,
+    seed=data.shuffle_seed,
+    shuffle=train,
+  )
   ds = ds.map(Tokenize(tokenizer, text_key))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.num_threads,
-                                            prefetch_buffer_size=data.prefetch_buffer_size))
+  it = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=data.num_threads, prefetch_buffer_size=data.prefetch_buffer_size)
+  )
   it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={'tokens': data.seq_len})
   it = it.map(_rename_packed)
   it = it.batch(data.global_batch_size // process_count, drop_remainder=True)
   if config.objective == 'mlm':
     # Seeded by (seed, process, batch index): hosts draw independent masks, resume repeats them.
     seed = (data.shuffle_seed * 1_000_003 + process_index * 7919 + (0 if train else 1)) % 2**32
-    it = it.random_map(functools.partial(
-        _mask, vocab_size=tokenizer.vocab_size, mask_rate=data.mask_rate,
-        mask_token_rate=data.mask_token_rate, random_token_rate=data.random_token_rate,
+    it = it.random_map(
+      functools.partial(
+        _mask,
+        vocab_size=tokenizer.vocab_size,
+        mask_rate=data.mask_rate,
+        mask_token_rate=data.mask_token_rate,
+        random_token_rate=data.random_token_rate,
         mask_id=getattr(tokenizer, 'mask_id', tokenizer_lib.MASK_ID),
-        num_special=getattr(tokenizer, 'num_special', tokenizer_lib.NUM_SPECIAL)),
-                       seed=seed)
+        num_special=getattr(tokenizer, 'num_special', tokenizer_lib.NUM_SPECIAL),
+      ),
+      seed=seed,
+    )
   elif config.objective == 'clm':
     it = it.map(objectives.next_token_targets)
   else:
@@ -115,11 +139,26 @@ def make_dataset(records: Sequence, tokenizer: tokenizer_lib.Tokenizer, config, 
   return it
 
 
-def eval_batches(records: Sequence, tokenizer: tokenizer_lib.Tokenizer, config, *,
-                 text_key: str = 'text', process_index: int = 0,
-                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
+def eval_batches(
+  records: Sequence,
+  tokenizer: tokenizer_lib.Tokenizer,
+  config,
+  *,
+  text_key: str = 'text',
+  process_index: int = 0,
+  process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
   """The fixed evaluation set: the first `config.train.eval_steps` batches of the split, read
   in order with a fixed mask seed (the same batches at every evaluation)."""
-  it = iter(make_dataset(records, tokenizer, config, text_key=text_key, train=False,
-                         process_index=process_index, process_count=process_count))
+  it = iter(
+    make_dataset(
+      records,
+      tokenizer,
+      config,
+      text_key=text_key,
+      train=False,
+      process_index=process_index,
+      process_count=process_count,
+    )
+  )
   return [next(it) for _ in range(config.train.eval_steps)]

@@ -20,12 +20,14 @@ from launch.cli import FLAG_ERRORS, fail, flag_error_message
 
 try:
   _CONFIG = config_flags.DEFINE_config_file(
-      'config', 'launch/configs/roformer.py:base', 'Config file and preset.', lock_config=True)
+    'config', 'launch/configs/roformer.py:base', 'Config file and preset.', lock_config=True
+  )
 except FLAG_ERRORS as _e:
   fail(flag_error_message(_e))
 _TOPOLOGY = flags.DEFINE_list('topology', ['v5e-8'], 'Accelerator types, e.g. v4-8,v5e-32.')
-_TOKENS_PER_SEC = flags.DEFINE_float('tokens_per_sec', 0.0,
-                                     'Target throughput of the slice; prints the MFU it takes.')
+_TOKENS_PER_SEC = flags.DEFINE_float(
+  'tokens_per_sec', 0.0, 'Target throughput of the slice; prints the MFU it takes.'
+)
 
 GIB = 2.0**30
 
@@ -34,28 +36,39 @@ def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}.')
   from pretrain import aot  # pylint: disable=g-import-not-at-top
+
   aot.quiet_libtpu(_TOPOLOGY.value[0])
-  print('| topology | chips (devices) | mesh (data, fsdp, tensor) | arguments / device | '
-        'temporaries / device | code | total vs HBM | fits | XLA FLOPs / device | '
-        'model FLOPs / device | MFU needed |')
+  print(
+    '| topology | chips (devices) | mesh (data, fsdp, tensor) | arguments / device | '
+    'temporaries / device | code | total vs HBM | fits | XLA FLOPs / device | '
+    'model FLOPs / device | MFU needed |'
+  )
   print('|---|---|---|---|---|---|---|---|---|---|---|')
   for topology in _TOPOLOGY.value:
     try:
       r = aot.compile_train_step(_CONFIG.value, topology)
     except aot.DoesNotFit as e:
-      print(f'| {topology} | {aot.chips(topology)} | | | | | | DOES NOT FIT (compiler: {e}) '
-            '| | | |', flush=True)
+      print(
+        f'| {topology} | {aot.chips(topology)} | | | | | | DOES NOT FIT (compiler: {e}) | | | |',
+        flush=True,
+      )
       continue
     except (ValueError, RuntimeError) as e:
       fail(str(e))
     verdict = 'FITS' if r.fits else f'DOES NOT FIT (+{(r.total_bytes - r.hbm_bytes) / GIB:.2f} GiB)'
-    needed = (f'{r.mfu_needed(_TOKENS_PER_SEC.value):.1%}' if _TOKENS_PER_SEC.value
-              and r.peak_flops_per_chip else '-')
+    needed = (
+      f'{r.mfu_needed(_TOKENS_PER_SEC.value):.1%}'
+      if _TOKENS_PER_SEC.value and r.peak_flops_per_chip
+      else '-'
+    )
     mesh = tuple(r.mesh.values())
-    print(f'| {topology} | {r.chips} ({r.devices}) | {mesh} | {r.argument_bytes / GIB:.2f} GiB | '
-          f'{r.temp_bytes / GIB:.2f} GiB | {r.code_bytes / GIB:.3f} GiB | '
-          f'{r.total_bytes / GIB:.2f} / {r.hbm_bytes / GIB:.2f} GiB | {verdict} | '
-          f'{r.compiled_flops:.3g} | {r.model_flops / r.devices:.3g} | {needed} |', flush=True)
+    print(
+      f'| {topology} | {r.chips} ({r.devices}) | {mesh} | {r.argument_bytes / GIB:.2f} GiB | '
+      f'{r.temp_bytes / GIB:.2f} GiB | {r.code_bytes / GIB:.3f} GiB | '
+      f'{r.total_bytes / GIB:.2f} / {r.hbm_bytes / GIB:.2f} GiB | {verdict} | '
+      f'{r.compiled_flops:.3g} | {r.model_flops / r.devices:.3g} | {needed} |',
+      flush=True,
+    )
 
 
 if __name__ == '__main__':

@@ -19,8 +19,10 @@ def flag_error_message(e: Exception) -> str:
     message = message.strip().splitlines()[-1]
   message = message.replace('\\n', ' ').replace('\\', '').replace("'", '')
   message = ' '.join(message.split()).strip('"')
-  return (f'bad flag: {message} -- config fields and their meaning are in '
-          f'launch/configs/base.py; run with --helpfull for the flags.')
+  return (
+    f'bad flag: {message} -- config fields and their meaning are in '
+    f'pretrain/config.py; run with --helpfull for the flags.'
+  )
 
 
 # config_flags reports an unknown --config.x.y as AttributeError/KeyError and a value of the
@@ -47,8 +49,11 @@ def require(usage: str, **flag_values):
 
 # Variables that a multi-host TPU environment sets (GKE, multislice); a Cloud TPU VM slice sets
 # none of them, so TPU chips on the machine also count (JAX then asks the metadata server).
-CLUSTER_ENV_VARS = ('TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
-                    'TPU_PROCESS_ADDRESSES')
+CLUSTER_ENV_VARS = (
+  'TPU_WORKER_HOSTNAMES',
+  'MEGASCALE_COORDINATOR_ADDRESS',
+  'TPU_PROCESS_ADDRESSES',
+)
 
 
 def distributed_mode(coordinator: str | None, environ, num_tpu_chips: int) -> str | None:
@@ -67,6 +72,7 @@ def distributed_mode(coordinator: str | None, environ, num_tpu_chips: int) -> st
 def tpu_chips() -> int:
   """TPU chips on this machine (0 off TPU VMs), without starting a backend."""
   from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+
   try:
     return hardware_utils.num_available_tpu_chips_and_device_id()[0]
   except Exception:  # pylint: disable=broad-except

@@ -13,7 +13,9 @@ printed command), fine-tuning starts from it and `launch.upscale` grows it. --co
 `launch/configs/<family>.py:tiny`) gives the data, optimizer and schedule; its model fields are
 replaced by the checkpoint's unless given on the command line.
 
-Exit codes: 0 written, 2 bad input (one paragraph on stderr, nothing written).
+Exit codes: 0 written, 2 bad input (one paragraph on stderr, nothing written): among them a
+malformed model.safetensors (its header is checked against the file first) and a config.json
+whose sizes disagree with the weights' shapes, both found before any model is built.
 """
 
 from absl import app
@@ -25,9 +27,12 @@ from launch.cli import FLAG_ERRORS, fail, flag_error_message, parse_flags, requi
 
 try:
   _CONFIG = config_flags.DEFINE_config_file(
-      'config', None, 'Config file and preset for data, optimizer and schedule (default '
-      'launch/configs/<family>.py:tiny); model fields come from the checkpoint.',
-      lock_config=True)
+    'config',
+    None,
+    'Config file and preset for data, optimizer and schedule (default '
+    'launch/configs/<family>.py:tiny); model fields come from the checkpoint.',
+    lock_config=True,
+  )
 except FLAG_ERRORS as _e:
   fail(flag_error_message(_e))
 _FROM = flags.DEFINE_string('from_hf', None, 'Hugging Face model directory.')
@@ -36,12 +41,18 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'New workdir (empty).')
 
 def main(argv):
   if len(argv) > 1:
-    fail(f'unexpected arguments {argv[1:]}; flags are --from_hf, --workdir, --config and '
-         '--config.x.y=v.')
-  require('python -m launch.convert --from_hf=DIR --workdir=NEW_RUN', from_hf=_FROM.value,
-          workdir=_WORKDIR.value)
+    fail(
+      f'unexpected arguments {argv[1:]}; flags are --from_hf, --workdir, --config and '
+      '--config.x.y=v.'
+    )
+  require(
+    'python -m launch.convert --from_hf=DIR --workdir=NEW_RUN',
+    from_hf=_FROM.value,
+    workdir=_WORKDIR.value,
+  )
   from pretrain import hf_io  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
+
   logging.set_verbosity(logging.WARNING)
   config_flag = flags.FLAGS['config']
   spec, explicit = None, frozenset()

@@ -23,24 +23,32 @@ _FROM = flags.DEFINE_string('from_workdir', None, 'Workdir of the run to export.
 _OUT = flags.DEFINE_string('out', None, 'New (or empty) output directory.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default latest).')
 _TOKENIZER = flags.DEFINE_string(
-    'tokenizer', None, "The run's tokenizer file, when the recorded path is not on this machine.")
+  'tokenizer', None, "The run's tokenizer file, when the recorded path is not on this machine."
+)
 _MAX_POSITIONS = flags.DEFINE_integer(
-    'max_position_embeddings', 1536,
-    'max_position_embeddings in config.json (position tables of the PyTorch code).')
+  'max_position_embeddings',
+  1536,
+  'max_position_embeddings in config.json (position tables of the PyTorch code).',
+)
 
 
 def main(argv):
   if len(argv) > 1:
-    fail(f'unexpected arguments {argv[1:]}; flags are --from_workdir, --out, --step, '
-         '--tokenizer and --max_position_embeddings.')
-  require('python -m launch.export --from_workdir=RUN --out=DIR', from_workdir=_FROM.value,
-          out=_OUT.value)
+    fail(
+      f'unexpected arguments {argv[1:]}; flags are --from_workdir, --out, --step, '
+      '--tokenizer and --max_position_embeddings.'
+    )
+  require(
+    'python -m launch.export --from_workdir=RUN --out=DIR', from_workdir=_FROM.value, out=_OUT.value
+  )
   from pretrain import hf_io  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
+
   logging.set_verbosity(logging.WARNING)
   try:
-    result = hf_io.export_run(_FROM.value, _OUT.value, _STEP.value, _TOKENIZER.value,
-                              _MAX_POSITIONS.value)
+    result = hf_io.export_run(
+      _FROM.value, _OUT.value, _STEP.value, _TOKENIZER.value, _MAX_POSITIONS.value
+    )
   except train.InputError as e:
     fail(str(e))
   print(hf_io.export_summary(result))

@@ -20,23 +20,36 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from launch.cli import FLAG_ERRORS, distributed_mode, fail, flag_error_message, parse_flags, tpu_chips
+from launch.cli import (
+  FLAG_ERRORS,
+  distributed_mode,
+  fail,
+  flag_error_message,
+  parse_flags,
+  tpu_chips,
+)
 
 
 try:
   _CONFIG = config_flags.DEFINE_config_file(
-      'config', 'launch/configs/roformer.py:tiny',
-      'Config file and preset, e.g. launch/configs/roformer.py:base.', lock_config=True)
+    'config',
+    'launch/configs/roformer.py:tiny',
+    'Config file and preset, e.g. launch/configs/roformer.py:base.',
+    lock_config=True,
+  )
 except FLAG_ERRORS as _e:
   fail(flag_error_message(_e))
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/roformer_tiny',
-                               'Run directory (checkpoints, metrics.jsonl, tensorboard/).')
+_WORKDIR = flags.DEFINE_string(
+  'workdir', 'runs/roformer_tiny', 'Run directory (checkpoints, metrics.jsonl, tensorboard/).'
+)
 _COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0 for multi-process runs off TPU VMs.')
+  'coordinator_address', None, 'host:port of process 0 for multi-process runs off TPU VMs.'
+)
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (0-based).')
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
-    'distributed_timeout_s', 300, 'Seconds to wait for every host to join the run.')
+  'distributed_timeout_s', 300, 'Seconds to wait for every host to join the run.'
+)
 
 
 def initialize_distributed():
@@ -47,15 +60,19 @@ def initialize_distributed():
   one-process cluster).
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   mode = distributed_mode(_COORDINATOR.value, os.environ, tpu_chips())
   timeout = _DISTRIBUTED_TIMEOUT.value
   if mode == 'explicit':
     if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
       # CPU processes need a collectives backend to talk to each other (local drills, tests).
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-                               initialization_timeout=timeout)
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+      initialization_timeout=timeout,
+    )
   elif mode == 'auto':
     jax.distributed.initialize(initialization_timeout=timeout)
 
@@ -70,6 +87,7 @@ def main(argv):
   initialize_distributed()
   from pretrain import guards  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
+
   logging.set_verbosity(logging.INFO)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -23,6 +23,7 @@ def main(argv):
   if _NAMES.value and len(_NAMES.value) != len(run_dirs):
     fail(f'--names has {len(_NAMES.value)} labels for {len(run_dirs)} runs.')
   from pretrain import report  # pylint: disable=g-import-not-at-top
+
   try:
     written = report.write_report(run_dirs, _OUT.value, _NAMES.value)
   except report.ReportError as e:

@@ -11,7 +11,7 @@ r"""Cloud TPU VMs through the `gcloud` CLI: `python -m launch.tpu_vm COMMAND --t
 
 `--dry_run` (or `--dry-run`) prints the exact commands and runs nothing. Flag names mirror
 gcloud's (`--accelerator-type` works as `--accelerator_type`). A full sequence, from nothing to
-a resumed `base` run after a preemption, is in the README ("Train on a TPU pod").
+a resumed `base` run after a preemption, is in docs/operations.md 5.
 
 Exit codes: 0 done, 1 a gcloud command failed (its exit code is printed), 2 bad flags.
 """
@@ -36,40 +36,50 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _TPU = flags.DEFINE_string('tpu', None, 'TPU VM (and queued resource) name.')
 _ZONE = flags.DEFINE_string('zone', None, 'Zone, e.g. us-west4-a (v5e) or us-east5-b (v6e).')
-_PROJECT = flags.DEFINE_string('project', None, 'Google Cloud project (default: gcloud\'s).')
-_ACCELERATOR = flags.DEFINE_string('accelerator_type', 'v5litepod-8',
-                                   'create: e.g. v4-8, v5litepod-32 (v5e-32), v5p-8, v6e-8.')
-_RUNTIME = flags.DEFINE_string('runtime_version', None,
-                               'create: TPU software version; default by accelerator family.')
+_PROJECT = flags.DEFINE_string('project', None, "Google Cloud project (default: gcloud's).")
+_ACCELERATOR = flags.DEFINE_string(
+  'accelerator_type', 'v5litepod-8', 'create: e.g. v4-8, v5litepod-32 (v5e-32), v5p-8, v6e-8.'
+)
+_RUNTIME = flags.DEFINE_string(
+  'runtime_version', None, 'create: TPU software version; default by accelerator family.'
+)
 _SPOT = flags.DEFINE_bool('spot', False, 'create: spot capacity (cheaper, preemptible).')
-_RESERVED = flags.DEFINE_bool('reserved', False, 'create: use the project\'s reservation.')
+_RESERVED = flags.DEFINE_bool('reserved', False, "create: use the project's reservation.")
 _WAIT = flags.DEFINE_bool('wait', True, 'create: poll until the resource is ACTIVE.')
-_REPO_URL = flags.DEFINE_string('repo_url', None,
-                                'setup: git URL to clone on the workers instead of copying '
-                                'this checkout.')
+_REPO_URL = flags.DEFINE_string(
+  'repo_url', None, 'setup: git URL to clone on the workers instead of copying this checkout.'
+)
 _BRANCH = flags.DEFINE_string('branch', 'main', 'setup: branch or tag of --repo_url.')
-_CONFIG = flags.DEFINE_string('config', 'launch/configs/roformer.py:base',
-                              'run: config file and preset.')
-_WORKDIR = flags.DEFINE_string('workdir', None,
-                               'run: run directory shared by all workers, e.g. '
-                               'gs://bucket/runs/base.')
-_ARGS = flags.DEFINE_string('args', '', 'run: more launch.pretrain flags, e.g. '
-                            '"--config.train.num_train_steps=100000".')
-_RUN_NAME = flags.DEFINE_string('run_name', None, 'run/logs: log file name (default: the '
-                                'workdir\'s last component).')
+_CONFIG = flags.DEFINE_string(
+  'config', 'launch/configs/roformer.py:base', 'run: config file and preset.'
+)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'run: run directory shared by all workers, e.g. gs://bucket/runs/base.'
+)
+_ARGS = flags.DEFINE_string(
+  'args', '', 'run: more launch.pretrain flags, e.g. "--config.train.num_train_steps=100000".'
+)
+_RUN_NAME = flags.DEFINE_string(
+  'run_name', None, "run/logs: log file name (default: the workdir's last component)."
+)
 _WORKER = flags.DEFINE_string('worker', 'all', 'ssh/logs: `all` or a worker index.')
 _COMMAND = flags.DEFINE_string('command', None, 'ssh: command to run (default: a shell).')
 _FOLLOW = flags.DEFINE_bool('follow', False, 'logs: keep printing new lines.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the gcloud commands; run nothing.')
 
 # Default runtime per accelerator family (Cloud TPU "TPU software versions" page).
-RUNTIMES = {'v4': 'tpu-ubuntu2204-base', 'v5litepod': 'v2-alpha-tpuv5-lite',
-            'v5p': 'v2-alpha-tpuv5', 'v6e': 'v2-alpha-tpuv6e'}
+RUNTIMES = {
+  'v4': 'tpu-ubuntu2204-base',
+  'v5litepod': 'v2-alpha-tpuv5-lite',
+  'v5p': 'v2-alpha-tpuv5',
+  'v6e': 'v2-alpha-tpuv6e',
+}
 
 
 @dataclasses.dataclass
 class Options:
   """Everything a command needs (the flags, as plain values, so tests need no flag parsing)."""
+
   tpu: str
   zone: str
   project: str | None = None
@@ -108,8 +118,10 @@ def runtime_for(accelerator_type: str) -> str:
   """
   family = accelerator_type.rsplit('-', 1)[0]
   if family not in RUNTIMES:
-    raise ValueError(f'--accelerator_type={accelerator_type}: no default runtime for '
-                     f'{family!r}; pass --runtime_version (known: {", ".join(RUNTIMES)}).')
+    raise ValueError(
+      f'--accelerator_type={accelerator_type}: no default runtime for '
+      f'{family!r}; pass --runtime_version (known: {", ".join(RUNTIMES)}).'
+    )
   return RUNTIMES[family]
 
 
@@ -128,14 +140,18 @@ def run_name(o: Options) -> str:
     raise ValueError('give --workdir (the run directory) or --run_name (the log file name).')
   name = o.run_name or o.workdir.rstrip('/').rsplit('/', 1)[-1]
   if not re.fullmatch(r'[A-Za-z0-9._-]+', name):
-    raise ValueError(f'run name {name!r} (from --run_name or the last part of --workdir) may '
-                     f'only hold letters, digits, ".", "_" and "-"; pass --run_name.')
+    raise ValueError(
+      f'run name {name!r} (from --run_name or the last part of --workdir) may '
+      f'only hold letters, digits, ".", "_" and "-"; pass --run_name.'
+    )
   return name
 
 
 # The workers' Python is the image's (3.10 on Ubuntu 22.04): uv provides 3.12 for jax >= 0.11.
-INSTALL = ('python3 -m pip install -q --user uv && ~/.local/bin/uv venv -q --python 3.12 .venv '
-           "&& ~/.local/bin/uv pip install -q --python .venv/bin/python -e '.[tpu]'")
+INSTALL = (
+  'python3 -m pip install -q --user uv && ~/.local/bin/uv venv -q --python 3.12 .venv '
+  "&& ~/.local/bin/uv pip install -q --python .venv/bin/python -e '.[tpu]'"
+)
 
 
 def commands(name: str, o: Options) -> list[list[str]]:
@@ -146,46 +162,80 @@ def commands(name: str, o: Options) -> list[list[str]]:
   """
   if name == 'create':
     if o.spot and o.reserved:
-      raise ValueError('--spot and --reserved exclude each other; pass one (or neither for '
-                       'on-demand capacity).')
+      raise ValueError(
+        '--spot and --reserved exclude each other; pass one (or neither for on-demand capacity).'
+      )
     capacity = ['--spot'] if o.spot else ['--reserved'] if o.reserved else []
-    return [_queued(o, 'create', f'--node-id={o.tpu}', f'--accelerator-type={o.accelerator_type}',
-                    f'--runtime-version={o.runtime_version or runtime_for(o.accelerator_type)}',
-                    *capacity)]
+    return [
+      _queued(
+        o,
+        'create',
+        f'--node-id={o.tpu}',
+        f'--accelerator-type={o.accelerator_type}',
+        f'--runtime-version={o.runtime_version or runtime_for(o.accelerator_type)}',
+        *capacity,
+      )
+    ]
   if name == 'setup':
     if o.repo_url:
-      fetch = (f'rm -rf {REMOTE_DIR} && git clone -q --branch {shlex.quote(o.branch)} '
-               f'{shlex.quote(o.repo_url)} {REMOTE_DIR}')
-      return [_remote(dataclasses.replace(o, worker='all'), f'{fetch} && cd {REMOTE_DIR} && '
-                      f'{INSTALL}')]
+      fetch = (
+        f'rm -rf {REMOTE_DIR} && git clone -q --branch {shlex.quote(o.branch)} '
+        f'{shlex.quote(o.repo_url)} {REMOTE_DIR}'
+      )
+      return [
+        _remote(dataclasses.replace(o, worker='all'), f'{fetch} && cd {REMOTE_DIR} && {INSTALL}')
+      ]
     archive = '/tmp/encoder-pretrain.tar.gz'
-    return [['git', '-C', ROOT, 'archive', '--format=tar.gz', f'--output={archive}', 'HEAD'],
-            ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', archive,
-             f'{o.tpu}:encoder-pretrain.tar.gz', *_location(o), '--worker=all'],
-            _remote(dataclasses.replace(o, worker='all'),
-                    f'rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && tar -xzf '
-                    f'~/encoder-pretrain.tar.gz -C {REMOTE_DIR} && cd {REMOTE_DIR} && {INSTALL}')]
+    return [
+      ['git', '-C', ROOT, 'archive', '--format=tar.gz', f'--output={archive}', 'HEAD'],
+      [
+        'gcloud',
+        'compute',
+        'tpus',
+        'tpu-vm',
+        'scp',
+        archive,
+        f'{o.tpu}:encoder-pretrain.tar.gz',
+        *_location(o),
+        '--worker=all',
+      ],
+      _remote(
+        dataclasses.replace(o, worker='all'),
+        f'rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && tar -xzf '
+        f'~/encoder-pretrain.tar.gz -C {REMOTE_DIR} && cd {REMOTE_DIR} && {INSTALL}',
+      ),
+    ]
   if name == 'run':
     if not o.workdir:
-      raise ValueError('run needs --workdir (a gs:// path every worker can reach, e.g. '
-                       'gs://my-bucket/runs/base).')
+      raise ValueError(
+        'run needs --workdir (a gs:// path every worker can reach, e.g. gs://my-bucket/runs/base).'
+      )
     if not o.workdir.startswith('gs://'):
-      raise ValueError(f'--workdir={o.workdir}: on a TPU pod every worker writes the same '
-                       f'checkpoints; give a gs:// path.')
+      raise ValueError(
+        f'--workdir={o.workdir}: on a TPU pod every worker writes the same '
+        f'checkpoints; give a gs:// path.'
+      )
     log = f'logs/{run_name(o)}.log'
-    train = (f'.venv/bin/python -m launch.pretrain --config={shlex.quote(o.config)} '
-             f'--workdir={shlex.quote(o.workdir)} {o.args}').strip()
-    return [_remote(dataclasses.replace(o, worker='all'),
-                    f'cd {REMOTE_DIR} && mkdir -p logs && (nohup {train} < /dev/null > {log} '
-                    f'2>&1 &) && echo "worker $(hostname): logging to {REMOTE_DIR}/{log}"')]
+    train = (
+      f'.venv/bin/python -m launch.pretrain --config={shlex.quote(o.config)} '
+      f'--workdir={shlex.quote(o.workdir)} {o.args}'
+    ).strip()
+    return [
+      _remote(
+        dataclasses.replace(o, worker='all'),
+        f'cd {REMOTE_DIR} && mkdir -p logs && (nohup {train} < /dev/null > {log} '
+        f'2>&1 &) && echo "worker $(hostname): logging to {REMOTE_DIR}/{log}"',
+      )
+    ]
   if name == 'logs':
     if o.worker == 'all':
       raise ValueError('logs needs one --worker index (0 is the one that writes metrics).')
     tail = 'tail -n 100' + (' -F' if o.follow else '')
     return [_remote(o, f'{tail} {REMOTE_DIR}/logs/{run_name(o)}.log')]
   if name == 'ssh':
-    return [_tpu_vm(o, 'ssh', f'--worker={o.worker}',
-                    *([f'--command={o.command}'] if o.command else []))]
+    return [
+      _tpu_vm(o, 'ssh', f'--worker={o.worker}', *([f'--command={o.command}'] if o.command else []))
+    ]
   if name == 'status':
     return [_queued(o, 'describe'), _tpu_vm(o, 'describe')]
   if name == 'delete':
@@ -229,16 +279,30 @@ def parse_flags(argv):
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    fail(f'give one command: python -m launch.tpu_vm {{{"|".join(COMMANDS)}}} --tpu=NAME '
-         f'--zone=ZONE [flags]; got {argv[1:]}.')
+    fail(
+      f'give one command: python -m launch.tpu_vm {{{"|".join(COMMANDS)}}} --tpu=NAME '
+      f'--zone=ZONE [flags]; got {argv[1:]}.'
+    )
   if not _TPU.value or not _ZONE.value:
     fail('--tpu and --zone are required.')
-  o = Options(tpu=_TPU.value, zone=_ZONE.value, project=_PROJECT.value,
-              accelerator_type=_ACCELERATOR.value, runtime_version=_RUNTIME.value,
-              spot=_SPOT.value, reserved=_RESERVED.value, repo_url=_REPO_URL.value,
-              branch=_BRANCH.value, config=_CONFIG.value, workdir=_WORKDIR.value,
-              args=_ARGS.value, run_name=_RUN_NAME.value, worker=_WORKER.value,
-              command=_COMMAND.value, follow=_FOLLOW.value)
+  o = Options(
+    tpu=_TPU.value,
+    zone=_ZONE.value,
+    project=_PROJECT.value,
+    accelerator_type=_ACCELERATOR.value,
+    runtime_version=_RUNTIME.value,
+    spot=_SPOT.value,
+    reserved=_RESERVED.value,
+    repo_url=_REPO_URL.value,
+    branch=_BRANCH.value,
+    config=_CONFIG.value,
+    workdir=_WORKDIR.value,
+    args=_ARGS.value,
+    run_name=_RUN_NAME.value,
+    worker=_WORKER.value,
+    command=_COMMAND.value,
+    follow=_FOLLOW.value,
+  )
   try:
     cmds = commands(argv[1], o)
   except ValueError as e:
@@ -252,8 +316,9 @@ def main(argv):
       fail(f'{cmd[0]} exited {result.returncode}: {shlex.join(cmd)}', 1)
   if argv[1] == 'create' and _WAIT.value:
     if _DRY_RUN.value:
-      print(shlex.join(_queued(o, 'describe', '--format=value(state.state)')),
-            '# polled until ACTIVE')
+      print(
+        shlex.join(_queued(o, 'describe', '--format=value(state.state)')), '# polled until ACTIVE'
+      )
     else:
       wait_active(o)
 

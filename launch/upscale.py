@@ -9,7 +9,7 @@ growth of the run that wrote it, grows parameters (and optimizer state with
 --config.upscale.optimizer_state=map) and writes them as step 0 of --workdir
 (`pretrain.grow.grow_run`, docs/algorithms.md 4). Prints the held-out check and the exact
 `launch.pretrain` command that continues the grown run. Growth options are the
-`--config.upscale.<field>` fields of launch/configs/base.py.
+`--config.upscale.<field>` fields of pretrain/config.py.
 
 Exit codes: 0 written, 2 bad input (one paragraph on stderr, nothing written).
 """
@@ -23,8 +23,11 @@ from launch.cli import FLAG_ERRORS, fail, flag_error_message, parse_flags, requi
 
 try:
   _CONFIG = config_flags.DEFINE_config_file(
-      'config', None, 'Target config file and preset, e.g. launch/configs/roformer.py:small.',
-      lock_config=True)
+    'config',
+    None,
+    'Target config file and preset, e.g. launch/configs/roformer.py:small.',
+    lock_config=True,
+  )
 except FLAG_ERRORS as _e:
   fail(flag_error_message(_e))
 _FROM = flags.DEFINE_string('from_workdir', None, 'Workdir of the trained (small) model.')
@@ -34,13 +37,20 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step of --from_workdir (d
 
 def main(argv):
   if len(argv) > 1:
-    fail(f'unexpected arguments {argv[1:]}; flags are --from_workdir, --config, --workdir, '
-         '--step and --config.x.y=v.')
-  require('python -m launch.upscale --from_workdir=SMALL_RUN '
-          '--config=launch/configs/<family>.py:<preset> --workdir=NEW_RUN',
-          from_workdir=_FROM.value, workdir=_WORKDIR.value, config=_CONFIG.value)
+    fail(
+      f'unexpected arguments {argv[1:]}; flags are --from_workdir, --config, --workdir, '
+      '--step and --config.x.y=v.'
+    )
+  require(
+    'python -m launch.upscale --from_workdir=SMALL_RUN '
+    '--config=launch/configs/<family>.py:<preset> --workdir=NEW_RUN',
+    from_workdir=_FROM.value,
+    workdir=_WORKDIR.value,
+    config=_CONFIG.value,
+  )
   from pretrain import grow  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
+
   logging.set_verbosity(logging.WARNING)
   config_flag = flags.FLAGS['config']
   explicit = frozenset(config_flags.get_override_values(config_flag))

@@ -20,12 +20,20 @@ from models.encoder import Encoder, resolve, stack_layers, unstack_layers
 from models.flops import flops_per_token
 
 FAMILIES = ('roformer', 'roformer_v2', 'gau')
-# model.position_embedding: rotary (every preset) or a learned absolute table (docs/algorithms.md
-# 7.6).
+# model.position_embedding: rotary (every preset) or a learned absolute table
+# (docs/algorithms.md 7.6).
 POSITION_EMBEDDINGS = ('rope', 'learned')
 
-__all__ = ['build', 'validate', 'flops_per_token', 'Encoder', 'resolve', 'stack_layers',
-           'unstack_layers', 'FAMILIES']
+__all__ = [
+  'build',
+  'validate',
+  'flops_per_token',
+  'Encoder',
+  'resolve',
+  'stack_layers',
+  'unstack_layers',
+  'FAMILIES',
+]
 
 
 def _choice(name: str, value, choices) -> None:
@@ -45,11 +53,14 @@ def validate(config) -> None:
   if m.family == 'gau':
     # RoPE rotates pairs of features; learned absolute positions take any width.
     if m.shared_dim <= 0 or (m.shared_dim % 2 and m.position_embedding == 'rope'):
-      raise ValueError(f'model.shared_dim={m.shared_dim} must be a positive even number '
-                       '(RoPE rotates pairs); choose an even shared_dim such as 128')
+      raise ValueError(
+        f'model.shared_dim={m.shared_dim} must be a positive even number '
+        '(RoPE rotates pairs); choose an even shared_dim such as 128'
+      )
     if m.expansion_factor <= 0:
-      raise ValueError(f'model.expansion_factor={m.expansion_factor} must be positive; '
-                       'use 2 (e = 2d)')
+      raise ValueError(
+        f'model.expansion_factor={m.expansion_factor} must be positive; use 2 (e = 2d)'
+      )
     _choice('model.attention_norm', m.attention_norm, ('relu2', 'softmax', 'softmax_plus'))
     _choice('model.gau_activation', m.gau_activation, ('swish', 'relu'))
     if m.chunk_size < 0:
@@ -59,12 +70,15 @@ def validate(config) -> None:
       raise ValueError(f'model.num_heads={m.num_heads} must be positive')
     if m.head_dim == 0 and m.hidden_size % m.num_heads:
       raise ValueError(
-          f'num_heads={m.num_heads} does not divide hidden_size={m.hidden_size}; choose '
-          'num_heads so that hidden_size % num_heads == 0 (or set model.head_dim)')
+        f'num_heads={m.num_heads} does not divide hidden_size={m.hidden_size}; choose '
+        'num_heads so that hidden_size % num_heads == 0 (or set model.head_dim)'
+      )
     head_dim = m.head_dim or m.hidden_size // m.num_heads
     if head_dim % 2 and m.position_embedding == 'rope':
-      raise ValueError(f'head_dim={head_dim} is odd but RoPE rotates pairs of features; '
-                       'choose hidden_size, num_heads or model.head_dim so that head_dim is even')
+      raise ValueError(
+        f'head_dim={head_dim} is odd but RoPE rotates pairs of features; '
+        'choose hidden_size, num_heads or model.head_dim so that head_dim is even'
+      )
     if m.mlp_dim <= 0:
       raise ValueError(f'model.mlp_dim={m.mlp_dim} must be positive')
   _choice('model.mlp_activation', m.mlp_activation, tuple(layers.ACTIVATIONS))
@@ -73,14 +87,17 @@ def validate(config) -> None:
   _choice('model.position_embedding', m.position_embedding, POSITION_EMBEDDINGS)
   if m.position_embedding == 'learned':
     if m.max_position <= 0:
-      raise ValueError(f'model.max_position={m.max_position} must be positive with '
-                       "model.position_embedding='learned' (rows of the position table)")
+      raise ValueError(
+        f'model.max_position={m.max_position} must be positive with '
+        "model.position_embedding='learned' (rows of the position table)"
+      )
     seq_len = config.data.seq_len if 'data' in config else 0
     if seq_len > m.max_position:
       raise ValueError(
-          f'data.seq_len={seq_len} > model.max_position={m.max_position}: the learned '
-          f'position table has no row for positions >= {m.max_position}; set '
-          f'--config.model.max_position >= {seq_len} (a new run) or a shorter seq_len')
+        f'data.seq_len={seq_len} > model.max_position={m.max_position}: the learned '
+        f'position table has no row for positions >= {m.max_position}; set '
+        f'--config.model.max_position >= {seq_len} (a new run) or a shorter seq_len'
+      )
   _choice('model.residual', m.residual, ('post_ln', 'deepnorm'))
   _choice('model.init', m.init, ('normal', 'roformer_v2', 'gau_alpha'))
   _choice('model.remat_policy', m.remat_policy, encoder.REMAT_POLICIES)

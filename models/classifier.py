@@ -41,12 +41,16 @@ POOLED_AXES = ('batch', None)
 def validate_head(pooling: str, num_outputs: int) -> None:
   """Raises ValueError naming the flag when the head settings are invalid."""
   if pooling not in POOLINGS:
-    raise ValueError(f'--pooling={pooling!r} is not supported; choose one of '
-                     f'{", ".join(POOLINGS)} (cls: first token through a tanh pooler, as '
-                     f'BERT; mean: mean over non-padding tokens).')
+    raise ValueError(
+      f'--pooling={pooling!r} is not supported; choose one of '
+      f'{", ".join(POOLINGS)} (cls: first token through a tanh pooler, as '
+      f'BERT; mean: mean over non-padding tokens).'
+    )
   if num_outputs < 1:
-    raise ValueError(f'the task has {num_outputs} outputs; a classification task needs at '
-                     f'least 2 labels in its training file, a regression task 1 output.')
+    raise ValueError(
+      f'the task has {num_outputs} outputs; a classification task needs at '
+      f'least 2 labels in its training file, a regression task 1 output.'
+    )
 
 
 class Classifier(nnx.Module):
@@ -59,25 +63,38 @@ class Classifier(nnx.Module):
     rngs: parameter initialisation keys.
   """
 
-  def __init__(self, spec: encoder_lib.ArchSpec, num_outputs: int, pooling: str = 'cls', *,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, spec: encoder_lib.ArchSpec, num_outputs: int, pooling: str = 'cls', *, rngs: nnx.Rngs
+  ):
     validate_head(pooling, num_outputs)
     self.encoder = encoder_lib.Encoder(spec, rngs=rngs)
     self.encoder.head = None  # the MLM head is not part of a fine-tuned model
     self.pooling = pooling
     self.dropout_rate = spec.dropout_rate
-    d = spec.hidden
+    d = spec.hidden_size
     head_init = layers.KernelInit('normal', spec.kernel_init.std, spec.num_layers)
     common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
     if pooling == 'cls':
-      self.pooler = layers.Dense((d,), (d,), in_axes=('embed',), out_axes=('mlp',),
-                                 kernel_init=head_init('head', (d,), (d,)), use_bias=True,
-                                 **common)
+      self.pooler = layers.Dense(
+        (d,),
+        (d,),
+        in_axes=('embed',),
+        out_axes=('mlp',),
+        kernel_init=head_init('head', (d,), (d,)),
+        use_bias=True,
+        **common,
+      )
     else:
       self.pooler = None
-    self.output = layers.Dense((d,), (num_outputs,), in_axes=('embed',), out_axes=(None,),
-                               kernel_init=head_init('head', (d,), (num_outputs,)),
-                               use_bias=True, **common)
+    self.output = layers.Dense(
+      (d,),
+      (num_outputs,),
+      in_axes=('embed',),
+      out_axes=(None,),
+      kernel_init=head_init('head', (d,), (num_outputs,)),
+      use_bias=True,
+      **common,
+    )
 
   def pool(self, hidden: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """hidden [b, n, d], segment_ids [b, n] -> pooled [b, d] (before dropout)."""
@@ -110,6 +127,7 @@ def build(config, num_outputs: int, pooling: str = 'cls', *, rngs: nnx.Rngs) -> 
     ValueError: an invalid model config (models.validate) or head setting.
   """
   from models import validate  # pylint: disable=g-import-not-at-top
+
   validate(config)
   spec = encoder_lib.resolve(config)
   if spec.causal:  # a CLM-pretrained encoder is fine-tuned with bidirectional attention

@@ -5,8 +5,8 @@
 tokens, segment_ids, positions: int32 [b, n]. segment_ids 0 = padding, 1..k = packed
 documents; attention never crosses segments (nor reaches padding); objective 'clm' adds j <= i.
 positions restart at 0 in every segment and drive RoPE (model.position_embedding='rope', the
-default) or index a learned absolute table ('learned': BERT-style, rotary off; docs/algorithms.md
-7.6).
+default) or index a learned absolute table ('learned': BERT-style, rotary off;
+docs/algorithms.md 7.6).
 prediction_positions [b, P] (MLM): the final hidden states are gathered there before the head,
 so logits are [b, P, V]; None: logits for every position [b, n, V]. Logits are float32.
 dropout_rng: a PRNG key (training) or None (deterministic). Dropout keys are derived from it
@@ -61,9 +61,10 @@ REMAT_POLICIES = ('none', 'full', 'dots_with_no_batch_dims')
 @dataclasses.dataclass(frozen=True)
 class ArchSpec:
   """Hyper-parameters resolved from config.model (+ family defaults). See resolve()."""
+
   family: str
   vocab_size: int
-  hidden: int
+  hidden_size: int
   num_layers: int
   num_heads: int
   head_dim: int
@@ -75,7 +76,7 @@ class ArchSpec:
   max_position: int
   attention_scale: str
   norm_eps: float
-  norm: str
+  norm_type: str
   use_bias: bool
   residual: str
   residual_alpha: float
@@ -91,7 +92,7 @@ class ArchSpec:
   embed_dropout_first: bool
   causal_normalizer: str
   # GAU / FLASH
-  expansion: int
+  expansion_factor: int
   shared_dim: int
   attention_norm: str
   chunk_size: int
@@ -103,8 +104,8 @@ class ArchSpec:
 
 
 def deepnorm_constants(model_cfg) -> tuple[float, float]:
-  """Encoder-only DeepNorm (alpha, beta) = ((2N)^(1/4), (8N)^(-1/4)) unless set (docs/algorithms.md
-  5.1)."""
+  """Encoder-only DeepNorm (alpha, beta) = ((2N)^(1/4), (8N)^(-1/4)) unless set
+  (docs/algorithms.md 5.1)."""
   n = model_cfg.num_layers
   alpha = model_cfg.deepnorm_alpha if model_cfg.deepnorm_alpha > 0 else (2.0 * n) ** 0.25
   beta = model_cfg.deepnorm_beta if model_cfg.deepnorm_beta > 0 else (8.0 * n) ** -0.25
@@ -117,7 +118,7 @@ def resolve(config) -> ArchSpec:
   family = m.family
   v1 = family == 'roformer'
   head_dim = m.head_dim or m.hidden_size // m.num_heads
-  use_bias, norm = bool(m.use_bias), m.norm_type
+  use_bias = bool(m.use_bias)
   if m.residual == 'deepnorm':
     alpha, beta = deepnorm_constants(m)
   elif m.residual == 'post_ln':
@@ -125,29 +126,50 @@ def resolve(config) -> ArchSpec:
   else:
     raise ValueError(f'unknown model.residual={m.residual!r}; choose post_ln or deepnorm')
   return ArchSpec(
-      family=family, vocab_size=m.vocab_size, hidden=m.hidden_size, num_layers=m.num_layers,
-      num_heads=m.num_heads, head_dim=head_dim, mlp_dim=m.mlp_dim,
-      type_vocab_size=m.type_vocab_size, dropout_rate=float(m.dropout_rate),
-      rotary_base=float(m.rotary_base), position_embedding=m.position_embedding,
-      max_position=int(m.max_position), attention_scale=m.attention_scale,
-      norm_eps=float(m.norm_eps), norm=norm, use_bias=use_bias, residual=m.residual,
-      residual_alpha=alpha,
-      kernel_init=layers.KernelInit(m.init, m.initializer_range, m.num_layers, beta),
-      dtype=layers.as_dtype(m.dtype), param_dtype=layers.as_dtype(m.param_dtype),
-      remat_policy=m.remat_policy, scan_layers=bool(m.scan_layers),
-      causal=config.objective == 'clm', head_transform=v1, head_bias=use_bias,
-      expansion=int(m.expansion_factor), shared_dim=int(m.shared_dim),
-      attention_norm=m.attention_norm, chunk_size=int(m.chunk_size),
-      gau_activation=m.gau_activation,
-      mlp_activation=m.mlp_activation, embed_dropout_first=not v1,
-      causal_normalizer=m.causal_normalizer)
+    family=family,
+    vocab_size=m.vocab_size,
+    hidden_size=m.hidden_size,
+    num_layers=m.num_layers,
+    num_heads=m.num_heads,
+    head_dim=head_dim,
+    mlp_dim=m.mlp_dim,
+    type_vocab_size=m.type_vocab_size,
+    dropout_rate=float(m.dropout_rate),
+    rotary_base=float(m.rotary_base),
+    position_embedding=m.position_embedding,
+    max_position=int(m.max_position),
+    attention_scale=m.attention_scale,
+    norm_eps=float(m.norm_eps),
+    norm_type=m.norm_type,
+    use_bias=use_bias,
+    residual=m.residual,
+    residual_alpha=alpha,
+    kernel_init=layers.KernelInit(m.init, m.initializer_range, m.num_layers, beta),
+    dtype=layers.as_dtype(m.dtype),
+    param_dtype=layers.as_dtype(m.param_dtype),
+    remat_policy=m.remat_policy,
+    scan_layers=bool(m.scan_layers),
+    causal=config.objective == 'clm',
+    head_transform=v1,
+    head_bias=use_bias,
+    expansion_factor=int(m.expansion_factor),
+    shared_dim=int(m.shared_dim),
+    attention_norm=m.attention_norm,
+    chunk_size=int(m.chunk_size),
+    gau_activation=m.gau_activation,
+    mlp_activation=m.mlp_activation,
+    embed_dropout_first=not v1,
+    causal_normalizer=m.causal_normalizer,
+  )
 
 
 def block_class(spec: ArchSpec):
   if spec.family == 'gau':
     from models import gau  # pylint: disable=g-import-not-at-top
+
     return gau.GAUBlock
   from models import transformer  # pylint: disable=g-import-not-at-top
+
   return transformer.TransformerBlock
 
 
@@ -163,28 +185,27 @@ class Embedder(nnx.Module):
 
   def __init__(self, spec: ArchSpec, *, rngs: nnx.Rngs):
     common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
-    init = spec.kernel_init('embed', (spec.vocab_size,), (spec.hidden,))
-    self.token = layers.Embed(spec.vocab_size, spec.hidden, init=init, vocab_axis='vocab',
-                              **common)
+    d = spec.hidden_size
+    init = spec.kernel_init('embed', (spec.vocab_size,), (d,))
+    self.token = layers.Embed(spec.vocab_size, d, init=init, vocab_axis='vocab', **common)
     if spec.position_embedding == 'learned':
-      pinit = spec.kernel_init('embed', (spec.max_position,), (spec.hidden,))
-      self.position = layers.Embed(spec.max_position, spec.hidden, init=pinit,
-                                   vocab_axis=None, **common)
+      pinit = spec.kernel_init('embed', (spec.max_position,), (d,))
+      self.position = layers.Embed(spec.max_position, d, init=pinit, vocab_axis=None, **common)
     else:
       self.position = None
     if spec.type_vocab_size > 0:
-      tinit = spec.kernel_init('embed', (spec.type_vocab_size,), (spec.hidden,))
-      self.token_type = layers.Embed(spec.type_vocab_size, spec.hidden, init=tinit,
-                                     vocab_axis=None, **common)
+      tinit = spec.kernel_init('embed', (spec.type_vocab_size,), (d,))
+      self.token_type = layers.Embed(spec.type_vocab_size, d, init=tinit, vocab_axis=None, **common)
     else:
       self.token_type = None
-    self.norm = layers.make_norm(spec.norm, spec.hidden, eps=spec.norm_eps, **common)
+    self.norm = layers.make_norm(spec.norm_type, d, eps=spec.norm_eps, **common)
     self.dropout_rate = spec.dropout_rate
     self.dropout_first = spec.embed_dropout_first
 
-  def __call__(self, tokens, key=None, token_types=None, positions=None):
+  def __call__(self, tokens, dropout_rng=None, token_types=None, positions=None):
     """tokens (and positions, token_types) int32 [b, n] -> [b, n, d] (compute dtype).
 
+    dropout_rng: a PRNG key (training) or None (no dropout).
     positions: needed with a learned table (ValueError otherwise), ignored with RoPE. A
     position outside [0, max_position) gives NaN rows (jnp.take's fill); models.validate
     refuses data.seq_len > model.max_position before that can happen.
@@ -200,8 +221,8 @@ class Embedder(nnx.Module):
       else:  # sentence pairs (fine-tuning): type 0 for the first text, 1 for the second
         x = x + self.token_type(token_types)
     if self.dropout_first:
-      return self.norm(layers.dropout(x, self.dropout_rate, key))
-    return layers.dropout(self.norm(x), self.dropout_rate, key)
+      return self.norm(layers.dropout(x, self.dropout_rate, dropout_rng))
+    return layers.dropout(self.norm(x), self.dropout_rate, dropout_rng)
 
 
 class LMHead(nnx.Module):
@@ -210,25 +231,34 @@ class LMHead(nnx.Module):
 
   def __init__(self, spec: ArchSpec, *, rngs: nnx.Rngs):
     common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
-    d = spec.hidden
+    d = spec.hidden_size
     if spec.head_transform:
-      self.transform = layers.Dense((d,), (d,), in_axes=('embed',), out_axes=('mlp',),
-                                    kernel_init=spec.kernel_init('head', (d,), (d,)),
-                                    use_bias=spec.use_bias, **common)
-      self.norm = layers.make_norm(spec.norm, d, eps=spec.norm_eps, **common)
+      self.transform = layers.Dense(
+        (d,),
+        (d,),
+        in_axes=('embed',),
+        out_axes=('mlp',),
+        kernel_init=spec.kernel_init('head', (d,), (d,)),
+        use_bias=spec.use_bias,
+        **common,
+      )
+      self.norm = layers.make_norm(spec.norm_type, d, eps=spec.norm_eps, **common)
     else:
       self.transform = self.norm = None
-    self.bias = (layers.make_param(rngs, layers.zeros_init, (spec.vocab_size,),
-                                   spec.param_dtype, ('vocab',)) if spec.head_bias else None)
+    self.bias = (
+      layers.make_param(rngs, layers.zeros_init, (spec.vocab_size,), spec.param_dtype, ('vocab',))
+      if spec.head_bias
+      else None
+    )
     self.dropout_rate = 0.0 if spec.head_transform else spec.dropout_rate
     self.activation = spec.mlp_activation
 
-  def __call__(self, x, embed: layers.Embed, key=None):
+  def __call__(self, x, embed: layers.Embed, dropout_rng=None):
     if self.transform is not None:
       # Constrained like every residual-stream activation: see gather_positions.
       x = layers.constrain(self.transform(x), ACTIVATION_AXES)
       x = self.norm(layers.activation(self.activation)(x))
-    x = layers.dropout(x, self.dropout_rate, key)
+    x = layers.dropout(x, self.dropout_rate, dropout_rng)
     logits = embed.attend(x)
     if self.bias is not None:
       logits = logits + self.bias[...].astype(jnp.float32)
@@ -242,34 +272,35 @@ def _remat(fn, policy: str, prevent_cse: bool):
   if policy == 'full':
     return jax.checkpoint(fn, prevent_cse=prevent_cse)
   if policy == 'dots_with_no_batch_dims':
-    return jax.checkpoint(fn, prevent_cse=prevent_cse,
-                          policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return jax.checkpoint(
+      fn, prevent_cse=prevent_cse, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    )
   raise ValueError(f'unknown model.remat_policy={policy!r}; choose one of {REMAT_POLICIES}')
 
 
-def make_context(spec: ArchSpec, segment_ids, positions) -> dict:
-  """Per-call constants shared by all layers: segment_ids, RoPE sin/cos [b, n, r/2] (None with
-  model.position_embedding='learned': no rotation), and for quadratic attention the mask
-  [b, n, n] and the softmax scale."""
-  ctx = {'segment_ids': segment_ids}
-  if spec.position_embedding == 'learned':
-    ctx['sin'] = ctx['cos'] = None
-  else:
-    ctx['sin'], ctx['cos'] = rope.sin_cos(positions, spec.rope_dim, spec.rotary_base)
+def make_context(spec: ArchSpec, segment_ids, positions) -> attention.AttentionContext:
+  """Per-call constants shared by all layers (see attention.AttentionContext): segment_ids,
+  RoPE sin/cos [b, n, r/2] (None with model.position_embedding='learned': no rotation), and
+  for quadratic attention the mask [b, n, n] and the softmax scale (None for FLASH)."""
+  sin = cos = mask = scale = None
+  if spec.position_embedding != 'learned':
+    sin, cos = rope.sin_cos(positions, spec.rope_dim, spec.rotary_base)
   if not (spec.family == 'gau' and spec.chunk_size > 0):
-    ctx['mask'] = attention.attention_mask(segment_ids, spec.causal)
-    ctx['scale'] = attention.attention_scale(spec.attention_scale, ctx['mask'], spec.rope_dim)
-  return ctx
+    mask = attention.attention_mask(segment_ids, spec.causal)
+    scale = attention.attention_scale(spec.attention_scale, mask, spec.rope_dim)
+  return attention.AttentionContext(
+    segment_ids=segment_ids, sin=sin, cos=cos, mask=mask, scale=scale
+  )
 
 
 ACTIVATION_AXES = ('batch', 'length', None)
 
 
 def _block_fn(graphdef):
-  """A pure function (block_state, x, ctx, key) -> x for one block of this graphdef."""
+  """A pure function (block_state, x, ctx, dropout_rng) -> x for one block of this graphdef."""
 
-  def apply(state, x, ctx, key):
-    y = nnx.merge(graphdef, state)(x, ctx, key)
+  def apply(state, x, ctx, dropout_rng):
+    y = nnx.merge(graphdef, state)(x, ctx, dropout_rng)
     return layers.constrain(y, ACTIVATION_AXES)
 
   return apply
@@ -283,33 +314,32 @@ class Encoder(nnx.Module):
     self.embedder = Embedder(spec, rngs=rngs)
     block_cls = block_class(spec)
     if spec.scan_layers:
+
       @nnx.split_rngs(splits=spec.num_layers)
-      @nnx.vmap(in_axes=(0,), out_axes=0,
-                transform_metadata={nnx.PARTITION_NAME: 'layers'})
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
       def make_layers(rngs):
         return block_cls(spec, rngs=rngs)
+
       self.layers = make_layers(rngs)
     else:
       self.layers = nnx.List([block_cls(spec, rngs=rngs) for _ in range(spec.num_layers)])
     self.head = LMHead(spec, rngs=rngs)
 
-  def context(self, segment_ids, positions):
+  def context(self, segment_ids, positions) -> attention.AttentionContext:
     return make_context(self.spec, segment_ids, positions)
 
   def encode(self, tokens, segment_ids, positions, dropout_rng=None, token_types=None):
     """Final hidden states [b, n, d] (compute dtype). token_types: int32 [b, n] or None (all
     type 0); ignored when model.type_vocab_size is 0."""
     k_embed, k_layers = layers.split_key(dropout_rng, 2)
-    x = layers.constrain(self.embedder(tokens, k_embed, token_types, positions),
-                         ACTIVATION_AXES)
+    x = layers.constrain(self.embedder(tokens, k_embed, token_types, positions), ACTIVATION_AXES)
     return self.run_layers(x, segment_ids, positions, k_layers)
 
   def run_layers(self, x, segment_ids, positions, dropout_rng=None):
     """The L blocks on embedded inputs x [b, n, d] (used by encode; handy for Jacobians)."""
     spec = self.spec
-    k_layers = dropout_rng
     ctx = self.context(segment_ids, positions)
-    layer_keys = None if k_layers is None else jax.random.split(k_layers, spec.num_layers)
+    layer_keys = None if dropout_rng is None else jax.random.split(dropout_rng, spec.num_layers)
     # Blocks run as pure functions of their state (split / merge): remat and scan are then
     # plain jax.checkpoint / jax.lax.scan, parameter paths do not depend on them, and the
     # model works under any outer JAX transform (also grads w.r.t. inputs only).
@@ -318,8 +348,8 @@ class Encoder(nnx.Module):
       body = _remat(_block_fn(graphdef), spec.remat_policy, prevent_cse=False)
 
       def step(x, layer):
-        layer_state, key = layer
-        return body(layer_state, x, ctx, key), None
+        layer_state, layer_rng = layer
+        return body(layer_state, x, ctx, layer_rng), None
 
       x, _ = jax.lax.scan(step, x, (state, layer_keys))
     else:
@@ -329,8 +359,7 @@ class Encoder(nnx.Module):
         x = body(state, x, ctx, None if layer_keys is None else layer_keys[i])
     return x
 
-  def __call__(self, tokens, segment_ids, positions, prediction_positions=None,
-               dropout_rng=None):
+  def __call__(self, tokens, segment_ids, positions, prediction_positions=None, dropout_rng=None):
     k_enc, k_head = layers.split_key(dropout_rng, 2)
     x = self.encode(tokens, segment_ids, positions, k_enc)
     if prediction_positions is not None:
@@ -352,6 +381,7 @@ def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------- layout conversion
+
 
 def stack_layers(params: dict) -> dict:
   """Pure param dict with layers as a list/dict {0: ..., 1: ...} -> stacked [L, ...] layout."""

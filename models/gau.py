@@ -14,8 +14,8 @@ Attention normalisations (l = number of keys the query may attend to, padding-aw
                  causal LM, model.causal_normalizer: 'visible' (default) l = keys j <= i of
                  the query's document, as bert4keras 0.11.5 computes it (its boolean causal
                  mask is summed into l); 'n' l = all keys of the document, the fixed
-                 normaliser of the FLASH paper's pseudo-code (Hua et al. 2022; docs/algorithms.md
-                 6.1)
+                 normaliser of the FLASH paper's pseudo-code (Hua et al. 2022;
+                 docs/algorithms.md 6.1)
   'softmax'      softmax(scale * Q K^T), scale from model.attention_scale (standard or
                  entropy-invariant, docs/algorithms.md 7.4)
   'softmax_plus' softmax(log_512(max(l, 16)) * Q K^T / sqrt(s))   (GAU-alpha)
@@ -47,9 +47,14 @@ from models import rope
 NORMS = ('relu2', 'softmax', 'softmax_plus')
 
 
-def attention_weights(qk: jax.Array, mask: jax.Array, norm: str, shared_dim: int,
-                      scale_kind: str = 'standard',
-                      relu2_divisor: jax.Array | None = None) -> jax.Array:
+def attention_weights(
+  qk: jax.Array,
+  mask: jax.Array,
+  norm: str,
+  shared_dim: int,
+  scale_kind: str = 'standard',
+  relu2_divisor: jax.Array | None = None,
+) -> jax.Array:
   """A from raw scores qk = Q K^T [..., n_q, n_k] (float32) and a boolean mask of that shape.
 
   relu2_divisor [..., n_q, 1]: the l of relu2 (default: the keys the mask lets each query
@@ -70,13 +75,22 @@ def attention_weights(qk: jax.Array, mask: jax.Array, norm: str, shared_dim: int
   return jax.nn.softmax(logits, axis=-1)
 
 
-def gau_attention(q, k, v, mask, *, norm: str, scale_kind: str = 'standard',
-                  relu2_divisor: jax.Array | None = None, dropout_rate: float = 0.0,
-                  dropout_key=None) -> jax.Array:
+def gau_attention(
+  q,
+  k,
+  v,
+  mask,
+  *,
+  norm: str,
+  scale_kind: str = 'standard',
+  relu2_divisor: jax.Array | None = None,
+  dropout_rate: float = 0.0,
+  dropout_rng=None,
+) -> jax.Array:
   """Quadratic GAU attention A V. q, k [b, n, s]; v [b, n, e]; mask [b, n, n] -> [b, n, e]."""
   qk = jnp.einsum('bis,bjs->bij', q, k, preferred_element_type=jnp.float32)
   a = attention_weights(qk, mask, norm, q.shape[-1], scale_kind, relu2_divisor)
-  a = layers.dropout(a, dropout_rate, dropout_key)
+  a = layers.dropout(a, dropout_rate, dropout_rng)
   return jnp.einsum('bij,bje->bie', a.astype(v.dtype), v)
 
 
@@ -121,45 +135,59 @@ def _global_per_document(ql, kl, vv, seg, valid, c: int, causal: bool) -> jax.Ar
   f32 = jnp.float32
   start, end = run_bounds(seg)
   start_c, end_c = start.reshape(b, num_chunks, c), end.reshape(b, num_chunks, c)
-  chunk_first = start_c[..., 0]                                     # [b, G] run start
+  chunk_first = start_c[..., 0]  # [b, G] run start
   kl = (kl * valid.reshape(b, num_chunks, c, 1).astype(kl.dtype)).astype(f32)
   vv32, ql32 = vv.astype(f32), ql.astype(f32)
-  sums = jnp.einsum('bgjs,bgje->bgse', kl, vv32)                    # F_h
+  sums = jnp.einsum('bgjs,bgje->bgse', kl, vv32)  # F_h
   zero = jnp.zeros_like(sums[:, :1])
   prefix = jnp.concatenate([zero, jnp.cumsum(sums, axis=1)], axis=1)  # [b, G + 1, s, e]
-  kl_x = jnp.concatenate([kl, jnp.zeros_like(kl[:, :1])], axis=1)   # a zero chunk G
+  kl_x = jnp.concatenate([kl, jnp.zeros_like(kl[:, :1])], axis=1)  # a zero chunk G
   vv_x = jnp.concatenate([vv32, jnp.zeros_like(vv32[:, :1])], axis=1)
   offsets = jnp.arange(c, dtype=jnp.int32)
 
   def prefix_at(t):
     """sum_{j < t} k_j v_j^T for token indices t [b, G] in [0, n_pad]: [b, G, s, e]."""
     h, r = t // c, t % c
-    below = (offsets[None, None] < r[..., None]).astype(f32)        # [b, G, c]
-    partial = jnp.einsum('bgjs,bgj,bgje->bgse', _take_chunks(kl_x, h), below,
-                         _take_chunks(vv_x, h))
+    below = (offsets[None, None] < r[..., None]).astype(f32)  # [b, G, c]
+    partial = jnp.einsum('bgjs,bgj,bgje->bgse', _take_chunks(kl_x, h), below, _take_chunks(vv_x, h))
     return _take_chunks(prefix, h) + partial
 
   chunk_start = jnp.arange(num_chunks, dtype=jnp.int32)[None] * c  # [1, G]
-  before = prefix[:, :-1] - prefix_at(chunk_first)                  # B_g
-  first_doc = (start_c == chunk_first[..., None]).astype(f32)       # [b, G, c]
+  before = prefix[:, :-1] - prefix_at(chunk_first)  # B_g
+  first_doc = (start_c == chunk_first[..., None]).astype(f32)  # [b, G, c]
   glob = first_doc[..., None] * jnp.einsum('bgis,bgse->bgie', ql32, before)
   if causal:
     count = (chunk_start - chunk_first).astype(f32)[..., None, None]
   else:
-    after = prefix_at(end_c[..., -1] + 1) - prefix[:, 1:]          # A_g
+    after = prefix_at(end_c[..., -1] + 1) - prefix[:, 1:]  # A_g
     last_doc = (end_c == end_c[..., -1:]).astype(f32)
     same_run = (start_c[..., :, None] == start_c[..., None, :]).astype(f32)
     inside = jnp.einsum('bgis,bgjs->bgij', ql32, kl) * same_run
-    glob = (glob + jnp.einsum('bgij,bgje->bgie', inside, vv32) +
-            last_doc[..., None] * jnp.einsum('bgis,bgse->bgie', ql32, after))
+    glob = (
+      glob
+      + jnp.einsum('bgij,bgje->bgie', inside, vv32)
+      + last_doc[..., None] * jnp.einsum('bgis,bgse->bgie', ql32, after)
+    )
     count = (end_c - start_c + 1).astype(f32)[..., None]
   return glob / jnp.maximum(count, 1.0)
 
 
-def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, segment_ids, *, chunk_size: int,
-                          causal: bool, norm: str, scale_kind: str = 'standard',
-                          causal_normalizer: str = 'visible', dropout_rate: float = 0.0,
-                          dropout_key=None) -> jax.Array:
+def mixed_chunk_attention(
+  q_quad,
+  k_quad,
+  q_lin,
+  k_lin,
+  v,
+  segment_ids,
+  *,
+  chunk_size: int,
+  causal: bool,
+  norm: str,
+  scale_kind: str = 'standard',
+  causal_normalizer: str = 'visible',
+  dropout_rate: float = 0.0,
+  dropout_rng=None,
+) -> jax.Array:
   """FLASH local + global attention (see the module docstring), segment-aware.
 
   q_*, k_* [b, n, s]; v [b, n, e]; segment_ids [b, n] (0 = pad; each document one contiguous
@@ -197,7 +225,7 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, segment_ids, *, chunk
     num_keys = same_doc.sum(-1, keepdims=True)  # the chunk's keys of the document
   qk = jnp.einsum('bgis,bgjs->bgij', qq, kq, preferred_element_type=jnp.float32)
   a = attention_weights(qk, local_mask, norm, q_quad.shape[-1], scale_kind, num_keys)
-  a = layers.dropout(a, dropout_rate, dropout_key)
+  a = layers.dropout(a, dropout_rate, dropout_rng)
   local = jnp.einsum('bgij,bgje->bgie', a.astype(vv.dtype), vv)
 
   glob = _global_per_document(ql, kl, vv, seg, valid, c, causal)
@@ -209,10 +237,14 @@ class ScaleOffset(nnx.Module):
   """Per-dimension scale and offset of Z, one row per derived tensor: scale/bias [k, s]."""
 
   def __init__(self, num: int, features: int, *, use_bias: bool, param_dtype, rngs):
-    self.scale = layers.make_param(rngs, layers.ones_init, (num, features), param_dtype,
-                                   (None, 'kv'))
-    self.bias = (layers.make_param(rngs, layers.zeros_init, (num, features), param_dtype,
-                                   (None, 'kv')) if use_bias else None)
+    self.scale = layers.make_param(
+      rngs, layers.ones_init, (num, features), param_dtype, (None, 'kv')
+    )
+    self.bias = (
+      layers.make_param(rngs, layers.zeros_init, (num, features), param_dtype, (None, 'kv'))
+      if use_bias
+      else None
+    )
 
   def __call__(self, z: jax.Array) -> list[jax.Array]:
     out = z[..., None, :] * self.scale[...].astype(z.dtype)
@@ -224,16 +256,16 @@ class ScaleOffset(nnx.Module):
 class GAUBlock(nnx.Module):
   """One post-norm GAU layer (FLASH when chunk_size > 0). Params:
 
-    uvz/{kernel [d, 2e+s] ('embed', 'mlp'), bias}  fused U, V, Z projection, split [e, e, s]
-    qk/{scale, bias} [k, s]                         k = 2 (GAU: q, k) or 4 (FLASH: q_quad,
-                                                    k_quad, q_lin, k_lin)
-    out/{kernel [e, d] ('mlp', 'embed'), bias}
-    norm/...                                        the post-norm (absent if parameter-free)
+  uvz/{kernel [d, 2e+s] ('embed', 'mlp'), bias}  fused U, V, Z projection, split [e, e, s]
+  qk/{scale, bias} [k, s]                         k = 2 (GAU: q, k) or 4 (FLASH: q_quad,
+                                                  k_quad, q_lin, k_lin)
+  out/{kernel [e, d] ('mlp', 'embed'), bias}
+  norm/...                                        the post-norm (absent if parameter-free)
   """
 
   def __init__(self, spec, *, rngs: nnx.Rngs):
-    d, s = spec.hidden, spec.shared_dim
-    e = spec.expansion * d
+    d, s = spec.hidden_size, spec.shared_dim
+    e = spec.expansion_factor * d
     self.e, self.s = e, s
     self.norm_kind, self.scale_kind = spec.attention_norm, spec.attention_scale
     self.chunk_size, self.causal = spec.chunk_size, spec.causal
@@ -241,45 +273,82 @@ class GAUBlock(nnx.Module):
     self.dropout_rate, self.alpha = spec.dropout_rate, spec.residual_alpha
     self.activation = spec.gau_activation
     common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
-    self.uvz = layers.Dense((d,), (2 * e + s,), in_axes=('embed',), out_axes=('mlp',),
-                            kernel_init=spec.kernel_init('gau_in', (d,), (2 * e + s,)),
-                            use_bias=spec.use_bias, **common)
-    self.qk = ScaleOffset(4 if spec.chunk_size > 0 else 2, s, use_bias=spec.use_bias,
-                          param_dtype=spec.param_dtype, rngs=rngs)
-    self.out = layers.Dense((e,), (d,), in_axes=('mlp',), out_axes=('embed',),
-                            kernel_init=spec.kernel_init('gau_out', (e,), (d,)),
-                            use_bias=spec.use_bias, **common)
-    self.norm = layers.make_norm(spec.norm, d, eps=spec.norm_eps, **common)
+    self.uvz = layers.Dense(
+      (d,),
+      (2 * e + s,),
+      in_axes=('embed',),
+      out_axes=('mlp',),
+      kernel_init=spec.kernel_init('gau_in', (d,), (2 * e + s,)),
+      use_bias=spec.use_bias,
+      **common,
+    )
+    self.qk = ScaleOffset(
+      4 if spec.chunk_size > 0 else 2,
+      s,
+      use_bias=spec.use_bias,
+      param_dtype=spec.param_dtype,
+      rngs=rngs,
+    )
+    self.out = layers.Dense(
+      (e,),
+      (d,),
+      in_axes=('mlp',),
+      out_axes=('embed',),
+      kernel_init=spec.kernel_init('gau_out', (e,), (d,)),
+      use_bias=spec.use_bias,
+      **common,
+    )
+    self.norm = layers.make_norm(spec.norm_type, d, eps=spec.norm_eps, **common)
 
   def projections(self, x):
     """U [b, n, e], V [b, n, e], Z [b, n, s] (activation applied)."""
     h = self.uvz(x)
     h = jax.nn.relu(h) if self.activation == 'relu' else jax.nn.silu(h)
-    return h[..., :self.e], h[..., self.e:2 * self.e], h[..., 2 * self.e:]
+    return h[..., : self.e], h[..., self.e : 2 * self.e], h[..., 2 * self.e :]
 
-  def mix(self, x, ctx, key=None):
-    """The GAU branch O [b, n, d] (before dropout, residual and norm)."""
+  def mix(self, x, ctx: attention.AttentionContext, dropout_rng=None):
+    """The GAU branch O [b, n, d] (before dropout, residual and norm). ctx: sin/cos (r = s),
+    segment_ids, and mask unless FLASH."""
     u, v, z = self.projections(x)
-    rot = lambda t: rope.apply_sin_cos(t, ctx['sin'], ctx['cos'], head_axis=False)
+    rot = lambda t: rope.apply_sin_cos(t, ctx.sin, ctx.cos, head_axis=False)
     qks = [rot(t) for t in self.qk(z)]
     if self.chunk_size > 0:
       q_quad, k_quad, q_lin, k_lin = qks
       av = mixed_chunk_attention(
-          q_quad, k_quad, q_lin, k_lin, v, ctx['segment_ids'], chunk_size=self.chunk_size,
-          causal=self.causal, norm=self.norm_kind, scale_kind=self.scale_kind,
-          causal_normalizer=self.causal_normalizer, dropout_rate=self.dropout_rate,
-          dropout_key=key)
+        q_quad,
+        k_quad,
+        q_lin,
+        k_lin,
+        v,
+        ctx.segment_ids,
+        chunk_size=self.chunk_size,
+        causal=self.causal,
+        norm=self.norm_kind,
+        scale_kind=self.scale_kind,
+        causal_normalizer=self.causal_normalizer,
+        dropout_rate=self.dropout_rate,
+        dropout_rng=dropout_rng,
+      )
     else:
       q, k = qks
       divisor = None
       if self.causal and self.causal_normalizer == 'n':
-        divisor = attention.attention_mask(ctx['segment_ids'], False).sum(-1, keepdims=True)
-      av = gau_attention(q, k, v, ctx['mask'], norm=self.norm_kind, scale_kind=self.scale_kind,
-                         relu2_divisor=divisor, dropout_rate=self.dropout_rate,
-                         dropout_key=key)
+        divisor = attention.attention_mask(ctx.segment_ids, False).sum(-1, keepdims=True)
+      av = gau_attention(
+        q,
+        k,
+        v,
+        ctx.mask,
+        norm=self.norm_kind,
+        scale_kind=self.scale_kind,
+        relu2_divisor=divisor,
+        dropout_rate=self.dropout_rate,
+        dropout_rng=dropout_rng,
+      )
     return self.out(u * av.astype(u.dtype))
 
-  def __call__(self, x, ctx, key=None):
-    k_att, k_res = layers.split_key(key, 2)
+  def __call__(self, x, ctx: attention.AttentionContext, dropout_rng=None):
+    """x [b, n, d] -> [b, n, d]; dropout_rng: a PRNG key (training) or None."""
+    k_att, k_res = layers.split_key(dropout_rng, 2)
     y = layers.dropout(self.mix(x, ctx, k_att), self.dropout_rate, k_res)
     return self.norm(x * self.alpha + y if self.alpha != 1.0 else x + y)

@@ -32,8 +32,14 @@ import numpy as np
 # model.mlp_activation (or gau_activation) -> Hugging Face hidden_act.
 ACT_TO_HF = {'gelu': 'gelu', 'gelu_tanh': 'gelu_new', 'relu': 'relu', 'swish': 'swish'}
 # Hugging Face hidden_act -> ours (the names transformers' ACT2FN gives the same function).
-ACT_FROM_HF = {'gelu': 'gelu', 'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh',
-               'relu': 'relu', 'swish': 'swish', 'silu': 'swish'}
+ACT_FROM_HF = {
+  'gelu': 'gelu',
+  'gelu_new': 'gelu_tanh',
+  'gelu_pytorch_tanh': 'gelu_tanh',
+  'relu': 'relu',
+  'swish': 'swish',
+  'silu': 'swish',
+}
 # GAU attention_norm -> the gau-alpha port's `normalization`.
 GAU_NORM_TO_HF = {'softmax_plus': 'softmax_plus', 'relu2': 'squared_relu', 'softmax': 'softmax'}
 GAU_NORM_FROM_HF = {v: k for k, v in GAU_NORM_TO_HF.items()}
@@ -58,6 +64,7 @@ class Entry:
       our [k, s] leaf, GAU's q/k scale-offset).
     arg: see kind.
   """
+
   name: str
   path: tuple
   kind: str = 'copy'
@@ -83,8 +90,9 @@ def layout(config) -> list[Entry]:
   p = PREFIX[family]
   entries = [Entry(f'{p}.embeddings.word_embeddings.weight', ('embedder', 'token', 'embedding'))]
   if m.type_vocab_size > 0:
-    entries.append(Entry(f'{p}.embeddings.token_type_embeddings.weight',
-                         ('embedder', 'token_type', 'embedding')))
+    entries.append(
+      Entry(f'{p}.embeddings.token_type_embeddings.weight', ('embedder', 'token_type', 'embedding'))
+    )
   entries += _norm(f'{p}.embeddings.LayerNorm', ('embedder', 'norm'), v1)
   for i in range(m.num_layers):
     layer = ('layers', i)
@@ -93,11 +101,13 @@ def layout(config) -> list[Entry]:
       entries += _dense(f'{base}.i_dense', layer + ('uvz',), 1, bias)
       entries += _dense(f'{base}.o_dense', layer + ('out',), 1, bias)
       for row, which in enumerate(('q', 'k')):
-        entries.append(Entry(f'{base}.{which}_scaleoffset.weight', layer + ('qk', 'scale'),
-                             'row', row))
+        entries.append(
+          Entry(f'{base}.{which}_scaleoffset.weight', layer + ('qk', 'scale'), 'row', row)
+        )
         if bias:
-          entries.append(Entry(f'{base}.{which}_scaleoffset.bias', layer + ('qk', 'bias'),
-                               'row', row))
+          entries.append(
+            Entry(f'{base}.{which}_scaleoffset.bias', layer + ('qk', 'bias'), 'row', row)
+          )
       continue
     base = f'{p}.encoder.layer.{i}'
     for which in ('query', 'key', 'value'):
@@ -124,32 +134,47 @@ def check_exportable(config) -> None:
   parameter-free RMS norm; FLASH (chunk_size > 0); activations without a transformers name.
   """
   m = config.model
-  fix = {'roformer': 'launch/configs/roformer.py', 'roformer_v2': 'launch/configs/roformer_v2.py',
-         'gau': 'launch/configs/gau.py'}.get(m.family)
+  fix = {
+    'roformer': 'launch/configs/roformer.py',
+    'roformer_v2': 'launch/configs/roformer_v2.py',
+    'gau': 'launch/configs/gau.py',
+  }.get(m.family)
   if fix is None:
-    raise ExportError(f'model.family={m.family!r} has no Hugging Face layout here; export '
-                      'supports roformer, roformer_v2 and gau (GAU-alpha).')
-  target = {'roformer': "transformers' RoFormer", 'roformer_v2': "the roformer package's "
-            'RoFormerV2', 'gau': 'the gau-alpha package'}[m.family]
+    raise ExportError(
+      f'model.family={m.family!r} has no Hugging Face layout here; export '
+      'supports roformer, roformer_v2 and gau (GAU-alpha).'
+    )
+  target = {
+    'roformer': "transformers' RoFormer",
+    'roformer_v2': "the roformer package's RoFormerV2",
+    'gau': 'the gau-alpha package',
+  }[m.family]
 
   def refuse(what: str):
-    raise ExportError(f'{what}, which {target} cannot express; this run cannot be exported '
-                      f'(train with the defaults of {fix} for an exportable model).')
+    raise ExportError(
+      f'{what}, which {target} cannot express; this run cannot be exported '
+      f'(train with the defaults of {fix} for an exportable model).'
+    )
 
   if config.objective != 'mlm':
-    refuse(f'objective={config.objective!r} trains a causal model, but the exported classes '
-           'are bidirectional masked LMs')
+    refuse(
+      f'objective={config.objective!r} trains a causal model, but the exported classes '
+      'are bidirectional masked LMs'
+    )
   if m.residual != 'post_ln':
     refuse(f'model.residual={m.residual!r} (DeepNorm scales the residual by alpha)')
   if m.position_embedding != 'rope':
-    refuse(f'model.position_embedding={m.position_embedding!r} (a learned absolute position '
-           'table with rotary off; the layout has RoPE and no position table)')
+    refuse(
+      f'model.position_embedding={m.position_embedding!r} (a learned absolute position '
+      'table with rotary off; the layout has RoPE and no position table)'
+    )
   if float(m.rotary_base) != ROPE_BASE:
     refuse(f'model.rotary_base={m.rotary_base} (the PyTorch code fixes it at 10000)')
   if m.family == 'gau':
     if m.chunk_size > 0:
-      refuse(f'model.chunk_size={m.chunk_size} (FLASH mixed-chunk attention with four '
-             'scale-offsets)')
+      refuse(
+        f'model.chunk_size={m.chunk_size} (FLASH mixed-chunk attention with four scale-offsets)'
+      )
     if m.gau_activation not in ACT_TO_HF:
       refuse(f'model.gau_activation={m.gau_activation!r}')
   else:
@@ -157,18 +182,18 @@ def check_exportable(config) -> None:
       refuse(f'model.attention_scale={m.attention_scale!r} (log-length scaled softmax)')
     head_dim = m.head_dim or m.hidden_size // m.num_heads
     if head_dim * m.num_heads != m.hidden_size:
-      refuse(f'num_heads * head_dim = {m.num_heads} * {head_dim} != hidden_size='
-             f'{m.hidden_size}')
+      refuse(f'num_heads * head_dim = {m.num_heads} * {head_dim} != hidden_size={m.hidden_size}')
     if m.mlp_activation not in ACT_TO_HF:
       refuse(f'model.mlp_activation={m.mlp_activation!r}')
   if m.family == 'roformer':
     if m.norm_type != 'layernorm' or not m.use_bias:
-      refuse(f'model.norm_type={m.norm_type!r}, model.use_bias={m.use_bias} (RoFormer v1 has '
-             'LayerNorm and biases)')
+      refuse(
+        f'model.norm_type={m.norm_type!r}, model.use_bias={m.use_bias} (RoFormer v1 has '
+        'LayerNorm and biases)'
+      )
   else:
     if m.norm_type != 'rmsnorm_noparam':
-      refuse(f'model.norm_type={m.norm_type!r} (the port has only the parameter-free RMS '
-             'norm)')
+      refuse(f'model.norm_type={m.norm_type!r} (the port has only the parameter-free RMS norm)')
     if m.use_bias:
       refuse('model.use_bias=True (the MLM head gets a bias, the port has none)')
 
@@ -187,28 +212,47 @@ def hf_config(config, *, pad_token_id: int, max_position_embeddings: int) -> dic
   check_exportable(config)
   m = config.model
   common = {
-      'vocab_size': int(m.vocab_size), 'hidden_size': int(m.hidden_size),
-      'embedding_size': int(m.hidden_size), 'num_hidden_layers': int(m.num_layers),
-      'max_position_embeddings': int(max_position_embeddings),
-      'type_vocab_size': max(1, int(m.type_vocab_size)),
-      'initializer_range': float(m.initializer_range), 'layer_norm_eps': float(m.norm_eps),
-      'hidden_dropout_prob': float(m.dropout_rate),
-      'attention_probs_dropout_prob': float(m.dropout_rate),
-      'pad_token_id': int(pad_token_id), 'tie_word_embeddings': True, 'torch_dtype': 'float32',
+    'vocab_size': int(m.vocab_size),
+    'hidden_size': int(m.hidden_size),
+    'embedding_size': int(m.hidden_size),
+    'num_hidden_layers': int(m.num_layers),
+    'max_position_embeddings': int(max_position_embeddings),
+    'type_vocab_size': max(1, int(m.type_vocab_size)),
+    'initializer_range': float(m.initializer_range),
+    'layer_norm_eps': float(m.norm_eps),
+    'hidden_dropout_prob': float(m.dropout_rate),
+    'attention_probs_dropout_prob': float(m.dropout_rate),
+    'pad_token_id': int(pad_token_id),
+    'tie_word_embeddings': True,
+    'torch_dtype': 'float32',
   }
   if m.family == 'gau':
     if m.attention_norm == 'softmax' and m.attention_scale == 'entropy_invariant':
       normalization = 'softmax_plus'
     else:
       normalization = GAU_NORM_TO_HF[m.attention_norm]
-    return {'architectures': ['GAUAlphaForMaskedLM'], 'model_type': 'gau_alpha', **common,
-            'intermediate_size': int(m.expansion_factor) * int(m.hidden_size),
-            'attention_key_size': int(m.shared_dim), 'hidden_act': ACT_TO_HF[m.gau_activation],
-            'normalization': normalization, 'attention_scale': True, 'use_bias': False,
-            'classifier_dropout': 0.1}
-  out = {'architectures': ['RoFormerForMaskedLM'], 'model_type': 'roformer', **common,
-         'num_attention_heads': int(m.num_heads), 'intermediate_size': int(m.mlp_dim),
-         'hidden_act': ACT_TO_HF[m.mlp_activation], 'rotary_value': False, 'use_cache': True}
+    return {
+      'architectures': ['GAUAlphaForMaskedLM'],
+      'model_type': 'gau_alpha',
+      **common,
+      'intermediate_size': int(m.expansion_factor) * int(m.hidden_size),
+      'attention_key_size': int(m.shared_dim),
+      'hidden_act': ACT_TO_HF[m.gau_activation],
+      'normalization': normalization,
+      'attention_scale': True,
+      'use_bias': False,
+      'classifier_dropout': 0.1,
+    }
+  out = {
+    'architectures': ['RoFormerForMaskedLM'],
+    'model_type': 'roformer',
+    **common,
+    'num_attention_heads': int(m.num_heads),
+    'intermediate_size': int(m.mlp_dim),
+    'hidden_act': ACT_TO_HF[m.mlp_activation],
+    'rotary_value': False,
+    'use_cache': True,
+  }
   if m.family == 'roformer_v2':
     out.update(norm_type='rms_norm', use_bias=False)
   return out
@@ -238,7 +282,7 @@ def export_array(value: np.ndarray, entry: Entry) -> np.ndarray:
   """Our leaf -> the PyTorch tensor of `entry` (float32, C-contiguous)."""
   value = np.asarray(value, np.float32)
   if entry.kind == 'dense':
-    n_in = math.prod(value.shape[:entry.arg])
+    n_in = math.prod(value.shape[: entry.arg])
     value = value.reshape(n_in, -1).T
   elif entry.kind == 'row':
     value = value[entry.arg]
@@ -276,12 +320,10 @@ def to_torch(params: dict, config, max_position_embeddings: int = 1536) -> dict:
   out = {e.name: export_array(_get(tree, e.path), e) for e in layout(config)}
   p = PREFIX[m.family]
   if m.type_vocab_size == 0:
-    out[f'{p}.embeddings.token_type_embeddings.weight'] = np.zeros((1, m.hidden_size),
-                                                                   np.float32)
+    out[f'{p}.embeddings.token_type_embeddings.weight'] = np.zeros((1, m.hidden_size), np.float32)
   if m.family == 'roformer':
     head_dim = m.hidden_size // m.num_heads
-    out['roformer.encoder.embed_positions.weight'] = rope_table(max_position_embeddings,
-                                                                head_dim)
+    out['roformer.encoder.embed_positions.weight'] = rope_table(max_position_embeddings, head_dim)
   else:
     out['cls.predictions.decoder.weight'] = out[f'{p}.embeddings.word_embeddings.weight'].copy()
   return out

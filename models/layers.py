@@ -55,6 +55,7 @@ class KernelInit:
     num_layers: L of the depth-scaled rules.
     deepnorm_beta: beta of DeepNorm's init, or None when DeepNorm is off.
   """
+
   kind: str
   std: float
   num_layers: int
@@ -93,8 +94,9 @@ def make_param(rngs: nnx.Rngs | None, init, shape, dtype, axes: Axes) -> nnx.Par
   """A Param with logical axis names; sharded eagerly when a mesh is set (jax.set_mesh)."""
   key = rngs.params() if rngs is not None else None
   has_mesh = not jax.sharding.get_abstract_mesh().empty
-  return nnx.Param(nnx.with_partitioning(init, axes, eager_sharding=has_mesh)(
-      key, tuple(shape), dtype))
+  return nnx.Param(
+    nnx.with_partitioning(init, axes, eager_sharding=has_mesh)(key, tuple(shape), dtype)
+  )
 
 
 def zeros_init(key, shape, dtype=jnp.float32):
@@ -114,23 +116,42 @@ class Dense(nnx.Module):
   ('embed', 'heads', 'kv'), bias [h, d_h] with axes ('heads', 'kv').
   """
 
-  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, in_axes: Axes,
-               out_axes: Axes, kernel_init, use_bias: bool = True, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_shape: Sequence[int],
+    out_shape: Sequence[int],
+    *,
+    in_axes: Axes,
+    out_axes: Axes,
+    kernel_init,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
     self.dtype = dtype
-    self.kernel = make_param(rngs, kernel_init, self.in_shape + self.out_shape, param_dtype,
-                         tuple(in_axes) + tuple(out_axes))
-    self.bias = (make_param(rngs, zeros_init, self.out_shape, param_dtype, tuple(out_axes))
-                 if use_bias else None)
+    self.kernel = make_param(
+      rngs,
+      kernel_init,
+      self.in_shape + self.out_shape,
+      param_dtype,
+      tuple(in_axes) + tuple(out_axes),
+    )
+    self.bias = (
+      make_param(rngs, zeros_init, self.out_shape, param_dtype, tuple(out_axes))
+      if use_bias
+      else None
+    )
 
   def __call__(self, x: jax.Array, preferred_element_type=None) -> jax.Array:
     k = len(self.in_shape)
     kernel = self.kernel[...].astype(self.dtype)
     x = x.astype(self.dtype)
     contract = (tuple(range(x.ndim - k, x.ndim)), tuple(range(k)))
-    y = jax.lax.dot_general(x, kernel, (contract, ((), ())),
-                            preferred_element_type=preferred_element_type)
+    y = jax.lax.dot_general(
+      x, kernel, (contract, ((), ())), preferred_element_type=preferred_element_type
+    )
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     return y
@@ -139,11 +160,21 @@ class Dense(nnx.Module):
 class Embed(nnx.Module):
   """Embedding table [num_embeddings, features] with axes (vocab_axis, 'embed')."""
 
-  def __init__(self, num_embeddings: int, features: int, *, init, vocab_axis: str | None,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_embeddings: int,
+    features: int,
+    *,
+    init,
+    vocab_axis: str | None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.dtype = dtype
-    self.embedding = make_param(rngs, init, (num_embeddings, features), param_dtype,
-                            (vocab_axis, 'embed'))
+    self.embedding = make_param(
+      rngs, init, (num_embeddings, features), param_dtype, (vocab_axis, 'embed')
+    )
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
@@ -151,15 +182,25 @@ class Embed(nnx.Module):
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied output projection x E^T, accumulated and returned in float32."""
     emb = self.embedding[...].astype(self.dtype)
-    return jnp.einsum('...d,vd->...v', x.astype(self.dtype), emb,
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+      '...d,vd->...v', x.astype(self.dtype), emb, preferred_element_type=jnp.float32
+    )
 
 
 class LayerNorm(nnx.Module):
   """LayerNorm over the last axis (statistics in float32), with `scale` and `bias`."""
 
-  def __init__(self, features: int, *, eps: float, use_scale: bool = True, use_bias: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+  def __init__(
+    self,
+    features: int,
+    *,
+    eps: float,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None = None,
+  ):
     self.eps, self.dtype = eps, dtype
     vector = lambda init: make_param(rngs, init, (features,), param_dtype, ('embed',))
     self.scale = vector(ones_init) if use_scale else None
@@ -180,11 +221,20 @@ class LayerNorm(nnx.Module):
 class RMSNorm(nnx.Module):
   """x / sqrt(mean(x^2) + eps) over the last axis; parameter-free unless use_scale (RoFormerV2)."""
 
-  def __init__(self, features: int, *, eps: float, use_scale: bool = False, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+  def __init__(
+    self,
+    features: int,
+    *,
+    eps: float,
+    use_scale: bool = False,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None = None,
+  ):
     self.eps, self.dtype = eps, dtype
-    self.scale = (make_param(rngs, ones_init, (features,), param_dtype, ('embed',))
-                  if use_scale else None)
+    self.scale = (
+      make_param(rngs, ones_init, (features,), param_dtype, ('embed',)) if use_scale else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
@@ -199,8 +249,9 @@ def make_norm(kind: str, features: int, *, eps: float, dtype, param_dtype, rngs)
   if kind == 'layernorm':
     return LayerNorm(features, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
   if kind == 'rmsnorm':
-    return RMSNorm(features, eps=eps, use_scale=True, dtype=dtype, param_dtype=param_dtype,
-                   rngs=rngs)
+    return RMSNorm(
+      features, eps=eps, use_scale=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
   if kind == 'rmsnorm_noparam':
     return RMSNorm(features, eps=eps, use_scale=False, dtype=dtype, rngs=rngs)
   raise ValueError(f'unknown norm type {kind!r}; choose layernorm, rmsnorm or rmsnorm_noparam')
@@ -250,10 +301,10 @@ def gelu(x: jax.Array) -> jax.Array:
 # 'gelu' exact erf GELU (RoFormer v1, BERT), 'gelu_tanh' its tanh approximation (HF
 # 'gelu_new'), 'relu' (the released RoFormer-v2 checkpoints), 'swish' x * sigmoid(x).
 ACTIVATIONS = {
-    'gelu': gelu,
-    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
-    'relu': jax.nn.relu,
-    'swish': jax.nn.silu,
+  'gelu': gelu,
+  'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+  'relu': jax.nn.relu,
+  'swish': jax.nn.silu,
 }
 
 
@@ -264,6 +315,7 @@ def activation(name: str):
     ValueError: unknown name, listing the choices.
   """
   if name not in ACTIVATIONS:
-    raise ValueError(f'model.mlp_activation={name!r} is not supported; choose one of '
-                     f'{", ".join(ACTIVATIONS)}')
+    raise ValueError(
+      f'model.mlp_activation={name!r} is not supported; choose one of {", ".join(ACTIVATIONS)}'
+    )
   return ACTIVATIONS[name]

@@ -51,8 +51,9 @@ def apply_sin_cos(x: jax.Array, sin: jax.Array, cos: jax.Array, head_axis: bool 
   return jnp.stack([y0, y1], axis=-1).reshape(x.shape).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0,
-               head_axis: bool = True) -> jax.Array:
+def apply_rope(
+  x: jax.Array, positions: jax.Array, base: float = 10000.0, head_axis: bool = True
+) -> jax.Array:
   """RoPE on x [..., n, h, d_h] (or [..., n, d] with head_axis=False) at positions [..., n]."""
   sin, cos = sin_cos(positions, x.shape[-1], base)
   return apply_sin_cos(x, sin, cos, head_axis)
@@ -64,7 +65,7 @@ def rotation_matrix(m, dim: int, base: float = 10000.0) -> np.ndarray:
   r = np.zeros((dim, dim))
   for i, t in enumerate(theta):
     c, s = np.cos(m * t), np.sin(m * t)
-    r[2 * i:2 * i + 2, 2 * i:2 * i + 2] = [[c, -s], [s, c]]
+    r[2 * i : 2 * i + 2, 2 * i : 2 * i + 2] = [[c, -s], [s, c]]
   return r
 
 
@@ -91,8 +92,9 @@ def apply_rope_rotate_half(x: jax.Array, positions: jax.Array, base: float = 100
   return x * cos + rotated * sin
 
 
-def apply_rope_2d(x: jax.Array, rows: jax.Array, cols: jax.Array, base: float = 10000.0,
-                  head_axis: bool = True) -> jax.Array:
+def apply_rope_2d(
+  x: jax.Array, rows: jax.Array, cols: jax.Array, base: float = 10000.0, head_axis: bool = True
+) -> jax.Array:
   """2-D RoPE (docs/algorithms.md 7.3): 1-D RoPE with the row position on the first half of each
   head
   vector and the column position on the second half; each half uses its own standard table
@@ -119,8 +121,8 @@ def rotation_matrix_2d(row, col, dim: int, base: float = 10000.0) -> np.ndarray:
 
 
 def long_range_decay(m, dim: int = 128, base: float = 10000.0) -> float:
-  """Su's bound f(m) = (2/d) sum_{j=1}^{d/2} |sum_{i<j} e^{i m theta_i}| (docs/algorithms.md
-  7.1)."""
+  """Su's bound f(m) = (2/d) sum_{j=1}^{d/2} |sum_{i<j} e^{i m theta_i}|
+  (docs/algorithms.md 7.1)."""
   theta = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
   partial = np.cumsum(np.exp(1j * m * theta))
   return float(np.abs(partial).sum() * 2.0 / dim)

@@ -19,15 +19,36 @@ from models import layers
 class MLP(nnx.Module):
   """wi [d, F] ('embed', 'mlp') -> activation -> wo [F, d] ('mlp', 'embed')."""
 
-  def __init__(self, hidden: int, mlp_dim: int, *, use_bias: bool,
-               kernel_init: layers.KernelInit, activation: str = 'gelu', dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    hidden_size: int,
+    mlp_dim: int,
+    *,
+    use_bias: bool,
+    kernel_init: layers.KernelInit,
+    activation: str = 'gelu',
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     self.activation = activation
     common = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.wi = layers.Dense((hidden,), (mlp_dim,), in_axes=('embed',), out_axes=('mlp',),
-                           kernel_init=kernel_init('mlp_in', (hidden,), (mlp_dim,)), **common)
-    self.wo = layers.Dense((mlp_dim,), (hidden,), in_axes=('mlp',), out_axes=('embed',),
-                           kernel_init=kernel_init('mlp_out', (mlp_dim,), (hidden,)), **common)
+    self.wi = layers.Dense(
+      (hidden_size,),
+      (mlp_dim,),
+      in_axes=('embed',),
+      out_axes=('mlp',),
+      kernel_init=kernel_init('mlp_in', (hidden_size,), (mlp_dim,)),
+      **common,
+    )
+    self.wo = layers.Dense(
+      (mlp_dim,),
+      (hidden_size,),
+      in_axes=('mlp',),
+      out_axes=('embed',),
+      kernel_init=kernel_init('mlp_out', (mlp_dim,), (hidden_size,)),
+      **common,
+    )
 
   def __call__(self, x):
     return self.wo(layers.activation(self.activation)(self.wi(x)))
@@ -46,19 +67,34 @@ class TransformerBlock(nnx.Module):
     self.alpha = spec.residual_alpha
     common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
     self.attention = attention.MultiHeadAttention(
-        spec.hidden, spec.num_heads, spec.head_dim, use_bias=spec.use_bias,
-        kernel_init=spec.kernel_init, dropout_rate=spec.dropout_rate,
-        scale_kind=spec.attention_scale, **common)
-    self.attention_norm = layers.make_norm(spec.norm, spec.hidden, eps=spec.norm_eps, **common)
-    self.mlp = MLP(spec.hidden, spec.mlp_dim, use_bias=spec.use_bias,
-                   kernel_init=spec.kernel_init, activation=spec.mlp_activation, **common)
-    self.mlp_norm = layers.make_norm(spec.norm, spec.hidden, eps=spec.norm_eps, **common)
+      spec.hidden_size,
+      spec.num_heads,
+      spec.head_dim,
+      use_bias=spec.use_bias,
+      kernel_init=spec.kernel_init,
+      dropout_rate=spec.dropout_rate,
+      scale_kind=spec.attention_scale,
+      **common,
+    )
+    self.attention_norm = layers.make_norm(
+      spec.norm_type, spec.hidden_size, eps=spec.norm_eps, **common
+    )
+    self.mlp = MLP(
+      spec.hidden_size,
+      spec.mlp_dim,
+      use_bias=spec.use_bias,
+      kernel_init=spec.kernel_init,
+      activation=spec.mlp_activation,
+      **common,
+    )
+    self.mlp_norm = layers.make_norm(spec.norm_type, spec.hidden_size, eps=spec.norm_eps, **common)
 
   def _residual(self, x, y):
     return x * self.alpha + y if self.alpha != 1.0 else x + y
 
-  def __call__(self, x, ctx, key=None):
-    k_att, k_res1, k_res2 = layers.split_key(key, 3)
+  def __call__(self, x, ctx: attention.AttentionContext, dropout_rng=None):
+    """x [b, n, d] -> [b, n, d]; dropout_rng: a PRNG key (training) or None."""
+    k_att, k_res1, k_res2 = layers.split_key(dropout_rng, 3)
     y = self.attention(x, ctx, k_att)
     x = self.attention_norm(self._residual(x, layers.dropout(y, self.dropout_rate, k_res1)))
     y = self.mlp(x)

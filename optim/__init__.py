@@ -1,5 +1,5 @@
-"""Optimizers: optax chains from `config.optim`, plus the pieces optax lacks (docs/algorithms.md
-1-3).
+"""Optimizers: optax chains from `config.optim`, plus the pieces optax lacks
+(docs/algorithms.md 1-3).
 
 The trainer uses three calls:
 
@@ -42,10 +42,29 @@ from optim.schedules import learning_rate_schedule
 from optim.schedules import piecewise_linear
 
 __all__ = [
-    'AccumulateInMomentumState', 'AdafactorMoments', 'AdamMoments', 'EGState', 'EveryKState',
-    'SGDMMoments', 'accumulate_in_momentum_adafactor', 'accumulate_in_momentum_adam',
-    'accumulate_in_momentum_sgdm', 'adafactor_direction', 'build', 'decay_mask',
-    'eg_adapt', 'every_k', 'factor_in_matrix_view', 'factored_dims', 'learning_rate_schedule',
-    'matrix_view_shape', 'metrics', 'per_layer_blocks', 'scale_by_factored_rms', 'piecewise_linear',
-    'upcast_to_float32', 'validate', 'weight_decay',
+  'AccumulateInMomentumState',
+  'AdafactorMoments',
+  'AdamMoments',
+  'EGState',
+  'EveryKState',
+  'SGDMMoments',
+  'accumulate_in_momentum_adafactor',
+  'accumulate_in_momentum_adam',
+  'accumulate_in_momentum_sgdm',
+  'adafactor_direction',
+  'build',
+  'decay_mask',
+  'eg_adapt',
+  'every_k',
+  'factor_in_matrix_view',
+  'factored_dims',
+  'learning_rate_schedule',
+  'matrix_view_shape',
+  'metrics',
+  'per_layer_blocks',
+  'scale_by_factored_rms',
+  'piecewise_linear',
+  'upcast_to_float32',
+  'validate',
+  'weight_decay',
 ]

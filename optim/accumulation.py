@@ -58,6 +58,7 @@ class AccumulateInMomentumState(NamedTuple):
   moments: SGDMMoments / AdamMoments / AdafactorMoments.
   tail: state of the `tail` transformation; advances only at window ends.
   """
+
   micro_step: jax.Array
   moments: Any
   tail: Any
@@ -65,11 +66,13 @@ class AccumulateInMomentumState(NamedTuple):
 
 class SGDMMoments(NamedTuple):
   """Heavy-ball momentum m, like the params."""
+
   momentum: Any
 
 
 class AdamMoments(NamedTuple):
   """First and second moments mu, nu (EMA form), like the params."""
+
   mu: Any
   nu: Any
 
@@ -79,6 +82,7 @@ class AdafactorMoments(NamedTuple):
 
   Same layout as optax.FactoredState: unused entries are float32 [1] placeholders.
   """
+
   v_row: Any
   v_col: Any
   v: Any
@@ -89,9 +93,12 @@ def _where_tree(cond, new, old):
   return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
 
 
-def _accumulate_in_momentum(accumulation_steps: int, init_moments: Callable,
-                            step_moments: Callable,
-                            tail: optax.GradientTransformation | None):
+def _accumulate_in_momentum(
+  accumulation_steps: int,
+  init_moments: Callable,
+  step_moments: Callable,
+  tail: optax.GradientTransformation | None,
+):
   """Shared window bookkeeping; `step_moments(g, moments, first, tau, pos, params)`."""
   k = int(accumulation_steps)
   if k < 1:
@@ -99,28 +106,30 @@ def _accumulate_in_momentum(accumulation_steps: int, init_moments: Callable,
   tail = tail if tail is not None else optax.identity()
 
   def init_fn(params):
-    return AccumulateInMomentumState(micro_step=jnp.zeros([], jnp.int32),
-                                     moments=init_moments(params), tail=tail.init(params))
+    return AccumulateInMomentumState(
+      micro_step=jnp.zeros([], jnp.int32), moments=init_moments(params), tail=tail.init(params)
+    )
 
   def update_fn(updates, state, params=None):
     micro = state.micro_step
-    first = micro % k == 0            # chi_k(s - 1)
-    last = (micro + 1) % k == 0       # chi_k(s)
-    tau = micro // k + 1              # 1-based update index (ceil(s / k))
-    pos = micro % k + 1               # 1-based position in the window
+    first = micro % k == 0  # chi_k(s - 1)
+    last = (micro + 1) % k == 0  # chi_k(s)
+    tau = micro // k + 1  # 1-based update index (ceil(s / k))
+    pos = micro % k + 1  # 1-based position in the window
     direction, moments = step_moments(updates, state.moments, first, tau, pos, params)
     tail_updates, tail_state = tail.update(direction, state.tail, params)
     new_updates = jax.tree.map(lambda u: jnp.where(last, u, jnp.zeros_like(u)), tail_updates)
     tail_state = _where_tree(last, tail_state, state.tail)
     return new_updates, AccumulateInMomentumState(
-        micro_step=optax.safe_increment(micro), moments=moments, tail=tail_state)
+      micro_step=optax.safe_increment(micro), moments=moments, tail=tail_state
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def accumulate_in_momentum_sgdm(accumulation_steps: int, momentum: float = 0.9,
-                                tail: optax.GradientTransformation | None = None
-                                ) -> optax.GradientTransformation:
+def accumulate_in_momentum_sgdm(
+  accumulation_steps: int, momentum: float = 0.9, tail: optax.GradientTransformation | None = None
+) -> optax.GradientTransformation:
   """SGD heavy-ball momentum with k-step accumulation hidden in m (docs/algorithms.md 2.1, exact).
 
     m_s = [1 - (1 - beta) chi_k(s-1)] m_{s-1} + g_s / k
@@ -145,17 +154,19 @@ def accumulate_in_momentum_sgdm(accumulation_steps: int, momentum: float = 0.9,
 
   def step(g, moments, first, tau, pos, params):
     del tau, pos, params
-    m = jax.tree.map(lambda g, m: jnp.where(first, momentum * m, m) + g / k, g,
-                     moments.momentum)
+    m = jax.tree.map(lambda g, m: jnp.where(first, momentum * m, m) + g / k, g, moments.momentum)
     return m, SGDMMoments(m)
 
   return _accumulate_in_momentum(k, init, step, tail)
 
 
-def accumulate_in_momentum_adam(accumulation_steps: int, b1: float = 0.9, b2: float = 0.999,
-                                eps: float = 1e-6,
-                                tail: optax.GradientTransformation | None = None
-                                ) -> optax.GradientTransformation:
+def accumulate_in_momentum_adam(
+  accumulation_steps: int,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  tail: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformation:
   """Adam moments with k-step accumulation hidden in mu and nu (docs/algorithms.md 2.2,
   approximation).
 
@@ -176,15 +187,14 @@ def accumulate_in_momentum_adam(accumulation_steps: int, b1: float = 0.9, b2: fl
   k = int(accumulation_steps)
 
   def init(params):
-    return AdamMoments(jax.tree.map(jnp.zeros_like, params),
-                       jax.tree.map(jnp.zeros_like, params))
+    return AdamMoments(jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params))
 
   def step(g, moments, first, tau, pos, params):
     del pos, params
-    mu = jax.tree.map(lambda g, m: jnp.where(first, b1 * m, m) + ((1 - b1) / k) * g,
-                      g, moments.mu)
-    nu = jax.tree.map(lambda g, v: jnp.where(first, b2 * v, v) + ((1 - b2) / k) * (g ** 2),
-                      g, moments.nu)
+    mu = jax.tree.map(lambda g, m: jnp.where(first, b1 * m, m) + ((1 - b1) / k) * g, g, moments.mu)
+    nu = jax.tree.map(
+      lambda g, v: jnp.where(first, b2 * v, v) + ((1 - b2) / k) * (g**2), g, moments.nu
+    )
     mu_hat = optax.tree.bias_correction(mu, b1, tau)
     nu_hat = optax.tree.bias_correction(nu, b2, tau)
     direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + 0.0) + eps), mu_hat, nu_hat)
@@ -200,9 +210,11 @@ def _zero_stats(shape: tuple[int, ...], dims: tuple[int, int] | None):
   if dims is None:
     return jnp.zeros((1,), f32), jnp.zeros((1,), f32), jnp.zeros(shape, f32)
   d1, d0 = dims
-  return (jnp.zeros(tuple(n for a, n in enumerate(shape) if a != d0), f32),
-          jnp.zeros(tuple(n for a, n in enumerate(shape) if a != d1), f32),
-          jnp.zeros((1,), f32))
+  return (
+    jnp.zeros(tuple(n for a, n in enumerate(shape) if a != d0), f32),
+    jnp.zeros(tuple(n for a, n in enumerate(shape) if a != d1), f32),
+    jnp.zeros((1,), f32),
+  )
 
 
 def _scale_by_window_stats(g, row, col, v, dims, first, b, w, k: int, eps1: float):
@@ -222,12 +234,18 @@ def _scale_by_window_stats(g, row, col, v, dims, first, b, w, k: int, eps1: floa
   row_w, col_w = row / w, col / w
   reduced_d1 = d1 - 1 if d1 > d0 else d1
   row_factor = (row_w / jnp.mean(row_w, axis=reduced_d1, keepdims=True)) ** -0.5
-  u = g * jnp.expand_dims(row_factor, axis=d0) * jnp.expand_dims(col_w ** -0.5, axis=d1)
+  u = g * jnp.expand_dims(row_factor, axis=d0) * jnp.expand_dims(col_w**-0.5, axis=d1)
   return u, row, col, v
 
 
-def _statistics_view(path, shape, factored: bool, min_dim_size_to_factor: int,
-                     merge_small_axes: bool, stacked_key: str | None):
+def _statistics_view(
+  path,
+  shape,
+  factored: bool,
+  min_dim_size_to_factor: int,
+  merge_small_axes: bool,
+  stacked_key: str | None,
+):
   """The shape AdaFactor's statistics see (adafactor.matrix_view_shape) and its factored axes
   (never the stacked layers axis, adafactor.factored_dims)."""
   shape = tuple(shape)
@@ -240,21 +258,29 @@ def _statistics_view(path, shape, factored: bool, min_dim_size_to_factor: int,
 
 def _zero_moments(params, view) -> 'AdafactorMoments':
   """Zero AdaFactor statistics (in each leaf's `view`) and momentum, float32."""
-  leaves = jax.tree_util.tree_map_with_path(lambda path, p: _zero_stats(*view(path, p.shape)),
-                                            params)
+  leaves = jax.tree_util.tree_map_with_path(
+    lambda path, p: _zero_stats(*view(path, p.shape)), params
+  )
   is_triple = lambda x: isinstance(x, tuple) and len(x) == 3  # noqa: E731
   pick = lambda i: jax.tree.map(lambda t: t[i], leaves, is_leaf=is_triple)  # noqa: E731
-  return AdafactorMoments(pick(0), pick(1), pick(2),
-                          jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+  return AdafactorMoments(
+    pick(0), pick(1), pick(2), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  )
 
 
 def accumulate_in_momentum_adafactor(
-    accumulation_steps: int, momentum: float = 0.9, *, factored: bool = True,
-    decay_rate: float = 0.8, clipping_threshold: float = 1.0,
-    min_dim_size_to_factor: int = adafactor_lib.MIN_DIM_SIZE_TO_FACTOR,
-    eps1: float = adafactor_lib.EPS1, merge_small_axes: bool = True,
-    stacked_key: str | None = 'layers',
-    tail: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+  accumulation_steps: int,
+  momentum: float = 0.9,
+  *,
+  factored: bool = True,
+  decay_rate: float = 0.8,
+  clipping_threshold: float = 1.0,
+  min_dim_size_to_factor: int = adafactor_lib.MIN_DIM_SIZE_TO_FACTOR,
+  eps1: float = adafactor_lib.EPS1,
+  merge_small_axes: bool = True,
+  stacked_key: str | None = 'layers',
+  tail: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformation:
   """AdaFactor with momentum, k-step accumulation hidden in M (docs/algorithms.md 2.3;
   EXPERIMENTAL).
 
@@ -286,13 +312,16 @@ def accumulate_in_momentum_adafactor(
     ValueError: momentum <= 0 (there is no buffer to hide the window in; use MultiSteps).
   """
   if not momentum > 0:
-    raise ValueError(f'momentum={momentum} must be > 0 to accumulate in AdaFactor momentum; '
-                     'set optim.b1 > 0 or use accumulation="multisteps"')
+    raise ValueError(
+      f'momentum={momentum} must be > 0 to accumulate in AdaFactor momentum; '
+      'set optim.b1 > 0 or use accumulation="multisteps"'
+    )
   k = int(accumulation_steps)
   f32 = jnp.float32
 
   view = lambda path, shape: _statistics_view(  # noqa: E731
-      path, shape, factored, min_dim_size_to_factor, merge_small_axes, stacked_key)
+    path, shape, factored, min_dim_size_to_factor, merge_small_axes, stacked_key
+  )
 
   init = lambda params: _zero_moments(params, view)  # noqa: E731
 
@@ -301,8 +330,7 @@ def accumulate_in_momentum_adafactor(
     t = jnp.asarray(tau, f32)
     b = 1.0 - t ** (-decay_rate)
     w = 1.0 - (1.0 - b) * (k - pos) / k
-    clip = (optax.clip_by_block_rms(clipping_threshold) if clipping_threshold
-            else optax.identity())
+    clip = optax.clip_by_block_rms(clipping_threshold) if clipping_threshold else optax.identity()
 
     def leaf(path, g_in, row, col, v, m):
       shape, d = view(path, g_in.shape)
@@ -317,8 +345,9 @@ def accumulate_in_momentum_adafactor(
       m = jnp.where(first, momentum * m, m) + ((1 - momentum) / k) * u
       return m, row, col, v
 
-    out = jax.tree_util.tree_map_with_path(leaf, g_tree, moments.v_row, moments.v_col,
-                                           moments.v, moments.momentum)
+    out = jax.tree_util.tree_map_with_path(
+      leaf, g_tree, moments.v_row, moments.v_col, moments.v, moments.momentum
+    )
     is_quad = lambda x: isinstance(x, tuple) and len(x) == 4  # noqa: E731
     pick = lambda i: jax.tree.map(lambda q: q[i], out, is_leaf=is_quad)  # noqa: E731
     m = pick(0)
@@ -329,12 +358,14 @@ def accumulate_in_momentum_adafactor(
 
 class EveryKState(NamedTuple):
   """micro_step: int32 [] micro-steps taken; base: the base optimizer's state."""
+
   micro_step: jax.Array
   base: Any
 
 
-def every_k(base: optax.GradientTransformation, accumulation_steps: int
-            ) -> optax.GradientTransformation:
+def every_k(
+  base: optax.GradientTransformation, accumulation_steps: int
+) -> optax.GradientTransformation:
   """Su's "update every k with unchanged beta" (docs/algorithms.md 2.4): u_s = chi_k(s) * base(g_s).
 
   The base optimizer (its moments, bias corrections and counters) runs on every micro-step

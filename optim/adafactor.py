@@ -13,8 +13,8 @@ t = count + 1 (optimizer updates):
   U_t = g_t / sqrt(Vhat_t);  Uhat_t = U_t / max(1, RMS(U_t) / d)          (d = clipping_threshold)
   alpha_t = rho_t * max(eps2, RMS(theta_{t-1})) (parameter_scale) else rho_t   (eps2 = 1e-3)
 
-The two variants differ only in where momentum beta1 and weight decay wd sit (docs/algorithms.md
-1.2):
+The two variants differ only in where momentum beta1 and weight decay wd sit
+(docs/algorithms.md 1.2):
 
   'optax'      (= optax.adafactor with the learning rate passed explicitly, docs/algorithms.md 1.2
   (a)):
@@ -62,9 +62,12 @@ EPS2 = 1e-3
 MIN_DIM_SIZE_TO_FACTOR = 128
 
 
-def factored_dims(shape: tuple[int, ...], factored: bool = True,
-                  min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
-                  stacked: bool = False) -> tuple[int, int] | None:
+def factored_dims(
+  shape: tuple[int, ...],
+  factored: bool = True,
+  min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
+  stacked: bool = False,
+) -> tuple[int, int] | None:
   """The (second largest, largest) axes a leaf's second moment is factored over, or None.
 
   The rule of bert4keras and optax (docs/algorithms.md 1.2): factor iff rank >= 2 and the second
@@ -86,9 +89,12 @@ def factored_dims(shape: tuple[int, ...], factored: bool = True,
   return int(order[-2]), int(order[-1])
 
 
-def matrix_view_shape(shape: tuple[int, ...], names: list[str] | tuple[str, ...] = (),
-                      min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
-                      stacked_key: str | None = 'layers') -> tuple[int, ...]:
+def matrix_view_shape(
+  shape: tuple[int, ...],
+  names: list[str] | tuple[str, ...] = (),
+  min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
+  stacked_key: str | None = 'layers',
+) -> tuple[int, ...]:
   """The shape under which a leaf's second moment is factored (docs/algorithms.md 1.4, 2-D kernel
   parity).
 
@@ -127,9 +133,11 @@ def matrix_view_shape(shape: tuple[int, ...], names: list[str] | tuple[str, ...]
   return merged if factored_dims(merged, True, min_dim_size_to_factor) is not None else shape
 
 
-def factor_in_matrix_view(inner: optax.GradientTransformation,
-                          min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
-                          stacked_key: str | None = 'layers') -> optax.GradientTransformation:
+def factor_in_matrix_view(
+  inner: optax.GradientTransformation,
+  min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
+  stacked_key: str | None = 'layers',
+) -> optax.GradientTransformation:
   """Runs `inner` (e.g. optax.scale_by_factored_rms) on leaves reshaped to matrix_view_shape.
 
   Gradients and parameters are reshaped (a free, layout-only op) before `inner`, its updates
@@ -141,8 +149,14 @@ def factor_in_matrix_view(inner: optax.GradientTransformation,
     if tree is None:
       return None
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.reshape(x, matrix_view_shape(
-            x.shape, tree_paths.path_names(path), min_dim_size_to_factor, stacked_key)), tree)
+      lambda path, x: jnp.reshape(
+        x,
+        matrix_view_shape(
+          x.shape, tree_paths.path_names(path), min_dim_size_to_factor, stacked_key
+        ),
+      ),
+      tree,
+    )
 
   def init_fn(params):
     return inner.init(view(params))
@@ -155,8 +169,9 @@ def factor_in_matrix_view(inner: optax.GradientTransformation,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def per_layer_blocks(tx: optax.GradientTransformation,
-                     stacked_key: str | None = 'layers') -> optax.GradientTransformation:
+def per_layer_blocks(
+  tx: optax.GradientTransformation, stacked_key: str | None = 'layers'
+) -> optax.GradientTransformation:
   """Applies a stateless per-leaf ("block") transform to each layer of stacked leaves.
 
   optax's block transforms (clip_by_block_rms, scale_by_param_block_rms, scale_by_trust_ratio)
@@ -175,8 +190,7 @@ def per_layer_blocks(tx: optax.GradientTransformation,
       return one(u, p)
 
     if params is None:
-      return jax.tree_util.tree_map_with_path(lambda path, u: leaf(path, u, None),
-                                              updates), state
+      return jax.tree_util.tree_map_with_path(lambda path, u: leaf(path, u, None), updates), state
     return jax.tree_util.tree_map_with_path(leaf, updates, params), state
 
   return optax.GradientTransformation(tx.init, update_fn)
@@ -184,16 +198,20 @@ def per_layer_blocks(tx: optax.GradientTransformation,
 
 class _LeafStats(NamedTuple):
   """One leaf's update and AdaFactor statistics (unused ones are [1] placeholders)."""
+
   update: jax.Array
   v_row: jax.Array
   v_col: jax.Array
   v: jax.Array
 
 
-def scale_by_factored_rms(factored: bool = True, decay_rate: float = 0.8,
-                          min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
-                          epsilon: float = EPS1,
-                          stacked_key: str | None = 'layers') -> optax.GradientTransformation:
+def scale_by_factored_rms(
+  factored: bool = True,
+  decay_rate: float = 0.8,
+  min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
+  epsilon: float = EPS1,
+  stacked_key: str | None = 'layers',
+) -> optax.GradientTransformation:
   """`optax.scale_by_factored_rms` (step_offset 0) that never factors a stacked layers axis.
 
   The same statistics, update and state (`optax.FactoredState`) as optax's, leaf by leaf,
@@ -212,18 +230,27 @@ def scale_by_factored_rms(factored: bool = True, decay_rate: float = 0.8,
     if d is None:
       return _LeafStats(one, one, one, jnp.zeros_like(p))
     d1, d0 = d
-    return _LeafStats(one, jnp.zeros(np.delete(p.shape, d0), p.dtype),
-                      jnp.zeros(np.delete(p.shape, d1), p.dtype), one)
+    return _LeafStats(
+      one,
+      jnp.zeros(np.delete(p.shape, d0), p.dtype),
+      jnp.zeros(np.delete(p.shape, d1), p.dtype),
+      one,
+    )
 
   def to_state(count, results):
-    pick = lambda f: jax.tree.map(lambda r: getattr(r, f), results,  # noqa: E731
-                                  is_leaf=lambda r: isinstance(r, _LeafStats))
-    return pick('update'), optax.FactoredState(count=count, v_row=pick('v_row'),
-                                               v_col=pick('v_col'), v=pick('v'))
+    pick = lambda f: jax.tree.map(
+      lambda r: getattr(r, f),
+      results,  # noqa: E731
+      is_leaf=lambda r: isinstance(r, _LeafStats),
+    )
+    return pick('update'), optax.FactoredState(
+      count=count, v_row=pick('v_row'), v_col=pick('v_col'), v=pick('v')
+    )
 
   def init_fn(params):
-    return to_state(jnp.zeros([], jnp.int32),
-                    jax.tree_util.tree_map_with_path(init_leaf, params))[1]
+    return to_state(jnp.zeros([], jnp.int32), jax.tree_util.tree_map_with_path(init_leaf, params))[
+      1
+    ]
 
   def update_fn(updates, state, params=None):
     del params
@@ -235,27 +262,31 @@ def scale_by_factored_rms(factored: bool = True, decay_rate: float = 0.8,
       grad_sqr = jnp.square(g) + epsilon
       if d is None:
         v = (beta2 * v + (1.0 - beta2) * grad_sqr).astype(g.dtype)
-        return _LeafStats(g * v ** -0.5, v_row, v_col, v)
+        return _LeafStats(g * v**-0.5, v_row, v_col, v)
       d1, d0 = d
       v_row = (beta2 * v_row + (1.0 - beta2) * jnp.mean(grad_sqr, axis=d0)).astype(g.dtype)
       v_col = (beta2 * v_col + (1.0 - beta2) * jnp.mean(grad_sqr, axis=d1)).astype(g.dtype)
       reduced_d1 = d1 - 1 if d1 > d0 else d1
       row_factor = (v_row / jnp.mean(v_row, axis=reduced_d1, keepdims=True)) ** -0.5
-      u = g * jnp.expand_dims(row_factor, axis=d0) * jnp.expand_dims(v_col ** -0.5, axis=d1)
+      u = g * jnp.expand_dims(row_factor, axis=d0) * jnp.expand_dims(v_col**-0.5, axis=d1)
       return _LeafStats(u, v_row, v_col, v)
 
-    results = jax.tree_util.tree_map_with_path(leaf, updates, state.v_row, state.v_col,
-                                               state.v)
+    results = jax.tree_util.tree_map_with_path(leaf, updates, state.v_row, state.v_col, state.v)
     return to_state(optax.safe_increment(state.count), results)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _factored_rms(factored, decay_rate, min_dim_size_to_factor, eps1, merge_small_axes,
-                  stacked_key):
-  tx = scale_by_factored_rms(factored=factored, decay_rate=decay_rate,
-                             min_dim_size_to_factor=min_dim_size_to_factor, epsilon=eps1,
-                             stacked_key=stacked_key)
+def _factored_rms(
+  factored, decay_rate, min_dim_size_to_factor, eps1, merge_small_axes, stacked_key
+):
+  tx = scale_by_factored_rms(
+    factored=factored,
+    decay_rate=decay_rate,
+    min_dim_size_to_factor=min_dim_size_to_factor,
+    epsilon=eps1,
+    stacked_key=stacked_key,
+  )
   if merge_small_axes:
     tx = factor_in_matrix_view(tx, min_dim_size_to_factor, stacked_key)
   return tx
@@ -291,12 +322,18 @@ def upcast_to_float32(inner: optax.GradientTransformation) -> optax.GradientTran
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def adafactor_direction(*, factored: bool = True, decay_rate: float = 0.8,
-                        clipping_threshold: float = 1.0, momentum: float = 0.0,
-                        parameter_scale: bool = True,
-                        min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
-                        eps1: float = EPS1, merge_small_axes: bool = True,
-                        stacked_key: str | None = 'layers') -> optax.GradientTransformation:
+def adafactor_direction(
+  *,
+  factored: bool = True,
+  decay_rate: float = 0.8,
+  clipping_threshold: float = 1.0,
+  momentum: float = 0.0,
+  parameter_scale: bool = True,
+  min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
+  eps1: float = EPS1,
+  merge_small_axes: bool = True,
+  stacked_key: str | None = 'layers',
+) -> optax.GradientTransformation:
   """bert4keras AdaFactor without learning rate and weight decay: max(eps2, RMS theta) * M_t.
 
   chain(scale_by_factored_rms(factored, c, 0, 128, eps1) [in the matrix view if
@@ -305,8 +342,9 @@ def adafactor_direction(*, factored: bool = True, decay_rate: float = 0.8,
   Output has the sign of the gradient (a descent direction to be multiplied by -rho_t); used
   by `adafactor(variant='bert4keras')` and as the base direction of `eg_adapt`.
   """
-  tx = [_factored_rms(factored, decay_rate, min_dim_size_to_factor, eps1, merge_small_axes,
-                        stacked_key)]
+  tx = [
+    _factored_rms(factored, decay_rate, min_dim_size_to_factor, eps1, merge_small_axes, stacked_key)
+  ]
   if clipping_threshold:
     tx.append(per_layer_blocks(optax.clip_by_block_rms(clipping_threshold), stacked_key))
   if momentum:
@@ -316,14 +354,22 @@ def adafactor_direction(*, factored: bool = True, decay_rate: float = 0.8,
   return optax.chain(*tx)
 
 
-def adafactor(learning_rate: optax.ScalarOrSchedule, *, variant: str = 'optax',
-              factored: bool = True, decay_rate: float = 0.8,
-              clipping_threshold: float = 1.0, momentum: float = 0.0,
-              parameter_scale: bool = True, weight_decay: float = 0.0,
-              weight_decay_mask: Any | Callable[[Any], Any] | None = None,
-              min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
-              eps1: float = EPS1, merge_small_axes: bool = True,
-              stacked_key: str | None = 'layers') -> optax.GradientTransformation:
+def adafactor(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  variant: str = 'optax',
+  factored: bool = True,
+  decay_rate: float = 0.8,
+  clipping_threshold: float = 1.0,
+  momentum: float = 0.0,
+  parameter_scale: bool = True,
+  weight_decay: float = 0.0,
+  weight_decay_mask: Any | Callable[[Any], Any] | None = None,
+  min_dim_size_to_factor: int = MIN_DIM_SIZE_TO_FACTOR,
+  eps1: float = EPS1,
+  merge_small_axes: bool = True,
+  stacked_key: str | None = 'layers',
+) -> optax.GradientTransformation:
   """AdaFactor (docs/algorithms.md 1.1) in the 'optax' or 'bert4keras' placement, float32
   statistics.
 
@@ -357,8 +403,11 @@ def adafactor(learning_rate: optax.ScalarOrSchedule, *, variant: str = 'optax',
     ValueError: unknown variant.
   """
   if variant == 'optax':
-    tx = [_factored_rms(factored, decay_rate, min_dim_size_to_factor, eps1, merge_small_axes,
-                        stacked_key)]
+    tx = [
+      _factored_rms(
+        factored, decay_rate, min_dim_size_to_factor, eps1, merge_small_axes, stacked_key
+      )
+    ]
     if clipping_threshold:
       tx.append(per_layer_blocks(optax.clip_by_block_rms(clipping_threshold), stacked_key))
     tx.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
@@ -373,14 +422,23 @@ def adafactor(learning_rate: optax.ScalarOrSchedule, *, variant: str = 'optax',
     tx.append(optax.scale(-1))
     return upcast_to_float32(optax.chain(*tx))
   if variant == 'bert4keras':
-    tx = [adafactor_direction(factored=factored, decay_rate=decay_rate,
-                              clipping_threshold=clipping_threshold, momentum=momentum,
-                              parameter_scale=parameter_scale,
-                              min_dim_size_to_factor=min_dim_size_to_factor, eps1=eps1,
-                              merge_small_axes=merge_small_axes, stacked_key=stacked_key)]
+    tx = [
+      adafactor_direction(
+        factored=factored,
+        decay_rate=decay_rate,
+        clipping_threshold=clipping_threshold,
+        momentum=momentum,
+        parameter_scale=parameter_scale,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+        eps1=eps1,
+        merge_small_axes=merge_small_axes,
+        stacked_key=stacked_key,
+      )
+    ]
     if weight_decay:
       tx.append(optax.add_decayed_weights(weight_decay, mask=weight_decay_mask))
     tx.append(optax.scale_by_learning_rate(learning_rate))
     return upcast_to_float32(optax.chain(*tx))
-  raise ValueError(f'optim.adafactor_variant={variant!r} is unknown; choose one of '
-                   f'{", ".join(VARIANTS)}')
+  raise ValueError(
+    f'optim.adafactor_variant={variant!r} is unknown; choose one of {", ".join(VARIANTS)}'
+  )

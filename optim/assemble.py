@@ -74,7 +74,8 @@ def decay_mask(params):
     A bool pytree like params (True = apply weight decay): kernels and embeddings.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: _leaf_name(path) not in NO_DECAY_NAMES and len(x.shape) >= 2, params)
+    lambda path, x: _leaf_name(path) not in NO_DECAY_NAMES and len(x.shape) >= 2, params
+  )
 
 
 def _fail(field, value, fix):
@@ -109,8 +110,9 @@ def validate(config) -> None:
   if o.schedule not in schedules.SCHEDULES:
     _fail('schedule', o.schedule, f'choose one of {", ".join(schedules.SCHEDULES)}')
   if o.adafactor_variant not in adafactor_lib.VARIANTS:
-    _fail('adafactor_variant', o.adafactor_variant,
-          f'choose one of {", ".join(adafactor_lib.VARIANTS)}')
+    _fail(
+      'adafactor_variant', o.adafactor_variant, f'choose one of {", ".join(adafactor_lib.VARIANTS)}'
+    )
   if o.accumulation not in ACCUMULATIONS:
     _fail('accumulation', o.accumulation, f'choose one of {", ".join(ACCUMULATIONS)}')
   k = o.accumulation_steps
@@ -121,8 +123,9 @@ def validate(config) -> None:
   if o.warmup_steps < 0:
     _fail('warmup_steps', o.warmup_steps, 'use warmup_steps >= 0')
   if config.train.num_train_steps < 1:
-    raise ValueError(f'train.num_train_steps={config.train.num_train_steps} is invalid; '
-                     'use >= 1 optimizer updates')
+    raise ValueError(
+      f'train.num_train_steps={config.train.num_train_steps} is invalid; use >= 1 optimizer updates'
+    )
   if not 0 <= o.end_learning_rate_factor <= 1:
     _fail('end_learning_rate_factor', o.end_learning_rate_factor, 'use a value in [0, 1]')
   for field in ('b1', 'b2'):
@@ -133,32 +136,49 @@ def validate(config) -> None:
       _fail(field, o[field], 'use a value >= 0 (0 disables it)')
   wd = weight_decay(config)
   if not 0 <= wd < 1:
-    _fail('weight_decay', o.weight_decay, 'use a value in [0, 1) (0 disables it; unset it '
-          'for the optimizer\'s default)')
+    _fail(
+      'weight_decay',
+      o.weight_decay,
+      "use a value in [0, 1) (0 disables it; unset it for the optimizer's default)",
+    )
   if not decay_times_learning_rate(config) and wd > o.learning_rate:
-    _fail('weight_decay', o.weight_decay,
-          f'adafactor_variant="optax" subtracts weight_decay * theta every update, not times '
-          f'the learning rate, so {wd:g} outpaces the largest step ({o.learning_rate:g}) and '
-          f'shrinks every weight to {(1 - wd) ** 100:.2f} of its value in 100 updates. Use '
-          f'adafactor_variant="bert4keras" (decay times the learning rate), a weight_decay '
-          f'<= learning_rate, or unset weight_decay (0 for this variant)')
+    _fail(
+      'weight_decay',
+      o.weight_decay,
+      f'adafactor_variant="optax" subtracts weight_decay * theta every update, not times '
+      f'the learning rate, so {wd:g} outpaces the largest step ({o.learning_rate:g}) and '
+      f'shrinks every weight to {(1 - wd) ** 100:.2f} of its value in 100 updates. Use '
+      f'adafactor_variant="bert4keras" (decay times the learning rate), a weight_decay '
+      f'<= learning_rate, or unset weight_decay (0 for this variant)',
+    )
   if not o.decay_rate > 0:
     _fail('decay_rate', o.decay_rate, 'use the AdaFactor exponent c > 0 (paper: 0.8)')
   if o.schedule == 'piecewise_linear':
     schedules.piecewise_linear(o.schedule_boundaries)
   if k > 1 and o.accumulation == 'momentum' and o.grad_clip_norm > 0:
-    _fail('grad_clip_norm', o.grad_clip_norm,
-          f'with optim.accumulation="momentum" (accumulation_steps={k}) the clip would apply to '
-          'each micro-batch gradient, not to the window mean that a large batch clips, so the '
-          'update would not be the large-batch update. Set --config.optim.grad_clip_norm=0, or '
-          'use --config.optim.accumulation=multisteps (clips the window mean; one extra buffer)')
+    _fail(
+      'grad_clip_norm',
+      o.grad_clip_norm,
+      f'with optim.accumulation="momentum" (accumulation_steps={k}) the clip would apply to '
+      'each micro-batch gradient, not to the window mean that a large batch clips, so the '
+      'update would not be the large-batch update. Set --config.optim.grad_clip_norm=0, or '
+      'use --config.optim.accumulation=multisteps (clips the window mean; one extra buffer)',
+    )
   if k > 1 and o.accumulation == 'momentum' and o.name == 'adafactor':
     if not o.b1 > 0:
-      _fail('b1', o.b1, 'accumulation="momentum" with adafactor needs momentum b1 > 0; set '
-            'optim.b1 (e.g. 0.9) or use accumulation="multisteps"')
+      _fail(
+        'b1',
+        o.b1,
+        'accumulation="momentum" with adafactor needs momentum b1 > 0; set '
+        'optim.b1 (e.g. 0.9) or use accumulation="multisteps"',
+      )
     if o.adafactor_variant != 'bert4keras':
-      _fail('adafactor_variant', o.adafactor_variant, 'accumulation="momentum" with adafactor '
-            'is implemented for the bert4keras placement; set adafactor_variant="bert4keras"')
+      _fail(
+        'adafactor_variant',
+        o.adafactor_variant,
+        'accumulation="momentum" with adafactor '
+        'is implemented for the bert4keras placement; set adafactor_variant="bert4keras"',
+      )
   if o.eg.enabled:
     _validate_eg(o, k)
 
@@ -167,22 +187,30 @@ def _validate_eg(o, k: int) -> None:
   """Checks config.optim.eg (enabled) against the optimizer and the accumulation mode."""
   eg = o.eg
   if k > 1 and o.accumulation != 'multisteps':
-    _fail('accumulation', o.accumulation, 'eg.enabled=True supports only '
-          'accumulation="multisteps" when accumulation_steps > 1')
+    _fail(
+      'accumulation',
+      o.accumulation,
+      'eg.enabled=True supports only accumulation="multisteps" when accumulation_steps > 1',
+    )
   if o.name == 'adafactor' and o.adafactor_variant != 'bert4keras':
-    _fail('adafactor_variant', o.adafactor_variant, 'eg.enabled=True with adafactor needs '
-          'adafactor_variant="bert4keras" (the optax placement has the lr mid-chain)')
+    _fail(
+      'adafactor_variant',
+      o.adafactor_variant,
+      'eg.enabled=True with adafactor needs '
+      'adafactor_variant="bert4keras" (the optax placement has the lr mid-chain)',
+    )
   if eg.scale_signal not in eg_lib.SCALE_SIGNALS:
     _fail('eg.scale_signal', eg.scale_signal, f'choose one of {eg_lib.SCALE_SIGNALS}')
   if eg.scale_granularity not in eg_lib.SCALE_GRANULARITIES:
-    _fail('eg.scale_granularity', eg.scale_granularity,
-          f'choose one of {eg_lib.SCALE_GRANULARITIES}')
+    _fail(
+      'eg.scale_granularity', eg.scale_granularity, f'choose one of {eg_lib.SCALE_GRANULARITIES}'
+    )
   if not 0 < eg.scale_min <= 1 <= eg.scale_max:
-    _fail('eg.scale_min/scale_max', (eg.scale_min, eg.scale_max),
-          'use 0 < scale_min <= 1 <= scale_max')
+    _fail(
+      'eg.scale_min/scale_max', (eg.scale_min, eg.scale_max), 'use 0 < scale_min <= 1 <= scale_max'
+    )
   if not 0 < eg.gain_min <= 1 <= eg.gain_max:
-    _fail('eg.gain_min/gain_max', (eg.gain_min, eg.gain_max),
-          'use 0 < gain_min <= 1 <= gain_max')
+    _fail('eg.gain_min/gain_max', (eg.gain_min, eg.gain_max), 'use 0 < gain_min <= 1 <= gain_max')
   if eg.scale_lr < 0 or eg.gain_lr < 0:
     _fail('eg.scale_lr/gain_lr', (eg.scale_lr, eg.gain_lr), 'use meta learning rates >= 0')
   if not 0 <= eg.beta < 1:
@@ -196,11 +224,14 @@ def _stacked_key(config):
 
 def _adafactor_kwargs(config):
   o = config.optim
-  return dict(factored=bool(o.factored), decay_rate=float(o.decay_rate),
-              clipping_threshold=float(o.clipping_threshold),
-              min_dim_size_to_factor=int(o.min_dim_size_to_factor),
-              merge_small_axes=bool(o.factor_merge_small_axes),
-              stacked_key=_stacked_key(config))
+  return dict(
+    factored=bool(o.factored),
+    decay_rate=float(o.decay_rate),
+    clipping_threshold=float(o.clipping_threshold),
+    min_dim_size_to_factor=int(o.min_dim_size_to_factor),
+    merge_small_axes=bool(o.factor_merge_small_axes),
+    stacked_key=_stacked_key(config),
+  )
 
 
 def _trust_ratio(config):
@@ -209,8 +240,9 @@ def _trust_ratio(config):
 
 
 def _param_scale(config):
-  return adafactor_lib.per_layer_blocks(optax.scale_by_param_block_rms(adafactor_lib.EPS2),
-                                        _stacked_key(config))
+  return adafactor_lib.per_layer_blocks(
+    optax.scale_by_param_block_rms(adafactor_lib.EPS2), _stacked_key(config)
+  )
 
 
 def _decay(config):
@@ -222,17 +254,27 @@ def _direction_and_tail(config, schedule):
   o = config.optim
   lr = optax.scale_by_learning_rate(schedule)
   if o.name == 'sgdm':
-    return (optax.trace(float(o.b1)), optax.chain(_decay(config), lr),
-            dict(gain_placement='input', direction_from_state=lambda s: s.trace))
+    return (
+      optax.trace(float(o.b1)),
+      optax.chain(_decay(config), lr),
+      dict(gain_placement='input', direction_from_state=lambda s: s.trace),
+    )
   if o.name == 'adamw':
-    return (optax.scale_by_adam(float(o.b1), float(o.b2), float(o.eps)),
-            optax.chain(_decay(config), lr), dict(gain_placement='output'))
+    return (
+      optax.scale_by_adam(float(o.b1), float(o.b2), float(o.eps)),
+      optax.chain(_decay(config), lr),
+      dict(gain_placement='output'),
+    )
   if o.name == 'lamb':
-    direction = optax.chain(optax.scale_by_adam(float(o.b1), float(o.b2), float(o.eps)),
-                            _decay(config), _trust_ratio(config))
+    direction = optax.chain(
+      optax.scale_by_adam(float(o.b1), float(o.b2), float(o.eps)),
+      _decay(config),
+      _trust_ratio(config),
+    )
     return direction, lr, dict(gain_placement='output')
   direction = adafactor_lib.adafactor_direction(
-      momentum=float(o.b1), parameter_scale=bool(o.parameter_scale), **_adafactor_kwargs(config))
+    momentum=float(o.b1), parameter_scale=bool(o.parameter_scale), **_adafactor_kwargs(config)
+  )
   return direction, optax.chain(_decay(config), lr), dict(gain_placement='output')
 
 
@@ -245,31 +287,50 @@ def _optimizer(config, schedule) -> optax.GradientTransformation:
     if eg.scale_signal == 'gbar':
       kwargs.pop('direction_from_state', None)
     wrapped = eg_lib.eg_adapt(
-        direction, scale_lr=float(eg.scale_lr), gain_lr=float(eg.gain_lr),
-        normalized=bool(eg.normalized), scale_min=float(eg.scale_min),
-        scale_max=float(eg.scale_max), gain_min=float(eg.gain_min),
-        gain_max=float(eg.gain_max), scale_signal=eg.scale_signal,
-        scale_granularity=eg.scale_granularity, beta=float(eg.beta),
-        stacked_key=_stacked_key(config), **kwargs)
+      direction,
+      scale_lr=float(eg.scale_lr),
+      gain_lr=float(eg.gain_lr),
+      normalized=bool(eg.normalized),
+      scale_min=float(eg.scale_min),
+      scale_max=float(eg.scale_max),
+      gain_min=float(eg.gain_min),
+      gain_max=float(eg.gain_max),
+      scale_signal=eg.scale_signal,
+      scale_granularity=eg.scale_granularity,
+      beta=float(eg.beta),
+      stacked_key=_stacked_key(config),
+      **kwargs,
+    )
     return optax.chain(wrapped, tail)
   b1, b2, eps, wd = float(o.b1), float(o.b2), float(o.eps), weight_decay(config)
   if o.name == 'adamw':
     return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)
   if o.name == 'lamb':  # optax.lamb with the trust ratio per layer for stacked leaves
-    return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-                       optax.add_decayed_weights(wd, mask=decay_mask), _trust_ratio(config),
-                       optax.scale_by_learning_rate(schedule))
+    return optax.chain(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.add_decayed_weights(wd, mask=decay_mask),
+      _trust_ratio(config),
+      optax.scale_by_learning_rate(schedule),
+    )
   if o.name == 'sgdm':
     return optax.chain(optax.trace(b1), _decay(config), optax.scale_by_learning_rate(schedule))
   if o.adafactor_variant == 'optax' and wd > 0:
-    logging.warning('adafactor_variant="optax" applies weight decay without the learning '
-                    'rate (theta -= %g * theta per update, docs/algorithms.md 1.2); use '
-                    '"bert4keras" for '
-                    'lr-scaled decay', wd)
+    logging.warning(
+      'adafactor_variant="optax" applies weight decay without the learning '
+      'rate (theta -= %g * theta per update, docs/algorithms.md 1.2); use '
+      '"bert4keras" for '
+      'lr-scaled decay',
+      wd,
+    )
   return adafactor_lib.adafactor(
-      schedule, variant=o.adafactor_variant, momentum=b1,
-      parameter_scale=bool(o.parameter_scale), weight_decay=wd, weight_decay_mask=decay_mask,
-      **_adafactor_kwargs(config))
+    schedule,
+    variant=o.adafactor_variant,
+    momentum=b1,
+    parameter_scale=bool(o.parameter_scale),
+    weight_decay=wd,
+    weight_decay_mask=decay_mask,
+    **_adafactor_kwargs(config),
+  )
 
 
 def _accumulate_in_momentum(config, schedule, k) -> optax.GradientTransformation:
@@ -279,15 +340,17 @@ def _accumulate_in_momentum(config, schedule, k) -> optax.GradientTransformation
   if o.name == 'sgdm':
     return accumulation_lib.accumulate_in_momentum_sgdm(k, b1, tail=optax.chain(_decay(config), lr))
   if o.name == 'adamw':
-    return accumulation_lib.accumulate_in_momentum_adam(k, b1, b2, eps,
-                                                        tail=optax.chain(_decay(config), lr))
+    return accumulation_lib.accumulate_in_momentum_adam(
+      k, b1, b2, eps, tail=optax.chain(_decay(config), lr)
+    )
   if o.name == 'lamb':
     tail = optax.chain(_decay(config), _trust_ratio(config), lr)
     return accumulation_lib.accumulate_in_momentum_adam(k, b1, b2, eps, tail=tail)
   tail = [_param_scale(config)] if o.parameter_scale else []
   tail = optax.chain(*tail, _decay(config), lr)
-  return accumulation_lib.accumulate_in_momentum_adafactor(k, b1, tail=tail,
-                                                           **_adafactor_kwargs(config))
+  return accumulation_lib.accumulate_in_momentum_adafactor(
+    k, b1, tail=tail, **_adafactor_kwargs(config)
+  )
 
 
 def build(config) -> optax.GradientTransformation:
@@ -317,8 +380,9 @@ def build(config) -> optax.GradientTransformation:
     tx = optax.chain(optax.clip_by_global_norm(float(o.grad_clip_norm)), tx)
   if k > 1 and o.accumulation == 'multisteps':
     # float32 buffer (float64 under jax_enable_x64; optax's default is always float32).
-    tx = optax.MultiSteps(tx, every_k_schedule=k, accumulator_dtype=jnp.result_type(float)
-                          ).gradient_transformation()
+    tx = optax.MultiSteps(
+      tx, every_k_schedule=k, accumulator_dtype=jnp.result_type(float)
+    ).gradient_transformation()
   return adafactor_lib.upcast_to_float32(tx)
 
 

@@ -70,6 +70,7 @@ class EGState(NamedTuple):
   prev_direction: u_{t-1} like params, or () when not stored.
   base: the base transformation's state.
   """
+
   count: jax.Array
   scale: Any
   gain: Any
@@ -82,20 +83,24 @@ def _stat_dtype(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _check_args(scale_signal, scale_granularity, gain_placement, scale_range, gain_range,
-                direction_from_state):
+def _check_args(
+  scale_signal, scale_granularity, gain_placement, scale_range, gain_range, direction_from_state
+):
   """The ValueErrors of eg_adapt's arguments."""
   if scale_signal not in SCALE_SIGNALS:
     raise ValueError(f'scale_signal={scale_signal!r}; choose one of {SCALE_SIGNALS}')
   if scale_granularity not in SCALE_GRANULARITIES:
-    raise ValueError(f'scale_granularity={scale_granularity!r}; choose one of '
-                     f'{SCALE_GRANULARITIES}')
+    raise ValueError(
+      f'scale_granularity={scale_granularity!r}; choose one of {SCALE_GRANULARITIES}'
+    )
   if gain_placement not in GAIN_PLACEMENTS:
     raise ValueError(f'gain_placement={gain_placement!r}; choose one of {GAIN_PLACEMENTS}')
   (scale_min, scale_max), (gain_min, gain_max) = scale_range, gain_range
   if not (0 < scale_min <= 1 <= scale_max and 0 < gain_min <= 1 <= gain_max):
-    raise ValueError(f'EG bounds scale [{scale_min}, {scale_max}] and gain [{gain_min}, '
-                     f'{gain_max}] must be positive and contain 1')
+    raise ValueError(
+      f'EG bounds scale [{scale_min}, {scale_max}] and gain [{gain_min}, '
+      f'{gain_max}] must be positive and contain 1'
+    )
   if direction_from_state is not None and gain_placement != 'input':
     raise ValueError('direction_from_state is only valid with gain_placement="input"')
 
@@ -103,8 +108,9 @@ def _check_args(scale_signal, scale_granularity, gain_placement, scale_range, ga
 def _stacked_leaves(tree, stacked_key):
   """Bool per leaf: stacked on a leading layers axis (then its S has shape [L])."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: x.ndim >= 1 and tree_paths.is_stacked(tree_paths.path_names(path),
-                                                             stacked_key), tree)
+    lambda path, x: x.ndim >= 1 and tree_paths.is_stacked(tree_paths.path_names(path), stacked_key),
+    tree,
+  )
 
 
 def _leaf_sum(x, is_stacked):
@@ -120,19 +126,23 @@ def _updated_scale(scale, g, signal, st, per_leaf, normalized, scale_lr, scale_r
   scale_min, scale_max = scale_range
   dots = jax.tree.map(lambda a, b, s: _leaf_sum(a.astype(b.dtype) * b, s), g, signal, st)
   if normalized:
-    sq_g = jax.tree.map(lambda a, b, s: _leaf_sum(jnp.square(a.astype(b.dtype)), s), g,
-                        signal, st)
+    sq_g = jax.tree.map(lambda a, b, s: _leaf_sum(jnp.square(a.astype(b.dtype)), s), g, signal, st)
     sq_d = jax.tree.map(lambda b, s: _leaf_sum(jnp.square(b), s), signal, st)
   if per_leaf:
     if normalized:
       align = jax.tree.map(
-          lambda dot, a, b: dot / ((jnp.sqrt(a) + _NORM_EPS) * (jnp.sqrt(b) + _NORM_EPS)),
-          dots, sq_g, sq_d)
+        lambda dot, a, b: dot / ((jnp.sqrt(a) + _NORM_EPS) * (jnp.sqrt(b) + _NORM_EPS)),
+        dots,
+        sq_g,
+        sq_d,
+      )
     else:
       align = dots
     return jax.tree.map(
-        lambda s, a: jnp.clip(s * jnp.exp(scale_lr * a.astype(s.dtype)), scale_min,
-                              scale_max), scale, align)
+      lambda s, a: jnp.clip(s * jnp.exp(scale_lr * a.astype(s.dtype)), scale_min, scale_max),
+      scale,
+      align,
+    )
   dot = sum(jax.tree.leaves(dots))
   if normalized:
     norm_g = jnp.sqrt(sum(jax.tree.leaves(sq_g)))
@@ -152,24 +162,27 @@ def _updated_gain(gain, g, gbar, t, normalized, beta, gain_lr, gain_range):
   else:
     debias = 1 - beta ** jnp.maximum(t - 1, 1)
     signal = jax.tree.map(lambda a, b: a.astype(b.dtype) * b / debias.astype(b.dtype), g, gbar)
-  return jax.tree.map(lambda p, b: jnp.clip(p * jnp.exp(gain_lr * b), gain_min, gain_max),
-                      gain, signal)
+  return jax.tree.map(
+    lambda p, b: jnp.clip(p * jnp.exp(gain_lr * b), gain_min, gain_max), gain, signal
+  )
 
 
 def _scaled(scale, gain, direction, per_leaf):
   """S (p * u) in the direction's dtype; gain None: S u (gains already applied to the input)."""
   gained = direction if gain is None else jax.tree.map(lambda p, u: p * u, gain, direction)
   if per_leaf:
-    return jax.tree.map(lambda s, v, u: (_bcast(s, v) * v).astype(u.dtype), scale, gained,
-                        direction)
+    return jax.tree.map(
+      lambda s, v, u: (_bcast(s, v) * v).astype(u.dtype), scale, gained, direction
+    )
   return jax.tree.map(lambda v, u: (scale * v).astype(u.dtype), gained, direction)
 
 
 def _initial_scale(params, stacked):
   """S = 1: per leaf ([L] for stacked leaves) when `stacked` is given, else one scalar."""
   if stacked is not None:
-    return jax.tree.map(lambda p, st: jnp.ones(p.shape[:1] if st else (), _stat_dtype(p)),
-                        params, stacked)
+    return jax.tree.map(
+      lambda p, st: jnp.ones(p.shape[:1] if st else (), _stat_dtype(p)), params, stacked
+    )
   dtype = jnp.result_type(jnp.float32, *[_stat_dtype(p) for p in jax.tree.leaves(params)])
   return jnp.ones([], dtype)
 
@@ -185,13 +198,23 @@ def _previous_signal(state, scale_signal, direction_from_state, gain_placement):
   return state.prev_direction
 
 
-def eg_adapt(base: optax.GradientTransformation, *, scale_lr: float = 1e-3,
-             gain_lr: float = 1e-2, normalized: bool = True, scale_min: float = 0.1,
-             scale_max: float = 10.0, gain_min: float = 0.01, gain_max: float = 100.0,
-             scale_signal: str = 'momentum', scale_granularity: str = 'per_leaf',
-             beta: float = 0.9, gain_placement: str = 'output',
-             direction_from_state: Callable[[Any], Any] | None = None,
-             stacked_key: str | None = 'layers') -> optax.GradientTransformation:
+def eg_adapt(
+  base: optax.GradientTransformation,
+  *,
+  scale_lr: float = 1e-3,
+  gain_lr: float = 1e-2,
+  normalized: bool = True,
+  scale_min: float = 0.1,
+  scale_max: float = 10.0,
+  gain_min: float = 0.01,
+  gain_max: float = 100.0,
+  scale_signal: str = 'momentum',
+  scale_granularity: str = 'per_leaf',
+  beta: float = 0.9,
+  gain_placement: str = 'output',
+  direction_from_state: Callable[[Any], Any] | None = None,
+  stacked_key: str | None = 'layers',
+) -> optax.GradientTransformation:
   """Wraps `base` with EG-adapted scale S and gains p (see the module docstring for equations).
 
   Args:
@@ -219,8 +242,14 @@ def eg_adapt(base: optax.GradientTransformation, *, scale_lr: float = 1e-3,
     ValueError: unknown scale_signal / scale_granularity / gain_placement, or bounds that
       exclude 1 or are not positive.
   """
-  _check_args(scale_signal, scale_granularity, gain_placement, (scale_min, scale_max),
-              (gain_min, gain_max), direction_from_state)
+  _check_args(
+    scale_signal,
+    scale_granularity,
+    gain_placement,
+    (scale_min, scale_max),
+    (gain_min, gain_max),
+    direction_from_state,
+  )
   store_direction = scale_signal == 'momentum' and direction_from_state is None
   per_leaf = scale_granularity == 'per_leaf'
 
@@ -230,10 +259,14 @@ def eg_adapt(base: optax.GradientTransformation, *, scale_lr: float = 1e-3,
     ones = lambda p: jnp.ones(p.shape, _stat_dtype(p))  # noqa: E731
     zeros = lambda p: jnp.zeros(p.shape, _stat_dtype(p))  # noqa: E731
     scale = _initial_scale(params, stacked(params) if per_leaf else None)
-    return EGState(count=jnp.zeros([], jnp.int32), scale=scale,
-                   gain=jax.tree.map(ones, params), gbar=jax.tree.map(zeros, params),
-                   prev_direction=jax.tree.map(zeros, params) if store_direction else (),
-                   base=base.init(params))
+    return EGState(
+      count=jnp.zeros([], jnp.int32),
+      scale=scale,
+      gain=jax.tree.map(ones, params),
+      gbar=jax.tree.map(zeros, params),
+      prev_direction=jax.tree.map(zeros, params) if store_direction else (),
+      base=base.init(params),
+    )
 
   def update_fn(updates, state, params=None):
     t = state.count + 1
@@ -241,11 +274,13 @@ def eg_adapt(base: optax.GradientTransformation, *, scale_lr: float = 1e-3,
     # (1) Meta-updates from g_t and the signals of step t - 1.
     signal = _previous_signal(state, scale_signal, direction_from_state, gain_placement)
     st = stacked(g) if per_leaf else jax.tree.map(lambda _: False, g)
-    scale = _updated_scale(state.scale, g, signal, st, per_leaf, normalized, scale_lr,
-                           (scale_min, scale_max))
+    scale = _updated_scale(
+      state.scale, g, signal, st, per_leaf, normalized, scale_lr, (scale_min, scale_max)
+    )
 
-    gain = _updated_gain(state.gain, g, state.gbar, t, normalized, beta, gain_lr,
-                         (gain_min, gain_max))
+    gain = _updated_gain(
+      state.gain, g, state.gbar, t, normalized, beta, gain_lr, (gain_min, gain_max)
+    )
 
     # (2) Base direction and the scaled output.
     if gain_placement == 'input':
@@ -258,10 +293,19 @@ def eg_adapt(base: optax.GradientTransformation, *, scale_lr: float = 1e-3,
 
     # (4) Signals for step t + 1.
     gbar = jax.tree.map(lambda m, a: beta * m + (1 - beta) * a.astype(m.dtype), state.gbar, g)
-    prev = (jax.tree.map(lambda u, old: u.astype(old.dtype), direction, state.prev_direction)
-            if store_direction else ())
-    return out, EGState(count=optax.safe_increment(state.count), scale=scale, gain=gain,
-                        gbar=gbar, prev_direction=prev, base=base_state)
+    prev = (
+      jax.tree.map(lambda u, old: u.astype(old.dtype), direction, state.prev_direction)
+      if store_direction
+      else ()
+    )
+    return out, EGState(
+      count=optax.safe_increment(state.count),
+      scale=scale,
+      gain=gain,
+      gbar=gbar,
+      prev_direction=prev,
+      base=base_state,
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -285,8 +329,11 @@ def eg_metrics(opt_state) -> dict[str, jax.Array]:
   Finds every EGState inside `opt_state` (chains, MultiSteps, masked, ...). 'global'
   granularity gives 'eg/scale/global'. Returns {} when there is no EGState.
   """
-  states = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EGState))
-            if isinstance(x, EGState)]
+  states = [
+    x
+    for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EGState))
+    if isinstance(x, EGState)
+  ]
   out = {}
   for i, st in enumerate(states):
     prefix = 'eg' if i == 0 else f'eg{i}'

@@ -28,8 +28,9 @@ import optax
 SCHEDULES = ('linear', 'cosine', 'constant', 'rsqrt', 'piecewise_linear')
 
 
-def piecewise_linear(boundaries: Sequence[tuple[float, float]],
-                     from_zero: bool = True) -> optax.Schedule:
+def piecewise_linear(
+  boundaries: Sequence[tuple[float, float]], from_zero: bool = True
+) -> optax.Schedule:
   """Multiplier interpolated linearly between (step, value) points (bert4keras semantics).
 
   bert4keras `backend.piecewise_linear(t, schedule, from_zero=True)`: the points are sorted by
@@ -55,8 +56,10 @@ def piecewise_linear(boundaries: Sequence[tuple[float, float]],
     raise ValueError('optim.schedule_boundaries is empty; give at least one (step, multiplier)')
   steps = [s for s, _ in points]
   if steps[0] < 0 or len(set(steps)) != len(steps):
-    raise ValueError(f'optim.schedule_boundaries steps {steps} must be distinct and >= 0; '
-                     'remove repeated or negative steps')
+    raise ValueError(
+      f'optim.schedule_boundaries steps {steps} must be distinct and >= 0; '
+      'remove repeated or negative steps'
+    )
   if from_zero and steps[0] != 0:
     points = [(0.0, 0.0)] + points
   xs = np.array([s for s, _ in points])
@@ -107,9 +110,11 @@ def learning_rate_schedule(config) -> optax.Schedule:
   elif name == 'constant':
     sched = _with_warmup(lr, warmup, optax.constant_schedule(lr))
   elif name == 'rsqrt':
+
     def relative_step(step):
       t = jnp.asarray(step, float) + warmup + 1.0
       return jnp.minimum(lr, jax.lax.rsqrt(t))
+
     sched = _with_warmup(lr, warmup, relative_step)
   elif name == 'piecewise_linear':
     multiplier = piecewise_linear(o.schedule_boundaries)

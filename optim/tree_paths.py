@@ -37,8 +37,9 @@ def is_stacked(names, stacked_key: str | None = 'layers') -> bool:
 SECOND_MOMENT_NAMES = ('nu', 'v', 'v_row', 'v_col', 'nu_hat', 'vhat', 'second_moment')
 
 
-def parameter_suffix(state_path: tuple, shape: tuple, param_shapes: Mapping[tuple, tuple]
-                     ) -> int | None:
+def parameter_suffix(
+  state_path: tuple, shape: tuple, param_shapes: Mapping[tuple, tuple]
+) -> int | None:
   """Where a parameter's path starts inside an optimizer-state leaf's path, or None.
 
   The one rule for "parameter-shaped optimizer leaves" (Adam moments, momentum, EG gains, an

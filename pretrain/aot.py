@@ -30,10 +30,20 @@ from pretrain import train
 # Accelerator types (gcloud's names, and the short v5e-8 form) -> topology names for
 # get_topology_desc, and each chip's HBM (Cloud TPU "System architecture" pages).
 TOPOLOGIES = {
-    'v4-8': 'v4:2x2x1', 'v4-16': 'v4:2x2x2', 'v4-32': 'v4:2x2x4',
-    'v5e-8': 'v5e:2x4', 'v5e-16': 'v5e:4x4', 'v5e-32': 'v5e:4x8', 'v5e-64': 'v5e:8x8',
-    'v5litepod-8': 'v5e:2x4', 'v5litepod-16': 'v5e:4x4', 'v5litepod-32': 'v5e:4x8',
-    'v5p-8': 'v5p:2x2x1', 'v5p-16': 'v5p:2x2x2', 'v6e-8': 'v6e:2x4', 'v6e-16': 'v6e:4x4',
+  'v4-8': 'v4:2x2x1',
+  'v4-16': 'v4:2x2x2',
+  'v4-32': 'v4:2x2x4',
+  'v5e-8': 'v5e:2x4',
+  'v5e-16': 'v5e:4x4',
+  'v5e-32': 'v5e:4x8',
+  'v5e-64': 'v5e:8x8',
+  'v5litepod-8': 'v5e:2x4',
+  'v5litepod-16': 'v5e:4x4',
+  'v5litepod-32': 'v5e:4x8',
+  'v5p-8': 'v5p:2x2x1',
+  'v5p-16': 'v5p:2x2x2',
+  'v6e-8': 'v6e:2x4',
+  'v6e-16': 'v6e:4x4',
 }
 HBM_BYTES = {'v4': 32 * 2**30, 'v5e': 16 * 2**30, 'v5p': 95 * 2**30, 'v6e': 32 * 2**30}
 
@@ -57,6 +67,7 @@ class AotReport:
     tokens_per_step: global_batch_size * seq_len.
     peak_flops_per_chip: dense bf16 peak of one chip (pretrain/metrics.py table; 0 unknown).
   """
+
   topology: str
   chips: int
   devices: int
@@ -104,8 +115,10 @@ def topology_name(accelerator_type: str) -> str:
   if ':' in accelerator_type:
     return accelerator_type
   if accelerator_type not in TOPOLOGIES:
-    raise ValueError(f'--topology={accelerator_type!r} is not known; use one of '
-                     f'{", ".join(TOPOLOGIES)} or a topology such as v5e:4x8.')
+    raise ValueError(
+      f'--topology={accelerator_type!r} is not known; use one of '
+      f'{", ".join(TOPOLOGIES)} or a topology such as v5e:4x8.'
+    )
   return TOPOLOGIES[accelerator_type]
 
 
@@ -127,8 +140,11 @@ def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
   batch = {k: spec((b, n), jnp.int32) for k in ('inputs', 'segment_ids', 'positions')}
   if config.objective == 'mlm':
     p = objectives.max_predictions(n, config.data.mask_rate)
-    batch.update(mlm_positions=spec((b, p), jnp.int32), mlm_targets=spec((b, p), jnp.int32),
-                 mlm_weights=spec((b, p), jnp.float32))
+    batch.update(
+      mlm_positions=spec((b, p), jnp.int32),
+      mlm_targets=spec((b, p), jnp.int32),
+      mlm_weights=spec((b, p), jnp.float32),
+    )
   else:
     batch.update(targets=spec((b, n), jnp.int32), weights=spec((b, n), jnp.float32))
   return batch
@@ -143,13 +159,16 @@ def compile_train_step(config, accelerator_type: str) -> AotReport:
     RuntimeError: libtpu is missing (install the `tpu` extra).
   """
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   name = topology_name(accelerator_type)
   quiet_libtpu(accelerator_type)
   try:
     topology = topologies.get_topology_desc(platform='tpu', topology_name=name)
   except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(f'could not describe TPU topology {name} ({str(e).splitlines()[0]}); '
-                       f"install libtpu: pip install -e '.[tpu]'") from None
+    raise RuntimeError(
+      f'could not describe TPU topology {name} ({str(e).splitlines()[0]}); '
+      f"install libtpu: pip install -e '.[tpu]'"
+    ) from None
   devices = topology.devices
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   train.validate(config, mesh)
@@ -170,19 +189,26 @@ def compile_train_step(config, accelerator_type: str) -> AotReport:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
   tokens = config.data.global_batch_size * config.data.seq_len
-  predictions = (objectives.max_predictions(config.data.seq_len, config.data.mask_rate)
-                 if config.objective == 'mlm' else config.data.seq_len)
+  predictions = (
+    objectives.max_predictions(config.data.seq_len, config.data.mask_rate)
+    if config.objective == 'mlm'
+    else config.data.seq_len
+  )
   family = name.split(':')[0]
   slice_chips = chips(accelerator_type)
   devices_per_chip = max(len(devices) // slice_chips, 1)
   return AotReport(
-      topology=accelerator_type, chips=slice_chips, devices=len(devices), mesh=dict(mesh.shape),
-      argument_bytes=int(memory.argument_size_in_bytes),
-      output_bytes=int(memory.output_size_in_bytes),
-      temp_bytes=int(memory.temp_size_in_bytes),
-      code_bytes=int(memory.generated_code_size_in_bytes),
-      hbm_bytes=HBM_BYTES.get(family, 0) // devices_per_chip,
-      compiled_flops=float(cost.get('flops', 0.0)),
-      model_flops=models.flops_per_token(config, predictions) * tokens,
-      tokens_per_step=tokens,
-      peak_flops_per_chip=metrics_lib.peak_flops_per_device(devices[0].device_kind))
+    topology=accelerator_type,
+    chips=slice_chips,
+    devices=len(devices),
+    mesh=dict(mesh.shape),
+    argument_bytes=int(memory.argument_size_in_bytes),
+    output_bytes=int(memory.output_size_in_bytes),
+    temp_bytes=int(memory.temp_size_in_bytes),
+    code_bytes=int(memory.generated_code_size_in_bytes),
+    hbm_bytes=HBM_BYTES.get(family, 0) // devices_per_chip,
+    compiled_flops=float(cost.get('flops', 0.0)),
+    model_flops=models.flops_per_token(config, predictions) * tokens,
+    tokens_per_step=tokens,
+    peak_flops_per_chip=metrics_lib.peak_flops_per_device(devices[0].device_kind),
+  )

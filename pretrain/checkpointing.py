@@ -30,9 +30,22 @@ import orbax.checkpoint as ocp
 from pretrain import metrics as metrics_lib
 
 # Model fields whose change makes a checkpoint's parameters unusable.
-SHAPE_FIELDS = ('family', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'head_dim',
-                'mlp_dim', 'type_vocab_size', 'residual', 'expansion_factor', 'shared_dim',
-                'chunk_size', 'scan_layers', 'init')
+SHAPE_FIELDS = (
+  'family',
+  'vocab_size',
+  'hidden_size',
+  'num_layers',
+  'num_heads',
+  'head_dim',
+  'mlp_dim',
+  'type_vocab_size',
+  'residual',
+  'expansion_factor',
+  'shared_dim',
+  'chunk_size',
+  'scan_layers',
+  'init',
+)
 
 
 def model_shape(model_config) -> dict[str, Any]:
@@ -78,9 +91,11 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
     self.directory = checkpoint_directory(workdir)
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+      ),
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -113,9 +128,10 @@ class Checkpointer:
       step = self.latest_step() if step is None else step
       intact = [s for s in self.all_steps() if s != step]
       raise SaveError(
-          f'saving checkpoint {os.path.join(self.directory, str(step))} failed: '
-          f'{describe_error(e)}. The earlier checkpoints {intact} are intact; fix the cause '
-          f'(free disk space, permissions) and run the same command to resume.') from e
+        f'saving checkpoint {os.path.join(self.directory, str(step))} failed: '
+        f'{describe_error(e)}. The earlier checkpoints {intact} are intact; fix the cause '
+        f'(free disk space, permissions) and run the same command to resume.'
+      ) from e
 
   def check_for_errors(self):
     """Raises SaveError if an asynchronous save has failed (cheap: no waiting)."""
@@ -129,23 +145,26 @@ class Checkpointer:
       return None
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
-  def newest_meta(self) -> dict[str, Any] | None:
-    """The metadata of the newest checkpoint whose metadata reads (damaged ones are skipped
-    here and moved aside by `restore_newest`), or None if there is none."""
+  def newest_readable_meta(self) -> tuple[int | None, dict[str, Any] | None]:
+    """(step, metadata) of the newest checkpoint whose metadata reads (damaged ones are
+    skipped here and moved aside by `restore_newest`), or (None, None) if there is none."""
     for step in sorted(self.all_steps(), reverse=True):
       try:
         meta = self.read_meta(step)
       except Exception:  # pylint: disable=broad-except
         continue
       if isinstance(meta, dict):
-        return meta
-    return None
+        return step, meta
+    return None, None
+
+  def newest_meta(self) -> dict[str, Any] | None:
+    """The metadata of `newest_readable_meta`, or None if there is none."""
+    return self.newest_readable_meta()[1]
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs), and the
     iterator in place; works across mesh shapes (orbax reshards)."""
-    items = {'state': ocp.args.StandardRestore(abstract_state),
-             'meta': ocp.args.JsonRestore()}
+    items = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -181,10 +200,11 @@ class Checkpointer:
     if failures:
       step, cause = failures[0]
       raise CheckpointError(
-          f'no checkpoint in {self.directory} can be restored (steps '
-          f'{[s for s, _ in failures]}); the newest, {step}, fails with: {cause}. If it is '
-          f'damaged, move {self.directory}/{step} away and run again; if the config changed, '
-          f'pass the config that wrote it (config.json) or use a new --workdir.')
+        f'no checkpoint in {self.directory} can be restored (steps '
+        f'{[s for s, _ in failures]}); the newest, {step}, fails with: {cause}. If it is '
+        f'damaged, move {self.directory}/{step} away and run again; if the config changed, '
+        f'pass the config that wrote it (config.json) or use a new --workdir.'
+      )
     return None, None
 
   def _try_restore(self, step, abstract_state, data_iterator, attempts: int = 2):
@@ -201,16 +221,26 @@ class Checkpointer:
   def _move_aside(self, step: int, cause: str, fallback: int):
     aside_root = os.path.join(os.path.dirname(self.directory), 'checkpoints_damaged')
     aside = os.path.join(aside_root, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
-    logging.warning('checkpoint %s/%d cannot be restored (%s): moved to %s; resuming from '
-                    'step %d', self.directory, step, cause, aside, fallback)
+    logging.warning(
+      'checkpoint %s/%d cannot be restored (%s): moved to %s; resuming from step %d',
+      self.directory,
+      step,
+      cause,
+      aside,
+      fallback,
+    )
     if jax.process_index() == 0:
       try:
         epath.Path(aside_root).mkdir(parents=True, exist_ok=True)
         epath.Path(self.directory, str(step)).rename(aside)
       except Exception as e:  # pylint: disable=broad-except
         # e.g. a bucket without directories: the step stays and is skipped again next time.
-        logging.warning('could not move %s/%d aside (%s); it stays in place', self.directory,
-                        step, describe_error(e))
+        logging.warning(
+          'could not move %s/%d aside (%s); it stays in place',
+          self.directory,
+          step,
+          describe_error(e),
+        )
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'checkpoint_move_aside_{step}')
     self._manager.reload()
@@ -228,8 +258,14 @@ class Checkpointer:
 
 # Model fields besides the shape whose change makes the same parameters compute another
 # function or changes their tree (a learned position table appears or changes rows).
-FUNCTION_FIELDS = ('norm_type', 'use_bias', 'mlp_activation', 'attention_norm',
-                   'position_embedding', 'max_position')
+FUNCTION_FIELDS = (
+  'norm_type',
+  'use_bias',
+  'mlp_activation',
+  'attention_norm',
+  'position_embedding',
+  'max_position',
+)
 # Config fields (besides the model shape) a run cannot change on resume: they change the
 # parameter or optimizer-state tree, or the function the parameters compute.
 RESUME_FIELDS = ('objective', 'optim.name') + tuple(f'model.{k}' for k in FUNCTION_FIELDS)
@@ -246,17 +282,24 @@ def check_compatible(meta: dict[str, Any] | None, config, workdir: str):
     return
   saved = meta.get('model_shape', {})
   current = model_shape(config.model)
-  diffs = [f'{k}: checkpoint {saved[k]!r} vs config {current[k]!r}'
-           for k in current if k in saved and saved[k] != current[k]]
+  diffs = [
+    f'{k}: checkpoint {saved[k]!r} vs config {current[k]!r}'
+    for k in current
+    if k in saved and saved[k] != current[k]
+  ]
   saved_config = traverse_util.flatten_dict(meta.get('config', {}), sep='.')
   now = traverse_util.flatten_dict(config.to_dict(), sep='.')
-  diffs += [f'{k}: checkpoint {saved_config[k]!r} vs config {now[k]!r}'
-            for k in RESUME_FIELDS if k in saved_config and saved_config[k] != now.get(k)]
+  diffs += [
+    f'{k}: checkpoint {saved_config[k]!r} vs config {now[k]!r}'
+    for k in RESUME_FIELDS
+    if k in saved_config and saved_config[k] != now.get(k)
+  ]
   if diffs:
     raise CheckpointError(
-        f'--workdir={workdir} holds a checkpoint of a different model or optimizer '
-        f'({"; ".join(diffs)}). Use a new --workdir, pass the config that wrote it (its '
-        f'config.json), or grow it with launch.upscale.')
+      f'--workdir={workdir} holds a checkpoint of a different model or optimizer '
+      f'({"; ".join(diffs)}). Use a new --workdir, pass the config that wrote it (its '
+      f'config.json), or grow it with launch.upscale.'
+    )
 
 
 def same_data(meta: dict[str, Any] | None, source, config, workdir: str) -> bool:
@@ -278,30 +321,41 @@ def same_data(meta: dict[str, Any] | None, source, config, workdir: str) -> bool
   if not changed:
     return True
   if config.data.allow_changed_data:
-    logging.warning('the training data changed since the checkpoint was written (%s, '
-                    'fingerprint %s, was %s): resuming the model with the data iterator '
-                    'started afresh (--config.data.allow_changed_data)', source.name,
-                    current, recorded)
+    logging.warning(
+      'the training data changed since the checkpoint was written (%s, '
+      'fingerprint %s, was %s): resuming the model with the data iterator '
+      'started afresh (--config.data.allow_changed_data)',
+      source.name,
+      current,
+      recorded,
+    )
     return False
   raise CheckpointError(
-      f'the training data changed since the checkpoint in --workdir={workdir} was written '
-      f'({source.name}: fingerprint {current}, was {recorded}; files were added, removed, '
-      f'renamed or their contents changed). The saved data position would point into '
-      f'different text. Restore the original files, pass '
-      f'--config.data.allow_changed_data=true to resume the model with the data read from '
-      f'the start, or use a new --workdir.')
+    f'the training data changed since the checkpoint in --workdir={workdir} was written '
+    f'({source.name}: fingerprint {current}, was {recorded}; files were added, removed, '
+    f'renamed or their contents changed). The saved data position would point into '
+    f'different text. Restore the original files, pass '
+    f'--config.data.allow_changed_data=true to resume the model with the data read from '
+    f'the start, or use a new --workdir.'
+  )
 
 
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) carrying `shardings`."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+  )
 
 
 def _code_version() -> str:
   try:
-    return subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True,
-                          text=True, timeout=5, cwd=os.path.dirname(__file__)).stdout.strip()
+    return subprocess.run(
+      ['git', 'describe', '--always', '--dirty'],
+      capture_output=True,
+      text=True,
+      timeout=5,
+      cwd=os.path.dirname(__file__),
+    ).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return 'unknown'
 
@@ -314,17 +368,20 @@ def checkpoint_meta(config, tokenizer, mesh, source, lineage=None) -> dict[str, 
       so that a resume over changed data is noticed).
   """
   return {
-      'config': json.loads(config.to_json_best_effort()),
-      'model_shape': model_shape(config.model),
-      'family': config.model.family,
-      'objective': config.objective,
-      'tokenizer': {'sha256': tokenizer.sha256, 'vocab_size': tokenizer.vocab_size,
-                    'path': getattr(tokenizer, 'path', '')},
-      'data_source': source.name,
-      'data_fingerprint': source.data_fingerprint or source.fingerprint,
-      'mesh': dict(mesh.shape),
-      'code_version': _code_version(),
-      'lineage': lineage or [],
+    'config': json.loads(config.to_json_best_effort()),
+    'model_shape': model_shape(config.model),
+    'family': config.model.family,
+    'objective': config.objective,
+    'tokenizer': {
+      'sha256': tokenizer.sha256,
+      'vocab_size': tokenizer.vocab_size,
+      'path': getattr(tokenizer, 'path', ''),
+    },
+    'data_source': source.name,
+    'data_fingerprint': source.data_fingerprint or source.fingerprint,
+    'mesh': dict(mesh.shape),
+    'code_version': _code_version(),
+    'lineage': lineage or [],
   }
 
 
@@ -338,8 +395,11 @@ def adopt_growth_values(config, meta):
   overrides = dict(lineage[-1].get('upscale', {}).get('config_overrides', {}))
   if not config.data.tokenizer_model and meta.get('tokenizer', {}).get('path'):
     overrides['data.tokenizer_model'] = meta['tokenizer']['path']
-  changed = {key: value for key, value in overrides.items()
-             if traverse_util.flatten_dict(config.to_dict(), sep='.').get(key) != value}
+  changed = {
+    key: value
+    for key, value in overrides.items()
+    if traverse_util.flatten_dict(config.to_dict(), sep='.').get(key) != value
+  }
   for key, value in changed.items():
     logging.info('grown checkpoint: using %s=%r (set by launch.upscale)', key, value)
   config.update_from_flattened_dict(changed)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import os
-import shlex
 from typing import Any
 
 from flax import nnx
@@ -34,15 +32,27 @@ from models import growth
 from optim import tree_paths
 from pretrain import checkpointing
 from pretrain import mesh as mesh_lib
+from pretrain import rundir
 from pretrain import train
 
 # Source-run fields reused unless given on the command line (same corpus and tokenizer).
-INHERITED_FIELDS = ('objective', 'model.vocab_size', 'model.type_vocab_size',
-                    'data.text_files', 'data.text_unit', 'data.tfds_name', 'data.tfds_data_dir',
-                    'data.tfds_text_key', 'data.train_split', 'data.eval_split',
-                    'data.validation_fraction', 'data.cache_dir',
-                    'data.tokenizer_sample_bytes', 'data.tokenizer_kind',
-                    'data.tokenizer_lowercase')
+INHERITED_FIELDS = (
+  'objective',
+  'model.vocab_size',
+  'model.type_vocab_size',
+  'data.text_files',
+  'data.text_unit',
+  'data.tfds_name',
+  'data.tfds_data_dir',
+  'data.tfds_text_key',
+  'data.train_split',
+  'data.eval_split',
+  'data.validation_fraction',
+  'data.cache_dir',
+  'data.tokenizer_sample_bytes',
+  'data.tokenizer_kind',
+  'data.tokenizer_lowercase',
+)
 
 
 @dataclasses.dataclass
@@ -56,6 +66,7 @@ class GrowthResult:
     step: the source checkpoint step; checkpoint: the written step-0 directory.
     num_params: (source, grown) parameter counts; config: the grown run's config.
   """
+
   max_abs_logit_diff: float
   small: dict[str, float]
   grown: dict[str, float]
@@ -66,58 +77,18 @@ class GrowthResult:
   config: ml_collections.ConfigDict
 
 
-def source_step(ckpt: checkpointing.Checkpointer, workdir: str, step: int | None) -> int:
-  """The checkpoint step to read from `workdir`: `step` (--step) or the latest complete one.
-
-  Raises:
-    train.InputError: no complete checkpoint, or `step` is not one of them (lists those that
-      are).
-  """
-  steps = ckpt.all_steps()
-  if not steps:
-    raise train.InputError(f'--from_workdir={workdir} has no complete checkpoint.')
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise train.InputError(f'--step={step} is not a checkpoint of {workdir}; '
-                           f'available: {", ".join(map(str, sorted(steps)))}.')
-  return step
-
-
-def _to_tuples(value):
-  if isinstance(value, (list, tuple)):
-    return tuple(_to_tuples(v) for v in value)
-  return value
-
-
-def config_from_meta(saved: dict):
-  """The source run's ConfigDict from a checkpoint's meta['config'] (JSON: lists where the
-  schema has tuples), on top of the base schema (fields the schema lacks are kept)."""
-  from launch.configs import base  # pylint: disable=g-import-not-at-top
-  config = base.get_base_config()
-
-  def merge(target, values):
-    for key, value in values.items():
-      if isinstance(value, dict):
-        if key not in target:
-          target[key] = ml_collections.ConfigDict()
-        merge(target[key], value)
-      elif key in target and isinstance(target[key], tuple):
-        target[key] = _to_tuples(value)
-      else:
-        target[key] = value
-
-  merge(config, saved)
-  return config
-
-
 def _check_paths(from_workdir: str, workdir: str):
   if not os.path.isdir(os.path.join(from_workdir, 'checkpoints')):
-    raise train.InputError(f'--from_workdir={from_workdir} has no checkpoints/ directory; give '
-                           'the workdir of a run written by launch.pretrain.')
+    raise train.InputError(
+      f'--from_workdir={from_workdir} has no checkpoints/ directory; give '
+      'the workdir of a run written by launch.pretrain.'
+    )
   out_dir = os.path.join(workdir, 'checkpoints')
   if os.path.isdir(out_dir) and os.listdir(out_dir):
-    raise train.InputError(f'--workdir={workdir} already holds checkpoints; launch.upscale '
-                           'writes a new run: choose an empty --workdir.')
+    raise train.InputError(
+      f'--workdir={workdir} already holds checkpoints; launch.upscale '
+      'writes a new run: choose an empty --workdir.'
+    )
   if os.path.abspath(workdir) == os.path.abspath(from_workdir):
     raise train.InputError('--workdir must differ from --from_workdir.')
 
@@ -127,13 +98,15 @@ def _target_config(config, src_config, meta, from_workdir, explicit):
   config = copy.deepcopy(config)
   flat = traverse_util.flatten_dict(src_config.to_dict(), sep='.')
   config.update_from_flattened_dict(
-      {field: _to_tuples(flat[field]) for field in INHERITED_FIELDS if field not in explicit})
+    {field: rundir.to_tuples(flat[field]) for field in INHERITED_FIELDS if field not in explicit}
+  )
   tok_path = meta.get('tokenizer', {}).get('path', '')
   if 'data.tokenizer_model' not in explicit:
     if not tok_path or not os.path.isfile(tok_path):
       raise train.InputError(
-          f'the tokenizer of {from_workdir} ({tok_path or "path not recorded"}) is not on this '
-          'machine; pass the same SentencePiece file with --config.data.tokenizer_model=PATH.')
+        f'the tokenizer of {from_workdir} ({tok_path or "path not recorded"}) is not on this '
+        'machine; pass the same SentencePiece file with --config.data.tokenizer_model=PATH.'
+      )
     config.data.tokenizer_model = tok_path
   return config
 
@@ -145,8 +118,12 @@ def _heldout_metrics(run_setup, config, params, heldout, mesh):
 
   def logits_fn(params):
     model = nnx.merge(run_setup.graphdef, params)
-    return model(batch['inputs'], batch['segment_ids'], batch['positions'],
-                 prediction_positions=batch.get('mlm_positions'))
+    return model(
+      batch['inputs'],
+      batch['segment_ids'],
+      batch['positions'],
+      prediction_positions=batch.get('mlm_positions'),
+    )
 
   return train.summarize(jax.device_get(sums)), np.asarray(jax.jit(logits_fn)(params))
 
@@ -155,19 +132,22 @@ def _grown_state(state, plan, options, run_setup):
   """Grown params, and the optimizer state reset or mapped, placed on the target shardings."""
   src_params = jax.device_get(state['params'])
   abstract = run_setup.abstract_state
-  params = jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract['params'],
-                        growth.grow_params(src_params, plan))
+  params = jax.tree.map(
+    lambda a, x: np.asarray(x, a.dtype), abstract['params'], growth.grow_params(src_params, plan)
+  )
   fresh = jax.jit(run_setup.tx.init)(params)
   opt_state = fresh
   if options.optimizer_state == 'map':
     try:
-      opt_state = grow_opt_state(jax.device_get(state['opt_state']), plan,
-                                 jax.device_get(fresh), src_params)
+      opt_state = grow_opt_state(
+        jax.device_get(state['opt_state']), plan, jax.device_get(fresh), src_params
+      )
     except growth.GrowthError as e:
       raise train.InputError(str(e)) from e
   new_state = {'step': np.zeros((), np.int32), 'params': params, 'opt_state': opt_state}
-  return jax.tree.map(lambda a, x: jax.device_put(jnp.asarray(x, a.dtype), a.sharding),
-                      abstract, new_state)
+  return jax.tree.map(
+    lambda a, x: jax.device_put(jnp.asarray(x, a.dtype), a.sharding), abstract, new_state
+  )
 
 
 def grow_opt_state(src_opt_state, plan: growth.Plan, fresh_opt_state, src_params: dict):
@@ -193,10 +173,12 @@ def grow_opt_state(src_opt_state, plan: growth.Plan, fresh_opt_state, src_params
       statistics), or a state that does not line up with the fresh one: use 'reset'.
   """
   key = lambda path: tuple(tree_paths.key_name(k) for k in path)  # noqa: E731
-  param_shapes = {tuple(map(str, path)): np.shape(v)
-                  for path, v in traverse_util.flatten_dict(src_params).items()}
-  flat_src = {key(path): leaf
-              for path, leaf in jax.tree_util.tree_flatten_with_path(src_opt_state)[0]}
+  param_shapes = {
+    tuple(map(str, path)): np.shape(v) for path, v in traverse_util.flatten_dict(src_params).items()
+  }
+  flat_src = {
+    key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(src_opt_state)[0]
+  }
   groups: dict[tuple, dict] = {}  # state prefix -> {parameter path: leaf}
   for path, leaf in flat_src.items():
     start = tree_paths.parameter_suffix(path, np.shape(leaf), param_shapes)
@@ -204,16 +186,18 @@ def grow_opt_state(src_opt_state, plan: growth.Plan, fresh_opt_state, src_params
       groups.setdefault(path[:start], {})[path[start:]] = np.asarray(leaf)
     elif np.ndim(leaf) > 0:
       raise growth.GrowthError(
-          f'optimizer state leaf {"/".join(path)} (shape {np.shape(leaf)}) is not shaped like '
-          "a parameter and cannot be mapped; use growth.optimizer_state='reset' (or an "
-          'unfactored optimizer such as adamw/lamb/sgdm).')
+        f'optimizer state leaf {"/".join(path)} (shape {np.shape(leaf)}) is not shaped like '
+        "a parameter and cannot be mapped; use growth.optimizer_state='reset' (or an "
+        'unfactored optimizer such as adamw/lamb/sgdm).'
+      )
   # Parameter paths back to the source's own keys (ints for a list of layers).
   own_key = {tuple(map(str, path)): path for path in traverse_util.flatten_dict(src_params)}
   mapped: dict[tuple, np.ndarray] = {}
   for prefix, flat in groups.items():
     power = 2 if tree_paths.is_second_moment(prefix) else 1
     tree = growth.grow_like_gradient(
-        traverse_util.unflatten_dict({own_key[p]: v for p, v in flat.items()}), plan, power)
+      traverse_util.unflatten_dict({own_key[p]: v for p, v in flat.items()}), plan, power
+    )
     for path, value in traverse_util.flatten_dict(tree).items():
       mapped[prefix + tuple(map(str, path))] = value
   kept_prefixes = {prefix[:-1] for prefix in groups if prefix}
@@ -229,13 +213,19 @@ def grow_opt_state(src_opt_state, plan: growth.Plan, fresh_opt_state, src_params
       leaves.append(np.asarray(fresh))
   if used != len(mapped):
     raise growth.GrowthError(
-        'the grown optimizer state does not line up with the fresh one (was it built by the '
-        "same optimizer?); use growth.optimizer_state='reset'.")
+      'the grown optimizer state does not line up with the fresh one (was it built by the '
+      "same optimizer?); use growth.optimizer_state='reset'."
+    )
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh_opt_state), leaves)
 
 
-def grow_run(from_workdir: str, config, workdir: str, step: int | None = None,
-             explicit: frozenset = frozenset()) -> GrowthResult:
+def grow_run(
+  from_workdir: str,
+  config,
+  workdir: str,
+  step: int | None = None,
+  explicit: frozenset = frozenset(),
+) -> GrowthResult:
   """Grows the checkpoint of `from_workdir` into step 0 of `workdir` for target `config`.
 
   Args:
@@ -255,9 +245,9 @@ def grow_run(from_workdir: str, config, workdir: str, step: int | None = None,
   _check_paths(from_workdir, workdir)
   src_ckpt = checkpointing.Checkpointer(from_workdir, async_save=False)
   try:
-    step = source_step(src_ckpt, from_workdir, step)
+    step = rundir.source_step(src_ckpt, from_workdir, step)
     meta = src_ckpt.read_meta(step)
-    src_config = config_from_meta(meta['config'])
+    src_config = rundir.config_from_meta(meta['config'])
     config = _target_config(config, src_config, meta, from_workdir, explicit)
     try:
       options = growth.options_from_config(config)
@@ -267,19 +257,23 @@ def grow_run(from_workdir: str, config, workdir: str, step: int | None = None,
       mesh = mesh_lib.make_mesh(config.mesh)
       train.validate(config, mesh)
       source = text_datasets.load_text_source(config.data)
-      tokenizer = tokenizer_lib.load_or_train(config.data, config.model, source.train,
-                                              source.text_key, source.fingerprint)
+      tokenizer = tokenizer_lib.load_or_train(
+        config.data, config.model, source.train, source.text_key, source.fingerprint
+      )
     except ValueError as e:
       raise train.InputError(str(e)) from e
     if tokenizer.sha256 != meta.get('tokenizer', {}).get('sha256', tokenizer.sha256):
       raise train.InputError(
-          f'--config.data.tokenizer_model={config.data.tokenizer_model} is not the tokenizer '
-          f'{from_workdir} was trained with (sha256 differs); pass the file it recorded, '
-          f'{meta["tokenizer"].get("path") or "(none recorded)"}.')
-    heldout = pipeline.eval_batches(source.validation, tokenizer, config,
-                                    text_key=source.text_key)[0]
-    train_iter = iter(pipeline.make_dataset(source.train, tokenizer, config,
-                                            text_key=source.text_key, train=True))
+        f'--config.data.tokenizer_model={config.data.tokenizer_model} is not the tokenizer '
+        f'{from_workdir} was trained with (sha256 differs); pass the file it recorded, '
+        f'{meta["tokenizer"].get("path") or "(none recorded)"}.'
+      )
+    heldout = pipeline.eval_batches(source.validation, tokenizer, config, text_key=source.text_key)[
+      0
+    ]
+    train_iter = iter(
+      pipeline.make_dataset(source.train, tokenizer, config, text_key=source.text_key, train=True)
+    )
     src_setup = train.setup(src_config, mesh)
     state = src_ckpt.restore(step, src_setup.abstract_state)
   finally:
@@ -292,84 +286,73 @@ def grow_run(from_workdir: str, config, workdir: str, step: int | None = None,
   weights = np.asarray(heldout.get('mlm_weights', heldout.get('weights')))
   diff = float(np.max(np.abs(small_logits - grown_logits)[weights > 0]))
 
-  lineage = list(meta.get('lineage', [])) + [{
-      'grown_from': os.path.abspath(from_workdir), 'step': int(step),
-      'family': meta.get('family'), 'model_shape': meta.get('model_shape'),
-      'max_abs_logit_diff': diff, 'heldout_loss_small': small['loss'],
-      'heldout_loss_grown': grown['loss'], 'upscale': plan.report()}]
+  lineage = list(meta.get('lineage', [])) + [
+    {
+      'grown_from': os.path.abspath(from_workdir),
+      'step': int(step),
+      'family': meta.get('family'),
+      'model_shape': meta.get('model_shape'),
+      'max_abs_logit_diff': diff,
+      'heldout_loss_small': small['loss'],
+      'heldout_loss_grown': grown['loss'],
+      'upscale': plan.report(),
+    }
+  ]
   new_meta = checkpointing.checkpoint_meta(config, tokenizer, mesh, source, lineage)
-  return GrowthResult(max_abs_logit_diff=diff, small=small, grown=grown,
-                      report=plan.report(), step=int(step),
-                      checkpoint=_write_run(workdir, config, new_state, train_iter, new_meta),
-                      num_params=(src_setup.num_params, dst_setup.num_params), config=config)
-
-
-def _write_run(workdir: str, config, state, train_iter, meta) -> str:
-  """Writes config.json and checkpoint 0 of the grown run; returns the step directory."""
-  checkpointing.write_config(workdir, config)
-  out = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
-                                   async_save=False)
-  try:
-    out.save(0, state, train_iter, meta)
-  finally:
-    out.close()
-  return os.path.join(out.directory, '0')
-
-
-def load_preset(spec: str):
-  """Re-reads `path[:preset]`: the target config without command-line overrides."""
-  path, _, preset = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('_grow_target_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(preset) if preset else module.get_config()
-
-
-def continue_flags(config, preset) -> list[str]:
-  """`--config.x=v` for every field where `config` differs from `preset` (upscale.* left out:
-  launch.pretrain does not read them), shell-quoted."""
-  want = traverse_util.flatten_dict(config.to_dict(), sep='.')
-  have = traverse_util.flatten_dict(preset.to_dict(), sep='.')
-  out = []
-  for key, value in want.items():
-    if key.startswith('upscale.') or have.get(key, object()) == value:
-      continue
-    if isinstance(value, (list, tuple)):
-      value = repr(_to_tuples(value))
-    out.append(shlex.quote(f'--config.{key}={value!r}' if isinstance(value, float)
-                           else f'--config.{key}={value}'))
-  return out
+  checkpoint = rundir.write_run(workdir, config, new_state, train_iter, new_meta)
+  return GrowthResult(
+    max_abs_logit_diff=diff,
+    small=small,
+    grown=grown,
+    report=plan.report(),
+    step=int(step),
+    checkpoint=checkpoint,
+    num_params=(src_setup.num_params, dst_setup.num_params),
+    config=config,
+  )
 
 
 def summary(result: GrowthResult, config_spec: str, workdir: str) -> str:
   """The lines `launch.upscale` prints: shapes, scheme, notes, the held-out check, where the
   checkpoint went and the exact `launch.pretrain` command that continues the grown run."""
   report = result.report
-  shape = lambda s: (f"d {s['hidden_size']}, L {s['num_layers']}, " + (  # noqa: E731
-      f"e {s['expansion'] * s['hidden_size']}, s {s['shared_dim']}" if s['family'] == 'gau'
-      else f"h {s['num_heads']} x {s['head_dim']}, F {s['mlp_dim']}"))
+  shape = lambda s: (
+    f'd {s["hidden_size"]}, L {s["num_layers"]}, '
+    + (  # noqa: E731
+      f'e {s["expansion"] * s["hidden_size"]}, s {s["shared_dim"]}'
+      if s['family'] == 'gau'
+      else f'h {s["num_heads"]} x {s["head_dim"]}, F {s["mlp_dim"]}'
+    )
+  )
   src, dst = report['from'], report['to']
   lines = [
-      f"grew {src['family']} ({shape(src)}; {result.num_params[0]:,} params) -> "
-      f"({shape(dst)}; {result.num_params[1]:,} params) from step {result.step}",
-      f"scheme: width {report['width_method']} (stream {report['stream_expansion']}, scale "
-      f"{report['stream_scale']:.4g}), symmetry breaking {report['options']['symmetry_breaking']}, "
-      f"depth {report['depth_method']} {report['new_layers'] or ''}, optimizer state "
-      f"{report['options']['optimizer_state']}; exact: {report['exactness']}"]
+    f'grew {src["family"]} ({shape(src)}; {result.num_params[0]:,} params) -> '
+    f'({shape(dst)}; {result.num_params[1]:,} params) from step {result.step}',
+    f'scheme: width {report["width_method"]} (stream {report["stream_expansion"]}, scale '
+    f'{report["stream_scale"]:.4g}), symmetry breaking {report["options"]["symmetry_breaking"]}, '
+    f'depth {report["depth_method"]} {report["new_layers"] or ""}, optimizer state '
+    f'{report["options"]["optimizer_state"]}; exact: {report["exactness"]}',
+  ]
   lines += [f'  note: {note}' for note in report['notes']]
   if report['config_overrides']:
-    lines.append('config values set by growth: ' + ', '.join(
-        f'{k}={v!r}' for k, v in report['config_overrides'].items()))
+    lines.append(
+      'config values set by growth: '
+      + ', '.join(f'{k}={v!r}' for k, v in report['config_overrides'].items())
+    )
   small, grown = result.small, result.grown
-  lines.append(f"held-out batch: max |logit difference| {result.max_abs_logit_diff:.3g}; "
-               f"{result.config.objective.upper()} loss small {small['loss']:.6f} vs grown "
-               f"{grown['loss']:.6f}; accuracy {small['accuracy']:.4f} vs "
-               f"{grown['accuracy']:.4f}")
+  lines.append(
+    f'held-out batch: max |logit difference| {result.max_abs_logit_diff:.3g}; '
+    f'{result.config.objective.upper()} loss small {small["loss"]:.6f} vs grown '
+    f'{grown["loss"]:.6f}; accuracy {small["accuracy"]:.4f} vs '
+    f'{grown["accuracy"]:.4f}'
+  )
   lines.append(f'wrote {result.checkpoint}')
   try:
-    extra = continue_flags(result.config, load_preset(config_spec))
+    extra = rundir.continue_flags(result.config, rundir.load_preset(config_spec))
   except Exception:  # pylint: disable=broad-except
     extra = ['<the overrides in', os.path.join(workdir, 'config.json>')]
-  lines.append('continue training with:\n  python -m launch.pretrain '
-               + ' '.join([f'--config={config_spec}', f'--workdir={workdir}'] + extra))
+  lines.append(
+    'continue training with:\n  python -m launch.pretrain '
+    + ' '.join([f'--config={config_spec}', f'--workdir={workdir}'] + extra)
+  )
   return '\n'.join(lines)

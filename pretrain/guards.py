@@ -49,6 +49,7 @@ EXIT_INTERRUPTED = 130
 
 # ----------------------------------------------------------------------------- signals
 
+
 class StopSignals:
   """SIGTERM and SIGINT as a stop request served at a step boundary.
 
@@ -84,16 +85,24 @@ class StopSignals:
       if self._interrupts > 1:
         # At once, as asked: no waiting for a save in flight (orbax only renames complete
         # checkpoints, so the newest complete one stays the resume point).
-        print('second Ctrl-C: exiting now without a checkpoint (exit code 130)',
-              file=sys.stderr, flush=True)
+        print(
+          'second Ctrl-C: exiting now without a checkpoint (exit code 130)',
+          file=sys.stderr,
+          flush=True,
+        )
         os._exit(EXIT_INTERRUPTED)  # pylint: disable=protected-access
       self.reason = 'Ctrl-C'
-      logging.warning('Ctrl-C at step %d: saving a checkpoint at the next step boundary, then '
-                      'stopping (press Ctrl-C again to exit at once)', self.current_step)
+      logging.warning(
+        'Ctrl-C at step %d: saving a checkpoint at the next step boundary, then '
+        'stopping (press Ctrl-C again to exit at once)',
+        self.current_step,
+      )
     else:
       self.reason = 'SIGTERM'
-      logging.warning('SIGTERM at step %d: saving a checkpoint at the next step boundary, then '
-                      'stopping', self.current_step)
+      logging.warning(
+        'SIGTERM at step %d: saving a checkpoint at the next step boundary, then stopping',
+        self.current_step,
+      )
     self._requested.set()
 
   def should_stop(self, step: int, log_step: bool) -> bool:
@@ -106,8 +115,7 @@ class StopSignals:
     if jax.process_count() == 1:
       return self._requested.is_set()
     if log_step:
-      agreed = bool(multihost_utils.process_allgather(
-          np.array(self._requested.is_set())).any())
+      agreed = bool(multihost_utils.process_allgather(np.array(self._requested.is_set())).any())
       self.reason = self.reason or ('Ctrl-C' if agreed else '')
       return agreed
     return False
@@ -121,6 +129,7 @@ class StopSignals:
 def _distributed_runtime_started() -> bool:
   try:
     from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
     return distributed.global_state.client is not None
   except (ImportError, AttributeError):
     return False
@@ -173,29 +182,44 @@ class Health:
     if m['skipped']:
       self.streak += 1
       self.skipped_total += 1
-      logging.warning('step %d: non-finite loss or gradient (loss %s); the update was skipped '
-                      '(%d in a row, the run stops at %d)', step, loss, self.streak,
-                      self.max_nonfinite_steps)
+      logging.warning(
+        'step %d: non-finite loss or gradient (loss %s); the update was skipped '
+        '(%d in a row, the run stops at %d)',
+        step,
+        loss,
+        self.streak,
+        self.max_nonfinite_steps,
+      )
       if self.streak >= self.max_nonfinite_steps:
         raise RunStopped(
-            f'stopped at step {step}: {self.streak} consecutive steps had a non-finite loss or '
-            f'gradient, so their updates were skipped and nothing was saved since the last '
-            f'good checkpoint. The learning rate is likely too high for this model: lower '
-            f'--config.optim.learning_rate (or raise warmup_steps / set grad_clip_norm) and '
-            f'run the same command to resume from the last good checkpoint.', EXIT_NONFINITE)
+          f'stopped at step {step}: {self.streak} consecutive steps had a non-finite loss or '
+          f'gradient, so their updates were skipped and nothing was saved since the last '
+          f'good checkpoint. The learning rate is likely too high for this model: lower '
+          f'--config.optim.learning_rate (or raise warmup_steps / set grad_clip_norm) and '
+          f'run the same command to resume from the last good checkpoint.',
+          EXIT_NONFINITE,
+        )
       return
     self.streak = 0
     self._check_divergence(step, loss)
 
   def _check_divergence(self, step: int, loss: float):
     level = self._level
-    if (level is not None and self._finite_seen >= _EMA_WARM_STEPS
-        and loss > max(DIVERGENCE_FACTOR * level, level + DIVERGENCE_MIN_GAP)
-        and step - self._last_report >= _REPORT_EVERY_STEPS):
+    if (
+      level is not None
+      and self._finite_seen >= _EMA_WARM_STEPS
+      and loss > max(DIVERGENCE_FACTOR * level, level + DIVERGENCE_MIN_GAP)
+      and step - self._last_report >= _REPORT_EVERY_STEPS
+    ):
       self._last_report = step
-      logging.warning('step %d: loss %.4g is %.1fx its running level %.4g: the run may be '
-                      'diverging (lower --config.optim.learning_rate if it persists)', step,
-                      loss, loss / max(level, 1e-9), level)
+      logging.warning(
+        'step %d: loss %.4g is %.1fx its running level %.4g: the run may be '
+        'diverging (lower --config.optim.learning_rate if it persists)',
+        step,
+        loss,
+        loss / max(level, 1e-9),
+        level,
+      )
     self._finite_seen += 1
     self._level = loss if level is None else _EMA_DECAY * level + (1 - _EMA_DECAY) * loss
 
@@ -206,6 +230,7 @@ class Health:
 
 
 # ----------------------------------------------------------------------------- workdir
+
 
 class WorkdirLock:
   """An exclusive `fcntl` lock on `<workdir>/.lock`, held by process 0 for the run.
@@ -232,20 +257,26 @@ class WorkdirLock:
     except OSError as e:
       if not isinstance(e, BlockingIOError):  # e.g. ENOLCK on some network filesystems
         f.close()
-        logging.warning('cannot lock %s (%s): running without the one-run-per-workdir '
-                        'guard', self.path, e.strerror or e)
+        logging.warning(
+          'cannot lock %s (%s): running without the one-run-per-workdir guard',
+          self.path,
+          e.strerror or e,
+        )
         return self
       f.seek(0)
       holder = f.read().strip() or 'another process'
       f.close()
       raise ValueError(
-          f'--workdir={self.workdir} is in use by {holder}: two runs on one workdir would '
-          f'overwrite each other\'s checkpoints. Stop that run first (or wait for it to end), '
-          f'or use another --workdir.') from None
+        f'--workdir={self.workdir} is in use by {holder}: two runs on one workdir would '
+        f"overwrite each other's checkpoints. Stop that run first (or wait for it to end), "
+        f'or use another --workdir.'
+      ) from None
     f.seek(0)
     f.truncate()
-    f.write(f'PID {os.getpid()} on host {socket.gethostname()} (since '
-            f'{time.strftime("%Y-%m-%d %H:%M:%S")})\n')
+    f.write(
+      f'PID {os.getpid()} on host {socket.gethostname()} (since '
+      f'{time.strftime("%Y-%m-%d %H:%M:%S")})\n'
+    )
     f.flush()
     self._file = f
     return self
@@ -266,8 +297,9 @@ def check_writable_dir(path: str, flag: str = '--workdir'):
   if metrics_lib.is_remote(path):  # orbax and epath create what they write there
     return
   if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f'{flag}={path} is a file, not a directory; give a directory (it is '
-                     f'created if missing).')
+    raise ValueError(
+      f'{flag}={path} is a file, not a directory; give a directory (it is created if missing).'
+    )
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f'.write_test_{os.getpid()}')
@@ -275,5 +307,7 @@ def check_writable_dir(path: str, flag: str = '--workdir'):
       f.write('ok')
     os.remove(probe)
   except OSError as e:
-    raise ValueError(f'{flag}={path} is not a writable directory ({e.strerror or e}); give a '
-                     f'directory you can write to.') from None
+    raise ValueError(
+      f'{flag}={path} is not a writable directory ({e.strerror or e}); give a '
+      f'directory you can write to.'
+    ) from None

@@ -36,13 +36,15 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
   if -1 in shape:
     if known <= 0 or num_devices % known:
       raise ValueError(
-          f'--config.mesh.shape={shape} cannot fill {num_devices} devices: the fixed axes '
-          f'({known}) must divide the device count.')
+        f'--config.mesh.shape={shape} cannot fill {num_devices} devices: the fixed axes '
+        f'({known}) must divide the device count.'
+      )
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != num_devices:
     raise ValueError(
-        f'--config.mesh.shape={shape} uses {math.prod(shape)} devices but {num_devices} are '
-        f'available; make the product equal the device count (or use -1 for one axis).')
+      f'--config.mesh.shape={shape} uses {math.prod(shape)} devices but {num_devices} are '
+      f'available; make the product equal the device count (or use -1 for one axis).'
+    )
   return shape
 
 
@@ -80,9 +82,10 @@ def check_global_batch(global_batch_size: int, mesh: Mesh):
   n = data_parallel_size(mesh)
   if global_batch_size % n or global_batch_size % jax.process_count():
     raise ValueError(
-        f'--config.data.global_batch_size={global_batch_size} does not divide over the '
-        f'{n} data-parallel devices (mesh data x fsdp) and {jax.process_count()} processes; '
-        f'use a multiple of {math.lcm(n, jax.process_count())}.')
+      f'--config.data.global_batch_size={global_batch_size} does not divide over the '
+      f'{n} data-parallel devices (mesh data x fsdp) and {jax.process_count()} processes; '
+      f'use a multiple of {math.lcm(n, jax.process_count())}.'
+    )
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -91,8 +94,9 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
-def jit(fn: Callable, mesh: Mesh, logical_axis_rules: Sequence[tuple[str, Any]],
-        **jit_kwargs) -> Callable:
+def jit(
+  fn: Callable, mesh: Mesh, logical_axis_rules: Sequence[tuple[str, Any]], **jit_kwargs
+) -> Callable:
   """`jax.jit(fn, **jit_kwargs)`, traced and run under `mesh` and the logical axis rules.
 
   The models' activation sharding constraints (`models.layers.constrain`) read the mesh and
@@ -120,6 +124,7 @@ def jit(fn: Callable, mesh: Mesh, logical_axis_rules: Sequence[tuple[str, Any]],
     def run(*args, **kwargs):
       with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         return method(*args, **kwargs)
+
     return run
 
   call = in_context(jitted)
@@ -146,14 +151,16 @@ def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, me
 
 def check_divisible(abstract_params, param_shardings):
   """Raises ValueError naming the first parameter whose shape the mesh does not divide."""
-  for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
-                                    jax.tree.leaves(param_shardings)):
+  for (path, leaf), sharding in zip(
+    jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(param_shardings)
+  ):
     for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
       axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
       parts = math.prod(sharding.mesh.shape[a] for a in axes)
       if size % parts:
         name = '/'.join(tree_paths.path_names(path))
         raise ValueError(
-            f'parameter {name} has size {size} on dim {dim}, which mesh axes {axes} '
-            f'({parts} devices) do not divide; change --config.mesh.shape or map that '
-            f'logical axis to None in --config.mesh.logical_axis_rules.')
+          f'parameter {name} has size {size} on dim {dim}, which mesh axes {axes} '
+          f'({parts} devices) do not divide; change --config.mesh.shape or map that '
+          f'logical axis to None in --config.mesh.logical_axis_rules.'
+        )

@@ -31,6 +31,7 @@ class RunHistory:
     tokens_per_step: global_batch_size * seq_len from config.json (0 if unknown).
     results: the run's results.json (fine-tuning), or None.
   """
+
   name: str
   train: list[dict[str, float]]
   eval: list[dict[str, float]]
@@ -40,8 +41,7 @@ class RunHistory:
   def column(self, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of `key` in `split` where present."""
     lines = [l for l in getattr(self, split) if key in l]
-    return (np.array([l['step'] for l in lines], float),
-            np.array([l[key] for l in lines], float))
+    return (np.array([l['step'] for l in lines], float), np.array([l[key] for l in lines], float))
 
 
 def load_run(run_dir: str, name: str | None = None) -> RunHistory:
@@ -53,8 +53,10 @@ def load_run(run_dir: str, name: str | None = None) -> RunHistory:
   root = epath.Path(run_dir)
   path = root / 'metrics.jsonl'
   if not path.exists():
-    raise ReportError(f'{run_dir} has no metrics.jsonl: give run directories written by '
-                      f'launch.pretrain (or launch.upscale followed by training).')
+    raise ReportError(
+      f'{run_dir} has no metrics.jsonl: give run directories written by '
+      f'launch.pretrain (or launch.upscale followed by training).'
+    )
   lines = []
   for line in path.read_text().splitlines():
     try:
@@ -70,16 +72,25 @@ def load_run(run_dir: str, name: str | None = None) -> RunHistory:
   results = None
   if (root / 'results.json').exists():
     results = json.loads((root / 'results.json').read_text())
-  by_split = {s: sorted((l for l in lines if l.get('split') == s), key=lambda l: l['step'])
-              for s in ('train', 'eval')}
-  return RunHistory(name or str(run_dir).rstrip('/').rsplit('/', 1)[-1], by_split['train'],
-                    by_split['eval'], tokens_per_step, results)
+  by_split = {
+    s: sorted((l for l in lines if l.get('split') == s), key=lambda l: l['step'])
+    for s in ('train', 'eval')
+  }
+  return RunHistory(
+    name or str(run_dir).rstrip('/').rsplit('/', 1)[-1],
+    by_split['train'],
+    by_split['eval'],
+    tokens_per_step,
+    results,
+  )
 
 
 def _figure(title: str, xlabel: str, ylabel: str):
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')  # files only: no display on a pod or in CI
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, ax = plt.subplots(figsize=(7, 3.2))
   ax.set_title(title)
   ax.set_xlabel(xlabel)
@@ -100,8 +111,15 @@ def plot_loss(runs: list[RunHistory], x: str = 'step'):
       ax.plot(steps * scale, loss, color=color, label=f'{run.name} train')
     steps, loss = run.column('eval', 'loss')
     if len(steps):
-      ax.plot(steps * scale, loss, color=color, linestyle='--', marker='o', markersize=3,
-              label=f'{run.name} eval')
+      ax.plot(
+        steps * scale,
+        loss,
+        color=color,
+        linestyle='--',
+        marker='o',
+        markersize=3,
+        label=f'{run.name} eval',
+      )
   ax.legend(fontsize=8)
   return fig
 
@@ -118,21 +136,25 @@ def plot_train_scalar(runs: list[RunHistory], key: str, title: str, ylabel: str)
 
 
 PLOTS = {
-    'loss_vs_step.png': lambda runs: plot_loss(runs, 'step'),
-    'loss_vs_tokens.png': lambda runs: plot_loss(runs, 'tokens'),
-    'learning_rate.png': lambda runs: plot_train_scalar(runs, 'learning_rate', 'learning rate',
-                                                        'learning rate'),
-    'tokens_per_sec.png': lambda runs: plot_train_scalar(runs, 'tokens_per_sec', 'throughput',
-                                                         'tokens/s'),
-    'mfu.png': lambda runs: plot_train_scalar(runs, 'mfu', 'model FLOPs utilisation', 'MFU'),
+  'loss_vs_step.png': lambda runs: plot_loss(runs, 'step'),
+  'loss_vs_tokens.png': lambda runs: plot_loss(runs, 'tokens'),
+  'learning_rate.png': lambda runs: plot_train_scalar(
+    runs, 'learning_rate', 'learning rate', 'learning rate'
+  ),
+  'tokens_per_sec.png': lambda runs: plot_train_scalar(
+    runs, 'tokens_per_sec', 'throughput', 'tokens/s'
+  ),
+  'mfu.png': lambda runs: plot_train_scalar(runs, 'mfu', 'model FLOPs utilisation', 'MFU'),
 }
 
 
 def summary_table(runs: list[RunHistory]) -> str:
   """A Markdown table: steps, tokens, final train loss, final and best eval loss, wall time,
   median tokens/s and MFU per run (and fine-tuning results where a run has them)."""
-  header = ('| run | steps | tokens | final train loss | final eval loss | best eval loss '
-            '(step) | wall time | tokens/s | MFU |\n|---|---|---|---|---|---|---|---|---|')
+  header = (
+    '| run | steps | tokens | final train loss | final eval loss | best eval loss '
+    '(step) | wall time | tokens/s | MFU |\n|---|---|---|---|---|---|---|---|---|'
+  )
   rows = [header]
   fmt = lambda v, f='{:.4f}': '–' if v is None else f.format(v)
   for run in runs:
@@ -145,18 +167,18 @@ def summary_table(runs: list[RunHistory]) -> str:
     rate = [l['tokens_per_sec'] for l in run.train if 'tokens_per_sec' in l]
     mfu = [l['mfu'] for l in run.train if 'mfu' in l]
     rows.append(
-        f'| {run.name} | {steps} | {steps * run.tokens_per_step:,} | {fmt(last.get("loss"))} | '
-        f'{fmt(evals[-1]["loss"] if evals else None)} | '
-        f'{fmt(best["loss"] if best else None)}{" (%d)" % best["step"] if best else ""} | '
-        f'{fmt(wall, "{:.0f} s")} | {fmt(float(np.median(rate)) if rate else None, "{:,.0f}")} | '
-        f'{fmt(float(np.median(mfu)) if mfu else None, "{:.1%}")} |')
+      f'| {run.name} | {steps} | {steps * run.tokens_per_step:,} | {fmt(last.get("loss"))} | '
+      f'{fmt(evals[-1]["loss"] if evals else None)} | '
+      f'{fmt(best["loss"] if best else None)}{" (%d)" % best["step"] if best else ""} | '
+      f'{fmt(wall, "{:.0f} s")} | {fmt(float(np.median(rate)) if rate else None, "{:,.0f}")} | '
+      f'{fmt(float(np.median(mfu)) if mfu else None, "{:.1%}")} |'
+    )
   with_results = [r for r in runs if r.results]
   if with_results:
     rows.append('\n| run | fine-tuning results |\n|---|---|')
     for run in with_results:
       scalars = {k: v for k, v in run.results.items() if isinstance(v, (int, float))}
-      rows.append(f'| {run.name} | ' + ', '.join(f'{k} {v:.4g}' for k, v in scalars.items())
-                  + ' |')
+      rows.append(f'| {run.name} | ' + ', '.join(f'{k} {v:.4g}' for k, v in scalars.items()) + ' |')
   return '\n'.join(rows) + '\n'
 
 
@@ -170,6 +192,7 @@ def write_report(run_dirs: list[str], out_dir: str, names: list[str] | None = No
     ReportError: a run directory has no metrics (named).
   """
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   names = names or [None] * len(run_dirs)
   runs = [load_run(d, n) for d, n in zip(run_dirs, names)]
   os.makedirs(out_dir, exist_ok=True)

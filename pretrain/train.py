@@ -1,17 +1,17 @@
-"""The trainer: `train_and_evaluate(config, workdir)` = prepare -> train_loop -> finish.
+"""The pretrainer: `train_and_evaluate(config, workdir)` = prepare -> loop.train_loop -> close.
 
 Reads top to bottom: losses and metrics, the pure `train_step` / `eval_step` and their
 sharded jit, state setup and initialisation, `validate`, `prepare` (every check, data,
-tokenizer, model, restore or init: the initialisation order is decided there), the periodic
-hooks (`evaluate`, `save`; the log lines are `progress.TrainLog`), and `train_loop`. Hot loops never call `nnx.jit`: the
-model is split once into (graphdef, params) and a pure step is `jax.jit`ted with donated
-state (docs/design.md 4).
+tokenizer, model, restore or init: the initialisation order is decided there), `evaluate`
+(the pretraining objective on held-out batches) and `train_and_evaluate`. The loop itself,
+with its checkpoint, log and evaluation hooks, is `pretrain/loop.py`, shared with
+fine-tuning. Hot loops never call `nnx.jit`: the model is split once into (graphdef,
+params) and a pure step is `jax.jit`ted with donated state (docs/design.md 4).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import math
 import time
@@ -32,11 +32,12 @@ import models
 import optim
 from pretrain import checkpointing
 from pretrain import guards
+from pretrain import loop
 from pretrain import mesh as mesh_lib
 from pretrain import metrics as metrics_lib
 from pretrain import progress
 
-State = dict[str, Any]  # {'step': int32 [], 'params': pytree, 'opt_state': pytree}
+State = loop.State
 
 
 class InputError(ValueError):
@@ -48,6 +49,7 @@ class InputError(ValueError):
 
 
 # ----------------------------------------------------------------------------- losses
+
 
 def _predictions(batch: dict[str, jax.Array], objective: str):
   """(targets, weights, prediction_positions) for the objective's loss."""
@@ -69,14 +71,29 @@ def loss_and_metrics(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   logits = logits.astype(jnp.float32)
   xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return weighted_sums(xent, correct, weights)
+
+
+def weighted_sums(losses: jax.Array, correct: jax.Array, weights: jax.Array):
+  """(mean loss over weighted items, {'loss_sum', 'correct_sum', 'weight_sum'}) of per-item
+  losses and correctness (float32, any shape, all three alike); the sums aggregate exactly
+  over steps and hosts."""
   weight_sum = jnp.sum(weights)
-  sums = {'loss_sum': jnp.sum(xent * weights), 'correct_sum': jnp.sum(correct * weights),
-          'weight_sum': weight_sum}
+  sums = {
+    'loss_sum': jnp.sum(losses * weights),
+    'correct_sum': jnp.sum(correct * weights),
+    'weight_sum': weight_sum,
+  }
   return sums['loss_sum'] / jnp.maximum(weight_sum, 1.0), sums
 
 
-def model_loss(params, graphdef, batch: dict[str, jax.Array], objective: str,
-               dropout_rng: jax.Array | None = None):
+def model_loss(
+  params,
+  graphdef,
+  batch: dict[str, jax.Array],
+  objective: str,
+  dropout_rng: jax.Array | None = None,
+):
   """The training loss of one batch: (mean loss, sums of `loss_and_metrics`).
 
   Args:
@@ -86,8 +103,13 @@ def model_loss(params, graphdef, batch: dict[str, jax.Array], objective: str,
   """
   targets, weights, positions = _predictions(batch, objective)
   model = nnx.merge(graphdef, params)
-  logits = model(batch['inputs'], batch['segment_ids'], batch['positions'],
-                 prediction_positions=positions, dropout_rng=dropout_rng)
+  logits = model(
+    batch['inputs'],
+    batch['segment_ids'],
+    batch['positions'],
+    prediction_positions=positions,
+    dropout_rng=dropout_rng,
+  )
   return loss_and_metrics(logits, targets, weights)
 
 
@@ -96,8 +118,10 @@ summarize = metrics_lib.summarize  # the public name callers use
 
 # ----------------------------------------------------------------------------- steps
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, config,
-                    loss_fn: Callable | None = None) -> Callable:
+
+def make_train_step(
+  graphdef, tx: optax.GradientTransformation, config, loss_fn: Callable | None = None
+) -> Callable:
   """Builds the pure train step `(state, batch, base_key) -> (state, metrics)`.
 
   Per-step randomness (dropout) is `fold_in(base_key, state['step'])`, so a resumed run draws
@@ -111,13 +135,19 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config,
   objective = config.objective
   use_dropout = config.model.dropout_rate > 0
   if loss_fn is None:
-    loss_fn = lambda params, graphdef, batch, rng: model_loss(params, graphdef, batch,  # noqa: E731
-                                                              objective, rng)
+    loss_fn = lambda params, graphdef, batch, rng: model_loss(
+      params,
+      graphdef,
+      batch,  # noqa: E731
+      objective,
+      rng,
+    )
 
   def train_step(state: State, batch, base_key):
     dropout_rng = jax.random.fold_in(base_key, state['step']) if use_dropout else None
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'], graphdef, batch, dropout_rng)
+      state['params'], graphdef, batch, dropout_rng
+    )
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
@@ -126,10 +156,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config,
     # only the step counter (batches consumed) moves on.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    out = {'step': state['step'] + 1, 'params': keep(params, state['params']),
-           'opt_state': keep(opt_state, state['opt_state'])}
-    step_metrics = dict(sums, grad_norm=grad_norm, update_norm=update_norm,
-                        skipped=(~finite).astype(jnp.int32))
+    out = {
+      'step': state['step'] + 1,
+      'params': keep(params, state['params']),
+      'opt_state': keep(opt_state, state['opt_state']),
+    }
+    step_metrics = dict(
+      sums, grad_norm=grad_norm, update_norm=update_norm, skipped=(~finite).astype(jnp.int32)
+    )
     step_metrics.update(optim.metrics(out['opt_state']))
     return out, step_metrics
 
@@ -152,24 +186,30 @@ def jit_train_step(run_setup: 'Setup', config, loss_fn: Callable | None = None) 
   axes, traced under the mesh and logical axis rules (`mesh_lib.jit`, docs/design.md 4).
   loss_fn: see `make_train_step`."""
   mesh = run_setup.mesh
-  return mesh_lib.jit(make_train_step(run_setup.graphdef, run_setup.tx, config, loss_fn), mesh,
-                      config.mesh.logical_axis_rules,
-                      in_shardings=(run_setup.state_shardings, mesh_lib.batch_sharding(mesh),
-                                    None),
-                      out_shardings=(run_setup.state_shardings, None), donate_argnums=0)
+  return mesh_lib.jit(
+    make_train_step(run_setup.graphdef, run_setup.tx, config, loss_fn),
+    mesh,
+    config.mesh.logical_axis_rules,
+    in_shardings=(run_setup.state_shardings, mesh_lib.batch_sharding(mesh), None),
+    out_shardings=(run_setup.state_shardings, None),
+    donate_argnums=0,
+  )
 
 
 def jit_eval_step(run_setup: 'Setup', config) -> Callable:
   """The compiled eval step `(params, batch) -> sums` on the setup's mesh (see
   jit_train_step)."""
   mesh = run_setup.mesh
-  return mesh_lib.jit(make_eval_step(run_setup.graphdef, config), mesh,
-                      config.mesh.logical_axis_rules,
-                      in_shardings=(run_setup.state_shardings['params'],
-                                    mesh_lib.batch_sharding(mesh)))
+  return mesh_lib.jit(
+    make_eval_step(run_setup.graphdef, config),
+    mesh,
+    config.mesh.logical_axis_rules,
+    in_shardings=(run_setup.state_shardings['params'], mesh_lib.batch_sharding(mesh)),
+  )
 
 
 # ----------------------------------------------------------------------------- state
+
 
 def _build_model(config):
   return models.build(config, rngs=nnx.Rngs(params=config.seed))
@@ -187,6 +227,7 @@ class Setup:
     state_shardings: NamedShardings of the train state.
     num_params: parameter count.
   """
+
   mesh: jax.sharding.Mesh
   graphdef: Any
   tx: optax.GradientTransformation
@@ -212,16 +253,21 @@ def setup(config, mesh, build_model: Callable | None = None) -> Setup:
   mesh_lib.check_divisible(abstract_params, param_shardings)
   abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
   shardings = {
-      'step': mesh_lib.replicated(mesh),
-      'params': param_shardings,
-      'opt_state': mesh_lib.opt_state_shardings(abstract_opt_state, abstract_params,
-                                                param_shardings, mesh),
+    'step': mesh_lib.replicated(mesh),
+    'params': param_shardings,
+    'opt_state': mesh_lib.opt_state_shardings(
+      abstract_opt_state, abstract_params, param_shardings, mesh
+    ),
   }
-  abstract = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params,
-              'opt_state': abstract_opt_state}
+  abstract = {
+    'step': jax.ShapeDtypeStruct((), jnp.int32),
+    'params': abstract_params,
+    'opt_state': abstract_opt_state,
+  }
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
-  return Setup(mesh, graphdef, tx, checkpointing.abstract_like(abstract, shardings), shardings,
-               num_params)
+  return Setup(
+    mesh, graphdef, tx, checkpointing.abstract_like(abstract, shardings), shardings, num_params
+  )
 
 
 def init_state(config, run_setup: Setup) -> State:
@@ -231,8 +277,11 @@ def init_state(config, run_setup: Setup) -> State:
   def init():
     model = _build_model(config)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {'step': jnp.zeros((), jnp.int32), 'params': params,
-            'opt_state': run_setup.tx.init(params)}
+    return {
+      'step': jnp.zeros((), jnp.int32),
+      'params': params,
+      'opt_state': run_setup.tx.init(params),
+    }
 
   rules = tuple(config.mesh.logical_axis_rules)
   with jax.set_mesh(run_setup.mesh), nnx.logical_axis_rules(rules):
@@ -241,27 +290,58 @@ def init_state(config, run_setup: Setup) -> State:
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def _validate_data(data, objective: str):
   """The data fields every objective needs in range (ValueError naming the field)."""
   if data.seq_len < 2:
     raise ValueError(f'--config.data.seq_len={data.seq_len} must be >= 2.')
   if data.global_batch_size < 1:
-    raise ValueError(f'--config.data.global_batch_size={data.global_batch_size} must be >= 1 '
-                     '(rows per step over all processes).')
+    raise ValueError(
+      f'--config.data.global_batch_size={data.global_batch_size} must be >= 1 '
+      '(rows per step over all processes).'
+    )
   if not 0 < data.validation_fraction < 1:
-    raise ValueError(f'--config.data.validation_fraction={data.validation_fraction} must be in '
-                     '(0, 1): the fraction of local documents held out for evaluation '
-                     '(default 0.02).')
+    raise ValueError(
+      f'--config.data.validation_fraction={data.validation_fraction} must be in '
+      '(0, 1): the fraction of local documents held out for evaluation '
+      '(default 0.02).'
+    )
   if objective == 'mlm':
     if not 0 < data.mask_rate < 1:
-      raise ValueError(f'--config.data.mask_rate={data.mask_rate} must be in (0, 1): the '
-                       'fraction of tokens the MLM predicts (BERT: 0.15); at 0 nothing is '
-                       'learned.')
+      raise ValueError(
+        f'--config.data.mask_rate={data.mask_rate} must be in (0, 1): the '
+        'fraction of tokens the MLM predicts (BERT: 0.15); at 0 nothing is '
+        'learned.'
+      )
     rates = (data.mask_token_rate, data.random_token_rate)
     if not (all(0 <= r <= 1 for r in rates) and sum(rates) <= 1):
-      raise ValueError(f'--config.data.mask_token_rate={rates[0]} and random_token_rate='
-                       f'{rates[1]} must be in [0, 1] with a sum <= 1 (BERT: 0.8 and 0.1; '
-                       'the rest keep the original token).')
+      raise ValueError(
+        f'--config.data.mask_token_rate={rates[0]} and random_token_rate='
+        f'{rates[1]} must be in [0, 1] with a sum <= 1 (BERT: 0.8 and 0.1; '
+        'the rest keep the original token).'
+      )
+
+
+def validate_train(t):
+  """The loop's fields of `config.train` in range (ValueError naming the field)."""
+  if t.progress not in progress.PROGRESS_MODES:
+    raise ValueError(
+      f'--config.train.progress={t.progress!r}; use one of '
+      f'{", ".join(progress.PROGRESS_MODES)} (auto: a bar when on a terminal).'
+    )
+  for field in (
+    'num_train_steps',
+    'log_every_steps',
+    'eval_steps',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+    'max_nonfinite_steps',
+  ):
+    if t[field] < 1:
+      raise ValueError(f'--config.train.{field}={t[field]} must be >= 1.')
+  for field in ('eval_every_steps', 'stop_after_steps'):
+    if t[field] < 0:
+      raise ValueError(f'--config.train.{field}={t[field]} must be >= 0 (0: off).')
 
 
 def validate(config, mesh=None):
@@ -273,13 +353,7 @@ def validate(config, mesh=None):
   models.validate(config)  # also config.objective
   optim.validate(config)
   progress.parse_profile_steps(config.train.profile_steps)
-  if config.train.progress not in progress.PROGRESS_MODES:
-    raise ValueError(f'--config.train.progress={config.train.progress!r}; use one of '
-                     f'{", ".join(progress.PROGRESS_MODES)} (auto: a bar when on a terminal).')
-  for field in ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'eval_steps',
-                'checkpoint_every_steps', 'keep_checkpoints', 'max_nonfinite_steps'):
-    if config.train[field] < 1:
-      raise ValueError(f'--config.train.{field}={config.train[field]} must be >= 1.')
+  validate_train(config.train)
   _validate_data(config.data, config.objective)
   if mesh is not None:
     mesh_lib.check_global_batch(config.data.global_batch_size, mesh)
@@ -287,74 +361,60 @@ def validate(config, mesh=None):
 
 # ----------------------------------------------------------------------------- prepare
 
-@dataclasses.dataclass
-class Run:
-  """Everything `prepare` sets up before the first step.
+
+@dataclasses.dataclass(kw_only=True)
+class Run(loop.Run):
+  """A pretraining run (`loop.Run`) with its evaluation batches.
 
   Attributes:
-    config, workdir: the resolved config and the run directory.
-    run_setup: mesh, model structure, optimizer, shardings (`setup`).
-    ckpt: the workdir's checkpoints; meta: the JSON metadata saved with each of them.
-    train_iter, eval_set: the training iterator (checkpointed) and the evaluation batches.
-    state: the train state (restored or fresh); start_step: its step.
-    train_step, eval_step: the compiled steps; writer: metrics.jsonl + TensorBoard.
-    lock: this run's hold on the workdir (released by `close`).
-    evals: every evaluation of this run ({'step', 'loss', 'accuracy', 'perplexity'}).
-    bar: the terminal progress bar (disabled unless train.progress asks for it).
-    stopped_by: 'SIGTERM' or 'Ctrl-C' if the loop stopped on a signal.
+    eval_set: the evaluation batches of this process (a list of NumPy batches).
   """
-  config: Any
-  workdir: str
-  run_setup: Setup
-  ckpt: checkpointing.Checkpointer
-  meta: dict[str, Any]
-  train_iter: Any
-  eval_set: list
-  state: State
-  start_step: int
-  train_step: Callable
-  eval_step: Callable
-  writer: metrics_lib.MetricWriter
-  lock: guards.WorkdirLock
-  evals: list = dataclasses.field(default_factory=list)
-  stopped_by: str = ''
-  bar: progress.ProgressBar = dataclasses.field(
-      default_factory=lambda: progress.ProgressBar('off', 0, 0))
 
-  def close(self):
-    self.bar.close()
-    try:
-      self.ckpt.close()
-    finally:
-      self.writer.close()
-      self.lock.release()
+  eval_set: list
 
 
 def _load_data(config, meta, workdir):
   """(source, tokenizer, train iterator, eval batches) for this process; checks that the
   tokenizer is the checkpoint's and the same on every process."""
   source = text_datasets.load_text_source(config.data)
-  tokenizer = tokenizer_lib.load_or_train(config.data, config.model, source.train,
-                                          source.text_key, source.fingerprint)
+  tokenizer = tokenizer_lib.load_or_train(
+    config.data, config.model, source.train, source.text_key, source.fingerprint
+  )
   if meta and meta.get('tokenizer', {}).get('sha256') not in (None, tokenizer.sha256):
     raise checkpointing.CheckpointError(
-        f'--workdir={workdir} was trained with a different tokenizer '
-        f'({meta["tokenizer"].get("path")}); pass --config.data.tokenizer_model= that file, '
-        f'or use a new --workdir.')
+      f'--workdir={workdir} was trained with a different tokenizer '
+      f'({meta["tokenizer"].get("path")}); pass --config.data.tokenizer_model= that file, '
+      f'or use a new --workdir.'
+    )
   pidx, pcount = jax.process_index(), jax.process_count()
   if pcount > 1:
     digests = multihost_utils.process_allgather(
-        np.frombuffer(bytes.fromhex(tokenizer.sha256), np.uint8))
+      np.frombuffer(bytes.fromhex(tokenizer.sha256), np.uint8)
+    )
     if not np.all(digests == digests[0]):
       raise ValueError(
-          'the processes trained different tokenizers; train one once and pass it to every '
-          'host with --config.data.tokenizer_model=PATH.')
-  train_iter = iter(pipeline.make_dataset(source.train, tokenizer, config,
-                                          text_key=source.text_key, train=True,
-                                          process_index=pidx, process_count=pcount))
-  eval_set = pipeline.eval_batches(source.validation, tokenizer, config,
-                                   text_key=source.text_key, process_index=pidx,
-                                   process_count=pcount)
+        'the processes trained different tokenizers; train one once and pass it to every '
+        'host with --config.data.tokenizer_model=PATH.'
+      )
+  train_iter = iter(
+    pipeline.make_dataset(
+      source.train,
+      tokenizer,
+      config,
+      text_key=source.text_key,
+      train=True,
+      process_index=pidx,
+      process_count=pcount,
+    )
+  )
+  eval_set = pipeline.eval_batches(
+    source.validation,
+    tokenizer,
+    config,
+    text_key=source.text_key,
+    process_index=pidx,
+    process_count=pcount,
+  )
   return source, tokenizer, train_iter, eval_set
 
 
@@ -388,19 +448,24 @@ def prepare(config, workdir: str) -> Run:
     run_setup = setup(config, mesh)
     if jax.process_index() == 0:
       checkpointing.write_config(workdir, config)
-    logging.info('model %s: %s parameters; mesh %s; data %s (%d train / %d validation docs); '
-                 'tokenizer %d pieces', config.model.family, f'{run_setup.num_params:,}',
-                 dict(mesh.shape), source.name, len(source.train), len(source.validation),
-                 tokenizer.vocab_size)
-    start_step, state = ckpt.restore_newest(run_setup.abstract_state,
-                                            train_iter if same_data else None)
-    if start_step is None:
-      state, start_step = init_state(config, run_setup), 0
-    else:
-      logging.info('resuming from %s/%d', ckpt.directory, start_step)
-    if jax.process_index() == 0:  # before the writer opens metrics.jsonl for appending
-      metrics_lib.truncate_history(workdir, start_step)
-    writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+    logging.info(
+      'model %s: %s parameters; mesh %s; data %s (%d train / %d validation docs); '
+      'tokenizer %d pieces',
+      config.model.family,
+      f'{run_setup.num_params:,}',
+      dict(mesh.shape),
+      source.name,
+      len(source.train),
+      len(source.validation),
+      tokenizer.vocab_size,
+    )
+    state, start_step, writer = loop.restore_or_init(
+      ckpt,
+      run_setup.abstract_state,
+      lambda: init_state(config, run_setup),
+      workdir,
+      train_iter if same_data else None,
+    )
   except BaseException as e:
     if ckpt is not None:
       ckpt.close()
@@ -409,15 +474,25 @@ def prepare(config, workdir: str) -> Run:
       raise InputError(str(e)) from e
     raise
   lineage = (meta or {}).get('lineage', [])
-  return Run(config=config, workdir=workdir, run_setup=run_setup, ckpt=ckpt,
-             meta=checkpointing.checkpoint_meta(config, tokenizer, mesh, source, lineage),
-             train_iter=train_iter, eval_set=eval_set, state=state, start_step=start_step,
-             train_step=jit_train_step(run_setup, config),
-             eval_step=jit_eval_step(run_setup, config),
-             writer=writer, lock=lock)
+  return Run(
+    config=config,
+    workdir=workdir,
+    run_setup=run_setup,
+    ckpt=ckpt,
+    meta=checkpointing.checkpoint_meta(config, tokenizer, mesh, source, lineage),
+    train_iter=train_iter,
+    eval_set=eval_set,
+    state=state,
+    start_step=start_step,
+    train_step=jit_train_step(run_setup, config),
+    eval_step=jit_eval_step(run_setup, config),
+    writer=writer,
+    lock=lock,
+  )
 
 
-# ----------------------------------------------------------------------------- hooks
+# ----------------------------------------------------------------------------- evaluation
+
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
   """Evaluates run.state on the evaluation batches; logs and writes the result."""
@@ -432,123 +507,16 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
   result = summarize(totals)
   run.writer.write(step, 'eval', result)
   run.evals.append(dict(result, step=step))
-  run.bar.log('eval step %d | loss %.4f | acc %.4f | ppl %.2f (%d batches, %d tokens)', step,
-              result['loss'], result['accuracy'], result['perplexity'], len(run.eval_set),
-              int(totals['weight_sum']))
+  run.bar.log(
+    'eval step %d | loss %.4f | acc %.4f | ppl %.2f (%d batches, %d tokens)',
+    step,
+    result['loss'],
+    result['accuracy'],
+    result['perplexity'],
+    len(run.eval_set),
+    int(totals['weight_sum']),
+  )
   return result
-
-
-def save(run: Run, step: int, health: guards.Health | None = None,
-         force: bool = False) -> bool:
-  """Starts an asynchronous checkpoint of run.state, the data iterator and the metadata,
-  unless the last step was non-finite (a run that is going wrong must not rotate out good
-  checkpoints) and `force` is off (a stop on a signal saves anyway: skipped updates left the
-  state as it was).
-
-  Returns:
-    Whether a save was started.
-
-  Raises:
-    guards.RunStopped: the save (or an earlier asynchronous one) failed (exit code 4).
-  """
-  if health is not None and not health.healthy and not force:
-    logging.warning('not saving step %d: its update was non-finite (%d in a row); the last '
-                    'good checkpoint stays the newest', step, health.streak)
-    return False
-  with _stop_on_failed_save():
-    run.ckpt.save(step, run.state, run.train_iter, run.meta)
-  return True
-
-
-@contextlib.contextmanager
-def _stop_on_failed_save():
-  """A failed save (this one, or an earlier asynchronous one) stops the run: exit code 4."""
-  try:
-    yield
-  except checkpointing.SaveError as e:
-    raise guards.RunStopped(str(e), guards.EXIT_SAVE_FAILED) from None
-
-
-# ----------------------------------------------------------------------------- loop
-
-def train_loop(run: Run, signals: guards.StopSignals) -> tuple[dict[str, float], int, int]:
-  """Steps from run.start_step to the end (or train.stop_after_steps, SIGTERM or Ctrl-C),
-  with the periodic hooks: log every log_every_steps, evaluate every eval_every_steps and at
-  the last step, checkpoint every checkpoint_every_steps (skipped right after a non-finite
-  step, see `save`), at the stop and on SIGTERM / Ctrl-C.
-
-  Args:
-    run: what `prepare` set up; signals: the stop requests (installed by the caller, which
-      also covers set-up and the final wait).
-
-  Returns:
-    (the last evaluation, {} if stopped by a signal before one, the number of steps taken,
-    the tokens they consumed).
-
-  Raises:
-    guards.RunStopped: train.max_nonfinite_steps non-finite steps in a row (exit code 3), or a
-      failed save (exit code 4).
-  """
-  t = run.config.train
-  num_steps = t.num_train_steps
-  stop_at = min(num_steps, run.start_step + t.stop_after_steps) if t.stop_after_steps else (
-      num_steps)
-  run.bar = progress.ProgressBar(t.progress, run.start_step, stop_at)
-  log = progress.TrainLog(run.config, run.bar)
-  logging.info('training steps %d -> %d of %d (%s tokens/step, %.3g FLOPs/step)',
-               run.start_step, stop_at, num_steps, f'{log.tokens_per_step:,}',
-               log.flops_per_step)
-  if run.start_step >= num_steps:
-    logging.info('the checkpoint is already at step %d of %d: evaluating only (raise '
-                 '--config.train.num_train_steps to train further)', run.start_step, num_steps)
-  base_key = jax.random.key(run.config.seed)
-  health = guards.Health(t.max_nonfinite_steps)
-  profiler = progress.StepProfiler(t.profile_steps, run.workdir)
-  eval_result, step, previous = None, run.start_step, None
-  try:
-    while step < stop_at:
-      batch = mesh_lib.global_batch(next(run.train_iter), run.run_setup.mesh)
-      profiler.before_step(step)
-      run.state, step_metrics = run.train_step(run.state, batch, base_key)
-      log.add(step_metrics, first=step == run.start_step, state=run.state)
-      step += 1
-      signals.current_step = step
-      profiler.after_step(step, run.state)
-      if previous is not None:
-        # Waits for the previous step: the host stays at most one step ahead of the device,
-        # so a stop request is served within about one step (docs/design.md 9).
-        health.observe(step - 1, previous)
-      previous = step_metrics
-      log_step = step % t.log_every_steps == 0 or step == stop_at
-      if log_step:
-        log.write(run.writer, step)
-      if step % t.eval_every_steps == 0 or step == num_steps:
-        eval_result = evaluate(run, step)
-      stop = signals.should_stop(step, log_step)
-      saved = False
-      if step % t.checkpoint_every_steps == 0 or step == stop_at or stop:
-        health.observe(step, step_metrics)
-        saved = save(run, step, health, force=stop)
-      else:
-        with _stop_on_failed_save():
-          run.ckpt.check_for_errors()
-      if stop:
-        run.stopped_by = signals.reason
-        logging.warning('stopped at step %d after %s; %s', step, signals.reason,
-                        'checkpoint saved' if saved else 'no checkpoint saved')
-        break
-    if previous is not None:
-      health.observe(step, previous)
-    if eval_result is None and not run.stopped_by:
-      # Not after a stop signal: a preemption's grace period is for the save, not for an eval.
-      eval_result = evaluate(run, step)
-  finally:
-    profiler.stop()
-  if health.skipped_total:
-    logging.warning('%d step(s) had a non-finite loss or gradient; their updates were skipped',
-                    health.skipped_total)
-  steps_done = step - run.start_step
-  return eval_result or {}, steps_done, steps_done * log.tokens_per_step
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -556,7 +524,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   latest checkpoint; evaluates periodically.
 
   Args:
-    config: the full ConfigDict (launch/configs/base.py).
+    config: the full ConfigDict (pretrain/config.py).
     workdir: run directory: `config.json`, `metrics.jsonl`, `tensorboard/`, `checkpoints/`.
 
   Returns:
@@ -574,16 +542,30 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   try:
     run = prepare(config, workdir)
     start = time.time()
+    mesh = run.run_setup.mesh
     try:
-      eval_result, steps_done, tokens_done = train_loop(run, signals)
+      result = loop.train_loop(
+        run,
+        signals,
+        next_batch=lambda step: mesh_lib.global_batch(next(run.train_iter), mesh),
+        evaluate=lambda step: evaluate(run, step),
+      )
     finally:
-      with _stop_on_failed_save():
-        run.close()
+      run.close()
   finally:
     signals.restore()
-  step = run.start_step + steps_done
-  logging.info('%s', progress.run_summary(
-      workdir=workdir, start_step=run.start_step, step=step,
-      num_steps=config.train.num_train_steps, tokens=tokens_done, seconds=time.time() - start,
-      evals=run.evals, latest_checkpoint=run.ckpt.latest_step(), stopped_by=run.stopped_by))
-  return eval_result
+  logging.info(
+    '%s',
+    progress.run_summary(
+      workdir=workdir,
+      start_step=run.start_step,
+      step=result.step,
+      num_steps=config.train.num_train_steps,
+      tokens=result.tokens_done,
+      seconds=time.time() - start,
+      evals=run.evals,
+      latest_checkpoint=run.ckpt.latest_step(),
+      stopped_by=run.stopped_by,
+    ),
+  )
+  return result.eval_result

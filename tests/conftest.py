@@ -4,7 +4,8 @@ import os
 import sys
 
 os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -14,10 +15,28 @@ import sysconfig
 import pytest
 
 # Real text every Python has: a few standard-library modules (tests never need ../shared).
-_CORPUS_MODULES = ('json/__init__.py', 'json/decoder.py', 'json/encoder.py', 'textwrap.py',
-                   'shlex.py', 'string.py', 'fnmatch.py', 'glob.py', 'bisect.py', 'heapq.py',
-                   'colorsys.py', 'keyword.py', 'numbers.py', 'operator.py', 'queue.py',
-                   'sched.py', 'abc.py', 'copy.py', 'csv.py', 'difflib.py')
+_CORPUS_MODULES = (
+  'json/__init__.py',
+  'json/decoder.py',
+  'json/encoder.py',
+  'textwrap.py',
+  'shlex.py',
+  'string.py',
+  'fnmatch.py',
+  'glob.py',
+  'bisect.py',
+  'heapq.py',
+  'colorsys.py',
+  'keyword.py',
+  'numbers.py',
+  'operator.py',
+  'queue.py',
+  'sched.py',
+  'abc.py',
+  'copy.py',
+  'csv.py',
+  'difflib.py',
+)
 
 
 @pytest.fixture(scope='session')
@@ -26,10 +45,12 @@ def text_corpus(tmp_path_factory) -> pathlib.Path:
   root = tmp_path_factory.mktemp('corpus')
   stdlib = pathlib.Path(sysconfig.get_paths()['stdlib'])
   for i, name in enumerate(_CORPUS_MODULES):
-    (root / f'doc{i:02d}.txt').write_text((stdlib / name).read_text(encoding='utf-8'),
-                                          encoding='utf-8')
-  (root / 'poem.txt').write_text('床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。\n' * 20,
-                                 encoding='utf-8')
+    (root / f'doc{i:02d}.txt').write_text(
+      (stdlib / name).read_text(encoding='utf-8'), encoding='utf-8'
+    )
+  (root / 'poem.txt').write_text(
+    '床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。\n' * 20, encoding='utf-8'
+  )
   return root
 
 
@@ -43,6 +64,7 @@ def cache_dir(tmp_path_factory) -> pathlib.Path:
 def x64():
   """float64 for the duration of one test (NumPy-reference comparisons, docs/algorithms.md 0)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   previous = jax.config.read('jax_enable_x64')
   jax.config.update('jax_enable_x64', True)
   yield
@@ -56,8 +78,10 @@ def tiny_data(text_corpus, cache_dir):
   from data_pipelines import text_datasets  # pylint: disable=g-import-not-at-top
   from data_pipelines import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from helpers import make_tiny_config  # pylint: disable=g-import-not-at-top
+
   config = make_tiny_config(text_corpus, cache_dir)
   source = text_datasets.load_text_source(config.data)
-  tok = tokenizer_lib.load_or_train(config.data, config.model, source.train, source.text_key,
-                                    source.fingerprint)
+  tok = tokenizer_lib.load_or_train(
+    config.data, config.model, source.train, source.text_key, source.fingerprint
+  )
   return config, source, tok

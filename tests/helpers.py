@@ -18,8 +18,9 @@ from pretrain import train
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def make_tiny_config(corpus: pathlib.Path, cache_dir: pathlib.Path, *,
-                     preset: str = 'roformer:tiny', **overrides):
+def make_tiny_config(
+  corpus: pathlib.Path, cache_dir: pathlib.Path, *, preset: str = 'roformer:tiny', **overrides
+):
   """A family preset (`file:preset` under launch/configs) shrunk for tests: d 32, 2 layers,
   n 32, batch 8, vocab 512 (GAU: s 16; FLASH: chunk 8). Overrides use dotted keys."""
   module, name = preset.split(':')
@@ -50,7 +51,8 @@ def assert_trees_close(actual, expected, rtol=1e-5):
     a, e = np.ravel(np.asarray(a, np.float64)), np.ravel(np.asarray(e, np.float64))
     err, norm = np.linalg.norm(a - e), np.linalg.norm(e)
     assert err <= rtol * norm + 1e-12, (
-        f'{jax.tree_util.keystr(path)}: relative error {err / max(norm, 1e-30):.2e}')
+      f'{jax.tree_util.keystr(path)}: relative error {err / max(norm, 1e-30):.2e}'
+    )
 
 
 FAMILIES = ('roformer:tiny', 'roformer_v2:tiny', 'gau:tiny', 'gau:flash_tiny', 'deepnet:tiny')
@@ -82,18 +84,22 @@ def packed_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   mlm_positions = np.stack([rng.choice(n, num_predictions, replace=False) for _ in range(b)])
   mlm_weights = (np.take_along_axis(segment_ids, mlm_positions, 1) > 0).astype(np.float32)
   return {
-      'inputs': inputs, 'segment_ids': segment_ids, 'positions': positions,
-      'targets': targets, 'weights': same_doc_next.astype(np.float32),
-      'mlm_positions': mlm_positions.astype(np.int32),
-      'mlm_targets': rng.integers(5, vocab, (b, num_predictions)).astype(np.int32),
-      'mlm_weights': mlm_weights,
+    'inputs': inputs,
+    'segment_ids': segment_ids,
+    'positions': positions,
+    'targets': targets,
+    'weights': same_doc_next.astype(np.float32),
+    'mlm_positions': mlm_positions.astype(np.int32),
+    'mlm_targets': rng.integers(5, vocab, (b, num_predictions)).astype(np.int32),
+    'mlm_weights': mlm_weights,
   }
 
 
 def tiny_config(preset: str, objective: str):
   """make_tiny_config's model and batch shapes without data (for synthetic batches)."""
-  config = make_tiny_config(pathlib.Path('/nonexistent'), pathlib.Path('/nonexistent'),
-                            preset=preset, objective=objective)
+  config = make_tiny_config(
+    pathlib.Path('/nonexistent'), pathlib.Path('/nonexistent'), preset=preset, objective=objective
+  )
   config.model.num_layers = 2
   return config
 
@@ -104,10 +110,13 @@ def loss_and_grads(config, batch, devices):
   s = train.setup(config, mesh)
   params = train.init_state(config, s)['params']
   fn = mesh_lib.jit(
-      jax.value_and_grad(lambda p, b: train.model_loss(p, s.graphdef, b, config.objective),
-                         has_aux=True),
-      mesh, config.mesh.logical_axis_rules,
-      in_shardings=(s.state_shardings['params'], mesh_lib.batch_sharding(mesh)))
+    jax.value_and_grad(
+      lambda p, b: train.model_loss(p, s.graphdef, b, config.objective), has_aux=True
+    ),
+    mesh,
+    config.mesh.logical_axis_rules,
+    in_shardings=(s.state_shardings['params'], mesh_lib.batch_sharding(mesh)),
+  )
   (loss, _), grads = fn(params, mesh_lib.global_batch(batch, mesh))
   return float(loss), jax.device_get(grads)
 
@@ -129,12 +138,22 @@ def train_losses(config, data, devices, num_steps=4):
 def tiny_flags(corpus, cache_dir, **overrides) -> list[str]:
   """Command-line overrides that shrink the tiny preset (see conftest.make_tiny_config)."""
   values = {
-      'data.text_files': f'{corpus}/*.txt', 'data.cache_dir': str(cache_dir),
-      'data.validation_fraction': 0.1, 'data.seq_len': 32, 'data.global_batch_size': 8,
-      'model.vocab_size': 512, 'model.hidden_size': 32, 'model.num_layers': 2,
-      'model.num_heads': 2, 'model.mlp_dim': 64, 'train.num_train_steps': 4,
-      'train.log_every_steps': 2, 'train.eval_every_steps': 4, 'train.eval_steps': 2,
-      'train.checkpoint_every_steps': 2, 'optim.warmup_steps': 1,
+    'data.text_files': f'{corpus}/*.txt',
+    'data.cache_dir': str(cache_dir),
+    'data.validation_fraction': 0.1,
+    'data.seq_len': 32,
+    'data.global_batch_size': 8,
+    'model.vocab_size': 512,
+    'model.hidden_size': 32,
+    'model.num_layers': 2,
+    'model.num_heads': 2,
+    'model.mlp_dim': 64,
+    'train.num_train_steps': 4,
+    'train.log_every_steps': 2,
+    'train.eval_every_steps': 4,
+    'train.eval_steps': 2,
+    'train.checkpoint_every_steps': 2,
+    'optim.warmup_steps': 1,
   }
   values.update(overrides)
   return [f'--config.{k}={v}' for k, v in values.items()]
@@ -143,8 +162,12 @@ def tiny_flags(corpus, cache_dir, **overrides) -> list[str]:
 def cpu_env(devices: int = 1, **extra: str) -> dict[str, str]:
   """Environment of a subprocess the tests start: this one's, on CPU with `devices` fake
   devices (conftest gives the test process 8), plus `extra` variables."""
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-              JAX_PLATFORMS='cpu', **extra)
+  return dict(
+    os.environ,
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+    JAX_PLATFORMS='cpu',
+    **extra,
+  )
 
 
 def free_port() -> int:
@@ -168,6 +191,12 @@ def two_process_env() -> dict[str, str]:
 
 def run_pretrain(workdir, flags, devices=1, timeout=300):
   env = cpu_env(devices)
-  cmd = [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
-         f'--workdir={workdir}', *flags]
+  cmd = [
+    sys.executable,
+    '-m',
+    'launch.pretrain',
+    '--config=launch/configs/roformer.py:tiny',
+    f'--workdir={workdir}',
+    *flags,
+  ]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

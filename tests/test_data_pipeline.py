@@ -22,6 +22,7 @@ def _records(texts):
 
 class _CountingTokenizer:
   """Each document is its own distinct ids (doc d, token i -> 1000 * (d + 1) + i)."""
+
   vocab_size = 100_000
 
   def encode(self, text):
@@ -53,13 +54,15 @@ def test_packing_loses_and_duplicates_no_token(prepared):
   first = seen[:per_epoch]
   counts = collections.Counter(t for t in first if t != tokenizer_lib.SEP_ID)
   expected = collections.Counter(
-      t for d, n in enumerate(lengths) for t in range(1000 * (d + 1), 1000 * (d + 1) + n))
+    t for d, n in enumerate(lengths) for t in range(1000 * (d + 1), 1000 * (d + 1) + n)
+  )
   assert counts == expected  # no token lost or duplicated within one pass
   assert first.count(tokenizer_lib.SEP_ID) == len(lengths)
 
 
 def test_attention_mask_never_crosses_segments():
   from models import attention  # pylint: disable=g-import-not-at-top
+
   seg = np.array([[1, 1, 2, 2, 2, 0]])
   mask = np.asarray(attention.attention_mask(seg, causal=False))[0]
   mask = mask.reshape(mask.shape[-2:]) if mask.ndim > 2 else mask
@@ -135,8 +138,9 @@ def test_same_seed_and_step_give_same_mask(prepared):
 def test_next_token_targets_stay_inside_segments():
   seg = np.array([[1, 1, 1, 2, 2, 0]])
   tokens = np.array([[7, 8, 9, 10, 11, 0]])
-  out = objectives.next_token_targets({'tokens': tokens, 'segment_ids': seg,
-                                       'positions': np.zeros_like(seg)})
+  out = objectives.next_token_targets(
+    {'tokens': tokens, 'segment_ids': seg, 'positions': np.zeros_like(seg)}
+  )
   np.testing.assert_array_equal(out['weights'][0], [1, 1, 0, 1, 0, 0])
   np.testing.assert_array_equal(out['targets'][0][:2], [8, 9])
   assert out['targets'][0][3] == 11
@@ -146,15 +150,15 @@ def test_process_shards_are_disjoint_and_cover():
   records = [{'text': str(i)} for i in range(103)]
   shards = []
   for pidx in range(4):
-    ds = pipeline.document_dataset(records, process_index=pidx, process_count=4, seed=3,
-                                   shuffle=True)
+    ds = pipeline.document_dataset(
+      records, process_index=pidx, process_count=4, seed=3, shuffle=True
+    )
     n = (103 - pidx + 3) // 4
     shards.append([ds[i]['text'] for i in range(n)])
   flat = [x for s in shards for x in s]
   assert sorted(flat, key=int) == [str(i) for i in range(103)]  # disjoint and covering
   # The next epoch of a shard is a reshuffle of the same documents.
-  ds0 = pipeline.document_dataset(records, process_index=0, process_count=4, seed=3,
-                                  shuffle=True)
+  ds0 = pipeline.document_dataset(records, process_index=0, process_count=4, seed=3, shuffle=True)
   second = [ds0[i]['text'] for i in range(len(shards[0]), 2 * len(shards[0]))]
   assert sorted(second) == sorted(shards[0]) and second != shards[0]
 

@@ -15,12 +15,14 @@ CITATION = re.compile(r'docs/(\w+)\.md`?\s*(\d+(?:\.\d+)?)?')
 
 def _tracked_text_files():
   try:
-    names = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
+    names = subprocess.run(
+      ['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
   except (OSError, subprocess.CalledProcessError):
     names = [str(p.relative_to(ROOT)) for p in ROOT.rglob('*') if p.is_file()]
-  files = [ROOT / n for n in names if n.endswith(('.py', '.md', '.cfg', '.toml')) or
-           n in ('Makefile',)]
+  files = [
+    ROOT / n for n in names if n.endswith(('.py', '.md', '.cfg', '.toml')) or n in ('Makefile',)
+  ]
   return [f for f in files if f.exists() and '.venv' not in f.parts]
 
 
@@ -47,9 +49,13 @@ def test_every_docs_citation_resolves():
   assert not bad, '\n'.join(bad)
 
 
-@pytest.mark.parametrize('pattern', [r'\bSPEC(\.md)? ?\d', r'\bSPEC\.md', r'\bDESIGN\.md',
-                                     r'\bSTACK\.md'])
+@pytest.mark.parametrize(
+  'pattern', [r'\bSPEC(\.md)? ?\d', r'\bSPEC\.md', r'\bDESIGN\.md', r'\bSTACK\.md']
+)
 def test_no_citation_of_notes_outside_the_repository(pattern):
-  hits = [f'{p.relative_to(ROOT)}' for p in _tracked_text_files()
-          if p.name != 'test_docs.py' and re.search(pattern, p.read_text(errors='replace'))]
+  hits = [
+    f'{p.relative_to(ROOT)}'
+    for p in _tracked_text_files()
+    if p.name != 'test_docs.py' and re.search(pattern, p.read_text(errors='replace'))
+  ]
   assert not hits, hits

@@ -17,8 +17,9 @@ def _logits_fn(config):
   model = models.build(config, rngs=nnx.Rngs(params=0))
   graphdef, state = nnx.split(model)
   fn = jax.jit(lambda s, t, seg, pos: nnx.merge(graphdef, s)(t, seg, pos))
-  return lambda batch: np.asarray(fn(state, batch['inputs'], batch['segment_ids'],
-                                     batch['positions']))
+  return lambda batch: np.asarray(
+    fn(state, batch['inputs'], batch['segment_ids'], batch['positions'])
+  )
 
 
 @pytest.mark.parametrize('objective', ['mlm', 'clm'])
@@ -38,8 +39,12 @@ def test_changing_one_document_leaves_the_others_unchanged(preset, objective):
       changed['inputs'][row, where] = rng.integers(5, config.model.vocab_size, where.sum())
       after = logits(changed)
       others = (seg != doc) & (seg > 0)
-      np.testing.assert_allclose(after[row, others], before[row, others], atol=2e-5,
-                                 err_msg=f'row {row}: document {doc} moved the others')
+      np.testing.assert_allclose(
+        after[row, others],
+        before[row, others],
+        atol=2e-5,
+        err_msg=f'row {row}: document {doc} moved the others',
+      )
       assert not np.allclose(after[row, where], before[row, where])  # it did change
       np.testing.assert_array_equal(np.delete(after, row, 0), np.delete(before, row, 0))
       break  # one document per row keeps the test fast; rows differ in their packing

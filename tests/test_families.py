@@ -13,12 +13,12 @@ from helpers import train_losses
 from pretrain import train
 
 CASES = [
-    ('roformer:tiny', 'clm'),
-    ('roformer_v2:tiny', 'mlm'),
-    ('gau:tiny', 'clm'),          # GAU-alpha: softmax_plus, bias-free, RMS post-norm
-    ('gau:flash_tiny', 'mlm'),    # FLASH mixed-chunk, relu^2
-    ('gau:flash_tiny', 'clm'),
-    ('deepnet:tiny', 'mlm'),
+  ('roformer:tiny', 'clm'),
+  ('roformer_v2:tiny', 'mlm'),
+  ('gau:tiny', 'clm'),  # GAU-alpha: softmax_plus, bias-free, RMS post-norm
+  ('gau:flash_tiny', 'mlm'),  # FLASH mixed-chunk, relu^2
+  ('gau:flash_tiny', 'clm'),
+  ('deepnet:tiny', 'mlm'),
 ]
 
 
@@ -45,14 +45,27 @@ def test_family_trains_with_falling_loss(preset, objective, text_corpus, cache_d
 _SHARDED_DEFAULT = {('gau:tiny', 'clm'), ('gau:flash_tiny', 'mlm'), ('gau:flash_tiny', 'clm')}
 
 
-@pytest.mark.parametrize('preset,objective', [
+@pytest.mark.parametrize(
+  'preset,objective',
+  [
     c if c in _SHARDED_DEFAULT else pytest.param(*c, marks=pytest.mark.slow)
-    for c in CASES if c[0] != 'roformer:tiny'])
-def test_family_sharded_matches_single_device(preset, objective, text_corpus, cache_dir,
-                                              tiny_data):
-  config = make_tiny_config(text_corpus, cache_dir, preset=preset, objective=objective,
-                            **{'optim.name': 'sgdm', 'optim.learning_rate': 0.5,
-                               'optim.eg.enabled': False, 'optim.accumulation_steps': 1})
+    for c in CASES
+    if c[0] != 'roformer:tiny'
+  ],
+)
+def test_family_sharded_matches_single_device(preset, objective, text_corpus, cache_dir, tiny_data):
+  config = make_tiny_config(
+    text_corpus,
+    cache_dir,
+    preset=preset,
+    objective=objective,
+    **{
+      'optim.name': 'sgdm',
+      'optim.learning_rate': 0.5,
+      'optim.eg.enabled': False,
+      'optim.accumulation_steps': 1,
+    },
+  )
   config.optim.schedule, config.optim.warmup_steps = 'constant', 0
   data = tiny_data[1:]
   single, single_state = train_losses(config, data, jax.devices()[:1])

@@ -27,14 +27,17 @@ import models
 from models import hf_export
 from models import hf_import
 from pretrain import checkpointing
-from pretrain import grow
 from pretrain import hf_io
 from pretrain import mesh as mesh_lib
+from pretrain import rundir
 from pretrain import train
 
-SAMPLES = ('def split(s, comments=False, posix=True):\n    """Split *s* like a shell."""',
-           '  leading spaces, tabs\tand 1234 digits', '床前明月光，疑是地上霜。',
-           'Café naïve ÉCOLE -- mixed: 3.14159!')
+SAMPLES = (
+  'def split(s, comments=False, posix=True):\n    """Split *s* like a shell."""',
+  '  leading spaces, tabs\tand 1234 digits',
+  '床前明月光，疑是地上霜。',
+  'Café naïve ÉCOLE -- mixed: 3.14159!',
+)
 
 
 def _random_params(config, seed=0):
@@ -44,8 +47,11 @@ def _random_params(config, seed=0):
   shapes = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: ((p[-1].key == 'scale') + (0.1 if p[-1].key == 'scale' else 0.2)
-                    * rng.standard_normal(x.shape)).astype(x.dtype), shapes)
+    lambda p, x: (
+      (p[-1].key == 'scale') + (0.1 if p[-1].key == 'scale' else 0.2) * rng.standard_normal(x.shape)
+    ).astype(x.dtype),
+    shapes,
+  )
 
 
 def _logits(config, params, ids, valid=None):
@@ -65,12 +71,15 @@ def _write_run(config, params, tok, source, workdir):
   state = hf_io._initial_state(config, run_setup, params)  # pylint: disable=protected-access
   train_iter = iter(pipeline.make_dataset(source.train, tok, config, text_key=source.text_key))
   meta = checkpointing.checkpoint_meta(config, tok, mesh, source)
-  grow._write_run(str(workdir), config, state, train_iter, meta)  # pylint: disable=protected-access
+  rundir.write_run(str(workdir), config, state, train_iter, meta)
 
 
 def _same_tree(a, b):
-  flat = jax.tree.leaves(jax.tree.map(
-      lambda x, y: np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y), a, b))
+  flat = jax.tree.leaves(
+    jax.tree.map(
+      lambda x, y: np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y), a, b
+    )
+  )
   return len(flat) > 0 and all(flat)
 
 
@@ -90,12 +99,21 @@ def v1_export(tiny_data, tmp_path_factory):
 def test_export_loads_in_transformers_flax_with_our_logits_and_ids(v1_export, tmp_path):
   config, params, tok, _, root = v1_export
   out = str(root / 'hf')
-  assert sorted(os.listdir(out)) == sorted([
-      'README.md', 'config.json', 'model.safetensors', 'special_tokens_map.json',
-      'tokenizer.json', 'tokenizer.model', 'tokenizer_config.json'])
+  assert sorted(os.listdir(out)) == sorted(
+    [
+      'README.md',
+      'config.json',
+      'model.safetensors',
+      'special_tokens_map.json',
+      'tokenizer.json',
+      'tokenizer.model',
+      'tokenizer_config.json',
+    ]
+  )
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     from transformers import AutoTokenizer, FlaxRoFormerForMaskedLM  # pylint: disable=g-import-not-at-top
+
     hf_model = FlaxRoFormerForMaskedLM.from_pretrained(out)
     hf_tok = AutoTokenizer.from_pretrained(out)
   for text in SAMPLES:
@@ -103,12 +121,13 @@ def test_export_loads_in_transformers_flax_with_our_logits_and_ids(v1_export, tm
   ids = hf_tok(SAMPLES[0])['input_ids']
   assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id
   n = 24
-  batch = np.stack([ids[:n], ids[1:n + 1]]).astype(np.int32)
+  batch = np.stack([ids[:n], ids[1 : n + 1]]).astype(np.int32)
   valid = np.ones_like(batch)
   valid[1, 17:] = 0  # a padded row
   ours = _logits(config, params, batch, valid)
-  ref = np.asarray(hf_model(batch, attention_mask=valid, token_type_ids=np.zeros_like(batch)
-                            ).logits)
+  ref = np.asarray(
+    hf_model(batch, attention_mask=valid, token_type_ids=np.zeros_like(batch)).logits
+  )
   assert np.abs(ref).max() > 0.5
   np.testing.assert_allclose(ours[valid == 1], ref[valid == 1], atol=1e-5, rtol=0)
   # transformers' own Flax save (flax_model.msgpack) imports back to the same parameters.
@@ -119,9 +138,13 @@ def test_export_loads_in_transformers_flax_with_our_logits_and_ids(v1_export, tm
 
 
 def test_export_loads_in_transformers_pytorch(v1_export):
-  torch = pytest.importorskip('torch', reason='torch is an optional extra (pip install -e '
-                              "'.[torch]'); the Flax test covers the same file")
+  torch = pytest.importorskip(
+    'torch',
+    reason='torch is an optional extra (pip install -e '
+    "'.[torch]'); the Flax test covers the same file",
+  )
   from transformers import RoFormerForMaskedLM  # pylint: disable=g-import-not-at-top
+
   config, params, tok, _, root = v1_export
   model = RoFormerForMaskedLM.from_pretrained(str(root / 'hf')).eval()
   ids = np.asarray([tok.encode(SAMPLES[0])[:20]], np.int32)
@@ -133,8 +156,9 @@ def test_export_loads_in_transformers_pytorch(v1_export):
 def test_round_trip_is_bit_identical_and_training_continues(v1_export, tmp_path):
   config, params, tok, _, root = v1_export
   explicit = frozenset({'data.text_files', 'data.cache_dir'})
-  result = hf_io.import_run(str(root / 'hf'), str(tmp_path / 'run'), config,
-                            'launch/configs/roformer.py:tiny', explicit)
+  result = hf_io.import_run(
+    str(root / 'hf'), str(tmp_path / 'run'), config, 'launch/configs/roformer.py:tiny', explicit
+  )
   summary = hf_io.import_summary(result, str(tmp_path / 'run'))
   assert 'continue training with:\n  python -m launch.pretrain' in summary, summary
   meta = json.loads((tmp_path / 'run' / 'checkpoints' / '0' / 'meta' / 'metadata').read_text())
@@ -180,7 +204,8 @@ def _port_forward(sd, hf, ids):
   padding, reading the exported tensors by name."""
   sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
   act = {'relu': lambda v: np.maximum(v, 0), 'swish': lambda v: v / (1 + np.exp(-v))}[
-      hf['hidden_act']]
+    hf['hidden_act']
+  ]
   gau = hf['model_type'] == 'gau_alpha'
   p = 'gau_alpha' if gau else 'roformer'
   eps, n = hf['layer_norm_eps'], ids.shape[1]
@@ -194,10 +219,10 @@ def _port_forward(sd, hf, ids):
       w = lambda name, i=i: sd[f'{p}.encoder.layer.{i}.gau.{name}']  # noqa: E731
       e, s = hf['intermediate_size'], hf['attention_key_size']
       h = act(x @ w('i_dense.weight').T)
-      u, v, qk = h[..., :e], h[..., e:2 * e], h[..., 2 * e:]
+      u, v, qk = h[..., :e], h[..., e : 2 * e], h[..., 2 * e :]
       q = _port_rope(qk * w('q_scaleoffset.weight'), sin, cos, True)
       k = _port_rope(qk * w('k_scaleoffset.weight'), sin, cos, True)
-      a = np.einsum('bmd,bnd->bmn', q, k) / s ** 0.5 * np.log(n) / np.log(512)
+      a = np.einsum('bmd,bnd->bmn', q, k) / s**0.5 * np.log(n) / np.log(512)
       a = np.exp(a - a.max(-1, keepdims=True))
       a /= a.sum(-1, keepdims=True)
       x = _port_norm(x + (u * (a @ v)) @ w('o_dense.weight').T, eps)
@@ -208,7 +233,7 @@ def _port_forward(sd, hf, ids):
     q = _port_rope(split(x @ w('attention.self.query').T), sin, cos, False)
     k = _port_rope(split(x @ w('attention.self.key').T), sin, cos, False)
     v = split(x @ w('attention.self.value').T)
-    a = q @ k.transpose(0, 1, 3, 2) / dim ** 0.5
+    a = q @ k.transpose(0, 1, 3, 2) / dim**0.5
     a = np.exp(a - a.max(-1, keepdims=True))
     a /= a.sum(-1, keepdims=True)
     ctx = (a @ v).transpose(0, 2, 1, 3).reshape(x.shape)
@@ -233,8 +258,9 @@ def test_v2_and_gau_alpha_layouts_compute_our_function(preset):
   np.testing.assert_allclose(_logits(config, params, ids), ref, atol=1e-5, rtol=0)
   family, fields = hf_import.model_fields(hf)
   expected = dict(config.model, type_vocab_size=max(1, config.model.type_vocab_size))
-  assert family == config.model.family and all(expected[k] == v for k, v in fields.items()
-                                                if k not in ('dropout_rate', 'initializer_range'))
+  assert family == config.model.family and all(
+    expected[k] == v for k, v in fields.items() if k not in ('dropout_rate', 'initializer_range')
+  )
   for scan in (True, False):
     config.model.scan_layers = scan
     back, report = hf_import.from_torch(sd, config)
@@ -243,8 +269,12 @@ def test_v2_and_gau_alpha_layouts_compute_our_function(preset):
 
 
 def test_wordpiece_matches_bert_tokenizer_and_exports(text_corpus, tmp_path):
-  lines = [line for f in sorted(text_corpus.glob('*.txt'))
-           for line in f.read_text(encoding='utf-8').splitlines() if line.strip()]
+  lines = [
+    line
+    for f in sorted(text_corpus.glob('*.txt'))
+    for line in f.read_text(encoding='utf-8').splitlines()
+    if line.strip()
+  ]
   vocab_path = tmp_path / 'vocab.txt'
   vocab_path.write_bytes(tokenizer_lib.train_wordpiece(lines, 300))
   with warnings.catch_warnings():
@@ -257,39 +287,53 @@ def test_wordpiece_matches_bert_tokenizer_and_exports(text_corpus, tmp_path):
     slow = BertTokenizer(str(vocab_path), do_lower_case=lowercase)
     for text in SAMPLES + (lines[0],):
       ids = tok.encode(text).tolist()
-      assert ids == fast(text, add_special_tokens=False)['input_ids'] == slow(
-          text, add_special_tokens=False)['input_ids'], text
-    assert pickle.loads(pickle.dumps(tok)).encode(SAMPLES[0]).tolist() == tok.encode(
-        SAMPLES[0]).tolist()
+      assert (
+        ids
+        == fast(text, add_special_tokens=False)['input_ids']
+        == slow(text, add_special_tokens=False)['input_ids']
+      ), text
+    assert (
+      pickle.loads(pickle.dumps(tok)).encode(SAMPLES[0]).tolist() == tok.encode(SAMPLES[0]).tolist()
+    )
     out = tmp_path / f'hf{lowercase}'
     out.mkdir()
     for name, data in hf_tokenizer.hf_files(tok, 128).items():
       (out / name).write_bytes(data)
     auto = AutoTokenizer.from_pretrained(str(out))
-    assert all(auto(t, add_special_tokens=False)['input_ids'] == tok.encode(t).tolist()
-               for t in SAMPLES)
+    assert all(
+      auto(t, add_special_tokens=False)['input_ids'] == tok.encode(t).tolist() for t in SAMPLES
+    )
     assert hf_tokenizer.find_in_hf_dir(str(out)) == ('vocab.txt', lowercase)
     assert tokenizer_lib.load(str(out / 'vocab.txt')).sha256 == tok.sha256  # do_lower_case read
   # The pipeline ends documents with this vocabulary's [SEP] and never masks its specials.
   config = make_tiny_config(text_corpus, tmp_path)
   records = [{'text': line.encode()} for line in lines[:200]]
   batch = next(iter(pipeline.make_dataset(records, tok, config, train=False)))
-  assert tok.sep_id in batch['tokens'] and np.all(batch['mlm_targets'][
-      batch['mlm_weights'] > 0] >= tok.num_special)
+  assert tok.sep_id in batch['tokens'] and np.all(
+    batch['mlm_targets'][batch['mlm_weights'] > 0] >= tok.num_special
+  )
 
 
 def test_base_model_checkpoint_gets_a_fresh_head_and_extras_are_listed(v1_export):
   config, params, _, _, _ = v1_export
-  state_dict = {k.removeprefix('roformer.'): v for k, v in hf_export.to_torch(params, config).items()
-                if not k.startswith('cls.')}  # a RoFormerModel checkpoint: no prefix, no head
+  state_dict = {
+    k.removeprefix('roformer.'): v
+    for k, v in hf_export.to_torch(params, config).items()
+    if not k.startswith('cls.')
+  }  # a RoFormerModel checkpoint: no prefix, no head
   state_dict['pooler.dense.weight'] = np.zeros((32, 32), np.float32)
   with pytest.raises(hf_import.FormatError, match='lacks cls.predictions.transform.dense.weight'):
     hf_import.from_torch(state_dict, config)
   fresh = jax.tree.map(np.zeros_like, params)
   back, report = hf_import.from_torch(state_dict, config, fill=fresh)
   assert report['ignored'] == ['pooler.dense.weight']
-  assert sorted(report['filled']) == ['head/bias', 'head/norm/bias', 'head/norm/scale',
-                                      'head/transform/bias', 'head/transform/kernel']
+  assert sorted(report['filled']) == [
+    'head/bias',
+    'head/norm/bias',
+    'head/norm/scale',
+    'head/transform/bias',
+    'head/transform/kernel',
+  ]
   assert _same_tree(back['layers'], params['layers']) and not back['head']['bias'].any()
 
 
@@ -299,8 +343,14 @@ def test_bad_inputs_name_the_file_and_the_fix(v1_export, tiny_data, tmp_path):
 
   def import_error(directory, **kwargs):
     with pytest.raises(train.InputError) as e:
-      hf_io.import_run(str(directory), str(tmp_path / 'never'), kwargs.pop('config', config),
-                       'launch/configs/roformer.py:tiny', frozenset(), **kwargs)
+      hf_io.import_run(
+        str(directory),
+        str(tmp_path / 'never'),
+        kwargs.pop('config', config),
+        'launch/configs/roformer.py:tiny',
+        frozenset(),
+        **kwargs,
+      )
     assert not (tmp_path / 'never').exists()
     return str(e.value)
 
@@ -318,19 +368,23 @@ def test_bad_inputs_name_the_file_and_the_fix(v1_export, tiny_data, tmp_path):
   assert 'has no config.json' in import_error(tmp_path)
   msg = import_error(copy_with('bert', lambda hf: hf.update(model_type='bert')))
   assert "model_type='bert'" in msg and "'gau_alpha'" in msg
-  msg = import_error(copy_with('wide', lambda hf: (hf.pop('encoder_pretrain'),
-                                                   hf.update(intermediate_size=96))))
+  msg = import_error(
+    copy_with('wide', lambda hf: (hf.pop('encoder_pretrain'), hf.update(intermediate_size=96)))
+  )
   assert 'intermediate.dense.weight has shape (64, 32) but config.json implies (96, 32)' in msg
   assert 'do not match their config.json' in msg
-  msg = import_error(copy_with('family', lambda hf: hf.pop('encoder_pretrain')),
-                     config=make_tiny_config(ROOT, ROOT, preset='gau:tiny'))
+  msg = import_error(
+    copy_with('family', lambda hf: hf.pop('encoder_pretrain')),
+    config=make_tiny_config(ROOT, ROOT, preset='gau:tiny'),
+  )
   assert 'holds a roformer checkpoint but --config is a gau config' in msg
   assert 'no vocab.txt (WordPiece) or tokenizer.model' in import_error(
-      copy_with('notok', drop=('tokenizer.model',)))
+    copy_with('notok', drop=('tokenizer.model',))
+  )
   pt = copy_with('pt', drop=('model.safetensors',))
   (pt / 'pytorch_model.bin').write_bytes(b'not unpickled')
   try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     msg = import_error(pt)
     assert 'torch.load(weights_only=True), and torch is not installed' in msg
@@ -351,10 +405,134 @@ def test_bad_inputs_name_the_file_and_the_fix(v1_export, tiny_data, tmp_path):
 def test_convert_exits_2_with_one_paragraph(tmp_path):
   env = cpu_env()
   result = subprocess.run(
-      [sys.executable, '-m', 'launch.convert', f'--from_hf={tmp_path}',
-       f'--workdir={tmp_path / "w"}', '--config=launch/configs/roformer.py:tiny',
-       '--config.train.num_train_steps=3'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      '-m',
+      'launch.convert',
+      f'--from_hf={tmp_path}',
+      f'--workdir={tmp_path / "w"}',
+      '--config=launch/configs/roformer.py:tiny',
+      '--config.train.num_train_steps=3',
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 2, result.stderr[-2000:]
   assert f'error: --from_hf={tmp_path} has no config.json' in result.stderr
   assert 'Traceback' not in result.stderr and os.listdir(tmp_path) == []
+
+
+def _edited_export(root, target, config_edit=None, weights=None):
+  """A copy of the fixture's export dir with config.json edited in place by `config_edit` and
+  model.safetensors replaced by `weights(old bytes) -> new bytes`."""
+  shutil.copytree(root / 'hf', target)
+  if config_edit:
+    hf = json.loads((target / 'config.json').read_text())
+    config_edit(hf)
+    (target / 'config.json').write_text(json.dumps(hf))
+  if weights:
+    (target / hf_io.WEIGHTS).write_bytes(weights((root / 'hf' / hf_io.WEIGHTS).read_bytes()))
+  return target
+
+
+def _moved_past_the_end(data: bytes) -> bytes:
+  """The same file with the last tensor's data_offsets moved 1e6 bytes past the end."""
+  n = int.from_bytes(data[:8], 'little')
+  header = json.loads(data[8 : 8 + n])
+  last = max((k for k in header if k != '__metadata__'), key=lambda k: header[k]['data_offsets'][1])
+  header[last]['data_offsets'] = [x + 10**6 for x in header[last]['data_offsets']]
+  raw = json.dumps(header).encode()
+  return len(raw).to_bytes(8, 'little') + raw + data[8 + n :]
+
+
+def _import_error(directory, workdir, config) -> str:
+  """The InputError message of importing `directory`; asserts nothing was written."""
+  with pytest.raises(train.InputError) as e:
+    hf_io.import_run(
+      str(directory), str(workdir), config, 'launch/configs/roformer.py:tiny', frozenset()
+    )
+  assert not workdir.exists()
+  return str(e.value)
+
+
+def test_malformed_safetensors_is_named_before_the_library_reads_it(v1_export, tmp_path):
+  config, root = v1_export[0], v1_export[4]
+  size = (root / 'hf' / hf_io.WEIGHTS).stat().st_size
+  cases = {
+    'offsets': (
+      _moved_past_the_end,
+      (
+        "model.safetensors: tensor 'roformer.encoder.layer.1."
+        "output.dense.weight' has data_offsets [",
+        '], past the end of the ',
+      ),
+    ),
+    'header': (
+      lambda d: (2**60).to_bytes(8, 'little') + d[8:],
+      (f'model.safetensors: header length {2**60} ', f'exceeds the file size of {size} bytes'),
+    ),
+    'truncated': (
+      lambda d: d[:-1000],
+      (
+        f'model.safetensors is truncated: its data ends at '
+        f'byte {size} but the file has {size - 1000} bytes',
+      ),
+    ),
+  }
+  for name, (corrupt, parts) in cases.items():
+    directory = _edited_export(root, tmp_path / name, weights=corrupt)
+    msg = _import_error(directory, tmp_path / 'never', config)
+    assert msg.startswith(f'--from_hf={directory}: model.safetensors') and all(
+      part in msg for part in parts
+    ), msg
+
+
+def test_config_json_is_checked_against_the_weight_shapes_first(v1_export, tmp_path):
+  config, root = v1_export[0], v1_export[4]
+  cases = {
+    'num_hidden_layers': (3, 'but {} holds 2 layers'),
+    'vocab_size': (
+      100_000,
+      'but {} holds roformer.embeddings.word_embeddings.weight of '
+      'shape (512, 32); set vocab_size=512',
+    ),
+    'num_attention_heads': (0, 'must be an integer >= 1'),
+  }
+  for key, (value, message) in cases.items():
+    directory = _edited_export(
+      root,
+      tmp_path / key,
+      lambda hf, k=key, v=value: (hf.pop('encoder_pretrain'), hf.update({k: v})),
+    )
+    msg = _import_error(directory, tmp_path / 'never', config)
+    assert f'config.json: {key}={value} ' in msg or f'config.json {key}={value} ' in msg, msg
+    assert message.format(directory / hf_io.WEIGHTS) in msg, msg
+
+
+def test_convert_refuses_a_million_layers_at_once(v1_export, tmp_path):
+  directory = _edited_export(
+    v1_export[4], tmp_path / 'hf', lambda hf: hf.update(num_hidden_layers=1_000_000)
+  )
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'launch.convert',
+      f'--from_hf={directory}',
+      f'--workdir={tmp_path / "w"}',
+      '--config=launch/configs/roformer.py:tiny',
+    ],
+    cwd=ROOT,
+    env=cpu_env(),
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert (
+    f'error: config.json: num_hidden_layers=1000000 but {directory / hf_io.WEIGHTS} holds 2 layers'
+  ) in result.stderr
+  assert 'Traceback' not in result.stderr and not (tmp_path / 'w').exists()

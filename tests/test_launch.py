@@ -46,12 +46,14 @@ def test_pretrain_writes_checkpoints_metrics_and_events(trained_workdir):
 
 def test_second_run_resumes(trained_workdir, text_corpus, cache_dir):
   workdir, _ = trained_workdir
-  result = run_pretrain(workdir, tiny_flags(text_corpus, cache_dir,
-                                            **{'train.num_train_steps': 6}))
+  result = run_pretrain(workdir, tiny_flags(text_corpus, cache_dir, **{'train.num_train_steps': 6}))
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'resuming from' in result.stderr and 'training steps 4 -> 6' in result.stderr
-  steps = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()
-           if json.loads(l)['split'] == 'train']
+  steps = [
+    json.loads(l)['step']
+    for l in (workdir / 'metrics.jsonl').read_text().splitlines()
+    if json.loads(l)['split'] == 'train'
+  ]
   assert steps == [2, 4, 6]
 
 
@@ -78,8 +80,9 @@ def _expect_input_error(result, *fragments):
 
 def test_glob_matching_nothing(tmp_path, cache_dir, text_corpus):
   flags = tiny_flags(text_corpus, cache_dir, **{'data.text_files': f'{tmp_path}/none/*.txt'})
-  _expect_input_error(run_pretrain(tmp_path / 'w', flags), 'matches no files',
-                      '--config.data.text_files')
+  _expect_input_error(
+    run_pretrain(tmp_path / 'w', flags), 'matches no files', '--config.data.text_files'
+  )
 
 
 def test_corpus_without_usable_text(tmp_path, cache_dir, text_corpus):
@@ -96,24 +99,26 @@ def test_unknown_config_field(tmp_path, cache_dir, text_corpus):
 
 def test_hidden_size_not_divisible_by_heads(tmp_path, cache_dir, text_corpus):
   flags = tiny_flags(text_corpus, cache_dir, **{'model.hidden_size': 30, 'model.num_heads': 4})
-  _expect_input_error(run_pretrain(tmp_path / 'w', flags), 'num_heads=4',
-                      'hidden_size=30')
+  _expect_input_error(run_pretrain(tmp_path / 'w', flags), 'num_heads=4', 'hidden_size=30')
   assert not (tmp_path / 'w' / 'checkpoints').exists() or not os.listdir(
-      tmp_path / 'w' / 'checkpoints')
+    tmp_path / 'w' / 'checkpoints'
+  )
 
 
 def test_global_batch_not_dividing_devices(tmp_path, cache_dir, text_corpus):
   flags = tiny_flags(text_corpus, cache_dir, **{'data.global_batch_size': 6})
-  _expect_input_error(run_pretrain(tmp_path / 'w', flags, devices=4),
-                      'global_batch_size=6', 'multiple of 4')
+  _expect_input_error(
+    run_pretrain(tmp_path / 'w', flags, devices=4), 'global_batch_size=6', 'multiple of 4'
+  )
 
 
 def test_workdir_with_other_model_shape(trained_workdir, text_corpus, cache_dir):
   workdir, _ = trained_workdir
   before = sorted(os.listdir(workdir / 'checkpoints'))
   flags = tiny_flags(text_corpus, cache_dir, **{'model.hidden_size': 64})
-  _expect_input_error(run_pretrain(workdir, flags), 'different model',
-                      'hidden_size: checkpoint 32 vs config 64')
+  _expect_input_error(
+    run_pretrain(workdir, flags), 'different model', 'hidden_size: checkpoint 32 vs config 64'
+  )
   assert sorted(os.listdir(workdir / 'checkpoints')) == before  # nothing touched
 
 
@@ -140,10 +145,13 @@ def _wait_for_pair(procs, logs, timeout: float):
       for p in procs:
         p.kill()
         p.wait()
-      raise _PairStuck(f'exit codes {codes} (None: still running) after {now - start:.0f} s; '
-                       'logs without the config dump, stacks at the end:\n' + '\n'.join(
-                           f'--- process {i}\n' + _without_config(log.read_text())
-                           for i, log in enumerate(logs)))
+      raise _PairStuck(
+        f'exit codes {codes} (None: still running) after {now - start:.0f} s; '
+        'logs without the config dump, stacks at the end:\n'
+        + '\n'.join(
+          f'--- process {i}\n' + _without_config(log.read_text()) for i, log in enumerate(logs)
+        )
+      )
     time.sleep(0.5)
 
 
@@ -166,13 +174,27 @@ def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir):
     procs = []
     for i, log in enumerate(logs):
       with open(log, 'w') as f:
-        procs.append(subprocess.Popen(
-            [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
-             f'--workdir={workdir}', f'--coordinator_address=localhost:{port}',
-             '--num_processes=2', f'--process_id={i}',
-             *tiny_flags(text_corpus, cache_dir, **{'train.num_train_steps': steps,
-                                                    'data.text_unit': 'line'})],
-            cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+        procs.append(
+          subprocess.Popen(
+            [
+              sys.executable,
+              '-m',
+              'launch.pretrain',
+              '--config=launch/configs/roformer.py:tiny',
+              f'--workdir={workdir}',
+              f'--coordinator_address=localhost:{port}',
+              '--num_processes=2',
+              f'--process_id={i}',
+              *tiny_flags(
+                text_corpus, cache_dir, **{'train.num_train_steps': steps, 'data.text_unit': 'line'}
+              ),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+          )
+        )
     _wait_for_pair(procs, logs, timeout=180)
     outs = [log.read_text() for log in logs]
     for p, out in zip(procs, outs):
@@ -184,16 +206,19 @@ def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir):
     port = free_port()
     try:
       outs = launch(workdir, port, 2)
-      assert 'mesh {\'data\': 4' in outs[0]
+      assert "mesh {'data': 4" in outs[0]
       outs = launch(workdir, port, 4)
       break
     except _PairStuck as e:
       if attempt:
         raise
-      warnings.warn(f'two-process launch stuck, retrying once: {e}')
+      warnings.warn(f'two-process launch stuck, retrying once: {e}', stacklevel=2)
   assert all('resuming from' in out for out in outs)
-  steps = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()
-           if json.loads(l)['split'] == 'train']
+  steps = [
+    json.loads(l)['step']
+    for l in (workdir / 'metrics.jsonl').read_text().splitlines()
+    if json.loads(l)['split'] == 'train'
+  ]
   assert steps == [2, 4]  # one writer: process 0
 
 
@@ -212,12 +237,20 @@ def test_each_process_measures_its_own_matmul_peak(tmp_path, monkeypatch):
   device's: process 1 used to time a matmul placed on process 0's device (jax.devices()[0]),
   which ran nothing there, and cached ~1e5x the machine's peak for every later run."""
   from pretrain import metrics  # pylint: disable=g-import-not-at-top
+
   port = free_port()
   caches = [tmp_path / f'cache_process{i}' for i in range(2)]
-  procs = [subprocess.Popen(
-      [sys.executable, '-c', _PEAK_SCRIPT, f'localhost:{port}', str(i)], cwd=ROOT,
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', _PEAK_SCRIPT, f'localhost:{port}', str(i)],
+      cwd=ROOT,
       env=cpu_env(XDG_CACHE_HOME=str(caches[i])),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=120)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs
   peaks = [float(out.split('PEAK ')[1].split()[0]) for out in outs]

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import models
-from launch.configs import base
+from pretrain import config as config_schema
 from models import encoder
 from models import layers
 from models import transformer
@@ -18,7 +18,7 @@ D, H, F = 64, 4, 256
 
 
 def deepnet_config(num_layers, **overrides):
-  config = base.get_base_config()
+  config = config_schema.get_base_config()
   m = config.model
   m.vocab_size, m.hidden_size, m.num_heads, m.mlp_dim, m.num_layers = 40, D, H, F, num_layers
   m.residual = 'deepnorm'
@@ -27,15 +27,17 @@ def deepnet_config(num_layers, **overrides):
   return config
 
 
-@pytest.mark.parametrize('n,alpha,beta', [(6, 1.8612, 0.3799), (12, 2.2134, 0.3195),
-                                          (18, 2.4495, 0.2887)])
+@pytest.mark.parametrize(
+  'n,alpha,beta', [(6, 1.8612, 0.3799), (12, 2.2134, 0.3195), (18, 2.4495, 0.2887)]
+)
 def test_dn1_constants(n, alpha, beta):
   a, b = encoder.deepnorm_constants(deepnet_config(n).model)
   assert a == pytest.approx(alpha, abs=1e-4) and b == pytest.approx(beta, abs=1e-4)
   spec = models.resolve(deepnet_config(n))
   assert spec.residual_alpha == pytest.approx(alpha, abs=1e-4)
-  overridden = encoder.deepnorm_constants(deepnet_config(n, deepnorm_alpha=1.0,
-                                                         deepnorm_beta=0.5).model)
+  overridden = encoder.deepnorm_constants(
+    deepnet_config(n, deepnorm_alpha=1.0, deepnorm_beta=0.5).model
+  )
   assert overridden == (1.0, 0.5)
 
 
@@ -61,8 +63,9 @@ def test_dn3_scaled_residual_equals_scaled_eps():
   x = jax.random.normal(jax.random.key(0), (3, D))
   g = jax.random.normal(jax.random.key(1), (3, D)) * 0.3
   norm = lambda eps: layers.LayerNorm(D, eps=eps, rngs=nnx.Rngs(0))
-  np.testing.assert_allclose(norm(eps)(alpha * x + g), norm(eps / alpha ** 2)(x + g / alpha),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    norm(eps)(alpha * x + g), norm(eps / alpha**2)(x + g / alpha), atol=1e-5
+  )
 
 
 def _block_update(num_layers):
@@ -96,9 +99,9 @@ def test_deepnorm_full_model_runs():
 @pytest.mark.parametrize('preset', ['tiny', 'deep', 'base'])
 def test_presets_validate_and_build_abstractly(preset):
   from launch.configs import deepnet as deepnet_presets
+
   config = deepnet_presets.get_config(preset)
   models.validate(config)
   model = nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(params=0)))
   kernel = nnx.to_pure_dict(nnx.state(model, nnx.Param))['layers']['mlp']['wi']['kernel']
-  assert kernel.shape == (config.model.num_layers, config.model.hidden_size,
-                          config.model.mlp_dim)
+  assert kernel.shape == (config.model.num_layers, config.model.hidden_size, config.model.mlp_dim)

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import models
-from launch.configs import base
+from pretrain import config as config_schema
 from models import attention
 from models import encoder
 from models import gau
@@ -20,7 +20,7 @@ E = 2 * D
 
 
 def gau_config(**overrides):
-  config = base.get_base_config()
+  config = config_schema.get_base_config()
   m = config.model
   m.family, m.vocab_size, m.hidden_size, m.shared_dim, m.num_layers = 'gau', V, D, S, L
   m.expansion_factor, m.norm_eps, m.initializer_range = 2, 1e-7, 0.2
@@ -72,15 +72,19 @@ def test_gau1_shapes_and_split_order():
   assert kernel.shape == (D, 2 * E + S)
   h = jax.nn.silu(x @ kernel)
   np.testing.assert_allclose(u, h[..., :E], atol=1e-6)
-  np.testing.assert_allclose(v, h[..., E:2 * E], atol=1e-6)
-  np.testing.assert_allclose(z, h[..., 2 * E:], atol=1e-6)
+  np.testing.assert_allclose(v, h[..., E : 2 * E], atol=1e-6)
+  np.testing.assert_allclose(z, h[..., 2 * E :], atol=1e-6)
   model = models.build(config, rngs=nnx.Rngs(params=0))
   tokens = jnp.zeros((2, 6), jnp.int32)
   logits = forward(model, tokens, *ones_row(6, 2))
   assert logits.shape == (2, 6, V) and logits.dtype == jnp.float32
   # GAU-alpha skeleton: no biases / offsets, parameter-free norms, tied head without bias.
-  names = {str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(
-      nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]}
+  names = {
+    str(p[-1].key)
+    for p, _ in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[
+      0
+    ]
+  }
   assert names == {'kernel', 'scale', 'embedding'}
 
 
@@ -100,8 +104,9 @@ def test_gau2_unit_gate_is_single_head_attention():
   seg = jnp.array([[1] * 7, [1] * 5 + [0] * 2])
   mask = attention.attention_mask(seg, causal=False)
   ours = gau.gau_attention(q, k, v, mask, norm='softmax')
-  ref = attention.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None], mask,
-                                        1 / math.sqrt(S))[:, :, 0]
+  ref = attention.dot_product_attention(
+    q[:, :, None], k[:, :, None], v[:, :, None], mask, 1 / math.sqrt(S)
+  )[:, :, 0]
   np.testing.assert_allclose(ours, ref, atol=1e-6)
 
 
@@ -134,8 +139,9 @@ def test_gau4_rope_shift_invariance(chunk):
   model = models.build(config, rngs=nnx.Rngs(params=0))
   tokens = jax.random.randint(jax.random.key(1), (1, 12), 0, V)
   seg, pos = ones_row(12)
-  np.testing.assert_allclose(forward(model, tokens, seg, pos + 7),
-                             forward(model, tokens, seg, pos), atol=1e-4)
+  np.testing.assert_allclose(
+    forward(model, tokens, seg, pos + 7), forward(model, tokens, seg, pos), atol=1e-4
+  )
 
 
 def causal_jacobian(model, x, seg, pos):
@@ -170,8 +176,9 @@ def test_gau6_flash_global_part_is_linear_attention():
   q_lin, k_lin, v = rand((b, n, S), 1), rand((b, n, S), 2), rand((b, n, E), 3)
   zeros = jnp.zeros((b, n, S))
   seg = jnp.array([[1] * n, [1] * 9 + [0] * 3])
-  out = gau.mixed_chunk_attention(zeros, zeros, q_lin, k_lin, v, seg, chunk_size=c,
-                                  causal=False, norm='relu2')  # relu2(0) = 0: local part off
+  out = gau.mixed_chunk_attention(
+    zeros, zeros, q_lin, k_lin, v, seg, chunk_size=c, causal=False, norm='relu2'
+  )  # relu2(0) = 0: local part off
   valid = (seg != 0).astype(jnp.float32)[..., None]
   kv = jnp.einsum('bjs,bje->bse', k_lin * valid, v)
   ref = jnp.einsum('bis,bse->bie', q_lin, kv) / valid.sum(1, keepdims=True)
@@ -193,8 +200,9 @@ def test_gau6_one_chunk_without_linear_part_equals_gau(norm):
   x = rand((2, n, D), 6)
   seg = jnp.array([[1] * n, [1] * 5 + [2] * 3])
   pos = jnp.array([list(range(n)), list(range(5)) + list(range(3))])
-  np.testing.assert_allclose(block_mix(flash, flash_cfg, x, seg, pos),
-                             block_mix(block, gau_cfg, x, seg, pos), atol=1e-5)
+  np.testing.assert_allclose(
+    block_mix(flash, flash_cfg, x, seg, pos), block_mix(block, gau_cfg, x, seg, pos), atol=1e-5
+  )
 
 
 def naive_flash(qq, kq, ql, kl, v, seg, c, causal, causal_normalizer='visible'):
@@ -221,10 +229,10 @@ def naive_flash(qq, kq, ql, kl, v, seg, c, causal, causal_normalizer='visible'):
 
 
 PACKINGS = [
-    [1] * 10,
-    [1, 1, 1, 2, 2, 2, 2, 2, 0, 0],                  # a document starting mid-chunk; padding
-    [1, 2, 2, 2, 2, 2, 2, 2, 2, 3],                  # one document spanning three chunks
-    [1, 1, 2, 3, 3, 3, 3, 4, 4, 0],                  # several documents inside one chunk
+  [1] * 10,
+  [1, 1, 1, 2, 2, 2, 2, 2, 0, 0],  # a document starting mid-chunk; padding
+  [1, 2, 2, 2, 2, 2, 2, 2, 2, 3],  # one document spanning three chunks
+  [1, 1, 2, 3, 3, 3, 3, 4, 4, 0],  # several documents inside one chunk
 ]
 
 
@@ -251,15 +259,20 @@ def test_causal_normalizer_n_divides_by_all_keys_of_the_document(chunk):
   valid = np.asarray(seg) != 0
   if chunk:
     ql_off = [t[0], t[1], jnp.zeros_like(t[2]), t[3]]  # local part only
-    out = {cn: gau.mixed_chunk_attention(*ql_off, v, seg, chunk_size=chunk, causal=True,
-                                         norm='relu2', causal_normalizer=cn)
-           for cn in ('visible', 'n')}
+    out = {
+      cn: gau.mixed_chunk_attention(
+        *ql_off, v, seg, chunk_size=chunk, causal=True, norm='relu2', causal_normalizer=cn
+      )
+      for cn in ('visible', 'n')
+    }
     ref = naive_flash(*ql_off, v, seg, chunk, True, 'n')
   else:
     mask = attention.attention_mask(seg, causal=True)
     full = attention.attention_mask(seg, causal=False).sum(-1, keepdims=True)
-    out = {'visible': gau.gau_attention(t[0], t[1], v, mask, norm='relu2'),
-           'n': gau.gau_attention(t[0], t[1], v, mask, norm='relu2', relu2_divisor=full)}
+    out = {
+      'visible': gau.gau_attention(t[0], t[1], v, mask, norm='relu2'),
+      'n': gau.gau_attention(t[0], t[1], v, mask, norm='relu2', relu2_divisor=full),
+    }
     ref = naive_flash(t[0], t[1], jnp.zeros_like(t[2]), t[3], v, seg, n, True, 'n')
   np.testing.assert_allclose(np.asarray(out['n'])[valid], ref[valid], atol=1e-4, rtol=1e-5)
   assert not np.allclose(np.asarray(out['n'])[valid], np.asarray(out['visible'])[valid])
@@ -274,8 +287,9 @@ def test_gau7_homogeneity_relu_gau():
   lam = 0.5
   block.uvz.kernel[...] = block.uvz.kernel[...] * lam
   block.out.kernel[...] = block.out.kernel[...] * lam
-  np.testing.assert_allclose(block_mix(block, config, x, seg, pos), lam ** 7 * out,
-                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(
+    block_mix(block, config, x, seg, pos), lam**7 * out, rtol=1e-4, atol=1e-7
+  )
 
 
 def test_clm_runs_for_gau_and_flash():
@@ -304,15 +318,18 @@ def test_flops_gau_and_flash():
   dense = 2 * D * (2 * E + S) + 2 * E * D
   head = 2 * D * V
   assert models.flops_per_token(config, 8) == pytest.approx(
-      3 * (L * (dense + 2 * 64 * S + 2 * 64 * E) + head * 8 / 64))
+    3 * (L * (dense + 2 * 64 * S + 2 * 64 * E) + head * 8 / 64)
+  )
   config.model.chunk_size = 16
   assert models.flops_per_token(config, 8) == pytest.approx(
-      3 * (L * (dense + 2 * 16 * S + 2 * 16 * E + 4 * S * E) + head * 8 / 64))
+    3 * (L * (dense + 2 * 16 * S + 2 * 16 * E + 4 * S * E) + head * 8 / 64)
+  )
 
 
 @pytest.mark.parametrize('preset', ['tiny', 'small', 'base', 'large', 'flash_tiny', 'flash_base'])
 def test_presets_validate_and_build_abstractly(preset):
   from launch.configs import gau as gau_presets
+
   config = gau_presets.get_config(preset)
   models.validate(config)
   model = nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(params=0)))
@@ -325,6 +342,7 @@ def preset_branch_rms(preset: str, n: int = 256) -> float:
   """RMS of one GAU layer's branch O at the preset's init on a unit-RMS stream X ~ N(0, 1)
   (one document of n tokens)."""
   from launch.configs import gau as gau_presets  # pylint: disable=g-import-not-at-top
+
   config = gau_presets.get_config(preset)
   block = make_block(config)
   x = rand((1, n, config.model.hidden_size), seed=1)
@@ -338,11 +356,11 @@ def test_flash_presets_keep_the_papers_init_scale_at_every_width():
   relu^2 branch ~100x smaller than flash_base's (O is homogeneous of degree ~7 in the
   weights), and flash_tiny learned visibly slower (launch/configs/gau.py)."""
   from launch.configs import gau as gau_presets  # pylint: disable=g-import-not-at-top
+
   for preset in ('flash_tiny', 'flash_base'):
     m = gau_presets.get_config(preset).model
     assert m.init == 'normal'
-    assert m.initializer_range * math.sqrt(m.hidden_size) == pytest.approx(
-        0.02 * math.sqrt(768))
+    assert m.initializer_range * math.sqrt(m.hidden_size) == pytest.approx(0.02 * math.sqrt(768))
   tiny, base_rms = preset_branch_rms('flash_tiny'), preset_branch_rms('flash_base')
   assert tiny > 0.5 * base_rms, (tiny, base_rms)
 
@@ -353,11 +371,11 @@ def test_gau_alpha_presets_use_the_released_schedule(preset):
   1.28M-step run, scaled to the preset's length (docs/algorithms.md 6.3)."""
   import optim  # pylint: disable=g-import-not-at-top
   from launch.configs import gau as gau_presets  # pylint: disable=g-import-not-at-top
+
   config = gau_presets.get_config(preset)
   o, n = config.optim, config.train.num_train_steps
   assert (o.name, o.learning_rate, o.warmup_steps) == ('lamb', 1.76e-3, 0)
   lr = optim.learning_rate_schedule(config)
-  for step, multiplier in ((0, 1.0), (n // 16, 0.75), (n // 8, 0.5), (n // 2, 0.1),
-                           (n, 0.01)):
+  for step, multiplier in ((0, 1.0), (n // 16, 0.75), (n // 8, 0.5), (n // 2, 0.1), (n, 0.01)):
     assert float(lr(step)) == pytest.approx(1.76e-3 * multiplier, rel=1e-4), step
   assert gau_presets.get_config('flash_base').optim.schedule == 'linear'

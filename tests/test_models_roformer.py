@@ -10,14 +10,14 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 import models
-from launch.configs import base
+from pretrain import config as config_schema
 from models import hf_import
 
 V, D, H, F, L = 37, 32, 4, 64, 2
 
 
 def tiny_config(**model_overrides):
-  config = base.get_base_config()
+  config = config_schema.get_base_config()
   m = config.model
   m.vocab_size, m.hidden_size, m.num_heads, m.mlp_dim, m.num_layers = V, D, H, F, L
   m.type_vocab_size = 2
@@ -59,15 +59,29 @@ def hf():
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     from transformers import FlaxRoFormerForMaskedLM, RoFormerConfig
-  hc = RoFormerConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
-                      intermediate_size=F, max_position_embeddings=64, type_vocab_size=2,
-                      initializer_range=0.2, hidden_act='gelu', layer_norm_eps=1e-12)
+  hc = RoFormerConfig(
+    vocab_size=V,
+    hidden_size=D,
+    num_hidden_layers=L,
+    num_attention_heads=H,
+    intermediate_size=F,
+    max_position_embeddings=64,
+    type_vocab_size=2,
+    initializer_range=0.2,
+    hidden_act='gelu',
+    layer_norm_eps=1e-12,
+  )
   hm = FlaxRoFormerForMaskedLM(hc, seed=1)
   # Give biases, norm gains and the output bias random values so every mapping is exercised.
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map_with_path(
-      lambda p, x: x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype)
-      if p[-1].key in ('bias', 'scale') else x, hm.params)
+    lambda p, x: (
+      x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype)
+      if p[-1].key in ('bias', 'scale')
+      else x
+    ),
+    hm.params,
+  )
   return hm, params
 
 
@@ -75,12 +89,17 @@ def hf():
 def test_golden_vs_hugging_face(hf, scan_layers):
   hm, hf_params = hf
   config = tiny_config(scan_layers=scan_layers)
-  model = load(models.build(config, rngs=nnx.Rngs(params=0)),
-               hf_import.roformer_from_hf(hf_params, config))
+  model = load(
+    models.build(config, rngs=nnx.Rngs(params=0)), hf_import.roformer_from_hf(hf_params, config)
+  )
   tokens, seg, pos = inputs()
   ours = forward(model, tokens, seg, pos)
-  ref = hm(np.asarray(tokens), attention_mask=np.ones(tokens.shape, np.int32),
-           token_type_ids=np.zeros(tokens.shape, np.int32), params=hf_params).logits
+  ref = hm(
+    np.asarray(tokens),
+    attention_mask=np.ones(tokens.shape, np.int32),
+    token_type_ids=np.zeros(tokens.shape, np.int32),
+    params=hf_params,
+  ).logits
   assert ours.dtype == jnp.float32 and ours.shape == (2, 12, V)
   assert float(jnp.abs(ref).max()) > 0.5
   np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
@@ -89,14 +108,16 @@ def test_golden_vs_hugging_face(hf, scan_layers):
 def test_golden_with_padding(hf):
   hm, hf_params = hf
   config = tiny_config()
-  model = load(models.build(config, rngs=nnx.Rngs(params=0)),
-               hf_import.roformer_from_hf(hf_params, config))
+  model = load(
+    models.build(config, rngs=nnx.Rngs(params=0)), hf_import.roformer_from_hf(hf_params, config)
+  )
   tokens, _, pos = inputs()
   lengths = np.array([12, 7])
   valid = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
   ours = forward(model, tokens, jnp.asarray(valid), pos * valid)
-  ref = hm(np.asarray(tokens), attention_mask=valid, token_type_ids=np.zeros_like(valid),
-           params=hf_params).logits
+  ref = hm(
+    np.asarray(tokens), attention_mask=valid, token_type_ids=np.zeros_like(valid), params=hf_params
+  ).logits
   ours, ref = np.asarray(ours), np.asarray(ref)
   np.testing.assert_allclose(ours[valid == 1], ref[valid == 1], atol=1e-5, rtol=0)
 
@@ -131,11 +152,13 @@ def test_scan_equals_unrolled():
   config = tiny_config(scan_layers=True)
   scanned = models.build(config, rngs=nnx.Rngs(params=0))
   config_list = tiny_config(scan_layers=False)
-  unrolled = load(models.build(config_list, rngs=nnx.Rngs(params=1)),
-                  models.unstack_layers(pure_params(scanned)))
+  unrolled = load(
+    models.build(config_list, rngs=nnx.Rngs(params=1)), models.unstack_layers(pure_params(scanned))
+  )
   tokens, seg, pos = inputs()
-  np.testing.assert_allclose(forward(scanned, tokens, seg, pos),
-                             forward(unrolled, tokens, seg, pos), atol=1e-5)
+  np.testing.assert_allclose(
+    forward(scanned, tokens, seg, pos), forward(unrolled, tokens, seg, pos), atol=1e-5
+  )
   # and back
   restacked = models.stack_layers(pure_params(unrolled))
   jax.tree.map(np.testing.assert_array_equal, restacked, pure_params(scanned))
@@ -149,15 +172,17 @@ def _loss_and_grads(config, params, dropout=False):
 
   def loss_fn(state):
     logits = nnx.merge(graphdef, state)(tokens, seg, pos, dropout_rng=key)
-    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
-        logits, tokens[..., None], -1)[..., 0])
+    return jnp.mean(
+      jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0]
+    )
 
   return jax.jit(jax.value_and_grad(loss_fn))(state)
 
 
-@pytest.mark.parametrize('scan_layers,policy,rate', [(True, 'full', 0.1),
-                                                     (True, 'dots_with_no_batch_dims', 0.0),
-                                                     (False, 'full', 0.0)])
+@pytest.mark.parametrize(
+  'scan_layers,policy,rate',
+  [(True, 'full', 0.1), (True, 'dots_with_no_batch_dims', 0.0), (False, 'full', 0.0)],
+)
 def test_remat_gradients_equal(scan_layers, policy, rate):
   """RC-1 (and RC-4 with dropout: the recompute sees the same dropout keys)."""
   cfg = lambda **kw: tiny_config(scan_layers=scan_layers, dropout_rate=rate, **kw)
@@ -202,7 +227,8 @@ def test_param_names_and_specs_on_mesh():
   assert specs['head']['bias'] == P('tensor')
   kernel = model.layers.attention.query.kernel[...]
   assert kernel.sharding.is_equivalent_to(
-      jax.sharding.NamedSharding(mesh, P(None, 'fsdp', 'tensor', None)), kernel.ndim)
+    jax.sharding.NamedSharding(mesh, P(None, 'fsdp', 'tensor', None)), kernel.ndim
+  )
   assert kernel.addressable_shards[0].data.shape == (L, D // 2, H // 2, D // H)
   # Leaf names: only kernel / bias / scale / embedding.
   names = {p[-1] for p, _ in jax.tree_util.tree_flatten_with_path(specs)[0]}
@@ -214,8 +240,9 @@ def test_param_names_and_specs_on_mesh():
   with jax.set_mesh(mesh), nnx.logical_axis_rules(config.mesh.logical_axis_rules):
     graphdef, state = nnx.split(model)
     out = jax.jit(lambda s: nnx.merge(graphdef, s)(tokens, seg, pos))(state)
-  single = load(models.build(config, rngs=nnx.Rngs(params=1)),
-                jax.tree.map(np.asarray, pure_params(model)))
+  single = load(
+    models.build(config, rngs=nnx.Rngs(params=1)), jax.tree.map(np.asarray, pure_params(model))
+  )
   np.testing.assert_allclose(out, forward(single, tokens, seg, pos), atol=1e-5)
 
 
@@ -249,12 +276,17 @@ def test_clm_causal_jacobian():
 def test_entropy_invariant_scale():
   """EI-1: at 512 keys the scale is 1/sqrt(d_h); EI-2 clamping at 16; EI-3 padding invariance."""
   from models import attention
+
   np.testing.assert_allclose(attention.entropy_invariant_factor(jnp.array(512.0)), 1.0, rtol=1e-6)
-  np.testing.assert_allclose(attention.entropy_invariant_factor(jnp.array([1.0, 8.0, 16.0])),
-                             np.log(16) / np.log(512), rtol=1e-6)
+  np.testing.assert_allclose(
+    attention.entropy_invariant_factor(jnp.array([1.0, 8.0, 16.0])),
+    np.log(16) / np.log(512),
+    rtol=1e-6,
+  )
   mask = jnp.ones((1, 512, 512), bool)
-  np.testing.assert_allclose(attention.attention_scale('entropy_invariant', mask, 64),
-                             1 / 8, rtol=1e-6)
+  np.testing.assert_allclose(
+    attention.attention_scale('entropy_invariant', mask, 64), 1 / 8, rtol=1e-6
+  )
   config = tiny_config(attention_scale='entropy_invariant')
   model = models.build(config, rngs=nnx.Rngs(params=0))
   tokens, _, _ = inputs(b=1, n=40)
@@ -264,8 +296,14 @@ def test_entropy_invariant_scale():
   padded = forward(model, tokens, seg, jnp.arange(40)[None] * seg)
   np.testing.assert_allclose(padded[:, :n], alone, atol=1e-5)
   standard = load(models.build(tiny_config(), rngs=nnx.Rngs(params=0)), pure_params(model))
-  assert float(jnp.abs(forward(standard, tokens[:, :n], jnp.ones((1, n), jnp.int32),
-                                jnp.arange(n)[None]) - alone).max()) > 1e-4
+  assert (
+    float(
+      jnp.abs(
+        forward(standard, tokens[:, :n], jnp.ones((1, n), jnp.int32), jnp.arange(n)[None]) - alone
+      ).max()
+    )
+    > 1e-4
+  )
 
 
 def test_validate_messages():
@@ -304,6 +342,7 @@ def test_flops_per_token():
 @pytest.mark.parametrize('preset', ['tiny', 'small', 'base', 'large'])
 def test_presets_validate_and_build_abstractly(preset):
   from launch.configs import roformer as roformer_presets
+
   config = roformer_presets.get_config(preset)
   models.validate(config)
   model = nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(params=0)))

@@ -9,17 +9,23 @@ import pytest
 from flax import nnx
 
 import models
-from launch.configs import base
+from pretrain import config as config_schema
 from models import layers
 
 V, D, H, F = 40, 64, 4, 128
 
 
 def v2_config(**overrides):
-  config = base.get_base_config()
+  config = config_schema.get_base_config()
   m = config.model
   m.family, m.vocab_size, m.hidden_size, m.num_heads, m.mlp_dim, m.num_layers = (
-      'roformer_v2', V, D, H, F, 4)
+    'roformer_v2',
+    V,
+    D,
+    H,
+    F,
+    4,
+  )
   m.norm_eps, m.init = 1e-7, 'roformer_v2'
   m.use_bias, m.norm_type = False, 'rmsnorm_noparam'  # as launch/configs/roformer_v2.py
   for k, v in overrides.items():
@@ -47,8 +53,7 @@ def test_rv2_1_no_bias_gamma_beta():
   assert logits.shape == (2, 10, V) and bool(jnp.isfinite(logits).all())
   # No bias: the tied head is exactly the hidden states times E^T.
   hidden = jax.jit(lambda s: nnx.merge(graphdef, s).encode(tokens, seg, pos))(state)
-  np.testing.assert_allclose(logits, hidden @ params['embedder']['token']['embedding'].T,
-                             atol=1e-5)
+  np.testing.assert_allclose(logits, hidden @ params['embedder']['token']['embedding'].T, atol=1e-5)
 
 
 def test_rv2_2_parameter_free_rms_norm():
@@ -56,7 +61,7 @@ def test_rv2_2_parameter_free_rms_norm():
   x = jax.random.normal(jax.random.key(1), (5, D)) * 3
   y = norm(x)
   np.testing.assert_allclose(norm(7.5 * x), y, atol=1e-6)
-  np.testing.assert_allclose(jnp.sqrt(jnp.mean(y ** 2, -1)), 1.0, atol=1e-6)
+  np.testing.assert_allclose(jnp.sqrt(jnp.mean(y**2, -1)), 1.0, atol=1e-6)
   assert nnx.state(norm, nnx.Param) == nnx.State({})
 
 
@@ -64,17 +69,20 @@ def test_rv2_3_init_stds():
   """Truncated normal (+-2 sigma), sigma = 1.13684723/sqrt(fan) * L^(-1/2); fan = shape[0],
   or shape[1] if shape[0] > 10000 or < 10, and d for embedding tables (docs/algorithms.md 5.3)."""
   num_layers = 4
-  params = nnx.to_pure_dict(nnx.state(models.build(v2_config(), rngs=nnx.Rngs(params=0)),
-                                      nnx.Param))
+  params = nnx.to_pure_dict(
+    nnx.state(models.build(v2_config(), rngs=nnx.Rngs(params=0)), nnx.Param)
+  )
   truncated_std = 0.87962566  # std of a unit normal truncated at +-2
+
   def check(x, fan):
-    sigma = 1.13684723 / math.sqrt(fan) * num_layers ** -0.5
+    sigma = 1.13684723 / math.sqrt(fan) * num_layers**-0.5
     x = np.asarray(x)
     np.testing.assert_allclose(x.std(), sigma * truncated_std, rtol=0.05)
     assert np.abs(x).max() <= 2 * sigma + 1e-7
+
   lay = params['layers']
   check(lay['attention']['query']['kernel'], D)
-  check(lay['attention']['out']['kernel'], D)      # fan_in = h * d_h = D
+  check(lay['attention']['out']['kernel'], D)  # fan_in = h * d_h = D
   check(lay['mlp']['wi']['kernel'], D)
   check(lay['mlp']['wo']['kernel'], F)
   # Embedding tables: fan = d for every vocabulary size, as the rule gives released models
@@ -109,6 +117,7 @@ def test_v2_packing_and_scan_equivalence(objective):
 @pytest.mark.parametrize('preset', ['tiny', 'small', 'base', 'large'])
 def test_presets_validate_and_build_abstractly(preset):
   from launch.configs import roformer_v2 as v2_presets
+
   config = v2_presets.get_config(preset)
   models.validate(config)
   model = nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(params=0)))
@@ -122,18 +131,31 @@ def test_mlp_activation_is_the_configured_one(activation):
   x = jax.random.normal(jax.random.key(1), (2, 5, D))
   wi = model.layers.mlp.wi.kernel[...][0]  # layer 0 of the stacked [L, ...] kernels
   wo = model.layers.mlp.wo.kernel[...][0]
-  manual = {'relu': jax.nn.relu, 'gelu': lambda h: jax.nn.gelu(h, approximate=False),
-            'swish': jax.nn.silu, 'gelu_tanh': lambda h: jax.nn.gelu(h, approximate=True)}
+  manual = {
+    'relu': jax.nn.relu,
+    'gelu': lambda h: jax.nn.gelu(h, approximate=False),
+    'swish': jax.nn.silu,
+    'gelu_tanh': lambda h: jax.nn.gelu(h, approximate=True),
+  }
   from models import transformer  # pylint: disable=g-import-not-at-top
-  one = transformer.MLP(D, F, use_bias=False, kernel_init=models.resolve(config).kernel_init,
-                        activation=activation, dtype=jnp.float32, param_dtype=jnp.float32,
-                        rngs=nnx.Rngs(params=0))
+
+  one = transformer.MLP(
+    D,
+    F,
+    use_bias=False,
+    kernel_init=models.resolve(config).kernel_init,
+    activation=activation,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs=nnx.Rngs(params=0),
+  )
   one.wi.kernel[...], one.wo.kernel[...] = wi, wo
   np.testing.assert_allclose(one(x), manual[activation](x @ wi) @ wo, rtol=1e-5, atol=1e-6)
 
 
 def test_v2_presets_use_relu_and_v1_gelu():
   from launch.configs import roformer, roformer_v2  # pylint: disable=g-import-not-at-top
+
   for preset in roformer.PRESETS:
     assert roformer_v2.get_config(preset).model.mlp_activation == 'relu'
     assert roformer.get_config(preset).model.mlp_activation == 'gelu'
@@ -148,11 +170,14 @@ def test_embedding_dropout_order_follows_the_reference(family):
     config.model.family, config.model.shared_dim = 'gau', 16
   if family == 'roformer':
     config.model.family, config.model.use_bias, config.model.norm_type = (
-        'roformer', True, 'layernorm')
+      'roformer',
+      True,
+      'layernorm',
+    )
   model = models.build(config, rngs=nnx.Rngs(params=0))
   tokens = jax.random.randint(jax.random.key(0), (2, 10), 0, V)
   out = np.asarray(model.embedder(tokens, jax.random.key(3)))
-  rms = np.sqrt(np.mean(out ** 2, axis=-1))
+  rms = np.sqrt(np.mean(out**2, axis=-1))
   if family == 'roformer':
     assert (out == 0).mean() > 0.3  # dropout after the norm
   else:

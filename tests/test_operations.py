@@ -19,21 +19,30 @@ from pretrain import progress
 from pretrain import report
 from pretrain import train
 
-POD = tpu_vm.Options(tpu='pod', zone='us-west4-a', project='proj',
-                     accelerator_type='v5litepod-32', spot=True,
-                     workdir='gs://bucket/runs/base', config='launch/configs/roformer.py:base')
+POD = tpu_vm.Options(
+  tpu='pod',
+  zone='us-west4-a',
+  project='proj',
+  accelerator_type='v5litepod-32',
+  spot=True,
+  workdir='gs://bucket/runs/base',
+  config='launch/configs/roformer.py:base',
+)
 
 
 # ----------------------------------------------------------------------------- tpu_vm
 
+
 def test_create_is_a_queued_spot_resource_with_the_family_runtime():
   (cmd,) = tpu_vm.commands('create', POD)
   assert shlex.join(cmd) == (
-      'gcloud compute tpus queued-resources create pod --zone=us-west4-a --project=proj '
-      '--node-id=pod --accelerator-type=v5litepod-32 --runtime-version=v2-alpha-tpuv5-lite '
-      '--spot')
-  reserved = tpu_vm.commands('create', tpu_vm.Options(tpu='p', zone='z', reserved=True,
-                                                      accelerator_type='v6e-8'))[0]
+    'gcloud compute tpus queued-resources create pod --zone=us-west4-a --project=proj '
+    '--node-id=pod --accelerator-type=v5litepod-32 --runtime-version=v2-alpha-tpuv5-lite '
+    '--spot'
+  )
+  reserved = tpu_vm.commands(
+    'create', tpu_vm.Options(tpu='p', zone='z', reserved=True, accelerator_type='v6e-8')
+  )[0]
   assert '--reserved' in reserved and '--runtime-version=v2-alpha-tpuv6e' in reserved
   with pytest.raises(ValueError, match='--spot and --reserved exclude each other'):
     tpu_vm.commands('create', tpu_vm.Options(tpu='p', zone='z', spot=True, reserved=True))
@@ -54,20 +63,24 @@ def test_setup_copies_this_checkout_to_every_worker_and_installs_it():
 
 
 def test_run_starts_the_same_pretrain_command_on_every_worker_with_a_log_each():
-  (cmd,) = tpu_vm.commands('run', dataclasses.replace(
-      POD, args='--config.train.num_train_steps=1000'))
+  (cmd,) = tpu_vm.commands(
+    'run', dataclasses.replace(POD, args='--config.train.num_train_steps=1000')
+  )
   assert cmd[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'pod']
   assert '--worker=all' in cmd
   script = cmd[-1]
   assert script.startswith('--command=cd ~/encoder-pretrain && mkdir -p logs && (nohup ')
-  assert ('.venv/bin/python -m launch.pretrain --config=launch/configs/roformer.py:base '
-          '--workdir=gs://bucket/runs/base --config.train.num_train_steps=1000 < /dev/null > '
-          'logs/base.log 2>&1 &)') in script
+  assert (
+    '.venv/bin/python -m launch.pretrain --config=launch/configs/roformer.py:base '
+    '--workdir=gs://bucket/runs/base --config.train.num_train_steps=1000 < /dev/null > '
+    'logs/base.log 2>&1 &)'
+  ) in script
   with pytest.raises(ValueError, match='give a gs:// path'):
     tpu_vm.commands('run', tpu_vm.Options(tpu='p', zone='z', workdir='runs/base'))
   (logs,) = tpu_vm.commands('logs', dataclasses.replace(POD, worker='3', follow=True))
   assert '--worker=3' in logs and logs[-1] == (
-      '--command=tail -n 100 -F ~/encoder-pretrain/logs/base.log')
+    '--command=tail -n 100 -F ~/encoder-pretrain/logs/base.log'
+  )
   assert tpu_vm.commands('delete', POD)[0][-2:] == ['--force', '--quiet']
   for bad in ('gs://b/runs/my run', 'gs://b/$(id)'):
     with pytest.raises(ValueError, match='may only hold letters'):
@@ -78,47 +91,81 @@ def test_run_starts_the_same_pretrain_command_on_every_worker_with_a_log_each():
 
 def test_dry_run_cli_prints_the_commands_and_accepts_gcloud_spelling():
   out = subprocess.run(
-      [sys.executable, '-m', 'launch.tpu_vm', 'create', '--dry-run', '--tpu=pod',
-       '--zone=us-west4-a', '--accelerator-type=v5litepod-32', '--spot'],
-      cwd=ROOT, capture_output=True, text=True, timeout=60)
+    [
+      sys.executable,
+      '-m',
+      'launch.tpu_vm',
+      'create',
+      '--dry-run',
+      '--tpu=pod',
+      '--zone=us-west4-a',
+      '--accelerator-type=v5litepod-32',
+      '--spot',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert out.returncode == 0, out.stderr
   lines = out.stdout.strip().splitlines()
   assert lines[0].startswith('gcloud compute tpus queued-resources create pod')
   assert '--accelerator-type=v5litepod-32' in lines[0]
-  assert lines[1].startswith("gcloud compute tpus queued-resources describe pod "
-                             "--zone=us-west4-a '--format=value(state.state)'")
-  bad = subprocess.run([sys.executable, '-m', 'launch.tpu_vm', 'run', '--dry_run', '--tpu=p',
-                        '--zone=z'], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert lines[1].startswith(
+    'gcloud compute tpus queued-resources describe pod '
+    "--zone=us-west4-a '--format=value(state.state)'"
+  )
+  bad = subprocess.run(
+    [sys.executable, '-m', 'launch.tpu_vm', 'run', '--dry_run', '--tpu=p', '--zone=z'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert bad.returncode == 2 and 'run needs --workdir' in bad.stderr
 
 
-@pytest.mark.parametrize('coordinator, environ, chips, mode', [
+@pytest.mark.parametrize(
+  'coordinator, environ, chips, mode',
+  [
     ('host:1234', {}, 0, 'explicit'),
     (None, {'TPU_WORKER_HOSTNAMES': 'a,b'}, 0, 'auto'),
     (None, {'MEGASCALE_COORDINATOR_ADDRESS': 'a'}, 0, 'auto'),
-    (None, {}, 4, 'auto'),                           # a Cloud TPU VM: no variable is set
-    (None, {'JAX_PLATFORMS': 'cpu'}, 4, None),       # TPU chips, but told to use the CPU
+    (None, {}, 4, 'auto'),  # a Cloud TPU VM: no variable is set
+    (None, {'JAX_PLATFORMS': 'cpu'}, 4, None),  # TPU chips, but told to use the CPU
     (None, {'JAX_PLATFORMS': 'tpu,cpu'}, 4, 'auto'),
-    (None, {}, 0, None),                             # a laptop, a GPU box, CI
-])
-def test_distributed_runtime_starts_on_tpu_vms_and_clusters_only(coordinator, environ, chips,
-                                                                 mode):
+    (None, {}, 0, None),  # a laptop, a GPU box, CI
+  ],
+)
+def test_distributed_runtime_starts_on_tpu_vms_and_clusters_only(coordinator, environ, chips, mode):
   assert cli.distributed_mode(coordinator, environ, chips) == mode
 
 
 # ----------------------------------------------------------------------------- report
 
+
 def _fake_run(path, losses, tokens_per_step=(8, 32), evals=((4, 5.0),), results=None):
   path.mkdir()
-  lines = [{'step': i + 1, 'split': 'train', 'time': 100.0 + i, 'loss': l,
-            'learning_rate': 1e-3, 'tokens_per_sec': 1000.0 + i, 'mfu': 0.3}
-           for i, l in enumerate(losses)]
-  lines += [{'step': s, 'split': 'eval', 'time': 100.0 + s, 'loss': l, 'accuracy': 0.1}
-            for s, l in evals]
+  lines = [
+    {
+      'step': i + 1,
+      'split': 'train',
+      'time': 100.0 + i,
+      'loss': l,
+      'learning_rate': 1e-3,
+      'tokens_per_sec': 1000.0 + i,
+      'mfu': 0.3,
+    }
+    for i, l in enumerate(losses)
+  ]
+  lines += [
+    {'step': s, 'split': 'eval', 'time': 100.0 + s, 'loss': l, 'accuracy': 0.1} for s, l in evals
+  ]
   (path / 'metrics.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines) + '{torn')
   batch, seq = tokens_per_step
-  (path / 'config.json').write_text(json.dumps({'data': {'global_batch_size': batch,
-                                                         'seq_len': seq}}))
+  (path / 'config.json').write_text(
+    json.dumps({'data': {'global_batch_size': batch, 'seq_len': seq}})
+  )
   if results:
     (path / 'results.json').write_text(json.dumps(results))
   return path
@@ -126,8 +173,13 @@ def _fake_run(path, losses, tokens_per_step=(8, 32), evals=((4, 5.0),), results=
 
 def test_report_draws_one_curve_per_run_and_split_and_a_table(tmp_path):
   a = _fake_run(tmp_path / 'grown', [6.0, 5.5, 5.0, 4.5])
-  b = _fake_run(tmp_path / 'scratch', [7.0, 6.5, 6.2, 6.0], tokens_per_step=(4, 32),
-                evals=((2, 6.6), (4, 6.1)), results={'accuracy': 0.81})
+  b = _fake_run(
+    tmp_path / 'scratch',
+    [7.0, 6.5, 6.2, 6.0],
+    tokens_per_step=(4, 32),
+    evals=((2, 6.6), (4, 6.1)),
+    results={'accuracy': 0.81},
+  )
   runs = [report.load_run(str(a)), report.load_run(str(b))]
   fig = report.plot_loss(runs, 'tokens')
   (ax,) = fig.axes
@@ -138,8 +190,7 @@ def test_report_draws_one_curve_per_run_and_split_and_a_table(tmp_path):
   lr = report.plot_train_scalar(runs, 'learning_rate', 'lr', 'lr')
   assert len(lr.axes[0].get_lines()) == 2
   written = report.write_report([str(a), str(b)], str(tmp_path / 'out'))
-  assert sorted(p.rsplit('/', 1)[1] for p in written) == sorted(
-      list(report.PLOTS) + ['summary.md'])
+  assert sorted(p.rsplit('/', 1)[1] for p in written) == sorted(list(report.PLOTS) + ['summary.md'])
   table = (tmp_path / 'out' / 'summary.md').read_text()
   assert '| grown | 4 | 1,024 | 4.5000 | 5.0000 | 5.0000 (4) | 4 s | 1,002 | 30.0% |' in table
   assert '| scratch | fine-tuning results' not in table and '| scratch | accuracy 0.81 |' in table
@@ -149,8 +200,13 @@ def test_report_draws_one_curve_per_run_and_split_and_a_table(tmp_path):
 
 def test_report_cli_writes_the_files(tmp_path):
   a = _fake_run(tmp_path / 'a', [6.0, 5.0])
-  out = subprocess.run([sys.executable, '-m', 'launch.report', str(a), f'--out={tmp_path}/r'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  out = subprocess.run(
+    [sys.executable, '-m', 'launch.report', str(a), f'--out={tmp_path}/r'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.returncode == 0, out.stderr
   assert (tmp_path / 'r' / 'loss_vs_step.png').stat().st_size > 1000
   assert '| a | 4 |' in out.stdout
@@ -158,8 +214,10 @@ def test_report_cli_writes_the_files(tmp_path):
 
 # ----------------------------------------------------------------------------- progress
 
-def test_progress_bar_on_shows_steps_and_the_run_ends_with_a_summary(text_corpus, cache_dir,
-                                                                     tmp_path, capfd, caplog):
+
+def test_progress_bar_on_shows_steps_and_the_run_ends_with_a_summary(
+  text_corpus, cache_dir, tmp_path, capfd, caplog
+):
   config = make_tiny_config(text_corpus, cache_dir, **{'train.progress': 'on'})
   config.train.num_train_steps = 4
   train.train_and_evaluate(config, str(tmp_path))
@@ -179,23 +237,34 @@ def test_progress_bar_on_shows_steps_and_the_run_ends_with_a_summary(text_corpus
 
 def test_run_summary_says_how_to_resume_or_continue(tmp_path):
   evals = [{'step': 2, 'loss': 5.0, 'accuracy': 0.2}, {'step': 4, 'loss': 5.5, 'accuracy': 0.1}]
-  text = progress.run_summary(workdir=str(tmp_path), start_step=0, step=4, num_steps=10,
-                              tokens=4096, seconds=2.0, evals=evals, latest_checkpoint=4,
-                              stopped_by='SIGTERM')
+  text = progress.run_summary(
+    workdir=str(tmp_path),
+    start_step=0,
+    step=4,
+    num_steps=10,
+    tokens=4096,
+    seconds=2.0,
+    evals=evals,
+    latest_checkpoint=4,
+    stopped_by='SIGTERM',
+  )
   assert text.startswith('run summary (stopped by SIGTERM at step 4 of 10)')
   assert 'final loss 5.5000, acc 0.1000 (step 4); best loss 5.0000 (step 2)' in text
   assert '2,048 tokens/s overall' in text and 'resume' in text
   assert progress.resume_command(['/x/launch/pretrain.py', '--workdir=runs/a b']) == (
-      "python -m launch.pretrain '--workdir=runs/a b'")
+    "python -m launch.pretrain '--workdir=runs/a b'"
+  )
 
 
 # ----------------------------------------------------------------------------- gs:// paths
+
 
 @pytest.fixture
 def fake_gcs(tmp_path):
   """gs://bucket/... served from tmp_path/gcs/bucket/... through etils.epath's test mock (no
   network): the path handling of every workdir file is exercised, not GCS itself."""
   from etils.epath import testing as epath_testing  # pylint: disable=g-import-not-at-top
+
   root = tmp_path / 'gcs'
   root.mkdir()
 
@@ -205,8 +274,22 @@ def fake_gcs(tmp_path):
 
   one = lambda orig, path, *a, **k: orig(local(path), *a, **k)
   two = lambda orig, path, dst, *a, **k: orig(local(path), local(dst), *a, **k)
-  fns = {n: one for n in ('open', 'exists', 'isdir', 'listdir', 'glob', 'makedirs', 'mkdir',
-                          'rmtree', 'remove', 'stat', 'walk')}
+  fns = {
+    n: one
+    for n in (
+      'open',
+      'exists',
+      'isdir',
+      'listdir',
+      'glob',
+      'makedirs',
+      'mkdir',
+      'rmtree',
+      'remove',
+      'stat',
+      'walk',
+    )
+  }
   fns.update(rename=two, replace=two, copy=two)
   with epath_testing.mock_epath(**fns):
     yield root
@@ -216,6 +299,7 @@ def test_workdir_files_on_gs_paths(fake_gcs, text_corpus, cache_dir):
   from pretrain import checkpointing  # pylint: disable=g-import-not-at-top
   from pretrain import guards  # pylint: disable=g-import-not-at-top
   from pretrain import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+
   workdir = 'gs://bucket/runs/base'
   guards.check_writable_dir(workdir)
   guards.WorkdirLock(workdir).acquire().release()  # no POSIX lock on a bucket: a no-op
@@ -251,16 +335,29 @@ def test_profile_steps_write_a_trace_of_the_window(text_corpus, cache_dir, tmp_p
 
 # ----------------------------------------------------------------------------- AOT for TPU
 
+
 def test_topology_names_and_the_mfu_a_target_throughput_needs():
   from pretrain import aot  # pylint: disable=g-import-not-at-top
+
   assert aot.topology_name('v5e-32') == aot.topology_name('v5litepod-32') == 'v5e:4x8'
   assert aot.topology_name('v6e:4x4') == 'v6e:4x4'
   with pytest.raises(ValueError, match="--topology='v9-8' is not known"):
     aot.topology_name('v9-8')
-  report_ = aot.AotReport(topology='v5e-8', chips=8, devices=8, mesh={}, argument_bytes=2**30,
-                          output_bytes=2**30, temp_bytes=15 * 2**30, code_bytes=0,
-                          hbm_bytes=16 * 2**30, compiled_flops=0.0, model_flops=8e12,
-                          tokens_per_step=1000, peak_flops_per_chip=1e12)
+  report_ = aot.AotReport(
+    topology='v5e-8',
+    chips=8,
+    devices=8,
+    mesh={},
+    argument_bytes=2**30,
+    output_bytes=2**30,
+    temp_bytes=15 * 2**30,
+    code_bytes=0,
+    hbm_bytes=16 * 2**30,
+    compiled_flops=0.0,
+    model_flops=8e12,
+    tokens_per_step=1000,
+    peak_flops_per_chip=1e12,
+  )
   assert report_.total_bytes == 16 * 2**30 and report_.fits  # donated outputs not counted
   assert report_.mfu_needed(1000) == pytest.approx(1.0)  # 8e12 FLOPs/s over 8 x 1e12
 
@@ -270,6 +367,7 @@ def test_aot_compiles_the_train_step_for_a_tpu_slice(text_corpus, cache_dir):
   """Needs libtpu (`pip install -e '.[tpu]'`): compiles for v5e-8 with no TPU."""
   pytest.importorskip('libtpu', reason="libtpu is not installed (pip install -e '.[tpu]')")
   from pretrain import aot  # pylint: disable=g-import-not-at-top
+
   config = make_tiny_config(text_corpus, cache_dir, **{'mesh.shape': (1, -1, 1)})
   r = aot.compile_train_step(config, 'v5e-8')
   assert r.chips == r.devices == 8 and r.mesh == {'data': 1, 'fsdp': 8, 'tensor': 1}
@@ -279,7 +377,8 @@ def test_aot_compiles_the_train_step_for_a_tpu_slice(text_corpus, cache_dir):
   r = aot.compile_train_step(config, 'v4-8')
   assert (r.chips, r.devices, r.hbm_bytes) == (4, 8, 16 * 2**30)
   assert r.mfu_needed(1e6) == pytest.approx(
-      r.model_flops * 1e6 / r.tokens_per_step / (4 * r.peak_flops_per_chip))
+    r.model_flops * 1e6 / r.tokens_per_step / (4 * r.peak_flops_per_chip)
+  )
   # The compiler's own out-of-HBM verdict is DoesNotFit, not a crash.
   config.data.global_batch_size = 2**20
   with pytest.raises(aot.DoesNotFit, match='HBM'):

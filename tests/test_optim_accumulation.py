@@ -8,12 +8,12 @@ import optax
 import pytest
 
 import optim
-from launch.configs import base as base_config
+from pretrain import config as config_schema
 from optim import adafactor as af
 
 
 def make_config(**optim_fields):
-  config = base_config.get_base_config()
+  config = config_schema.get_base_config()
   config.train.num_train_steps = 60
   config.optim.grad_clip_norm = 0.0
   config.optim.schedule = 'linear'
@@ -41,6 +41,7 @@ def make_step(tx):
   def step(params, state, x, y):
     updates, state = tx.update(jax.grad(loss_fn)(params, x, y), state, params)
     return optax.apply_updates(params, updates), state, updates
+
   return step
 
 
@@ -71,14 +72,29 @@ def flat(tree):
 @pytest.mark.parametrize('k', [1, 2, 4, 7])
 def test_ga1_hidden_sgdm_equals_multisteps_and_large_batch(x64, k):
   params, xs, ys = least_squares(k, rows=4 * 7)
-  config = make_config(name='sgdm', learning_rate=0.05, b1=0.9, weight_decay=0.01,
-                       accumulation_steps=k, accumulation='momentum')
+  config = make_config(
+    name='sgdm',
+    learning_rate=0.05,
+    b1=0.9,
+    weight_decay=0.01,
+    accumulation_steps=k,
+    accumulation='momentum',
+  )
   schedule = optim.learning_rate_schedule(config)
   hidden = train(optim.build(config), params, xs, ys, k)
   config.optim.accumulation = 'multisteps'
   multi = train(optim.build(config), params, xs, ys, k)
-  large = train(optax.chain(optax.trace(0.9), optax.add_decayed_weights(0.01, optim.decay_mask),
-                            optax.scale_by_learning_rate(schedule)), params, xs, ys, 1)
+  large = train(
+    optax.chain(
+      optax.trace(0.9),
+      optax.add_decayed_weights(0.01, optim.decay_mask),
+      optax.scale_by_learning_rate(schedule),
+    ),
+    params,
+    xs,
+    ys,
+    1,
+  )
   # NumPy float64: heavy-ball SGDM on the k-times larger batch, decoupled decay on the kernel.
   theta = jax.tree.map(np.array, params)
   m = jax.tree.map(np.zeros_like, theta)
@@ -86,9 +102,13 @@ def test_ga1_hidden_sgdm_equals_multisteps_and_large_batch(x64, k):
     g = np_grad(theta, x, y)
     m = jax.tree.map(lambda m, g: 0.9 * m + g, m, g)
     lr = float(schedule(tau))
-    theta = {'dense': {'kernel': theta['dense']['kernel'] - lr * (
-        m['dense']['kernel'] + 0.01 * theta['dense']['kernel']),
-        'bias': theta['dense']['bias'] - lr * m['dense']['bias']}}
+    theta = {
+      'dense': {
+        'kernel': theta['dense']['kernel']
+        - lr * (m['dense']['kernel'] + 0.01 * theta['dense']['kernel']),
+        'bias': theta['dense']['bias'] - lr * m['dense']['bias'],
+      }
+    }
     for run in (hidden[(tau + 1) * k - 1][0], multi[(tau + 1) * k - 1][0], large[tau][0]):
       assert np.abs(flat(run) - flat(theta)).max() <= 1e-12
 
@@ -108,8 +128,10 @@ def test_ga2_k1_is_bitwise_the_base(kind):
   rng = np.random.default_rng(2)
   shapes = {'w': (130, 140), 'b': (140,), 'v': (3, 4), 'dense_general': (130, 4, 32)}
   params = {k: jnp.asarray(0.1 * rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
-  grads = [{k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
-           for _ in range(4)]
+  grads = [
+    {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+    for _ in range(4)
+  ]
   lr = optax.linear_schedule(1e-2, 1e-3, 4)
   mask = optim.decay_mask
   tail = optax.chain(optax.add_decayed_weights(0.01, mask), optax.scale_by_learning_rate(lr))
@@ -120,15 +142,25 @@ def test_ga2_k1_is_bitwise_the_base(kind):
     ours = optim.accumulate_in_momentum_adam(1, 0.9, 0.999, 1e-6, tail=tail)
     ref = optax.adamw(lr, 0.9, 0.999, 1e-6, weight_decay=0.01, mask=mask)
   elif kind == 'lamb':
-    ours = optim.accumulate_in_momentum_adam(1, 0.9, 0.999, 1e-6, tail=optax.chain(
-        optax.add_decayed_weights(0.01, mask), optax.scale_by_trust_ratio(),
-        optax.scale_by_learning_rate(lr)))
+    ours = optim.accumulate_in_momentum_adam(
+      1,
+      0.9,
+      0.999,
+      1e-6,
+      tail=optax.chain(
+        optax.add_decayed_weights(0.01, mask),
+        optax.scale_by_trust_ratio(),
+        optax.scale_by_learning_rate(lr),
+      ),
+    )
     ref = optax.lamb(lr, 0.9, 0.999, 1e-6, weight_decay=0.01, mask=mask)
   elif kind == 'adafactor':
-    ours = optim.accumulate_in_momentum_adafactor(1, 0.9, tail=optax.chain(
-        optax.scale_by_param_block_rms(1e-3), tail))
-    ref = af.adafactor(lr, variant='bert4keras', momentum=0.9, weight_decay=0.01,
-                       weight_decay_mask=mask)
+    ours = optim.accumulate_in_momentum_adafactor(
+      1, 0.9, tail=optax.chain(optax.scale_by_param_block_rms(1e-3), tail)
+    )
+    ref = af.adafactor(
+      lr, variant='bert4keras', momentum=0.9, weight_decay=0.01, weight_decay_mask=mask
+    )
   else:
     ref = optax.adamw(lr, 0.9, 0.999, 1e-6, weight_decay=0.01, mask=mask)
     ours = optim.every_k(ref, 1)
@@ -138,12 +170,12 @@ def test_ga2_k1_is_bitwise_the_base(kind):
 
 
 ACCUMULATING = [
-    dict(name='sgdm', accumulation='momentum'),
-    dict(name='adamw', accumulation='momentum'),
-    dict(name='lamb', accumulation='momentum'),
-    dict(name='adafactor', accumulation='momentum', adafactor_variant='bert4keras'),
-    dict(name='adamw', accumulation='every_k'),
-    dict(name='adamw', accumulation='multisteps'),
+  dict(name='sgdm', accumulation='momentum'),
+  dict(name='adamw', accumulation='momentum'),
+  dict(name='lamb', accumulation='momentum'),
+  dict(name='adafactor', accumulation='momentum', adafactor_variant='bert4keras'),
+  dict(name='adamw', accumulation='every_k'),
+  dict(name='adamw', accumulation='multisteps'),
 ]
 
 
@@ -155,8 +187,9 @@ def _id(fields):
 def test_ga3_theta_constant_inside_window(fields):
   params, xs, ys = least_squares(3, n_updates=3, rows=12)
   clip = 0.0 if fields['accumulation'] == 'momentum' else 1.0  # momentum refuses a clip
-  config = make_config(accumulation_steps=3, learning_rate=0.1, grad_clip_norm=clip,
-                       warmup_steps=0, **fields)
+  config = make_config(
+    accumulation_steps=3, learning_rate=0.1, grad_clip_norm=clip, warmup_steps=0, **fields
+  )
   history = train(optim.build(config), params, xs, ys, 3)
   for s, (p, u) in enumerate(history, start=1):
     if s % 3:
@@ -172,10 +205,10 @@ def test_ga4_hidden_adam_first_moment_exact(x64):
   k, b1, b2, eps, lr = 4, 0.9, 0.999, 1e-6, 1e-2
   params = {'w': jnp.asarray(rng.standard_normal((4, 3)))}
   grads = [{'w': jnp.asarray(rng.standard_normal((4, 3)))} for _ in range(6 * k)]
-  hidden = optim.accumulate_in_momentum_adam(k, b1, b2, eps,
-                                             tail=optax.scale_by_learning_rate(lr))
-  multi = optax.MultiSteps(optax.adam(lr, b1, b2, eps), every_k_schedule=k,
-                          accumulator_dtype=jnp.float64)
+  hidden = optim.accumulate_in_momentum_adam(k, b1, b2, eps, tail=optax.scale_by_learning_rate(lr))
+  multi = optax.MultiSteps(
+    optax.adam(lr, b1, b2, eps), every_k_schedule=k, accumulator_dtype=jnp.float64
+  )
   s_h, s_m = hidden.init(params), multi.init(params)
   update_h, update_m = jax.jit(hidden.update), jax.jit(multi.update)
   mu = nu = np.zeros((4, 3))
@@ -186,17 +219,17 @@ def test_ga4_hidden_adam_first_moment_exact(x64):
     first = (s - 1) % k == 0
     gw = np.asarray(g['w'])
     mu = (b1 * mu if first else mu) + (1 - b1) / k * gw
-    nu = (b2 * nu if first else nu) + (1 - b2) / k * gw ** 2
+    nu = (b2 * nu if first else nu) + (1 - b2) / k * gw**2
     if s % k == 0:
       tau = s // k
-      mhat = mu / (1 - b1 ** tau)
-      expected = -lr * mhat / (np.sqrt(nu / (1 - b2 ** tau)) + eps)
+      mhat = mu / (1 - b1**tau)
+      expected = -lr * mhat / (np.sqrt(nu / (1 - b2**tau)) + eps)
       # optax's bias correction computes 1 - b^tau in float32 (int32 counter) even under
       # x64, hence 1e-6 here; the moments themselves agree to 1e-12.
       np.testing.assert_allclose(np.asarray(u_h['w']), expected, rtol=1e-6)
       exact_mu = np.asarray(s_m.inner_opt_state[0].mu['w'])
       np.testing.assert_allclose(np.asarray(s_h.moments.mu['w']), exact_mu, rtol=1e-12)
-      np.testing.assert_allclose(mhat, exact_mu / (1 - b1 ** tau), rtol=1e-12)
+      np.testing.assert_allclose(mhat, exact_mu / (1 - b1**tau), rtol=1e-12)
 
 
 def test_ga4_hidden_adam_exact_for_equal_micro_gradients(x64):
@@ -259,8 +292,9 @@ def test_ga6_resume_mid_window(fields):
 @pytest.mark.parametrize('fields', ACCUMULATING, ids=_id)
 def test_ga7_decoupled_decay_only_at_boundaries(x64, fields):
   k, wd = 3, 0.1
-  config = make_config(accumulation_steps=k, weight_decay=wd, learning_rate=0.5,
-                       warmup_steps=0, **fields)
+  config = make_config(
+    accumulation_steps=k, weight_decay=wd, learning_rate=0.5, warmup_steps=0, **fields
+  )
   schedule = optim.learning_rate_schedule(config)
   tx = optim.build(config)
   params = {'dense': {'kernel': jnp.full((4, 3), 2.0), 'bias': jnp.full((3,), 2.0)}}
@@ -282,8 +316,9 @@ def test_ga7_decoupled_decay_only_at_boundaries(x64, fields):
     np.testing.assert_array_equal(np.asarray(params['dense']['bias']), 2.0)
 
 
-def _adafactor_accumulation_reference(theta, grads, k, lr, beta1=0.9, decay_rate=0.8,
-                                      eps1=1e-30, clip=1.0, eps2=1e-3):
+def _adafactor_accumulation_reference(
+  theta, grads, k, lr, beta1=0.9, decay_rate=0.8, eps1=1e-30, clip=1.0, eps2=1e-3
+):
   """The recursion of `accumulate_in_momentum_adafactor`'s docstring in float64 NumPy: a
   factored (rows, cols) leaf 'w' and an unfactored vector 'b'; parameters after each
   micro-step."""
@@ -296,7 +331,7 @@ def _adafactor_accumulation_reference(theta, grads, k, lr, beta1=0.9, decay_rate
     tau, i = -(-s // k), (s - 1) % k + 1
     first, last = i == 1, i == k
     b = 1.0 - tau ** (-decay_rate)
-    w = 1.0 - (1.0 - b) * (k - i) / k          # the window weight the code divides by
+    w = 1.0 - (1.0 - b) * (k - i) / k  # the window weight the code divides by
     sq = {n: g[n] ** 2 + eps1 for n in g}
     r = (b * r if first else r) + (1 - b) / k * sq['w'].mean(axis=1)
     c = (b * c if first else c) + (1 - b) / k * sq['w'].mean(axis=0)
@@ -308,8 +343,7 @@ def _adafactor_accumulation_reference(theta, grads, k, lr, beta1=0.9, decay_rate
         u[n] = u[n] / max(1.0, np.sqrt(np.mean(u[n] ** 2)) / clip)
       m[n] = (beta1 * m[n] if first else m[n]) + (1 - beta1) / k * u[n]
     if last:
-      theta = {n: theta[n] - lr * max(eps2, np.sqrt(np.mean(theta[n] ** 2))) * m[n]
-               for n in theta}
+      theta = {n: theta[n] - lr * max(eps2, np.sqrt(np.mean(theta[n] ** 2))) * m[n] for n in theta}
     history.append(theta)
   return history
 
@@ -322,13 +356,23 @@ def test_adafactor_accumulation_matches_float64_reference(x64, k, clip):
   can hide w's scale, hence the cases without it)."""
   rng = np.random.default_rng(4)
   theta = {'w': 0.1 * rng.standard_normal((130, 140)), 'b': 0.1 * rng.standard_normal(7)}
-  grads = [{'w': rng.standard_normal((130, 140)) * (1 + s), 'b': rng.standard_normal(7)}
-           for s in range(3 * k)]
+  grads = [
+    {'w': rng.standard_normal((130, 140)) * (1 + s), 'b': rng.standard_normal(7)}
+    for s in range(3 * k)
+  ]
   lr = 0.05
-  config = make_config(name='adafactor', adafactor_variant='bert4keras', b1=0.9,
-                       accumulation='momentum', accumulation_steps=k, learning_rate=lr,
-                       schedule='constant', warmup_steps=0, weight_decay=0.0,
-                       clipping_threshold=clip)
+  config = make_config(
+    name='adafactor',
+    adafactor_variant='bert4keras',
+    b1=0.9,
+    accumulation='momentum',
+    accumulation_steps=k,
+    learning_rate=lr,
+    schedule='constant',
+    warmup_steps=0,
+    weight_decay=0.0,
+    clipping_threshold=clip,
+  )
   tx = optim.build(config)
   params = jax.tree.map(jnp.asarray, theta)
   state = tx.init(params)
@@ -340,5 +384,6 @@ def test_adafactor_accumulation_matches_float64_reference(x64, k, clip):
     for n in theta:  # statistics are float32 by design: compare the moves to 1e-5
       moved, expected = np.asarray(params[n]) - theta[n], ref[s][n] - theta[n]
       assert np.linalg.norm(moved - expected) <= 1e-5 * np.linalg.norm(expected) + 1e-15, (
-          f'micro-step {s + 1}, leaf {n}')
+        f'micro-step {s + 1}, leaf {n}'
+      )
   assert not np.allclose(ref[-1]['w'], theta['w'])  # it moved

@@ -21,12 +21,16 @@ def np_vhat(stats, shape, dims):
   d1, d0 = dims
   row, col = stats
   reduced_d1 = d1 - 1 if d1 > d0 else d1
-  return (np.expand_dims(row, d0) * np.expand_dims(col, d1)
-          / np.expand_dims(row.mean(axis=reduced_d1, keepdims=True), d0))
+  return (
+    np.expand_dims(row, d0)
+    * np.expand_dims(col, d1)
+    / np.expand_dims(row.mean(axis=reduced_d1, keepdims=True), d0)
+  )
 
 
-def np_adafactor(theta0, grads, *, variant, rho, b1=0.0, wd=0.0, c=0.8, d=1.0,
-                 param_scale=True, factored=True):
+def np_adafactor(
+  theta0, grads, *, variant, rho, b1=0.0, wd=0.0, c=0.8, d=1.0, param_scale=True, factored=True
+):
   """docs/algorithms.md 1.1 + the two placements of docs/algorithms.md 1.2, float64. Returns the
   list of thetas."""
   theta = {k: np.array(v, np.float64) for k, v in theta0.items()}
@@ -45,8 +49,10 @@ def np_adafactor(theta0, grads, *, variant, rho, b1=0.0, wd=0.0, c=0.8, d=1.0,
       else:
         d1, d0 = dims
         prev_r, prev_c = stats.get(k, (0.0, 0.0))
-        stats[k] = (b * prev_r + (1 - b) * big_g.mean(axis=d0),
-                    b * prev_c + (1 - b) * big_g.mean(axis=d1))
+        stats[k] = (
+          b * prev_r + (1 - b) * big_g.mean(axis=d0),
+          b * prev_c + (1 - b) * big_g.mean(axis=d1),
+        )
       u = g / np.sqrt(np_vhat(stats[k], th.shape, dims))
       u_hat = u / max(1.0, rms(u) / d) if d else u
       scale = max(1e-3, rms(th)) if param_scale else 1.0
@@ -78,8 +84,13 @@ def random_tree(rng, shapes, scale=1.0):
   return {k: scale * rng.standard_normal(s) for k, s in shapes.items()}
 
 
-SHAPES = {'bias': (3,), 'small': (5, 7), 'wide': (127, 1000), 'kernel': (130, 200),
-          'stacked': (4, 130, 140)}
+SHAPES = {
+  'bias': (3,),
+  'small': (5, 7),
+  'wide': (127, 1000),
+  'kernel': (130, 200),
+  'stacked': (4, 130, 140),
+}
 
 
 def test_af1_rank1_identity():
@@ -102,8 +113,9 @@ def test_af1_code_uses_the_rank1_estimate(x64):
   rng = np.random.default_rng(1)
   g = rng.standard_normal((130, 140))
   tx = af.adafactor_direction(clipping_threshold=0.0, parameter_scale=False)
-  u, _ = tx.update({'w': jnp.asarray(g)}, tx.init({'w': jnp.zeros_like(g)}),
-                   {'w': jnp.zeros_like(g)})
+  u, _ = tx.update(
+    {'w': jnp.asarray(g)}, tx.init({'w': jnp.zeros_like(g)}), {'w': jnp.zeros_like(g)}
+  )
   big_g = g * g + 1e-30
   vhat = np.outer(big_g.sum(1), big_g.sum(0)) / big_g.sum()
   np.testing.assert_allclose(np.asarray(u['w']), g / np.sqrt(vhat), rtol=1e-6)
@@ -127,12 +139,13 @@ def test_af3_beta2hat(x64, t, expected):
   # g = 1 for t - 1 steps (V = 1 + eps1), then g = 2: V_t = b + 4 (1 - b), U_t = 2 / sqrt(V_t).
   tx = af.adafactor_direction(clipping_threshold=0.0, parameter_scale=False)
   p = {'v': jnp.zeros((2,))}
-  state = jax.lax.fori_loop(0, t - 1, lambda i, s: tx.update({'v': jnp.ones((2,))}, s, p)[1],
-                            tx.init(p))
+  state = jax.lax.fori_loop(
+    0, t - 1, lambda i, s: tx.update({'v': jnp.ones((2,))}, s, p)[1], tx.init(p)
+  )
   u, _ = tx.update({'v': 2 * jnp.ones((2,))}, state, p)
   v_t = (2.0 / float(u['v'][0])) ** 2
   assert abs((4.0 - v_t) / 3.0 - expected) < 2e-6
-  assert abs((1 - t ** -0.8) - expected) < 1e-6
+  assert abs((1 - t**-0.8) - expected) < 1e-6
 
 
 def test_af4_clipping(x64):
@@ -160,8 +173,10 @@ def test_af5_step_size(x64, variant):
   rho = 0.01
   theta0 = {'w': rng.standard_normal((140, 130)) * 0.05, 'zero': np.zeros((150, 140))}
   # A small then a large gradient: RMS(U_2) >> 1, so the second update is clipped.
-  grads = [jax.tree.map(lambda x: 1e-3 * rng.standard_normal(x.shape), theta0),
-           jax.tree.map(lambda x: 1e2 * rng.standard_normal(x.shape), theta0)]
+  grads = [
+    jax.tree.map(lambda x: 1e-3 * rng.standard_normal(x.shape), theta0),
+    jax.tree.map(lambda x: 1e2 * rng.standard_normal(x.shape), theta0),
+  ]
   tx = af.adafactor(rho, variant=variant)
   thetas, _ = run(tx, theta0, grads)
   for k in theta0:
@@ -206,8 +221,7 @@ def test_variants_match_numpy_reference(x64, variant):
   lr = optax.linear_schedule(1e-2, 1e-3, 12)
   tx = af.adafactor(lr, variant=variant, momentum=0.9, weight_decay=1e-3)
   ours, _ = run(tx, theta0, grads)
-  ref = np_adafactor(theta0, grads, variant=variant, rho=lambda t: float(lr(t)), b1=0.9,
-                     wd=1e-3)
+  ref = np_adafactor(theta0, grads, variant=variant, rho=lambda t: float(lr(t)), b1=0.9, wd=1e-3)
   for a, b in zip(ours, ref):
     for k in theta0:
       # beta2hat is float32 inside optax even under x64: agreement ~1e-7 relative.
@@ -248,11 +262,15 @@ def test_af9_weight_decay_convention(x64):
 
 
 def test_af10_memory_and_factoring_rule():
-  params = {'m_n': jnp.zeros((300, 200)), 'short': jnp.zeros((127, 1000)),
-            'stacked': jax.ShapeDtypeStruct((12, 768, 768), jnp.float32)}
+  params = {
+    'm_n': jnp.zeros((300, 200)),
+    'short': jnp.zeros((127, 1000)),
+    'stacked': jax.ShapeDtypeStruct((12, 768, 768), jnp.float32),
+  }
   state = jax.eval_shape(af.adafactor(1e-3).init, params)
-  fstate = next(s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, 'v_row'))
-                if hasattr(s, 'v_row'))
+  fstate = next(
+    s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, 'v_row')) if hasattr(s, 'v_row')
+  )
   # optax's v_row is indexed by the second largest axis, v_col by the largest.
   assert fstate.v_row['m_n'].shape == (200,) and fstate.v_col['m_n'].shape == (300,)
   assert fstate.v['m_n'].shape == (1,)  # m + n (+1 placeholder) floats, not m * n
@@ -279,12 +297,16 @@ def test_float32_statistics_with_bfloat16_params():
     out, state = run(tx, theta0, grads, jnp.bfloat16)
     assert {x.dtype for x in jax.tree.leaves(state) if x.ndim} == {jnp.dtype(jnp.float32)}
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out[-1]))
-    ref, _ = run(tx, jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16),
-                                                       np.float32), theta0),
-                 grads, jnp.float32)
+    ref, _ = run(
+      tx,
+      jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), theta0),
+      grads,
+      jnp.float32,
+    )
     for k in shapes:
-      np.testing.assert_allclose(np.asarray(out[-1][k], np.float32), np.asarray(ref[-1][k]),
-                                 rtol=3e-2, atol=3e-3)
+      np.testing.assert_allclose(
+        np.asarray(out[-1][k], np.float32), np.asarray(ref[-1][k]), rtol=3e-2, atol=3e-3
+      )
 
 
 def test_matrix_view_factors_dense_general_kernels():
@@ -304,20 +326,32 @@ def test_matrix_view_factors_dense_general_kernels():
 def test_dense_general_leaf_equals_its_matrix(x64, variant):
   rng = np.random.default_rng(11)
   theta0 = {'layers': {'q': {'kernel': 0.1 * rng.standard_normal((2, 130, 4, 32))}}}
-  grads = [{'layers': {'q': {'kernel': rng.standard_normal((2, 130, 4, 32))}}}
-           for _ in range(4)]
+  grads = [{'layers': {'q': {'kernel': rng.standard_normal((2, 130, 4, 32))}}} for _ in range(4)]
   # Both under 'layers' (stacked: per-layer RMS for clipping and parameter scale).
-  as_matrix = lambda t: {'layers': {'m': t['layers']['q']['kernel'].reshape(  # noqa: E731
-      2, 130, 128)}}
+  as_matrix = lambda t: {
+    'layers': {
+      'm': t['layers']['q']['kernel'].reshape(  # noqa: E731
+        2, 130, 128
+      )
+    }
+  }
   tx = af.adafactor(1e-2, variant=variant, momentum=0.9)
   ours, state = run(tx, theta0, grads)
   ref, _ = run(tx, as_matrix(theta0), [as_matrix(g) for g in grads])
   for a, b in zip(ours, ref):
-    np.testing.assert_allclose(np.asarray(a['layers']['q']['kernel']).reshape(2, 130, 128),
-                               np.asarray(b['layers']['m']), rtol=1e-12)
-  raw, _ = run(af.adafactor(1e-2, variant=variant, momentum=0.9, merge_small_axes=False),
-               theta0, grads)
-  assert np.abs(np.asarray(raw[-1]['layers']['q']['kernel'])
-                - np.asarray(ours[-1]['layers']['q']['kernel'])).max() > 1e-6
+    np.testing.assert_allclose(
+      np.asarray(a['layers']['q']['kernel']).reshape(2, 130, 128),
+      np.asarray(b['layers']['m']),
+      rtol=1e-12,
+    )
+  raw, _ = run(
+    af.adafactor(1e-2, variant=variant, momentum=0.9, merge_small_axes=False), theta0, grads
+  )
+  assert (
+    np.abs(
+      np.asarray(raw[-1]['layers']['q']['kernel']) - np.asarray(ours[-1]['layers']['q']['kernel'])
+    ).max()
+    > 1e-6
+  )
   stats = [x.shape for x in jax.tree.leaves(state) if x.ndim == 2]
   assert stats == [(2, 128), (2, 130)] or sorted(stats) == [(2, 128), (2, 130)]

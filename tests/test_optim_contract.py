@@ -12,21 +12,20 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optim
-from launch.configs import base as base_config
+from pretrain import config as config_schema
 
 ACCUMULATIONS = (('none', 1), ('multisteps', 2), ('momentum', 2), ('every_k', 2))
 
 
 def _cases():
-  for name, (mode, k), eg in itertools.product(optim.assemble.NAMES, ACCUMULATIONS,
-                                               (False, True)):
+  for name, (mode, k), eg in itertools.product(optim.assemble.NAMES, ACCUMULATIONS, (False, True)):
     if eg and mode in ('momentum', 'every_k'):
       continue  # refused by optim.validate (tested there)
     yield name, mode, k, eg
 
 
 def _config(name, mode, k, eg):
-  config = base_config.get_base_config()
+  config = config_schema.get_base_config()
   o = config.optim
   o.name, o.accumulation_steps = name, k
   o.accumulation = 'multisteps' if mode == 'none' else mode
@@ -45,9 +44,10 @@ def _config(name, mode, k, eg):
 
 def _params():
   rng = np.random.default_rng(0)
-  return {'layers': {'mlp': {'kernel': jnp.asarray(rng.standard_normal((2, 6, 130)),
-                                                   jnp.float32)}},
-          'head': {'bias': jnp.asarray(rng.standard_normal(5), jnp.float32)}}
+  return {
+    'layers': {'mlp': {'kernel': jnp.asarray(rng.standard_normal((2, 6, 130)), jnp.float32)}},
+    'head': {'bias': jnp.asarray(rng.standard_normal(5), jnp.float32)},
+  }
 
 
 def _loss(params):
@@ -74,8 +74,9 @@ def test_optimizer_contract(name, mode, k, eg, tmp_path):
       with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
         manager.save(i, args=ocp.args.StandardSave({'params': params, 'opt_state': state}))
         manager.wait_until_finished()
-        restored = manager.restore(i, args=ocp.args.StandardRestore(
-            {'params': params, 'opt_state': state}))
+        restored = manager.restore(
+          i, args=ocp.args.StandardRestore({'params': params, 'opt_state': state})
+        )
       saved = (params, state)
       params, state = restored['params'], restored['opt_state']
   continued = (params, state)

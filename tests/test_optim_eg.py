@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import optim
-from launch.configs import base as base_config
+from pretrain import config as config_schema
 
 
 SHAPES = {'a': (4, 3), 'b': (5,)}
@@ -18,8 +18,10 @@ def grad_stream(seed, n, scale=1.0):
   rng = np.random.default_rng(seed)
   # Correlated gradients (a drifting mean plus noise) so that signals are not all random.
   mean = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
-  return [{k: scale * (mean[k] + 0.7 * rng.standard_normal(s)) for k, s in SHAPES.items()}
-          for _ in range(n)]
+  return [
+    {k: scale * (mean[k] + 0.7 * rng.standard_normal(s)) for k, s in SHAPES.items()}
+    for _ in range(n)
+  ]
 
 
 def np_adam(b1=0.9, b2=0.999, eps=1e-6):
@@ -33,13 +35,26 @@ def np_adam(b1=0.9, b2=0.999, eps=1e-6):
       m = b1 * state.get(('m', k), 0.0) + (1 - b1) * x
       v = b2 * state.get(('v', k), 0.0) + (1 - b2) * x * x
       state[('m', k)], state[('v', k)] = m, v
-      out[k] = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+      out[k] = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
     return out
+
   return step
 
 
-def np_eg(grads, *, base, placement, normalized, signal, granularity, scale_lr, gain_lr,
-          beta=0.9, mu=0.9, bounds=((0.1, 10.0), (0.01, 100.0))):
+def np_eg(
+  grads,
+  *,
+  base,
+  placement,
+  normalized,
+  signal,
+  granularity,
+  scale_lr,
+  gain_lr,
+  beta=0.9,
+  mu=0.9,
+  bounds=((0.1, 10.0), (0.01, 100.0)),
+):
   """docs/algorithms.md 3.4/3.5 in float64. Returns [(output, S, p)] per step."""
   (s_lo, s_hi), (p_lo, p_hi) = bounds
   keys = list(SHAPES)
@@ -61,19 +76,23 @@ def np_eg(grads, *, base, placement, normalized, signal, granularity, scale_lr, 
     ng = {k: np.linalg.norm(g[k]) for k in keys}
     nd = {k: np.linalg.norm(d[k]) for k in keys}
     if granularity == 'per_leaf':
-      align = {k: dots[k] / ((ng[k] + 1e-10) * (nd[k] + 1e-10)) if normalized else dots[k]
-               for k in keys}
+      align = {
+        k: dots[k] / ((ng[k] + 1e-10) * (nd[k] + 1e-10)) if normalized else dots[k] for k in keys
+      }
       scale = {k: np.clip(scale[k] * np.exp(scale_lr * align[k]), s_lo, s_hi) for k in keys}
     else:
       dot = sum(dots.values())
       if normalized:
-        norm_g = np.sqrt(sum(v ** 2 for v in ng.values()))
-        norm_d = np.sqrt(sum(v ** 2 for v in nd.values()))
+        norm_g = np.sqrt(sum(v**2 for v in ng.values()))
+        norm_d = np.sqrt(sum(v**2 for v in nd.values()))
         dot = dot / ((norm_g + 1e-10) * (norm_d + 1e-10))
       scale = np.clip(scale * np.exp(scale_lr * dot), s_lo, s_hi)
     for k in keys:
-      b = (np.sign(g[k]) * np.sign(gbar[k]) if normalized
-           else g[k] * gbar[k] / (1 - beta ** max(t - 1, 1)))
+      b = (
+        np.sign(g[k]) * np.sign(gbar[k])
+        if normalized
+        else g[k] * gbar[k] / (1 - beta ** max(t - 1, 1))
+      )
       gain[k] = np.clip(gain[k] * np.exp(gain_lr * b), p_lo, p_hi)
     s_of = (lambda k: scale[k]) if granularity == 'per_leaf' else (lambda k: scale)
     if placement == 'input':
@@ -87,35 +106,81 @@ def np_eg(grads, *, base, placement, normalized, signal, granularity, scale_lr, 
     for k in keys:
       gbar[k] = beta * gbar[k] + (1 - beta) * g[k]
     prev = u
-    out.append((result, dict(scale) if isinstance(scale, dict) else scale,
-                {k: v.copy() for k, v in gain.items()}))
+    out.append(
+      (
+        result,
+        dict(scale) if isinstance(scale, dict) else scale,
+        {k: v.copy() for k, v in gain.items()},
+      )
+    )
   return out
 
 
 CASES = [
-    dict(base='trace', placement='input', normalized=True, signal='momentum',
-         granularity='per_leaf', from_state=True),
-    dict(base='trace', placement='input', normalized=True, signal='momentum',
-         granularity='per_leaf', from_state=False),
-    dict(base='trace', placement='input', normalized=False, signal='gbar', granularity='global',
-         from_state=False),
-    dict(base='adam', placement='output', normalized=True, signal='momentum',
-         granularity='per_leaf', from_state=False),
-    dict(base='adam', placement='output', normalized=False, signal='gbar',
-         granularity='global', from_state=False),
-    dict(base='adam', placement='output', normalized=True, signal='momentum',
-         granularity='global', from_state=False),
+  dict(
+    base='trace',
+    placement='input',
+    normalized=True,
+    signal='momentum',
+    granularity='per_leaf',
+    from_state=True,
+  ),
+  dict(
+    base='trace',
+    placement='input',
+    normalized=True,
+    signal='momentum',
+    granularity='per_leaf',
+    from_state=False,
+  ),
+  dict(
+    base='trace',
+    placement='input',
+    normalized=False,
+    signal='gbar',
+    granularity='global',
+    from_state=False,
+  ),
+  dict(
+    base='adam',
+    placement='output',
+    normalized=True,
+    signal='momentum',
+    granularity='per_leaf',
+    from_state=False,
+  ),
+  dict(
+    base='adam',
+    placement='output',
+    normalized=False,
+    signal='gbar',
+    granularity='global',
+    from_state=False,
+  ),
+  dict(
+    base='adam',
+    placement='output',
+    normalized=True,
+    signal='momentum',
+    granularity='global',
+    from_state=False,
+  ),
 ]
 
 
 def make_eg(case, scale_lr, gain_lr, adam_eps=1e-6, **kwargs):
-  base = (optax.trace(0.9) if case['base'] == 'trace'
-          else optax.scale_by_adam(0.9, 0.999, adam_eps))
+  base = optax.trace(0.9) if case['base'] == 'trace' else optax.scale_by_adam(0.9, 0.999, adam_eps)
   return optim.eg_adapt(
-      base, scale_lr=scale_lr, gain_lr=gain_lr, normalized=case['normalized'],
-      scale_signal=case['signal'], scale_granularity=case['granularity'],
-      gain_placement=case['placement'],
-      direction_from_state=(lambda s: s.trace) if case['from_state'] else None, **kwargs)
+    base,
+    scale_lr=scale_lr,
+    gain_lr=gain_lr,
+    normalized=case['normalized'],
+    scale_signal=case['signal'],
+    scale_granularity=case['granularity'],
+    gain_placement=case['placement'],
+    direction_from_state=(lambda s: s.trace) if case['from_state'] else None,
+    **kwargs,
+  )
 
 
 def run_eg(tx, grads):
@@ -133,8 +198,9 @@ def run_eg(tx, grads):
 def test_matches_numpy_reference(x64, case):
   grads = grad_stream(0, 25)
   ours = run_eg(make_eg(case, 0.05, 0.1), grads)
-  ref = np_eg(grads, scale_lr=0.05, gain_lr=0.1,
-              **{k: v for k, v in case.items() if k != 'from_state'})
+  ref = np_eg(
+    grads, scale_lr=0.05, gain_lr=0.1, **{k: v for k, v in case.items() if k != 'from_state'}
+  )
   # optax's Adam bias correction is float32 (int32 counter) even under x64.
   rtol = 1e-12 if case['base'] == 'trace' else 1e-6
   for (u, state), (r_u, r_s, r_p) in zip(ours, ref):
@@ -158,15 +224,21 @@ def test_eg1_positivity_and_bounds(case):
 
 @pytest.mark.parametrize('name', ['sgdm', 'adamw', 'lamb', 'adafactor'])
 def test_eg2_zero_meta_lr_is_bitwise_the_base(name):
-  config = base_config.get_base_config()
+  config = config_schema.get_base_config()
   config.optim.name = name
   config.optim.adafactor_variant = 'bert4keras'
   config.optim.eg.scale_lr = config.optim.eg.gain_lr = 0.0
   rng = np.random.default_rng(2)
-  params = {'dense': {'kernel': jnp.asarray(0.1 * rng.standard_normal((130, 140)), jnp.float32),
-                      'bias': jnp.zeros((140,), jnp.float32)}}
-  grads = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
-                        params) for _ in range(4)]
+  params = {
+    'dense': {
+      'kernel': jnp.asarray(0.1 * rng.standard_normal((130, 140)), jnp.float32),
+      'bias': jnp.zeros((140,), jnp.float32),
+    }
+  }
+  grads = [
+    jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+    for _ in range(4)
+  ]
   results = []
   for enabled in (False, True):
     config.optim.eg.enabled = enabled
@@ -189,9 +261,12 @@ def test_eg3_loss_scale_invariance(x64, normalized):
     tx = make_eg(case, 0.05, 0.1, adam_eps=1e-20)
     base_run = run_eg(tx, grads)
     scaled_run = run_eg(tx, [jax.tree.map(lambda g: 1e3 * g, gs) for gs in grads])
+
     def meta(run):
-      return np.concatenate([np.ravel(x) for _, s in run
-                             for x in jax.tree.leaves((s.scale, s.gain))])
+      return np.concatenate(
+        [np.ravel(x) for _, s in run for x in jax.tree.leaves((s.scale, s.gain))]
+      )
+
     diff = np.abs(meta(base_run) - meta(scaled_run)).max()
     if normalized:
       assert diff < 1e-9
@@ -201,7 +276,7 @@ def test_eg3_loss_scale_invariance(x64, normalized):
 
 def quartic_loss(theta):
   a = jnp.arange(12.0).reshape(4, 3) / 10.0
-  return 0.5 * jnp.sum((a @ theta - 1.0) ** 2) + 0.1 * jnp.sum(theta ** 4)
+  return 0.5 * jnp.sum((a @ theta - 1.0) ** 2) + 0.1 * jnp.sum(theta**4)
 
 
 def test_eg4_hypergradients(x64):
@@ -216,9 +291,20 @@ def test_eg4_hypergradients(x64):
   # The unnormalised wrapper moves log S by -(eta_S / eta) dL/dS and log p by
   # -(eta_p / (eta S)) dL/dp (plain SGD base, beta = 0: gbar_{t-1} = g_{t-1} = u_{t-1}).
   eta_s, eta_p = 0.3, 0.2
-  tx = optax.chain(optim.eg_adapt(optax.identity(), scale_lr=eta_s, gain_lr=eta_p,
-                                  normalized=False, beta=0.0, scale_min=1e-6, scale_max=1e6,
-                                  gain_min=1e-6, gain_max=1e6), optax.scale(-eta))
+  tx = optax.chain(
+    optim.eg_adapt(
+      optax.identity(),
+      scale_lr=eta_s,
+      gain_lr=eta_p,
+      normalized=False,
+      beta=0.0,
+      scale_min=1e-6,
+      scale_max=1e6,
+      gain_min=1e-6,
+      gain_max=1e6,
+    ),
+    optax.scale(-eta),
+  )
   state = tx.init(theta)
   upd, state = tx.update(jax.grad(quartic_loss)(theta), state, theta)
   theta1 = theta + upd
@@ -237,10 +323,20 @@ def quadratic_loss(theta):
 
 def test_eg5_su_closed_form(x64):
   gamma, eta, steps = 0.3, 0.4, 30
-  tx = optax.chain(optim.eg_adapt(optax.identity(), scale_lr=0.0, gain_lr=gamma,
-                                  normalized=False, beta=0.0, gain_placement='input',
-                                  scale_signal='gbar', gain_min=1e-300, gain_max=1e300),
-                   optax.scale(-eta))
+  tx = optax.chain(
+    optim.eg_adapt(
+      optax.identity(),
+      scale_lr=0.0,
+      gain_lr=gamma,
+      normalized=False,
+      beta=0.0,
+      gain_placement='input',
+      scale_signal='gbar',
+      gain_min=1e-300,
+      gain_max=1e300,
+    ),
+    optax.scale(-eta),
+  )
   theta = jnp.asarray([1.0, -2.0, 0.5])
   state = tx.init(theta)
   np_theta, nu, g_prev, log_nu = np.asarray(theta), np.ones(3), np.zeros(3), np.zeros(3)
@@ -255,16 +351,20 @@ def test_eg5_su_closed_form(x64):
     np_theta = np_theta - eta * nu * np_g
     g_prev = np_g
     np.testing.assert_allclose(np.asarray(theta), np_theta, rtol=1e-12)
-    np.testing.assert_allclose(np.log(np.asarray(state[0].gain)), log_nu, rtol=1e-10,
-                               atol=1e-14)
+    np.testing.assert_allclose(np.log(np.asarray(state[0].gain)), log_nu, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize('base', ['sgd', 'adam'])
 def test_eg6_one_dimensional_quadratic(base):
   def final_scale(lr, h=1.0, steps=60):
     if base == 'sgd':
-      eg = optim.eg_adapt(optax.trace(0.0), scale_lr=0.05, gain_lr=0.0, gain_placement='input',
-                          direction_from_state=lambda s: s.trace)
+      eg = optim.eg_adapt(
+        optax.trace(0.0),
+        scale_lr=0.05,
+        gain_lr=0.0,
+        gain_placement='input',
+        direction_from_state=lambda s: s.trace,
+      )
     else:
       eg = optim.eg_adapt(optax.scale_by_adam(), scale_lr=0.05, gain_lr=0.0)
     tx = optax.chain(eg, optax.scale(-lr))
@@ -277,8 +377,8 @@ def test_eg6_one_dimensional_quadratic(base):
     return float(state[0].scale)
 
   small, large = (0.01, 1.8) if base == 'sgd' else (0.001, 5.0)
-  assert final_scale(small) > 1.5   # consecutive gradients agree: S grows
-  assert final_scale(large) < 0.9   # oscillation: S shrinks
+  assert final_scale(small) > 1.5  # consecutive gradients agree: S grows
+  assert final_scale(large) < 0.9  # oscillation: S shrinks
 
 
 def test_eg7_meta_update_reads_previous_signals(x64):
@@ -292,8 +392,7 @@ def test_eg7_meta_update_reads_previous_signals(x64):
   for k in SHAPES:
     m1 = g1[k]  # m_1 = p_1 . g_1 = g_1
     cos = np.sum(g2[k] * m1) / ((np.linalg.norm(g2[k]) + 1e-10) * (np.linalg.norm(m1) + 1e-10))
-    np.testing.assert_allclose(float(s2.scale[k]), np.clip(np.exp(cos), 0.1, 10.0),
-                               rtol=1e-12)
+    np.testing.assert_allclose(float(s2.scale[k]), np.clip(np.exp(cos), 0.1, 10.0), rtol=1e-12)
     p2 = np.clip(np.exp(np.sign(g2[k]) * np.sign(0.1 * g1[k])), 0.01, 100.0)
     np.testing.assert_allclose(np.asarray(s2.gain[k]), p2, rtol=1e-12)
     # Using m_2 (already updated with g_2) would give a different S.

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import models
-from launch.configs import base
+from pretrain import config as config_schema
 from launch.configs import gau as gau_configs
 from models import growth
 from models import hf_export
@@ -21,7 +21,7 @@ def config_of(family='roformer', **model):
   """A tiny config of 'roformer' (v1: 4 heads, F 64), 'gau' or 'flash' (s 16, chunk 8): d 32,
   2 layers, n 16, with model overrides."""
   if family == 'roformer':
-    config = base.get_base_config()
+    config = config_schema.get_base_config()
   else:
     config = gau_configs.get_config('flash_tiny' if family == 'flash' else 'tiny')
   m = config.model
@@ -54,8 +54,11 @@ def packed(n=N, split=10):
   second from `split` on, its positions restarting at 0)."""
   tokens = jax.random.randint(jax.random.key(1), (2, n), 0, V, jnp.int32)
   seg = jnp.ones((2, n), jnp.int32).at[1, split:].set(2)
-  pos = jnp.tile(jnp.arange(n, dtype=jnp.int32), (2, 1)).at[1, split:].set(
-      jnp.arange(n - split, dtype=jnp.int32))
+  pos = (
+    jnp.tile(jnp.arange(n, dtype=jnp.int32), (2, 1))
+    .at[1, split:]
+    .set(jnp.arange(n - split, dtype=jnp.int32))
+  )
   return tokens, seg, pos
 
 
@@ -80,6 +83,7 @@ def test_rope_default_has_no_table_and_matches_the_code_before_the_option():
 
 
 # ----------------------------------------------------------------------------- learned
+
 
 def test_learned_output_depends_on_absolute_position_rope_only_on_relative():
   """Shifting every position by 3 leaves RoPE's logits unchanged (relativity, up to float32)
@@ -143,8 +147,7 @@ def test_parameter_count_and_flops():
   analytic = V * D + 2 * D + 2 * D + L * layer + (D * D + D) + 2 * D + V
   assert n_rope == analytic
   assert n_learned == analytic + 96 * D
-  assert (models.flops_per_token(learned_config, 3) ==
-          models.flops_per_token(rope_config, 3))
+  assert models.flops_per_token(learned_config, 3) == models.flops_per_token(rope_config, 3)
 
 
 def test_validate_names_the_option():
@@ -168,6 +171,7 @@ def test_validate_names_the_option():
 
 # ----------------------------------------------------------------------------- export, growth
 
+
 def test_hf_export_refuses_learned_positions():
   hf_export.check_exportable(config_of())
   config = config_of(position_embedding='learned')
@@ -188,8 +192,9 @@ def test_growth_carries_the_table_exactly():
   """d 32 -> 64, heads 4 -> 4 with d_h 8 -> 16 (zero-slot map without RoPE), 2 -> 3 blocks:
   float32 logits equal to 1e-5 relative; the table keeps its rows."""
   src = config_of(position_embedding='learned', max_position=24)
-  dst = config_of(position_embedding='learned', max_position=24, hidden_size=64,
-                  mlp_dim=128, num_layers=3)
+  dst = config_of(
+    position_embedding='learned', max_position=24, hidden_size=64, mlp_dim=128, num_layers=3
+  )
   params = nnx.to_pure_dict(nnx.state(build(src), nnx.Param))
   plan = growth.plan(src, dst, growth.Options())
   grown = growth.grow_params(params, plan)
@@ -203,5 +208,6 @@ def test_growth_refuses_a_changed_position_option():
   with pytest.raises(growth.GrowthError, match='model.position_embedding'):
     growth.plan(src, config_of(hidden_size=64, mlp_dim=128))
   with pytest.raises(growth.GrowthError, match='model.max_position'):
-    growth.plan(src, config_of(position_embedding='learned', max_position=48, hidden_size=64,
-                               mlp_dim=128))
+    growth.plan(
+      src, config_of(position_embedding='learned', max_position=48, hidden_size=64, mlp_dim=128)
+    )

@@ -11,9 +11,13 @@ from pretrain import mesh as mesh_lib
 from pretrain import train
 
 FAMILY_FILES = ('roformer', 'roformer_v2', 'gau', 'deepnet')
-PRESETS = [(family, preset) for family in FAMILY_FILES
-           for preset in getattr(importlib.import_module(f'launch.configs.{family}'), 'PRESETS',
-                                 roformer.PRESETS)]
+PRESETS = [
+  (family, preset)
+  for family in FAMILY_FILES
+  for preset in getattr(
+    importlib.import_module(f'launch.configs.{family}'), 'PRESETS', roformer.PRESETS
+  )
+]
 
 
 @pytest.mark.parametrize('family, preset', PRESETS)
@@ -30,5 +34,7 @@ def test_preset_validates_and_sets_up_abstractly(family, preset):
     # Every parameter and optimizer leaf has a sharding on this mesh.
     for leaf in jax.tree.leaves(run_setup.abstract_state):
       assert leaf.sharding.mesh.shape == mesh.shape
-    assert params['embedder']['token']['embedding'].shape == (config.model.vocab_size,
-                                                               config.model.hidden_size)
+    assert params['embedder']['token']['embedding'].shape == (
+      config.model.vocab_size,
+      config.model.hidden_size,
+    )

@@ -49,6 +49,7 @@ def _metric_steps(workdir, split='train'):
 
 # ----------------------------------------------------------------------------- non-finite
 
+
 def test_nonfinite_update_leaves_params_and_optimizer_state_unchanged(text_corpus, cache_dir):
   config = make_tiny_config(text_corpus, cache_dir, **{'optim.warmup_steps': 0})
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
@@ -61,18 +62,19 @@ def test_nonfinite_update_leaves_params_and_optimizer_state_unchanged(text_corpu
   out, m = jax.jit(train.make_train_step(s.graphdef, nan_tx, config))(bad_state, batch, key)
   assert int(m['skipped']) == 1 and int(out['step']) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(out['params']), state['params'])
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(out['opt_state']),
-               bad_state['opt_state'])
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(out['opt_state']), bad_state['opt_state']
+  )
   # The same step with a finite optimizer updates (the guard is not always on).
   out, m = jax.jit(train.make_train_step(s.graphdef, s.tx, config))(state, batch, key)
   assert int(m['skipped']) == 0
-  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
-                         jax.device_get(out['params']), state['params'])
+  changed = jax.tree.map(
+    lambda a, b: not np.array_equal(a, b), jax.device_get(out['params']), state['params']
+  )
   assert all(jax.tree.leaves(changed))
 
 
-def test_nonfinite_run_stops_and_keeps_the_last_good_checkpoints(text_corpus, cache_dir,
-                                                                  tmp_path):
+def test_nonfinite_run_stops_and_keeps_the_last_good_checkpoints(text_corpus, cache_dir, tmp_path):
   config = make_tiny_config(text_corpus, cache_dir)
   config.train.num_train_steps, config.train.checkpoint_every_steps = 4, 2
   train.train_and_evaluate(config, str(tmp_path))
@@ -92,8 +94,11 @@ def test_health_counts_streaks_and_reports_divergence(monkeypatch):
   warnings = []
   monkeypatch.setattr(guards.logging, 'warning', lambda msg, *a: warnings.append(msg % a))
   health = guards.Health(max_nonfinite_steps=3)
-  metrics = lambda loss, skipped=0: {'loss_sum': np.float32(loss * 10), 'weight_sum':
-                                     np.float32(10), 'skipped': np.int32(skipped)}
+  metrics = lambda loss, skipped=0: {
+    'loss_sum': np.float32(loss * 10),
+    'weight_sum': np.float32(10),
+    'skipped': np.int32(skipped),
+  }
   for step in range(1, 31):
     health.observe(step, metrics(5.0))
   health.observe(30, metrics(50.0))  # a step is counted once
@@ -113,6 +118,7 @@ def test_health_counts_streaks_and_reports_divergence(monkeypatch):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def _largest_blob(step_dir):
   blobs = [p for p in (step_dir / 'state').rglob('*') if p.is_file() and p.parent.name == 'd']
   return max(blobs, key=lambda p: p.stat().st_size)
@@ -120,7 +126,7 @@ def _largest_blob(step_dir):
 
 def _truncate(step_dir):
   blob = _largest_blob(step_dir)
-  blob.write_bytes(blob.read_bytes()[:blob.stat().st_size // 2])
+  blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
 
 
 def _garbage(step_dir):
@@ -129,13 +135,13 @@ def _garbage(step_dir):
 
 
 CORRUPTIONS = {
-    'truncated_blob': _truncate,
-    'garbage_blob': _garbage,
-    'deleted_blob': lambda d: _largest_blob(d).unlink(),
-    'deleted_METADATA': lambda d: (d / 'state' / '_METADATA').unlink(),
-    'deleted_manifest': lambda d: (d / 'state' / 'manifest.ocdbt').unlink(),
-    'garbage_iterator_json': lambda d: (d / 'data' / 'process_0-of-1.json').write_text('{x'),
-    'deleted_meta': lambda d: shutil.rmtree(d / 'meta'),
+  'truncated_blob': _truncate,
+  'garbage_blob': _garbage,
+  'deleted_blob': lambda d: _largest_blob(d).unlink(),
+  'deleted_METADATA': lambda d: (d / 'state' / '_METADATA').unlink(),
+  'deleted_manifest': lambda d: (d / 'state' / 'manifest.ocdbt').unlink(),
+  'garbage_iterator_json': lambda d: (d / 'data' / 'process_0-of-1.json').write_text('{x'),
+  'deleted_meta': lambda d: shutil.rmtree(d / 'meta'),
 }
 
 
@@ -202,8 +208,9 @@ def test_no_restorable_checkpoint_is_an_input_error_that_moves_nothing(full_run,
   assert _steps(workdir) == [2, 4]
 
 
-def test_failed_save_stops_the_run_and_keeps_earlier_checkpoints(text_corpus, cache_dir,
-                                                                tmp_path, monkeypatch):
+def test_failed_save_stops_the_run_and_keeps_earlier_checkpoints(
+  text_corpus, cache_dir, tmp_path, monkeypatch
+):
   config = make_tiny_config(text_corpus, cache_dir)
   config.train.num_train_steps, config.train.checkpoint_every_steps = 6, 2
   original = ocp.CheckpointManager.save
@@ -223,6 +230,7 @@ def test_failed_save_stops_the_run_and_keeps_earlier_checkpoints(text_corpus, ca
 
 
 # ----------------------------------------------------------------------------- workdir, data
+
 
 def test_second_run_on_a_locked_workdir_is_refused(text_corpus, cache_dir, tmp_path):
   holder = guards.WorkdirLock(str(tmp_path)).acquire()
@@ -247,7 +255,7 @@ def test_changed_corpus_is_refused_unless_allowed(tiny_data, cache_dir, tmp_path
   corpus = tmp_path / 'corpus'
   corpus.mkdir()
   for i in range(4):
-    (corpus / f'{i}.txt').write_text((ROOT / 'README.md').read_text()[i * 3000:(i + 1) * 3000])
+    (corpus / f'{i}.txt').write_text((ROOT / 'README.md').read_text()[i * 3000 : (i + 1) * 3000])
   config = make_tiny_config(corpus, cache_dir, **{'data.tokenizer_model': tok.path})
   config.train.num_train_steps, config.train.checkpoint_every_steps = 2, 2
   train.train_and_evaluate(config, str(tmp_path / 'run'))
@@ -284,29 +292,40 @@ def test_one_file_corpus_trains_and_evaluates(cache_dir, tmp_path):
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert np.isfinite(result['loss'])
   (corpus / 'input.txt').write_text('too short\n')
-  with pytest.raises(train.InputError, match='too small to hold out a validation part. Give '
-                                             'at least 400 characters'):
+  with pytest.raises(
+    train.InputError, match='too small to hold out a validation part. Give at least 400 characters'
+  ):
     train.train_and_evaluate(config, str(tmp_path / 'run2'))
 
 
-@pytest.mark.parametrize('text', ['line one\n' * 100, 'x' * 1000, 'a\n' + 'b' * 999,
-                                  'y' * 1000 + '\n' * 600])
+@pytest.mark.parametrize(
+  'text', ['line one\n' * 100, 'x' * 1000, 'a\n' + 'b' * 999, 'y' * 1000 + '\n' * 600]
+)
 def test_single_document_split_keeps_all_text_in_two_nonblank_parts(text):
   head, tail = text_datasets.split_single_document(text, 0.02, 'doc')
   assert head + tail == text.rstrip() and head.strip() and tail.strip()
   assert len(tail) >= text_datasets.MIN_SINGLE_DOCUMENT_CHARS // 8
 
 
-@pytest.mark.parametrize('overrides, message', [
-    ({'model.vocab_size': 10}, r'vocab_size=10 is too small for this corpus: the tokenizer '
-                               r'needs at least \d+ pieces'),
-    ({'data.text_files': '', 'data.tfds_name': 'imbd_reviews'},
-     r"tfds_name='imbd_reviews' is not a TFDS dataset .* Close names: imdb_reviews"),
+@pytest.mark.parametrize(
+  'overrides, message',
+  [
+    (
+      {'model.vocab_size': 10},
+      r'vocab_size=10 is too small for this corpus: the tokenizer '
+      r'needs at least \d+ pieces',
+    ),
+    (
+      {'data.text_files': '', 'data.tfds_name': 'imbd_reviews'},
+      r"tfds_name='imbd_reviews' is not a TFDS dataset .* Close names: imdb_reviews",
+    ),
     ({'data.validation_fraction': 0.0}, r'validation_fraction=0\.0 must be in \(0, 1\)'),
     ({'train.max_nonfinite_steps': 0}, r'max_nonfinite_steps=0 must be >= 1'),
-])
-def test_bad_input_is_one_paragraph_naming_the_field(overrides, message, text_corpus,
-                                                     cache_dir, tmp_path):
+  ],
+)
+def test_bad_input_is_one_paragraph_naming_the_field(
+  overrides, message, text_corpus, cache_dir, tmp_path
+):
   config = make_tiny_config(text_corpus, cache_dir, **overrides)
   with pytest.raises(train.InputError, match=message) as e:
     train.train_and_evaluate(config, str(tmp_path))
@@ -315,8 +334,10 @@ def test_bad_input_is_one_paragraph_naming_the_field(overrides, message, text_co
 
 # ----------------------------------------------------------------------------- signals
 
-def test_ctrl_c_saves_once_and_the_host_stays_one_step_ahead(text_corpus, cache_dir, tmp_path,
-                                                            monkeypatch):
+
+def test_ctrl_c_saves_once_and_the_host_stays_one_step_ahead(
+  text_corpus, cache_dir, tmp_path, monkeypatch
+):
   config = make_tiny_config(text_corpus, cache_dir)
   config.train.num_train_steps, config.train.log_every_steps = 50, 1000
   config.train.eval_every_steps = config.train.checkpoint_every_steps = 1000
@@ -328,7 +349,8 @@ def test_ctrl_c_saves_once_and_the_host_stays_one_step_ahead(text_corpus, cache_
     def step(*args):
       # Dispatching step t, step t - 2 must have finished on the device.
       assert all(x.is_ready() for x in jax.tree.leaves(outputs[-2:-1])), (
-          'the host ran more than one step ahead of the device')
+        'the host ran more than one step ahead of the device'
+      )
       if len(outputs) == 3:
         os.kill(os.getpid(), signal.SIGINT)  # while step 4 is dispatched
       state, step_metrics = step_fn(*args)
@@ -345,13 +367,32 @@ def test_ctrl_c_saves_once_and_the_host_stays_one_step_ahead(text_corpus, cache_
 
 
 def _child(workdir, corpus, cache_dir, **overrides):
-  flags = tiny_flags(corpus, cache_dir, **{
-      'train.num_train_steps': 100000, 'train.log_every_steps': 100000,
-      'train.eval_every_steps': 100000, 'train.checkpoint_every_steps': 100000, **overrides})
+  flags = tiny_flags(
+    corpus,
+    cache_dir,
+    **{
+      'train.num_train_steps': 100000,
+      'train.log_every_steps': 100000,
+      'train.eval_every_steps': 100000,
+      'train.checkpoint_every_steps': 100000,
+      **overrides,
+    },
+  )
   env = cpu_env()
   return subprocess.Popen(
-      [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
-       f'--workdir={workdir}', *flags], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      '-m',
+      'launch.pretrain',
+      '--config=launch/configs/roformer.py:tiny',
+      f'--workdir={workdir}',
+      *flags,
+    ],
+    cwd=ROOT,
+    env=env,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _wait_for_first_step(proc) -> str:
@@ -363,8 +404,9 @@ def _wait_for_first_step(proc) -> str:
   raise AssertionError(''.join(seen))
 
 
-def test_sigterm_saves_within_two_steps_and_a_second_ctrl_c_exits_at_once(text_corpus,
-                                                                          cache_dir, tmp_path):
+def test_sigterm_saves_within_two_steps_and_a_second_ctrl_c_exits_at_once(
+  text_corpus, cache_dir, tmp_path
+):
   term = _child(tmp_path / 'term', text_corpus, cache_dir)
   double = _child(tmp_path / 'int', text_corpus, cache_dir)
   _wait_for_first_step(term)
@@ -384,20 +426,43 @@ def test_sigterm_saves_within_two_steps_and_a_second_ctrl_c_exits_at_once(text_c
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(text_corpus, cache_dir,
-                                                                      tmp_path):
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(
+  text_corpus, cache_dir, tmp_path
+):
   """JAX's preemption sync point: the signalled process and the other save the same step."""
   port = free_port()
-  flags = tiny_flags(text_corpus, cache_dir, **{
-      'train.num_train_steps': 100000, 'train.log_every_steps': 100000,
-      'train.eval_every_steps': 100000, 'train.checkpoint_every_steps': 100000,
-      'data.text_unit': 'line'})
+  flags = tiny_flags(
+    text_corpus,
+    cache_dir,
+    **{
+      'train.num_train_steps': 100000,
+      'train.log_every_steps': 100000,
+      'train.eval_every_steps': 100000,
+      'train.checkpoint_every_steps': 100000,
+      'data.text_unit': 'line',
+    },
+  )
   env = two_process_env()
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'launch.pretrain', '--config=launch/configs/roformer.py:tiny',
-       f'--workdir={tmp_path}', f'--coordinator_address=localhost:{port}',
-       '--num_processes=2', f'--process_id={i}', *flags],
-      cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'launch.pretrain',
+        '--config=launch/configs/roformer.py:tiny',
+        f'--workdir={tmp_path}',
+        f'--coordinator_address=localhost:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+        *flags,
+      ],
+      cwd=ROOT,
+      env=env,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   _wait_for_first_step(procs[1])
   time.sleep(2)
   procs[1].send_signal(signal.SIGTERM)

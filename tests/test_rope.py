@@ -1,7 +1,6 @@
 """RoPE tests (docs/algorithms.md 7.1 RP-1..RP-5, 7.3 2-D RoPE)."""
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 import pytest
 
@@ -74,6 +73,7 @@ def test_odd_dim_rejected():
 
 
 # ---------------------------------------------------------------- 2-D RoPE (docs/algorithms.md 7.3)
+
 
 def test_rope_2d_relativity():
   """<R_{x1,y1} q, R_{x2,y2} k> depends only on (x2 - x1, y2 - y1)."""

@@ -17,6 +17,7 @@ from helpers import loss_and_grads
 from helpers import packed_batch
 from helpers import tiny_config
 
+
 @pytest.mark.parametrize('objective', ['mlm', 'clm'])
 @pytest.mark.parametrize('preset', FAMILIES)
 def test_gradients_on_every_mesh_match_one_device(preset, objective):

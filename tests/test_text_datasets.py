@@ -32,8 +32,12 @@ def test_local_files_one_document_per_line_and_stable_split(text_corpus, cache_d
   a = text_datasets.load_text_source(config.data)
   b = text_datasets.load_text_source(config.data)
   assert a.fingerprint == b.fingerprint and _texts(a.validation) == _texts(b.validation)
-  lines = [l for f in sorted(text_corpus.glob('doc0*.txt'))
-           for l in f.read_text(encoding='utf-8').splitlines() if l.strip()]
+  lines = [
+    l
+    for f in sorted(text_corpus.glob('doc0*.txt'))
+    for l in f.read_text(encoding='utf-8').splitlines()
+    if l.strip()
+  ]
   assert sorted(_texts(a.train) + _texts(a.validation)) == sorted(lines)
   assert 0.05 < len(a.validation) / len(lines) < 0.15  # validation_fraction = 0.1
 
@@ -69,11 +73,13 @@ def test_builtin_corpus_is_the_stdlib():
 
 class TinyNamedText(tfds.core.GeneratorBasedBuilder):
   """A TFDS dataset known by name, standing in for wikipedia/c4 in tests."""
+
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-        {'content': tfds.features.Text()}))
+    return tfds.core.DatasetInfo(
+      builder=self, features=tfds.features.FeaturesDict({'content': tfds.features.Text()})
+    )
 
   def _split_generators(self, dl_manager):
     return {'train': self._generate_examples(40), 'test': self._generate_examples(5)}
@@ -105,21 +111,24 @@ def test_tfds_dataset_by_name(text_corpus, cache_dir, tmp_path):
 def test_tokenizer_round_trips_code_and_chinese_and_is_cached(text_corpus, cache_dir):
   config = make_tiny_config(text_corpus, cache_dir)
   source = text_datasets.load_text_source(config.data)
-  tok = tokenizer_lib.load_or_train(config.data, config.model, source.train, source.text_key,
-                                    source.fingerprint)
+  tok = tokenizer_lib.load_or_train(
+    config.data, config.model, source.train, source.text_key, source.fingerprint
+  )
   for text in ['def f(x):\n\treturn x  # two  spaces', '舉頭望明月，低頭思故鄉。', 'ünïcödé ☃ 🙂']:
     assert tok.decode(tok.encode(text)) == text
   assert tok.processor.id_to_piece(tokenizer_lib.MASK_ID) == '[MASK]'
   assert tok.processor.pad_id() == tokenizer_lib.PAD_ID
   assert tok.vocab_size <= config.model.vocab_size
   mtime = os.path.getmtime(tok.path)
-  again = tokenizer_lib.load_or_train(config.data, config.model, source.train, source.text_key,
-                                      source.fingerprint)
+  again = tokenizer_lib.load_or_train(
+    config.data, config.model, source.train, source.text_key, source.fingerprint
+  )
   assert again.sha256 == tok.sha256 and os.path.getmtime(tok.path) == mtime  # cache hit
   # A given .model is loaded as is; a too-small vocab_size is refused with the fix.
   config.data.tokenizer_model = tok.path
-  loaded = tokenizer_lib.load_or_train(config.data, config.model, source.train,
-                                       source.text_key, 'other')
+  loaded = tokenizer_lib.load_or_train(
+    config.data, config.model, source.train, source.text_key, 'other'
+  )
   assert loaded.sha256 == tok.sha256
   config.model.vocab_size = tok.vocab_size - 1
   with pytest.raises(tokenizer_lib.TokenizerError, match='set --config.model.vocab_size='):
@@ -130,7 +139,6 @@ def test_tokenizer_round_trips_code_and_chinese_and_is_cached(text_corpus, cache
 def test_directory_given_as_glob_says_so_and_suggests_a_glob(tmp_path):
   (tmp_path / 'corpus').mkdir()
   (tmp_path / 'corpus' / 'a.txt').write_text('some text\n')
-  with pytest.raises(text_datasets.DataError,
-                     match=r"is a directory .*corpus/\*\*/\*\.txt"):
+  with pytest.raises(text_datasets.DataError, match=r'is a directory .*corpus/\*\*/\*\.txt'):
     text_datasets.expand_globs(str(tmp_path / 'corpus'))
   assert text_datasets.expand_globs(str(tmp_path / 'corpus' / '**' / '*.txt'))

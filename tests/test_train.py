@@ -23,29 +23,37 @@ def data(tiny_data):
 def test_sharded_mesh_matches_single_device(text_corpus, cache_dir, data):
   # SGD with momentum: Adam's first steps are ~lr * sign(g), which turns reduction-order noise
   # in near-zero gradients into 1e-3 parameter differences, hiding what this test checks.
-  config = make_tiny_config(text_corpus, cache_dir, **{'optim.name': 'sgdm',
-                                                       'optim.learning_rate': 0.5})
+  config = make_tiny_config(
+    text_corpus, cache_dir, **{'optim.name': 'sgdm', 'optim.learning_rate': 0.5}
+  )
   single, single_state = train_losses(config, data, jax.devices()[:1])
   config.mesh.shape = (2, 2, 2)
   sharded, state = train_losses(config, data, jax.devices())
   np.testing.assert_allclose(sharded, single, rtol=1e-5)
   # After 4 steps the parameters and the momentum agree too (not only the losses).
   assert_trees_close(jax.device_get(state['params']), jax.device_get(single_state['params']))
-  assert_trees_close(jax.device_get(state['opt_state']),
-                     jax.device_get(single_state['opt_state']))
+  assert_trees_close(jax.device_get(state['opt_state']), jax.device_get(single_state['opt_state']))
   assert single[-1] < single[0]
   # Parameters really are sharded as the logical rules say (vocab->tensor, embed->fsdp,
   # mlp->tensor, heads->tensor).
   specs = jax.tree.map(lambda a: a.sharding.spec, state['params'])
-  flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): spec
-          for path, spec in jax.tree_util.tree_flatten_with_path(specs)[0]}
+  flat = {
+    '/'.join(str(getattr(k, 'key', k)) for k in path): spec
+    for path, spec in jax.tree_util.tree_flatten_with_path(specs)[0]
+  }
   embedding = [s for k, s in flat.items() if k.endswith('embedding') and 'token' in k]
   assert embedding and embedding[0] == P('tensor', 'fsdp')
-  mlp_in = [s for k, s in flat.items() if ('mlp' in k or 'ffn' in k or 'intermediate' in k)
-            and k.endswith('kernel')]
+  mlp_in = [
+    s
+    for k, s in flat.items()
+    if ('mlp' in k or 'ffn' in k or 'intermediate' in k) and k.endswith('kernel')
+  ]
   assert mlp_in and any('tensor' in tuple(s) and 'fsdp' in tuple(s) for s in mlp_in), mlp_in
-  shard_shapes = {a.sharding.shard_shape(a.shape) != a.shape
-                  for a in jax.tree.leaves(state['params']) if a.ndim >= 2}
+  shard_shapes = {
+    a.sharding.shard_shape(a.shape) != a.shape
+    for a in jax.tree.leaves(state['params'])
+    if a.ndim >= 2
+  }
   assert True in shard_shapes
   # Optimizer moments follow their parameters.
   mu = [a for a in jax.tree.leaves(state['opt_state']) if a.ndim >= 2]
@@ -86,12 +94,16 @@ def test_workdir_with_other_model_shape_is_refused(text_corpus, cache_dir, tmp_p
   # Fields that change the state tree or the model's function are named too (before any
   # restore: the old code gave an orbax tree diff or a TypeError).
   for field, value, message in (
-      ('objective', 'clm', "objective: checkpoint 'mlm' vs config 'clm'"),
-      ('model.norm_type', 'rmsnorm', "norm_type: checkpoint 'layernorm' vs config 'rmsnorm'"),
-      ('model.use_bias', False, 'use_bias: checkpoint True vs config False'),
-      ('model.position_embedding', 'learned',
-       "position_embedding: checkpoint 'rope' vs config 'learned'"),
-      ('optim.name', 'sgdm', "optim.name: checkpoint 'adamw' vs config 'sgdm'")):
+    ('objective', 'clm', "objective: checkpoint 'mlm' vs config 'clm'"),
+    ('model.norm_type', 'rmsnorm', "norm_type: checkpoint 'layernorm' vs config 'rmsnorm'"),
+    ('model.use_bias', False, 'use_bias: checkpoint True vs config False'),
+    (
+      'model.position_embedding',
+      'learned',
+      "position_embedding: checkpoint 'rope' vs config 'learned'",
+    ),
+    ('optim.name', 'sgdm', "optim.name: checkpoint 'adamw' vs config 'sgdm'"),
+  ):
     changed = copy.deepcopy(config)
     changed.update_from_flattened_dict({field: value})
     with pytest.raises(train.InputError, match=message):
@@ -100,28 +112,41 @@ def test_workdir_with_other_model_shape_is_refused(text_corpus, cache_dir, tmp_p
 
 
 OPTIMIZERS = {
-    'adafactor_optax': {'optim.name': 'adafactor', 'optim.b1': 0.0, 'optim.weight_decay': 0.0,
-                        'optim.learning_rate': 1e-2},
-    'adafactor_bert4keras_momentum_accumulation': {
-        'optim.name': 'adafactor', 'optim.adafactor_variant': 'bert4keras',
-        'optim.learning_rate': 0.5, 'optim.accumulation': 'momentum',
-        'optim.accumulation_steps': 2, 'optim.grad_clip_norm': 0.0},
-    'lamb_multisteps': {'optim.name': 'lamb', 'optim.accumulation_steps': 2,
-                        'optim.learning_rate': 5e-2},  # LAMB steps are relative
-    'adamw_accumulation_in_momentum': {'optim.accumulation': 'momentum',
-                                       'optim.accumulation_steps': 3,
-                                       'optim.grad_clip_norm': 0.0},
-    'sgdm_eg': {'optim.name': 'sgdm', 'optim.learning_rate': 0.5, 'optim.eg.enabled': True},
-    'adamw_eg': {'optim.eg.enabled': True},
-    'adamw_every_k': {'optim.accumulation': 'every_k', 'optim.accumulation_steps': 2},
+  'adafactor_optax': {
+    'optim.name': 'adafactor',
+    'optim.b1': 0.0,
+    'optim.weight_decay': 0.0,
+    'optim.learning_rate': 1e-2,
+  },
+  'adafactor_bert4keras_momentum_accumulation': {
+    'optim.name': 'adafactor',
+    'optim.adafactor_variant': 'bert4keras',
+    'optim.learning_rate': 0.5,
+    'optim.accumulation': 'momentum',
+    'optim.accumulation_steps': 2,
+    'optim.grad_clip_norm': 0.0,
+  },
+  'lamb_multisteps': {
+    'optim.name': 'lamb',
+    'optim.accumulation_steps': 2,
+    'optim.learning_rate': 5e-2,
+  },  # LAMB steps are relative
+  'adamw_accumulation_in_momentum': {
+    'optim.accumulation': 'momentum',
+    'optim.accumulation_steps': 3,
+    'optim.grad_clip_norm': 0.0,
+  },
+  'sgdm_eg': {'optim.name': 'sgdm', 'optim.learning_rate': 0.5, 'optim.eg.enabled': True},
+  'adamw_eg': {'optim.eg.enabled': True},
+  'adamw_every_k': {'optim.accumulation': 'every_k', 'optim.accumulation_steps': 2},
 }
 # In the default suite: one case per accumulation mode (momentum, multisteps, every_k) and EG.
-FAST = ('adafactor_bert4keras_momentum_accumulation', 'lamb_multisteps', 'adamw_every_k',
-        'sgdm_eg')
+FAST = ('adafactor_bert4keras_momentum_accumulation', 'lamb_multisteps', 'adamw_every_k', 'sgdm_eg')
 
 
-@pytest.mark.parametrize('name', [
-    pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in OPTIMIZERS])
+@pytest.mark.parametrize(
+  'name', [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in OPTIMIZERS]
+)
 def test_optimizer_trains_and_resumes_identically(name, text_corpus, cache_dir, tmp_path):
   """Each optimizer lowers the loss through the trainer, and a run stopped mid-way (inside an
   accumulation window where there is one) resumes to the same bits."""
@@ -138,21 +163,29 @@ def test_optimizer_trains_and_resumes_identically(name, text_corpus, cache_dir, 
   _, b = _final_state(tmp_path / 'split')
   jax.tree.map(np.testing.assert_array_equal, a, b)
   import json  # pylint: disable=g-import-not-at-top
-  losses = [json.loads(l)['loss'] for l in (tmp_path / 'full' / 'metrics.jsonl').read_text()
-            .splitlines() if json.loads(l)['split'] == 'train']
+
+  losses = [
+    json.loads(l)['loss']
+    for l in (tmp_path / 'full' / 'metrics.jsonl').read_text().splitlines()
+    if json.loads(l)['split'] == 'train'
+  ]
   assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
 
 
-@pytest.mark.parametrize('field, value, message', [
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
     ('data.mask_rate', 0.0, r'data\.mask_rate=0\.0 must be in \(0, 1\)'),
     ('data.mask_rate', -0.1, r'data\.mask_rate=-0\.1'),
     ('data.mask_rate', 1.5, r'data\.mask_rate=1\.5'),
     ('data.mask_token_rate', 0.95, r'mask_token_rate=0\.95 and random_token_rate=0\.1'),
     ('data.global_batch_size', 0, r'data\.global_batch_size=0 must be >= 1'),
     ('data.seq_len', 1, r'data\.seq_len=1 must be >= 2'),
-])
-def test_bad_data_fields_are_refused_naming_the_field(field, value, message, text_corpus,
-                                                      cache_dir, tmp_path):
+  ],
+)
+def test_bad_data_fields_are_refused_naming_the_field(
+  field, value, message, text_corpus, cache_dir, tmp_path
+):
   config = make_tiny_config(text_corpus, cache_dir, **{field: value})
   with pytest.raises(train.InputError, match=message):
     train.train_and_evaluate(config, str(tmp_path))

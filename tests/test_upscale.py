@@ -22,7 +22,7 @@ from flax import nnx
 
 import models
 import optim
-from launch.configs import base
+from pretrain import config as config_schema
 from launch.configs import deepnet as deepnet_configs
 from launch.configs import gau as gau_configs
 from launch.configs import roformer as roformer_configs
@@ -35,6 +35,7 @@ FAMILIES = ('roformer', 'roformer_v2', 'deepnet', 'gau', 'flash')
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 class _Float64Numpy(types.ModuleType):
   """jax.numpy with float32 -> float64 (what the models' explicit casts then produce)."""
@@ -49,8 +50,11 @@ def float64_models():
   become float64; both restored on exit."""
   for info in pkgutil.iter_modules(models.__path__):  # lazily imported blocks too
     importlib.import_module(f'models.{info.name}')
-  modules = [m for name, m in sorted(sys.modules.items())
-             if name.startswith('models.') and not name.startswith('models.growth') and hasattr(m, 'jnp')]
+  modules = [
+    m
+    for name, m in sorted(sys.modules.items())
+    if name.startswith('models.') and not name.startswith('models.growth') and hasattr(m, 'jnp')
+  ]
   saved = [m.jnp for m in modules]
   with jax.enable_x64(True):
     try:
@@ -64,7 +68,7 @@ def float64_models():
 
 def family_config(family: str, dtype: str = 'float64', **model):
   """A tiny config of `family` (d 16, L 2, h 2 x 8, F 32; GAU s 8, e 32)."""
-  config = base.get_base_config()
+  config = config_schema.get_base_config()
   m = config.model
   m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.mlp_dim = V, 16, 2, 2, 32
   m.shared_dim, m.initializer_range = 8, 0.2
@@ -72,7 +76,11 @@ def family_config(family: str, dtype: str = 'float64', **model):
     m.residual = 'deepnorm'
   elif family != 'roformer':
     m.family, m.use_bias, m.norm_type, m.norm_eps = (
-        'gau' if family in ('gau', 'flash') else family, False, 'rmsnorm_noparam', 0.0)
+      'gau' if family in ('gau', 'flash') else family,
+      False,
+      'rmsnorm_noparam',
+      0.0,
+    )
     if family == 'gau':
       m.attention_norm = 'softmax_plus'
     elif family == 'flash':
@@ -87,20 +95,25 @@ def grow_case(family: str, case: str):
   """(target model overrides, Options) of the named growth."""
   transformer = family not in ('gau', 'flash')
   if case == 'k2':  # width x2 (heads / e / s and F too) + one block
-    shape = (dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=3) if transformer
-             else dict(hidden_size=32, shared_dim=16, num_layers=3))
+    shape = (
+      dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=3)
+      if transformer
+      else dict(hidden_size=32, shared_dim=16, num_layers=3)
+    )
     return shape, growth.Options()
   if case == 'k3':  # width x3, head_dim x2, two blocks (one in front), zero_out
-    shape = (dict(hidden_size=48, num_heads=6, head_dim=16, mlp_dim=96, num_layers=4)
-             if transformer else dict(hidden_size=48, num_layers=4))
+    shape = (
+      dict(hidden_size=48, num_heads=6, head_dim=16, mlp_dim=96, num_layers=4)
+      if transformer
+      else dict(hidden_size=48, num_layers=4)
+    )
     return shape, growth.Options(symmetry_breaking='zero_out', depth_positions='0,3')
   raise ValueError(case)
 
 
 def _abstract(config):
   spec = models.resolve(config)
-  return nnx.split(nnx.eval_shape(lambda: models.Encoder(spec, rngs=nnx.Rngs(params=0))),
-                   nnx.Param)
+  return nnx.split(nnx.eval_shape(lambda: models.Encoder(spec, rngs=nnx.Rngs(params=0))), nnx.Param)
 
 
 def random_params(config, seed=0):
@@ -126,10 +139,10 @@ def batch(n=N, seed=0):
   (the second holds the last 4 tokens); positions restart at 0 in every document."""
   tokens = jnp.asarray(np.random.default_rng(seed).integers(0, V, (2, n)), jnp.int32)
   seg = np.ones((2, n), np.int32)
-  seg[0, n - 2:] = 0
-  seg[1, n - 4:] = 2
+  seg[0, n - 2 :] = 0
+  seg[1, n - 4 :] = 2
   pos = np.tile(np.arange(n), (2, 1))
-  pos[1, n - 4:] = np.arange(4)
+  pos[1, n - 4 :] = np.arange(4)
   return tokens, jnp.asarray(seg), jnp.asarray(pos, jnp.int32)
 
 
@@ -186,8 +199,11 @@ def test_up1_exact_float64(family, case):
   shape, options = grow_case(family, case)
   if extra:  # width only: inserted blocks under an affine norm are exact only to O(eps)
     family = 'roformer_v2'
-    shape = (dict(hidden_size=32, num_heads=4, mlp_dim=64) if case == 'k2' else
-             dict(hidden_size=48, num_heads=6, mlp_dim=96))
+    shape = (
+      dict(hidden_size=32, num_heads=4, mlp_dim=64)
+      if case == 'k2'
+      else dict(hidden_size=48, num_heads=6, mlp_dim=96)
+    )
   with float64_models():
     src = family_config(family, scan_layers=(case == 'k2'), **extra)
     dst = family_config(family, **shape, **extra)
@@ -200,17 +216,22 @@ def test_up1_exact_float64(family, case):
     assert p.config_overrides == {'model.norm_eps': pytest.approx(1e-3 / k)}
 
 
-@pytest.mark.parametrize('name,shape,options', [
+@pytest.mark.parametrize(
+  'name,shape,options',
+  [
     ('heads', dict(num_heads=4, head_dim=8), growth.Options()),
     ('mlp', dict(mlp_dim=96), growth.Options(symmetry_breaking='zero_out')),
     ('depth', dict(num_layers=4), growth.Options(depth_positions='interleave')),
-    ('width_unit', dict(hidden_size=48, num_heads=6, mlp_dim=96),
-     growth.Options(width_method='unit')),
-])
+    (
+      'width_unit',
+      dict(hidden_size=48, num_heads=6, mlp_dim=96),
+      growth.Options(width_method='unit'),
+    ),
+  ],
+)
 def test_up1_single_axis_v1_float64(name, shape, options):
   with float64_models():
-    err, _, p = max_error(family_config('roformer'), family_config('roformer', **shape),
-                          options)
+    err, _, p = max_error(family_config('roformer'), family_config('roformer', **shape), options)
   assert err <= 1e-10, (name, err)
   if name == 'width_unit':  # stream scale 1: eps unchanged everywhere -> exact to rounding
     assert p.exactness == 'yes' and err < 1e-12 and not p.config_overrides
@@ -222,12 +243,14 @@ def test_up1_float32_models():
   """The unmodified float32 models: relative error <= 1e-5 for every family."""
   for family in FAMILIES:
     shape, options = grow_case(family, 'k2')
-    err, scale, _ = max_error(family_config(family, 'float32'),
-                              family_config(family, 'float32', **shape), options)
+    err, scale, _ = max_error(
+      family_config(family, 'float32'), family_config(family, 'float32', **shape), options
+    )
     assert err <= 1e-5 * scale, (family, err, scale)
 
 
 # ----------------------------------------------------------------------------- UP-2 controls
+
 
 def _scaled_leaf(path, factor):
   def edit(grown, config, p):
@@ -236,6 +259,7 @@ def _scaled_leaf(path, factor):
       node = node[key]
     node[path[-1]] = node[path[-1]] * factor
     return grown, config
+
   return edit
 
 
@@ -245,21 +269,25 @@ def test_up2_negative_controls_float64():
     src, dst = family_config('roformer'), family_config('roformer', **k2)
     exact, scale, _ = max_error(src, dst, growth.Options())
     # Su's post: b2 -> b2/2 instead of b2/sqrt(2) for GELU FFNs (k = 2): O(1) logit error.
-    su_b2, _, _ = max_error(src, dst, growth.Options(),
-                            edit=_scaled_leaf(('layers', 'mlp', 'wo', 'bias'),
-                                              math.sqrt(2) / 2))
+    su_b2, _, _ = max_error(
+      src,
+      dst,
+      growth.Options(),
+      edit=_scaled_leaf(('layers', 'mlp', 'wo', 'bias'), math.sqrt(2) / 2),
+    )
     # Head size by PairRep with the standard RoPE table (Su's eq.): O(1) score error.
     pair = dict(k2, num_heads=2, head_dim=16)
 
     def pair_rep(grown, config, p):
-      q = dataclasses.replace(p.maps['dh_q'], kind='pair_rep', scale=2 ** -0.25)
-      k = dataclasses.replace(p.maps['dh_k'], kind='pair_rep', scale=2 ** -0.25)
+      q = dataclasses.replace(p.maps['dh_q'], kind='pair_rep', scale=2**-0.25)
+      k = dataclasses.replace(p.maps['dh_k'], kind='pair_rep', scale=2**-0.25)
       p2 = dataclasses.replace(p, maps=dict(p.maps, dh_q=q, dh_k=k))
       return growth.grow_params(random_params(src), p2), config
 
     zero_slot, _, _ = max_error(src, family_config('roformer', **pair), growth.Options())
-    pair_err, _, _ = max_error(src, family_config('roformer', **pair), growth.Options(),
-                               edit=pair_rep)
+    pair_err, _, _ = max_error(
+      src, family_config('roformer', **pair), growth.Options(), edit=pair_rep
+    )
     # Unscaled eps: an affine-LN model without a head transform ('su' is then exact with
     # eps/k everywhere); leaving eps as it was costs O(eps / var).
     ln = dict(use_bias=True, norm_type='layernorm', norm_eps=1e-5)
@@ -281,6 +309,7 @@ def test_up2_negative_controls_float64():
 
 # ----------------------------------------------------------------------------- UP-4 depth
 
+
 def test_up4_depth():
   """Zero-branch insertion: exact for parameter-free post-norm (v2, GAU) and DeepNorm with
   the trained alpha; not for affine post-LN (v1) unless the norm is transferred."""
@@ -294,11 +323,14 @@ def test_up4_depth():
       return growth.grow_params(random_params(v1), p2), config
 
     naive_err, _, _ = max_error(v1, v1_deep, growth.Options(), edit=naive)
-    v2_err, _, _ = max_error(family_config('roformer_v2'),
-                             family_config('roformer_v2', num_layers=4), growth.Options())
-    v2_eps, _, _ = max_error(family_config('roformer_v2', norm_eps=1e-7),
-                             family_config('roformer_v2', num_layers=4, norm_eps=1e-7),
-                             growth.Options())
+    v2_err, _, _ = max_error(
+      family_config('roformer_v2'), family_config('roformer_v2', num_layers=4), growth.Options()
+    )
+    v2_eps, _, _ = max_error(
+      family_config('roformer_v2', norm_eps=1e-7),
+      family_config('roformer_v2', num_layers=4, norm_eps=1e-7),
+      growth.Options(),
+    )
     dn, dn_deep = family_config('deepnet'), family_config('deepnet', num_layers=4)
     dn_err, _, p_dn = max_error(dn, dn_deep, growth.Options())
 
@@ -311,11 +343,12 @@ def test_up4_depth():
   assert naive_err > 1e-2, naive_err
   assert v2_eps < 1e-5  # O(eps) with eps = 1e-7
   assert dn_formula > 1e-3, dn_formula
-  assert p_dn.config_overrides['model.deepnorm_alpha'] == pytest.approx(4 ** 0.25)
+  assert p_dn.config_overrides['model.deepnorm_alpha'] == pytest.approx(4**0.25)
   assert any('alpha kept' in note for note in p_dn.notes)
 
 
 # ----------------------------------------------------------------------------- UP-3, UP-6
+
 
 def _loss_fn(config, inputs, targets):
   tokens, seg, pos = inputs
@@ -351,8 +384,9 @@ def test_up3_up6_gradients_and_symmetry():
     grown = growth.grow_params(params, p)
     grown_grads = loss(jax.tree.map(jnp.asarray, grown))[1]
     mapped = growth.grow_like_gradient(jax.tree.map(np.asarray, grads), p)
-    for (path, g), m in zip(jax.tree_util.tree_flatten_with_path(grown_grads)[0],
-                            jax.tree.leaves(mapped)):
+    for (path, g), m in zip(
+      jax.tree_util.tree_flatten_with_path(grown_grads)[0], jax.tree.leaves(mapped)
+    ):
       np.testing.assert_allclose(g, m, atol=1e-12, rtol=1e-9, err_msg=jax.tree_util.keystr(path))
 
     gaps = {}
@@ -378,10 +412,10 @@ def test_up3_up6_gradients_and_symmetry():
 
 # ----------------------------------------------------------------------------- optimizer
 
+
 def test_optimizer_state_map():
   src = family_config('roformer', 'float32')
-  dst = family_config('roformer', 'float32', hidden_size=32, num_heads=4, mlp_dim=64,
-                      num_layers=3)
+  dst = family_config('roformer', 'float32', hidden_size=32, num_heads=4, mlp_dim=64, num_layers=3)
   src.optim.name = dst.optim.name = 'adamw'
   params = random_params(src)
   tx_src, tx_dst = optim.build(src), optim.build(dst)
@@ -426,21 +460,28 @@ def test_optimizer_state_map():
 
 # ----------------------------------------------------------------------------- refusals
 
-@pytest.mark.parametrize('family,dst_overrides,options,fragments', [
+
+@pytest.mark.parametrize(
+  'family,dst_overrides,options,fragments',
+  [
     ('roformer', dict(hidden_size=24), {}, ['hidden_size 16 -> 24', '32, 48']),
     ('roformer', dict(num_layers=1), {}, ['num_layers 2 -> 1', '>= 2']),
     ('roformer', dict(vocab_size=50), {}, ['model.vocab_size differs', 'vocab_size=40']),
     ('roformer', dict(num_heads=3, hidden_size=48), {}, ['num_heads 2 -> 3']),
-    ('roformer', dict(num_layers=3), dict(depth_method='zero_branch'),
-     ['not exact', "depth_method='norm_transfer'"]),
-    ('roformer_v2', dict(hidden_size=32), dict(width_method='su'),
-     ["width_method='unit'"]),
+    (
+      'roformer',
+      dict(num_layers=3),
+      dict(depth_method='zero_branch'),
+      ['not exact', "depth_method='norm_transfer'"],
+    ),
+    ('roformer_v2', dict(hidden_size=32), dict(width_method='su'), ["width_method='unit'"]),
     ('flash', dict(chunk_size=8), {}, ['model.chunk_size differs']),
     ('gau', dict(shared_dim=12), {}, ['shared_dim 8 -> 12']),
     ('roformer', dict(num_layers=4), dict(depth_positions='0,9'), ['2 distinct']),
     ('roformer', {}, dict(symmetry_breaking='noise', noise_sigma=0.0), ['noise_sigma']),
     ('roformer', {}, dict(width_method='tile'), ["'su', 'unit'"]),
-])
+  ],
+)
 def test_refused_with_alternatives(family, dst_overrides, options, fragments):
   src = family_config(family, 'float32')
   dst = family_config(family, 'float32', **dst_overrides)
@@ -451,20 +492,21 @@ def test_refused_with_alternatives(family, dst_overrides, options, fragments):
 
 
 def test_grown_config_and_options():
-  v1 = growth.plan(family_config('roformer', 'float32'),
-                    family_config('roformer', 'float32', hidden_size=48, num_heads=6,
-                                  mlp_dim=96))
+  v1 = growth.plan(
+    family_config('roformer', 'float32'),
+    family_config('roformer', 'float32', hidden_size=48, num_heads=6, mlp_dim=96),
+  )
   assert v1.width_method == 'su' and v1.config_overrides == {'model.norm_eps': 1e-12 / 3}
-  v2 = growth.plan(family_config('roformer_v2', 'float32', norm_eps=1e-7),
-                    family_config('roformer_v2', 'float32', hidden_size=32, num_heads=4,
-                                  mlp_dim=64, norm_eps=1e-7))
+  v2 = growth.plan(
+    family_config('roformer_v2', 'float32', norm_eps=1e-7),
+    family_config('roformer_v2', 'float32', hidden_size=32, num_heads=4, mlp_dim=64, norm_eps=1e-7),
+  )
   assert v2.width_method == 'unit' and v2.config_overrides == {'model.norm_eps': 1e-7 / 4}
   assert v2.exactness == 'up to O(eps)' and v2.c_embed == 0.5
-  config = base.get_base_config()
+  config = config_schema.get_base_config()
   assert growth.options_from_config(config) == growth.Options()  # the defaults agree
   config.upscale.symmetry_breaking, config.upscale.seed = 'zero_out', 3
-  assert growth.options_from_config(config) == growth.Options(symmetry_breaking='zero_out',
-                                                                seed=3)
+  assert growth.options_from_config(config) == growth.Options(symmetry_breaking='zero_out', seed=3)
 
 
 @pytest.mark.parametrize('module', [roformer_configs, roformer_v2_configs, gau_configs])
@@ -479,5 +521,5 @@ def test_consecutive_presets_are_growth_pairs(module):
 def test_deepnet_presets_grow_keeping_alpha():
   p = growth.plan(deepnet_configs.get_config('tiny'), deepnet_configs.get_config('base'))
   assert p.factors['hidden'] == 6 and p.new_layers and len(p.new_layers) == 32
-  assert p.config_overrides['model.deepnorm_alpha'] == pytest.approx(32 ** 0.25)
+  assert p.config_overrides['model.deepnorm_alpha'] == pytest.approx(32**0.25)
   assert any('alpha kept' in note for note in p.notes)

@@ -17,12 +17,21 @@ from helpers import ROOT
 from helpers import run_pretrain
 from helpers import tiny_flags
 
-TRAIN = ['--config.train.num_train_steps=2', '--config.train.log_every_steps=1',
-         '--config.train.eval_every_steps=2', '--config.train.checkpoint_every_steps=2',
-         '--config.train.eval_steps=1']
-TARGET = ['--config.model.hidden_size=64', '--config.model.num_heads=4',
-          '--config.model.mlp_dim=128', '--config.model.num_layers=3',
-          '--config.data.seq_len=32', '--config.data.global_batch_size=8']
+TRAIN = [
+  '--config.train.num_train_steps=2',
+  '--config.train.log_every_steps=1',
+  '--config.train.eval_every_steps=2',
+  '--config.train.checkpoint_every_steps=2',
+  '--config.train.eval_steps=1',
+]
+TARGET = [
+  '--config.model.hidden_size=64',
+  '--config.model.num_heads=4',
+  '--config.model.mlp_dim=128',
+  '--config.model.num_layers=3',
+  '--config.data.seq_len=32',
+  '--config.data.global_batch_size=8',
+]
 
 
 def _env():
@@ -30,29 +39,46 @@ def _env():
 
 
 def run_upscale(from_workdir, workdir, *flags, config='launch/configs/roformer.py:tiny'):
-  cmd = [sys.executable, '-m', 'launch.upscale', f'--from_workdir={from_workdir}',
-         f'--config={config}', f'--workdir={workdir}', *flags]
+  cmd = [
+    sys.executable,
+    '-m',
+    'launch.upscale',
+    f'--from_workdir={from_workdir}',
+    f'--config={config}',
+    f'--workdir={workdir}',
+    *flags,
+  ]
   return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope='module')
 def small_run(text_corpus, cache_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('small')
-  result = run_pretrain(workdir, tiny_flags(text_corpus, cache_dir, **{
-      'train.num_train_steps': 2, 'train.eval_every_steps': 2}))
+  result = run_pretrain(
+    workdir,
+    tiny_flags(text_corpus, cache_dir, **{'train.num_train_steps': 2, 'train.eval_every_steps': 2}),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 
 
 def test_upscale_is_lossless_and_pretrain_continues(small_run, tmp_path):
   workdir = tmp_path / 'grown'
-  result = run_upscale(small_run, workdir, *TARGET, *TRAIN,
-                       '--config.upscale.symmetry_breaking=zero_out',
-                       '--config.upscale.optimizer_state=map')
+  result = run_upscale(
+    small_run,
+    workdir,
+    *TARGET,
+    *TRAIN,
+    '--config.upscale.symmetry_breaking=zero_out',
+    '--config.upscale.optimizer_state=map',
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
-  m = re.search(r'max \|logit difference\| (\S+); MLM loss small (\S+) vs grown (\S+); '
-                r'accuracy (\S+) vs (\S+)', out)
+  m = re.search(
+    r'max \|logit difference\| (\S+); MLM loss small (\S+) vs grown (\S+); '
+    r'accuracy (\S+) vs (\S+)',
+    out,
+  )
   assert m, out
   diff, loss_small, loss_grown, acc_small, acc_grown = map(float, m.groups())
   assert diff < 1e-4 and abs(loss_small - loss_grown) < 1e-5 and acc_small == acc_grown, out
@@ -69,8 +95,9 @@ def test_upscale_is_lossless_and_pretrain_continues(small_run, tmp_path):
   command = out.split('continue training with:')[1].strip()
   args = shlex.split(command)
   assert args[:3] == ['python', '-m', 'launch.pretrain'], command
-  cont = subprocess.run([sys.executable, *args[1:]], cwd=ROOT, env=_env(), capture_output=True,
-                        text=True, timeout=300)
+  cont = subprocess.run(
+    [sys.executable, *args[1:]], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+  )
   assert cont.returncode == 0, cont.stderr[-3000:]
   assert 'resuming from' in cont.stderr and 'training steps 0 -> 2' in cont.stderr
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['0', '2']

@@ -22,8 +22,9 @@ Seen with jax/jaxlib 0.12.0.1 on CPU (2026-12). Prints one line per case:
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8')
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+)
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -34,32 +35,41 @@ BATCH, LENGTH, FEATURES, PICKED, VOCAB = 8, 16, 8, 2, 64
 
 
 def loss(params, tokens, idx, constrain):
-  h = jnp.take(params['e'], tokens, axis=0) @ params['w']        # [b, n, d]
+  h = jnp.take(params['e'], tokens, axis=0) @ params['w']  # [b, n, d]
   if constrain:
     h = jax.lax.with_sharding_constraint(h, P(('data', 'fsdp'), None, None))
-  picked = jnp.take_along_axis(h, idx[..., None], axis=1)        # [b, k, d]
+  picked = jnp.take_along_axis(h, idx[..., None], axis=1)  # [b, k, d]
   return jnp.sum((picked @ params['h'].T) ** 2)
 
 
 def grad_w(shape, constrain, inputs):
   params, tokens, idx = inputs
-  mesh = jax.make_mesh(shape, ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=jax.devices()[:int(np.prod(shape))])
+  mesh = jax.make_mesh(
+    shape,
+    ('data', 'fsdp', 'tensor'),
+    axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    devices=jax.devices()[: int(np.prod(shape))],
+  )
   batch = NamedSharding(mesh, P(('data', 'fsdp')))
-  shardings = {'w': NamedSharding(mesh, P(None, 'tensor')), 'e': NamedSharding(mesh, P()),
-               'h': NamedSharding(mesh, P('tensor', 'fsdp'))}
-  fn = jax.jit(jax.grad(lambda p, t, i: loss(p, t, i, constrain)),
-               in_shardings=(shardings, batch, batch))
+  shardings = {
+    'w': NamedSharding(mesh, P(None, 'tensor')),
+    'e': NamedSharding(mesh, P()),
+    'h': NamedSharding(mesh, P('tensor', 'fsdp')),
+  }
+  fn = jax.jit(
+    jax.grad(lambda p, t, i: loss(p, t, i, constrain)), in_shardings=(shardings, batch, batch)
+  )
   with jax.set_mesh(mesh):
     return np.asarray(fn(params, tokens, idx)['w'])
 
 
 def main():
   rng = np.random.default_rng(0)
-  params = {'w': rng.normal(size=(FEATURES, FEATURES)).astype(np.float32),
-            'e': rng.normal(size=(VOCAB, FEATURES)).astype(np.float32),
-            'h': rng.normal(size=(VOCAB, FEATURES)).astype(np.float32)}
+  params = {
+    'w': rng.normal(size=(FEATURES, FEATURES)).astype(np.float32),
+    'e': rng.normal(size=(VOCAB, FEATURES)).astype(np.float32),
+    'h': rng.normal(size=(VOCAB, FEATURES)).astype(np.float32),
+  }
   tokens = rng.integers(0, VOCAB, (BATCH, LENGTH)).astype(np.int32)
   idx = rng.integers(0, LENGTH, (BATCH, PICKED)).astype(np.int32)
   inputs = (params, tokens, idx)
@@ -71,11 +81,14 @@ def main():
     for shape in ((2, 2, 2), (1, 2, 2), (2, 1, 2), (2, 2, 1)):
       for constrain in (False, True):
         err = np.linalg.norm(grad_w(shape, constrain, inputs) - reference) / np.linalg.norm(
-            reference)
+          reference
+        )
         ok = err < 1e-5
         bad += not ok
-        print(f'{"shardy" if shardy else "gspmd ":6}  {shape}  constraint={constrain!s:5}  '
-              f'{err:.2e}  {"OK" if ok else "WRONG"}')
+        print(
+          f'{"shardy" if shardy else "gspmd ":6}  {shape}  constraint={constrain!s:5}  '
+          f'{err:.2e}  {"OK" if ok else "WRONG"}'
+        )
   return bad
 
 

@@ -9,10 +9,10 @@ alpha = (2N)^(1/4), beta = (8N)^(-1/4) for N encoder blocks (encoder-only consta
 | tiny | 16 | 128 | 2 | 512 | CPU |
 | deep | 128 | 64 | 2 | 256 | >= 100 layers, narrow; compiles like a 12-layer model (scan) |
 | base | 48 | 768 | 12 | 3072 | TPU |
-Measured figures (loss, throughput, compile time) are in the README.
+Measured figures (loss, throughput, compile time) are in docs/models.md and docs/performance.md.
 """
 
-from launch.configs import base
+from pretrain import config as config_schema
 from launch.configs import roformer
 
 PRESETS = ('tiny', 'deep', 'base')
@@ -23,7 +23,9 @@ def get_config(preset: str = 'tiny'):
   preset = preset or 'tiny'
   if preset not in PRESETS:
     raise ValueError(f'unknown preset {preset!r}; choose one of {", ".join(PRESETS)}')
-  config = roformer.apply_preset(base.get_base_config(), 'base' if preset == 'base' else 'tiny')
+  config = roformer.apply_preset(
+    config_schema.get_base_config(), 'base' if preset == 'base' else 'tiny'
+  )
   m = config.model
   m.family, m.residual = 'roformer', 'deepnorm'
   if preset == 'tiny':

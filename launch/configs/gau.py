@@ -29,12 +29,12 @@ tests/test_models_gau.py).
 | small | 12 | 384 | 128 | 768 | 256 x 64 |
 | base / flash_base | 24 | 768 | 128 | 1536 | 512 x 256 (flash: c = 256) |
 | large | 48 | 1536 | 128 | 3072 | 512 x 1024 |
-Measured figures are in the README.
+Measured figures are in docs/models.md and docs/performance.md.
 """
 
 import math
 
-from launch.configs import base
+from pretrain import config as config_schema
 from launch.configs import roformer
 
 PRESETS = ('tiny', 'small', 'base', 'large', 'flash_tiny', 'flash_base')
@@ -51,7 +51,7 @@ def get_config(preset: str = 'tiny'):
   if preset not in PRESETS:
     raise ValueError(f'unknown preset {preset!r}; choose one of {", ".join(PRESETS)}')
   flash = preset.startswith('flash_')
-  config = roformer.apply_preset(base.get_base_config(), preset.removeprefix('flash_'))
+  config = roformer.apply_preset(config_schema.get_base_config(), preset.removeprefix('flash_'))
   m = config.model
   m.family = 'gau'
   m.num_layers *= 2  # two GAU layers replace one attention + FFN block
@@ -73,6 +73,6 @@ def get_config(preset: str = 'tiny'):
     o.schedule_boundaries = ((0, 1.0), (n // 8, 0.5), (n // 2, 0.1), (n, 0.01))
   if preset in ('tiny', 'flash_tiny'):
     # CPU demo: the recipe's LAMB at 1.76e-3 is tuned for 1M steps and barely moves a few
-    # hundred (README: benchmarks/families.py).
+    # hundred (docs/models.md: benchmarks/families.py).
     o.name, o.schedule, o.learning_rate, o.warmup_steps = 'adamw', 'linear', 2e-3, 50
   return config

@@ -17,7 +17,7 @@ an 8000-token SentencePiece vocabulary; set `--config.model.vocab_size=32000` fo
 corpus (the tokenizer is retrained to that size).
 """
 
-from launch.configs import base
+from pretrain import config as config_schema
 
 PRESETS = ('tiny', 'small', 'base', 'large')
 
@@ -42,7 +42,7 @@ def apply_preset(config, preset: str):
     optim.learning_rate, optim.warmup_steps = 1e-3, 1000
   elif preset == 'base':
     # bfloat16 activations over float32 parameters and optimizer state; data parallel (the
-    # base mesh): fits one 16 GiB v5e chip per 8 with room to spare (README "Will it fit?").
+    # base mesh): fits one 16 GiB v5e chip per 8 with room to spare (docs/tpu_fit.md).
     model.hidden_size, model.num_layers, model.num_heads, model.mlp_dim = 768, 12, 12, 3072
     data.seq_len, data.global_batch_size = 512, 256
     train.num_train_steps, train.eval_every_steps = 200_000, 5000
@@ -58,7 +58,7 @@ def apply_preset(config, preset: str):
     model.dtype, model.remat_policy = 'bfloat16', 'full'
     # Fully sharded: replicated (pure data parallelism), parameters and AdamW state take
     # 7.8 GiB of every chip, half of a v5e chip's 16 GiB; FSDP over every chip fits from 16
-    # v5e chips (README "Will it fit?", benchmarks/aot_table.py).
+    # v5e chips (docs/tpu_fit.md, benchmarks/aot_table.py).
     config.mesh.shape = (1, -1, 1)
   else:
     raise ValueError(f'unknown preset {preset!r}; choose one of {", ".join(PRESETS)}')
@@ -67,6 +67,6 @@ def apply_preset(config, preset: str):
 
 def get_config(preset: str = 'tiny'):
   """Returns the RoFormer v1 config for `preset` (one of PRESETS)."""
-  config = base.get_base_config()
+  config = config_schema.get_base_config()
   config.model.family = 'roformer'
   return apply_preset(config, preset or 'tiny')

@@ -22,6 +22,18 @@ from models.growth.plan import grown_config
 from models.growth.plan import options_from_config
 from models.growth.plan import plan
 
-__all__ = ['AxisMap', 'DEPTH_METHODS', 'GrowthError', 'OPTIMIZER_STATE', 'Options', 'Plan',
-           'SYMMETRY_BREAKING', 'WIDTH_METHODS', 'grow_like_gradient', 'grow_params',
-           'grown_config', 'options_from_config', 'plan']
+__all__ = [
+  'AxisMap',
+  'DEPTH_METHODS',
+  'GrowthError',
+  'OPTIMIZER_STATE',
+  'Options',
+  'Plan',
+  'SYMMETRY_BREAKING',
+  'WIDTH_METHODS',
+  'grow_like_gradient',
+  'grow_params',
+  'grown_config',
+  'options_from_config',
+  'plan',
+]

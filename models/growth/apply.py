@@ -18,6 +18,7 @@ from models.growth.plan import _BRANCH_END, GrowthError, Plan, _has_norm_params
 
 # ----------------------------------------------------------------------------- leaf rules
 
+
 def _leaf_rule(growth_plan: Plan, path: tuple[str, ...]):
   """(kind, [(AxisMap, role) or None per axis]) for a leaf; layer leaves exclude the L axis.
 
@@ -27,8 +28,10 @@ def _leaf_rule(growth_plan: Plan, path: tuple[str, ...]):
   st, name = path[:-1], path[-1]
   produce = lambda a: (a, 'produce')
   consume = lambda a: (a, 'consume')
-  norm = {'scale': ('scale', [produce(m['norm_scale'])]),
-          'bias': ('bias', [produce(m['norm_bias'])])}
+  norm = {
+    'scale': ('scale', [produce(m['norm_scale'])]),
+    'bias': ('bias', [produce(m['norm_bias'])]),
+  }
   if st[0] == 'embedder':
     if st[-1] == 'norm':
       return norm[name]
@@ -48,29 +51,46 @@ def _leaf_rule(growth_plan: Plan, path: tuple[str, ...]):
       return norm[name]
     if growth_plan.src.family == 'gau':
       if st == ('uvz',):
-        return (('kernel', [consume(m['stream']), produce(m['uvz'])]) if name == 'kernel'
-                else ('bias', [produce(m['uvz'])]))
+        return (
+          ('kernel', [consume(m['stream']), produce(m['uvz'])])
+          if name == 'kernel'
+          else ('bias', [produce(m['uvz'])])
+        )
       if st == ('out',):
-        return (('kernel', [consume(m['e']), produce(m['stream'])]) if name == 'kernel'
-                else ('bias', [produce(m['stream'])]))
+        return (
+          ('kernel', [consume(m['e']), produce(m['stream'])])
+          if name == 'kernel'
+          else ('bias', [produce(m['stream'])])
+        )
       if st == ('qk',):
         return 'qk', name
     else:
       if st[0] == 'attention' and st[1] in ('query', 'key', 'value'):
         dh = m[{'query': 'dh_q', 'key': 'dh_k', 'value': 'dh_v'}[st[1]]]
         out = [produce(m['heads']), produce(dh)]
-        return (('kernel', [consume(m['stream'])] + out) if name == 'kernel' else ('bias', out))
+        return ('kernel', [consume(m['stream'])] + out) if name == 'kernel' else ('bias', out)
       if st == ('attention', 'out'):
-        return (('kernel', [consume(m['heads']), consume(m['dh_v']), produce(m['stream'])])
-                if name == 'kernel' else ('bias', [produce(m['stream'])]))
+        return (
+          ('kernel', [consume(m['heads']), consume(m['dh_v']), produce(m['stream'])])
+          if name == 'kernel'
+          else ('bias', [produce(m['stream'])])
+        )
       if st == ('mlp', 'wi'):
-        return (('kernel', [consume(m['stream']), produce(m['mlp'])]) if name == 'kernel'
-                else ('bias', [produce(m['mlp'])]))
+        return (
+          ('kernel', [consume(m['stream']), produce(m['mlp'])])
+          if name == 'kernel'
+          else ('bias', [produce(m['mlp'])])
+        )
       if st == ('mlp', 'wo'):
-        return (('kernel', [consume(m['mlp']), produce(m['stream'])]) if name == 'kernel'
-                else ('bias', [produce(m['stream'])]))
-  raise GrowthError(f'models/growth/apply.py has no growth rule for parameter {"/".join(path)}; '
-                    'the model layout changed: add a rule in _leaf_rule.')
+        return (
+          ('kernel', [consume(m['mlp']), produce(m['stream'])])
+          if name == 'kernel'
+          else ('bias', [produce(m['stream'])])
+        )
+  raise GrowthError(
+    f'models/growth/apply.py has no growth rule for parameter {"/".join(path)}; '
+    'the model layout changed: add a rule in _leaf_rule.'
+  )
 
 
 def _rng(seed: int, path: tuple[str, ...], salt: str = '') -> np.random.Generator:
@@ -94,14 +114,23 @@ def _mean(y: np.ndarray, mask: np.ndarray, stacked: bool) -> np.ndarray:
   return num / den
 
 
-def _apply(x: np.ndarray, axes, kind: str, mode: str, power: int, stacked: bool,
-           rng: np.random.Generator | None) -> np.ndarray:
+def _apply(
+  x: np.ndarray,
+  axes,
+  kind: str,
+  mode: str,
+  power: int,
+  stacked: bool,
+  rng: np.random.Generator | None,
+) -> np.ndarray:
   """Applies per-axis maps to one leaf (float64). axes excludes the L axis when stacked."""
   offset = 1 if stacked else 0
   y = np.asarray(x, np.float64)
   if len(axes) + offset != y.ndim:
-    raise GrowthError(f'leaf of shape {y.shape} does not match its growth rule '
-                      f'({len(axes)} feature axes); the model layout changed.')
+    raise GrowthError(
+      f'leaf of shape {y.shape} does not match its growth rule '
+      f'({len(axes)} feature axes); the model layout changed.'
+    )
   new_any = np.zeros((1,) * y.ndim, bool)
   zero_any = np.zeros((1,) * y.ndim, bool)
   for i, rule in enumerate(axes):
@@ -112,7 +141,7 @@ def _apply(x: np.ndarray, axes, kind: str, mode: str, power: int, stacked: bool,
     idx, fac, is_new, must_zero = amap.layout(role, mode)
     shape = [1] * y.ndim
     shape[ax] = len(idx)
-    y = np.take(y, np.where(idx >= 0, idx, 0), axis=ax) * (fac ** power).reshape(shape)
+    y = np.take(y, np.where(idx >= 0, idx, 0), axis=ax) * (fac**power).reshape(shape)
     new_any = new_any | is_new.reshape(shape)
     zero_any = zero_any | must_zero.reshape(shape)
   new_any = np.broadcast_to(new_any, y.shape)
@@ -129,7 +158,9 @@ def _apply(x: np.ndarray, axes, kind: str, mode: str, power: int, stacked: bool,
   return np.where(np.broadcast_to(zero_any, y.shape), 0.0, y)
 
 
-def _grow_leaf(growth_plan: Plan, path: tuple[str, ...], x, mode: str, power: int = 1) -> np.ndarray:
+def _grow_leaf(
+  growth_plan: Plan, path: tuple[str, ...], x, mode: str, power: int = 1
+) -> np.ndarray:
   stacked = path[0] == 'layers'
   kind, axes = _leaf_rule(growth_plan, path)
   rng = _rng(growth_plan.options.seed, path)
@@ -139,22 +170,29 @@ def _grow_leaf(growth_plan: Plan, path: tuple[str, ...], x, mode: str, power: in
     if x.shape[1] != len(rows):
       raise GrowthError(f'{"/".join(path)} has {x.shape[1]} rows, expected {len(rows)}.')
     sub = 'scale' if axes == 'scale' else 'bias'
-    out = [_apply(x[:, r], [(rows[r], 'produce')], sub, mode, power, True, rng)
-           for r in range(len(rows))]
+    out = [
+      _apply(x[:, r], [(rows[r], 'produce')], sub, mode, power, True, rng) for r in range(len(rows))
+    ]
     return np.stack(out, axis=1)
   return _apply(x, axes, kind, mode, power, stacked, rng)
 
 
 # ----------------------------------------------------------------------------- trees
 
+
 def _stacked(params: dict) -> dict:
   layers = params.get('layers')
-  if isinstance(layers, (list, tuple)) or (isinstance(layers, dict) and layers
-                                           and all(isinstance(k, int) for k in layers)):
+  if isinstance(layers, (list, tuple)) or (
+    isinstance(layers, dict) and layers and all(isinstance(k, int) for k in layers)
+  ):
     seq = [layers[i] for i in sorted(layers)] if isinstance(layers, dict) else list(layers)
     out = dict(params)
-    out['layers'] = traverse_util.unflatten_dict({path: np.stack([np.asarray(traverse_util.flatten_dict(l)[path]) for l in seq])
-                                for path in traverse_util.flatten_dict(seq[0])})
+    out['layers'] = traverse_util.unflatten_dict(
+      {
+        path: np.stack([np.asarray(traverse_util.flatten_dict(l)[path]) for l in seq])
+        for path in traverse_util.flatten_dict(seq[0])
+      }
+    )
     return out
   return params
 
@@ -163,7 +201,9 @@ def _unstacked(params: dict) -> dict:
   out = dict(params)
   flat = traverse_util.flatten_dict(params['layers'])
   num = next(iter(flat.values())).shape[0]
-  out['layers'] = {i: traverse_util.unflatten_dict({path: v[i] for path, v in flat.items()}) for i in range(num)}
+  out['layers'] = {
+    i: traverse_util.unflatten_dict({path: v[i] for path, v in flat.items()}) for i in range(num)
+  }
   return out
 
 
@@ -175,17 +215,24 @@ def _norm_names(growth_plan: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def _insert_layers(growth_plan: Plan, flat: dict[tuple, np.ndarray], mode: str) -> dict:
-  """Inserts zero-branch blocks at growth_plan.new_layers into stacked leaves (docs/algorithms.md 4.6)."""
+  """Inserts zero-branch blocks at growth_plan.new_layers into stacked leaves
+  (docs/algorithms.md 4.6)."""
   if not growth_plan.new_layers:
     return flat
   flat = dict(flat)
   layer_paths = [path for path in flat if path[0] == 'layers']
-  blocks = [{path[1:]: flat[path][i] for path in layer_paths}
-            for i in range(flat[layer_paths[0]].shape[0])]
+  blocks = [
+    {path[1:]: flat[path][i] for path in layer_paths} for i in range(flat[layer_paths[0]].shape[0])
+  ]
   first, last = _norm_names(growth_plan)
   transfer = growth_plan.depth_method == 'norm_transfer' and _has_norm_params(growth_plan.src)
-  stats = {path[1:]: (_rms(flat[path], np.zeros((1,) * flat[path].ndim, bool), False),
-                      flat[path].mean(axis=0)) for path in layer_paths}
+  stats = {
+    path[1:]: (
+      _rms(flat[path], np.zeros((1,) * flat[path].ndim, bool), False),
+      flat[path].mean(axis=0),
+    )
+    for path in layer_paths
+  }
   for position in growth_plan.new_layers:
     rng = _rng(growth_plan.options.seed, ('layers', str(position)), 'depth')
     block = {}
@@ -211,8 +258,11 @@ def _insert_layers(growth_plan: Plan, flat: dict[tuple, np.ndarray], mode: str) 
           continue
         old = owner[key]
         block[last + (name,)] = np.array(old)
-        owner[key] = (np.zeros_like(old) if mode == 'grad' or name == 'bias'
-                      else np.full_like(old, growth_plan.c_stream))
+        owner[key] = (
+          np.zeros_like(old)
+          if mode == 'grad' or name == 'bias'
+          else np.full_like(old, growth_plan.c_stream)
+        )
     blocks.insert(position, block)
   for path in layer_paths:
     flat[path] = np.stack([b[path[1:]] for b in blocks])
@@ -224,8 +274,10 @@ def _grow_tree(growth_plan: Plan, params: dict, mode: str, power: int = 1) -> di
   in the dst layout (scan_layers)."""
   flat = traverse_util.flatten_dict(_stacked(params))
   dtypes = {path: np.asarray(v).dtype for path, v in flat.items()}
-  out = {path: _grow_leaf(growth_plan, tuple(str(k) for k in path), v, mode, power)
-         for path, v in flat.items()}
+  out = {
+    path: _grow_leaf(growth_plan, tuple(str(k) for k in path), v, mode, power)
+    for path, v in flat.items()
+  }
   if mode == 'param' and growth_plan.options.symmetry_breaking == 'noise':
     for path, y in out.items():
       kind, _ = _leaf_rule(growth_plan, tuple(str(k) for k in path))

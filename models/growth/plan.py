@@ -87,6 +87,7 @@ class Options:
       gradients map; second moments with the squared factors; new units zero).
     seed: seed of the random values given to new units.
   """
+
   width_method: str = 'auto'
   symmetry_breaking: str = 'none'
   noise_sigma: float = 1e-3
@@ -97,15 +98,21 @@ class Options:
 
 
 def options_from_config(config) -> Options:
-  """Options from the `config.upscale` section of the schema (launch/configs/base.py)."""
+  """Options from the `config.upscale` section of the schema (pretrain/config.py)."""
   u = config.upscale
-  return Options(width_method=str(u.width_method), symmetry_breaking=str(u.symmetry_breaking),
-                 noise_sigma=float(u.noise_sigma), depth_method=str(u.depth_method),
-                 depth_positions=str(u.depth_positions),
-                 optimizer_state=str(u.optimizer_state), seed=int(u.seed))
+  return Options(
+    width_method=str(u.width_method),
+    symmetry_breaking=str(u.symmetry_breaking),
+    noise_sigma=float(u.noise_sigma),
+    depth_method=str(u.depth_method),
+    depth_positions=str(u.depth_positions),
+    optimizer_state=str(u.optimizer_state),
+    seed=int(u.seed),
+  )
 
 
 # ----------------------------------------------------------------------------- axis maps
+
 
 @dataclasses.dataclass(frozen=True)
 class AxisMap:
@@ -125,6 +132,7 @@ class AxisMap:
       'zero' (the new units are live, so their outgoing weights must be 0) or 'free'.
     parts: sub-maps of a 'concat' axis (GAU's fused [U, V, Z] projection).
   """
+
   old: int
   new: int
   kind: str = 'same'
@@ -203,9 +211,11 @@ def _slots(n: int, k: int, scale: float, new_produce: str) -> AxisMap:
 
 # ----------------------------------------------------------------------------- the plan
 
+
 @dataclasses.dataclass
 class Plan:
   """A validated growth from one architecture to another (build with `plan`)."""
+
   src: encoder.ArchSpec
   dst: encoder.ArchSpec
   options: Options
@@ -225,17 +235,30 @@ class Plan:
 
   def report(self) -> dict[str, Any]:
     """A JSON-able summary (stored in the lineage of the grown checkpoint)."""
-    shape = lambda s: {'family': s.family, 'hidden_size': s.hidden, 'num_layers': s.num_layers,
-                       'num_heads': s.num_heads, 'head_dim': s.head_dim, 'mlp_dim': s.mlp_dim,
-                       'expansion': s.expansion, 'shared_dim': s.shared_dim}
+    shape = lambda s: {
+      'family': s.family,
+      'hidden_size': s.hidden_size,
+      'num_layers': s.num_layers,
+      'num_heads': s.num_heads,
+      'head_dim': s.head_dim,
+      'mlp_dim': s.mlp_dim,
+      'expansion': s.expansion_factor,
+      'shared_dim': s.shared_dim,
+    }
     return {
-        'from': shape(self.src), 'to': shape(self.dst),
-        'factors': dict(self.factors), 'options': dataclasses.asdict(self.options),
-        'width_method': self.width_method, 'stream_expansion': self.stream_kind,
-        'stream_scale': self.c_stream, 'embedding_scale': self.c_embed,
-        'depth_method': self.depth_method, 'new_layers': list(self.new_layers),
-        'exactness': self.exactness, 'notes': list(self.notes),
-        'config_overrides': dict(self.config_overrides),
+      'from': shape(self.src),
+      'to': shape(self.dst),
+      'factors': dict(self.factors),
+      'options': dataclasses.asdict(self.options),
+      'width_method': self.width_method,
+      'stream_expansion': self.stream_kind,
+      'stream_scale': self.c_stream,
+      'embedding_scale': self.c_embed,
+      'depth_method': self.depth_method,
+      'new_layers': list(self.new_layers),
+      'exactness': self.exactness,
+      'notes': list(self.notes),
+      'config_overrides': dict(self.config_overrides),
     }
 
 
@@ -243,8 +266,9 @@ def _ratio(name: str, old: int, new: int, flag: str, what: str = '') -> int:
   if new < old or new % old:
     multiples = ', '.join(str(old * i) for i in (1, 2, 3, 4))
     raise GrowthError(
-        f'{name} {old} -> {new} is not a growth by an integer factor; choose --config.{flag} '
-        f'so that {what or flag.split(".")[-1]} is a multiple of {old} ({multiples}, ...).')
+      f'{name} {old} -> {new} is not a growth by an integer factor; choose --config.{flag} '
+      f'so that {what or flag.split(".")[-1]} is a multiple of {old} ({multiples}, ...).'
+    )
   return new // old
 
 
@@ -253,12 +277,13 @@ def _require_equal(src, dst, fields: Sequence[tuple[str, str]]):
     a, b = getattr(src, attr), getattr(dst, attr)
     if a != b:
       raise GrowthError(
-          f'{flag} differs ({a!r} in the source, {b!r} in the target); growth keeps it: set '
-          f'--config.{flag}={a!r}.')
+        f'{flag} differs ({a!r} in the source, {b!r} in the target); growth keeps it: set '
+        f'--config.{flag}={a!r}.'
+      )
 
 
 def _has_norm_params(spec) -> bool:
-  return spec.norm in ('layernorm', 'rmsnorm')
+  return spec.norm_type in ('layernorm', 'rmsnorm')
 
 
 def _depth_positions(option: str, old: int, new: int) -> tuple[int, ...]:
@@ -276,12 +301,18 @@ def _depth_positions(option: str, old: int, new: int) -> tuple[int, ...]:
     positions = tuple(sorted(int(p) for p in option.replace(' ', '').split(',') if p != ''))
   except ValueError:
     positions = None
-  if (positions is None or len(positions) != extra or len(set(positions)) != extra
-      or min(positions) < 0 or max(positions) >= new):
+  if (
+    positions is None
+    or len(positions) != extra
+    or len(set(positions)) != extra
+    or min(positions) < 0
+    or max(positions) >= new
+  ):
     raise GrowthError(
-        f'upscale.depth_positions={option!r} must be "interleave", "append" or {extra} distinct '
-        f'comma-separated indices in [0, {new}) naming the new blocks in the grown stack '
-        f'(num_layers {old} -> {new}).')
+      f'upscale.depth_positions={option!r} must be "interleave", "append" or {extra} distinct '
+      f'comma-separated indices in [0, {new}) naming the new blocks in the grown stack '
+      f'(num_layers {old} -> {new}).'
+    )
   return positions
 
 
@@ -294,18 +325,19 @@ def _stream_scales(src, k: int, method: str, zero_out: bool):
   c_s: the stream (every block norm's output); c_e: the (tied) embedding; c_h: the input of
   the tied logits when a head transform + norm sits in between (v1: k c_h c_e = 1).
   """
-  param_free = src.norm == 'rmsnorm_noparam'
+  param_free = src.norm_type == 'rmsnorm_noparam'
   if method == 'auto':
     method = 'unit' if param_free else 'su'
   if param_free and method == 'su':
     raise GrowthError(
-        "upscale.width_method='su' needs norms with a gain (its stream scale 1/sqrt(k) "
-        'must be undone by the norm), but model.norm_type=rmsnorm_noparam outputs scale 1 '
-        "(docs/algorithms.md 4.5); use width_method='unit' (or 'auto'), which is exact for this "
-        "model.")
+      "upscale.width_method='su' needs norms with a gain (its stream scale 1/sqrt(k) "
+      'must be undone by the norm), but model.norm_type=rmsnorm_noparam outputs scale 1 '
+      "(docs/algorithms.md 4.5); use width_method='unit' (or 'auto'), which is exact for this "
+      'model.'
+    )
   kind = 'pad' if (zero_out and param_free and k > 1) else 'rep'
   c_norm = math.sqrt(k) if kind == 'pad' else 1.0  # Norm(E(x)) = c_norm E(Norm(x))
-  mult = k if kind == 'rep' else 1                   # <E(a), E(b)> = mult <a, b>
+  mult = k if kind == 'rep' else 1  # <E(a), E(b)> = mult <a, b>
   if param_free:
     cs2 = Fraction(k) if kind == 'pad' else Fraction(1)
   else:
@@ -323,88 +355,116 @@ def _stream_scales(src, k: int, method: str, zero_out: bool):
   notes = []
   for name, f in want.items():
     if f != eps_fraction and src.norm_eps > 0:
-      notes.append(f'{name} needs eps*{float(f):.6g} but the model has one eps (set to eps*'
-                   f'{float(eps_fraction):.6g}): relative deviation '
-                   f'~{abs(float(f - eps_fraction)) * src.norm_eps:.2g} / mean square of its input')
-  return method, {'kind': kind, 'c_s': math.sqrt(cs2), 'c_e': c_e, 'c_h': c_h,
-                  'c_norm': c_norm, 'eps_fraction': eps_fraction, 'eps_notes': notes}
+      notes.append(
+        f'{name} needs eps*{float(f):.6g} but the model has one eps (set to eps*'
+        f'{float(eps_fraction):.6g}): relative deviation '
+        f'~{abs(float(f - eps_fraction)) * src.norm_eps:.2g} / mean square of its input'
+      )
+  return method, {
+    'kind': kind,
+    'c_s': math.sqrt(cs2),
+    'c_e': c_e,
+    'c_h': c_h,
+    'c_norm': c_norm,
+    'eps_fraction': eps_fraction,
+    'eps_notes': notes,
+  }
 
 
 def _axis_maps(src, dst, factors: dict, stream: dict, zero_out: bool, notes: list) -> dict:
   """The AxisMap of every activation site (docs/algorithms.md 4.1), keyed by site name."""
   k, c_s = factors['hidden'], stream['c_s']
   kind = 'same' if k == 1 else stream['kind']
-  stream_map = AxisMap(src.hidden, dst.hidden, kind, c_s, new_produce='zero',
-                       new_consume='free')
+  stream_map = AxisMap(
+    src.hidden_size, dst.hidden_size, kind, c_s, new_produce='zero', new_consume='free'
+  )
   maps: dict[str, Any] = {
-      'stream': stream_map,
-      'embed': dataclasses.replace(stream_map, scale=stream['c_e']),
-      'norm_scale': dataclasses.replace(stream_map, scale=c_s / stream['c_norm']),
-      'norm_bias': stream_map,
-      'head_hidden': _copies(src.hidden, k, 'rep', False),
-      'head_norm': AxisMap(src.hidden, dst.hidden, 'same' if k == 1 else 'rep', stream['c_h']),
+    'stream': stream_map,
+    'embed': dataclasses.replace(stream_map, scale=stream['c_e']),
+    'norm_scale': dataclasses.replace(stream_map, scale=c_s / stream['c_norm']),
+    'norm_bias': stream_map,
+    'head_hidden': _copies(src.hidden_size, k, 'rep', False),
+    'head_norm': AxisMap(
+      src.hidden_size, dst.hidden_size, 'same' if k == 1 else 'rep', stream['c_h']
+    ),
   }
   if src.family == 'gau':
     ke, ks = factors['expansion'], factors['shared_dim']
-    e_map = _copies(src.expansion * src.hidden, ke, 'rep', zero_out)
+    e_map = _copies(src.expansion_factor * src.hidden_size, ke, 'rep', zero_out)
     z_map = _slots(src.shared_dim, ks, 1.0, 'free')
     maps['e'] = e_map
-    maps['uvz'] = AxisMap(2 * e_map.old + z_map.old, 2 * e_map.new + z_map.new, 'concat',
-                          parts=(e_map, e_map, z_map))
-    a_quad = ks ** 0.25
+    maps['uvz'] = AxisMap(
+      2 * e_map.old + z_map.old, 2 * e_map.new + z_map.new, 'concat', parts=(e_map, e_map, z_map)
+    )
+    a_quad = ks**0.25
     rows = [(a_quad, 'zero'), (a_quad, 'free')]  # q rows: new slots 0; k rows: random
     if src.chunk_size > 0:
       rows += [(1.0, 'zero'), (1.0, 'free')]  # FLASH's linear part has no 1/sqrt(s)
     maps['qk_rows'] = tuple(_slots(src.shared_dim, ks, a, rule) for a, rule in rows)
   else:
     kh, kdh, kf = factors['heads'], factors['head_dim'], factors['mlp']
-    a = kdh ** 0.25
-    maps.update({
+    a = kdh**0.25
+    maps.update(
+      {
         'heads': _copies(src.num_heads, kh, 'tile', zero_out),
         'dh_q': _slots(src.head_dim, kdh, a, 'zero'),
         'dh_k': _slots(src.head_dim, kdh, a, 'free'),
         'dh_v': _copies(src.head_dim, kdh, 'rep', zero_out),
         'mlp': _copies(src.mlp_dim, kf, 'rep', zero_out),
-    })
+      }
+    )
     if kdh > 1:
-      notes.append(f'head_dim {src.head_dim} -> {dst.head_dim} by zero-slot RoPE '
-                   f'(docs/algorithms.md 4.4 R2): '
-                   'old pair p sits at pair k*p (same frequency), q and k scaled by k^(1/4)')
+      notes.append(
+        f'head_dim {src.head_dim} -> {dst.head_dim} by zero-slot RoPE '
+        f'(docs/algorithms.md 4.4 R2): '
+        'old pair p sits at pair k*p (same frequency), q and k scaled by k^(1/4)'
+      )
   return maps
 
 
 def _check_options(options: Options):
   """GrowthError for an option outside its choices."""
-  for name, value, choices in (('width_method', options.width_method, WIDTH_METHODS),
-                               ('symmetry_breaking', options.symmetry_breaking,
-                                SYMMETRY_BREAKING),
-                               ('depth_method', options.depth_method, DEPTH_METHODS),
-                               ('optimizer_state', options.optimizer_state, OPTIMIZER_STATE)):
+  for name, value, choices in (
+    ('width_method', options.width_method, WIDTH_METHODS),
+    ('symmetry_breaking', options.symmetry_breaking, SYMMETRY_BREAKING),
+    ('depth_method', options.depth_method, DEPTH_METHODS),
+    ('optimizer_state', options.optimizer_state, OPTIMIZER_STATE),
+  ):
     if value not in choices:
-      raise GrowthError(f'upscale.{name}={value!r} is not supported; choose one of '
-                        f'{", ".join(map(repr, choices))}.')
+      raise GrowthError(
+        f'upscale.{name}={value!r} is not supported; choose one of {", ".join(map(repr, choices))}.'
+      )
   if options.symmetry_breaking == 'noise' and not options.noise_sigma > 0:
-    raise GrowthError(f'upscale.noise_sigma={options.noise_sigma} must be > 0 with '
-                      "symmetry_breaking='noise' (typical 1e-3..1e-2).")
+    raise GrowthError(
+      f'upscale.noise_sigma={options.noise_sigma} must be > 0 with '
+      "symmetry_breaking='noise' (typical 1e-3..1e-2)."
+    )
 
 
 def _factors(src, dst) -> dict[str, int]:
   """The integer growth factor of every axis, and the number of blocks added."""
-  k = _ratio('hidden_size', src.hidden, dst.hidden, 'model.hidden_size')
+  k = _ratio('hidden_size', src.hidden_size, dst.hidden_size, 'model.hidden_size')
   factors = {'hidden': k}
   if src.family == 'gau':
-    e_src, e_dst = src.expansion * src.hidden, dst.expansion * dst.hidden
-    factors['expansion'] = _ratio('GAU e = expansion_factor * hidden_size', e_src, e_dst,
-                                  'model.expansion_factor', 'expansion_factor * hidden_size')
-    factors['shared_dim'] = _ratio('shared_dim', src.shared_dim, dst.shared_dim,
-                                   'model.shared_dim')
+    e_src = src.expansion_factor * src.hidden_size
+    e_dst = dst.expansion_factor * dst.hidden_size
+    factors['expansion'] = _ratio(
+      'GAU e = expansion_factor * hidden_size',
+      e_src,
+      e_dst,
+      'model.expansion_factor',
+      'expansion_factor * hidden_size',
+    )
+    factors['shared_dim'] = _ratio('shared_dim', src.shared_dim, dst.shared_dim, 'model.shared_dim')
   else:
     factors['heads'] = _ratio('num_heads', src.num_heads, dst.num_heads, 'model.num_heads')
     factors['head_dim'] = _ratio('head_dim', src.head_dim, dst.head_dim, 'model.head_dim')
     factors['mlp'] = _ratio('mlp_dim', src.mlp_dim, dst.mlp_dim, 'model.mlp_dim')
   if dst.num_layers < src.num_layers:
-    raise GrowthError(f'num_layers {src.num_layers} -> {dst.num_layers} would remove blocks; '
-                      f'set --config.model.num_layers >= {src.num_layers}.')
+    raise GrowthError(
+      f'num_layers {src.num_layers} -> {dst.num_layers} would remove blocks; '
+      f'set --config.model.num_layers >= {src.num_layers}.'
+    )
   factors['layers_added'] = dst.num_layers - src.num_layers
   return factors
 
@@ -418,9 +478,11 @@ def _config_overrides(src, dst, eps_fraction, notes: list) -> dict[str, Any]:
     overrides['model.norm_eps'] = new_eps
   if src.residual == 'deepnorm':
     if dst.residual_alpha != src.residual_alpha:
-      notes.append(f'DeepNet: alpha kept at the trained {src.residual_alpha:.6g}; the formula '
-                   f'(2N)^(1/4) for N = {dst.num_layers} would give '
-                   f'{(2.0 * dst.num_layers) ** 0.25:.6g} (docs/algorithms.md 4.6)')
+      notes.append(
+        f'DeepNet: alpha kept at the trained {src.residual_alpha:.6g}; the formula '
+        f'(2N)^(1/4) for N = {dst.num_layers} would give '
+        f'{(2.0 * dst.num_layers) ** 0.25:.6g} (docs/algorithms.md 4.6)'
+      )
     overrides['model.deepnorm_alpha'] = src.residual_alpha
     overrides['model.deepnorm_beta'] = src.kernel_init.deepnorm_beta
   return overrides
@@ -436,24 +498,41 @@ def plan(src_config, dst_config, options: Options | None = None) -> Plan:
   options = options or options_from_config(dst_config)
   _check_options(options)
   if src_config.objective != dst_config.objective:
-    raise GrowthError(f'objective differs ({src_config.objective!r} vs '
-                      f'{dst_config.objective!r}); set --config.objective={src_config.objective}.')
+    raise GrowthError(
+      f'objective differs ({src_config.objective!r} vs '
+      f'{dst_config.objective!r}); set --config.objective={src_config.objective}.'
+    )
   src, dst = encoder.resolve(src_config), encoder.resolve(dst_config)
-  _require_equal(src, dst, [
-      ('family', 'model.family'), ('vocab_size', 'model.vocab_size'),
-      ('type_vocab_size', 'model.type_vocab_size'), ('norm', 'model.norm_type'),
-      ('use_bias', 'model.use_bias'), ('residual', 'model.residual'),
-      ('rotary_base', 'model.rotary_base'), ('attention_scale', 'model.attention_scale'),
+  _require_equal(
+    src,
+    dst,
+    [
+      ('family', 'model.family'),
+      ('vocab_size', 'model.vocab_size'),
+      ('type_vocab_size', 'model.type_vocab_size'),
+      ('norm_type', 'model.norm_type'),
+      ('use_bias', 'model.use_bias'),
+      ('residual', 'model.residual'),
+      ('rotary_base', 'model.rotary_base'),
+      ('attention_scale', 'model.attention_scale'),
       ('mlp_activation', 'model.mlp_activation'),
-      ('position_embedding', 'model.position_embedding')])
+      ('position_embedding', 'model.position_embedding'),
+    ],
+  )
   if src.position_embedding == 'learned':
     # The [P, d] table is an embedding on the stream (same map as the token table); its row
     # count is not a width and does not grow.
     _require_equal(src, dst, [('max_position', 'model.max_position')])
   if src.family == 'gau':
-    _require_equal(src, dst, [('attention_norm', 'model.attention_norm'),
-                              ('chunk_size', 'model.chunk_size'),
-                              ('gau_activation', 'model.gau_activation')])
+    _require_equal(
+      src,
+      dst,
+      [
+        ('attention_norm', 'model.attention_norm'),
+        ('chunk_size', 'model.chunk_size'),
+        ('gau_activation', 'model.gau_activation'),
+      ],
+    )
   notes: list[str] = []
   factors = _factors(src, dst)
   k = factors['hidden']
@@ -472,29 +551,49 @@ def plan(src_config, dst_config, options: Options | None = None) -> Plan:
   if new_layers:
     if depth_method == 'zero_branch' and _has_norm_params(src):
       raise GrowthError(
-          f"upscale.depth_method='zero_branch' is not exact for post-norm with "
-          f'model.norm_type={src.norm} (LN(g*n + b) != g*n + b, docs/algorithms.md 4.6); use '
-          "depth_method='norm_transfer' (exact up to O(eps): the preceding norm's gain and "
-          "offset move into the new block), or 'auto'.")
+        f"upscale.depth_method='zero_branch' is not exact for post-norm with "
+        f'model.norm_type={src.norm_type} (LN(g*n + b) != g*n + b, docs/algorithms.md 4.6); use '
+        "depth_method='norm_transfer' (exact up to O(eps): the preceding norm's gain and "
+        "offset move into the new block), or 'auto'."
+      )
     if src.norm_eps > 0:
       exact = 'up to O(eps)' if exact == 'yes' else exact
-      notes.append(f'inserted blocks re-normalise a normalised stream: relative deviation '
-                   f'~{src.norm_eps:.2g} (eps)')
+      notes.append(
+        f'inserted blocks re-normalise a normalised stream: relative deviation '
+        f'~{src.norm_eps:.2g} (eps)'
+      )
   if options.symmetry_breaking == 'noise':
     exact = 'no'
-    notes.append(f'noise symmetry breaking (sigma {options.noise_sigma:g} x RMS per leaf) '
-                 'changes the function by O(sigma)')
+    notes.append(
+      f'noise symmetry breaking (sigma {options.noise_sigma:g} x RMS per leaf) '
+      'changes the function by O(sigma)'
+    )
   if zero_out and stream['kind'] == 'rep' and k > 1:
-    notes.append('zero_out: the stream is copied (Rep; zero-padding the stream is exact only '
-                 'for parameter-free RMS norms); copies are separated through the new inner '
-                 'units after the first updates')
+    notes.append(
+      'zero_out: the stream is copied (Rep; zero-padding the stream is exact only '
+      'for parameter-free RMS norms); copies are separated through the new inner '
+      'units after the first updates'
+    )
 
   overrides = _config_overrides(src, dst, stream['eps_fraction'], notes)
-  return Plan(src=src, dst=dst, options=options, factors=factors, width_method=method,
-              stream_kind=maps['stream'].kind, c_stream=stream['c_s'], c_embed=stream['c_e'],
-              c_head=stream['c_h'], eps_factor=float(stream['eps_fraction']), depth_method=depth_method,
-              new_layers=new_layers,
-              maps=maps, exactness=exact, notes=notes, config_overrides=overrides)
+  return Plan(
+    src=src,
+    dst=dst,
+    options=options,
+    factors=factors,
+    width_method=method,
+    stream_kind=maps['stream'].kind,
+    c_stream=stream['c_s'],
+    c_embed=stream['c_e'],
+    c_head=stream['c_h'],
+    eps_factor=float(stream['eps_fraction']),
+    depth_method=depth_method,
+    new_layers=new_layers,
+    maps=maps,
+    exactness=exact,
+    notes=notes,
+    config_overrides=overrides,
+  )
 
 
 def grown_config(dst_config, growth_plan: Plan):

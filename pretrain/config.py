@@ -2,7 +2,8 @@
 
 Every field is defined here, once, with its meaning and unit (the growth options of
 `config.upscale` are `models.growth.Options`'s fields); family files
-(`roformer.py`, `roformer_v2.py`, `gau.py`, `deepnet.py`) only change values.
+in `launch/configs/` (`roformer.py`, `roformer_v2.py`, `gau.py`, `deepnet.py`, and the
+fine-tuning presets `finetune.py`) only change values.
 Overriding a field that is not defined here is an error (`--config.model.foo=1`
 names the unknown field and exits with code 2).
 """
@@ -76,8 +77,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.shared_dim = 128
   # GAU attention normalisation: 'relu2', 'softmax' or 'softmax_plus' (docs/algorithms.md 6.1).
   model.attention_norm = 'relu2'
-  # FLASH mixed-chunk attention chunk size c (tokens); 0 = plain quadratic GAU (docs/algorithms.md
-  # 6.2).
+  # FLASH mixed-chunk attention chunk size c (tokens); 0 = plain quadratic GAU
+  # (docs/algorithms.md 6.2).
   model.chunk_size = 0
   # Feed-forward activation of RoFormer/DeepNet blocks (and v1's MLM head transform): 'gelu'
   # (exact erf, RoFormer v1), 'gelu_tanh', 'relu' (released RoFormer-v2) or 'swish'.
@@ -85,8 +86,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Causal LM with relu2 attention (GAU / FLASH): divide each query's weights by the keys it
   # sees, 'visible' (j <= i; bert4keras), or by all keys of its document, 'n' (FLASH paper).
   model.causal_normalizer = 'visible'
-  # GAU activation phi on U, V, Z: 'swish' (paper) or 'relu' (homogeneity tests, docs/algorithms.md
-  # 6.5).
+  # GAU activation phi on U, V, Z: 'swish' (paper) or 'relu' (homogeneity tests,
+  # docs/algorithms.md 6.5).
   model.gau_activation = 'swish'
   # Kernel init: 'normal' (std initializer_range), 'roformer_v2' (truncated normal L^-1/2),
   # 'gau_alpha' (L^-1/3), docs/algorithms.md 5.3.
@@ -178,9 +179,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # micro-batch; accumulation='momentum' (k > 1) needs 0 (no window mean exists to clip).
   optim.grad_clip_norm = 1.0
   # Micro-steps per optimizer update, and how to accumulate: 'multisteps' (optax.MultiSteps,
-  # exact, one extra buffer), 'momentum' (hidden in momentum, no buffer, docs/algorithms.md 2) or
-  # 'every_k'
-  # (Su: the optimizer runs every micro-step, its updates are applied every k-th).
+  # exact, one extra buffer), 'momentum' (hidden in momentum, no buffer, docs/algorithms.md 2)
+  # or 'every_k' (Su: the optimizer runs every micro-step, its updates are applied every k-th).
   # train.num_train_steps counts micro-steps (batches); schedules count optimizer updates.
   optim.accumulation_steps = 1
   optim.accumulation = 'multisteps'
@@ -196,8 +196,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   optim.clipping_threshold = 1.0
   optim.decay_rate = 0.8
   # AdaFactor: factor DenseGeneral kernels (L, d, h, d_h) as (L, d, h*d_h) matrices
-  # (docs/algorithms.md 1.4),
-  # and factor a second moment only if its second-largest axis has >= this many entries.
+  # (docs/algorithms.md 1.4), and factor a second moment only if its second-largest axis has
+  # >= this many entries.
   optim.factor_merge_small_axes = True
   optim.min_dim_size_to_factor = 128
   # Exponentiated-gradient step-size adaptation wrapped around the base optimizer
@@ -227,7 +227,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.num_train_steps = 300
   # Console / metrics.jsonl / TensorBoard logging period (steps).
   train.log_every_steps = 25
-  # Evaluation period (steps; the final step is always evaluated) and batches per evaluation.
+  # Evaluation period (steps; 0 = only at the end; the final step is always evaluated) and
+  # batches per evaluation (pretraining).
   train.eval_every_steps = 150
   train.eval_steps = 8
   # Checkpoint period (steps; the final step is always saved) and how many to keep.
@@ -253,6 +254,58 @@ def get_base_config() -> ml_collections.ConfigDict:
   # optimizer_state, seed. Defined once, with their meaning, by models.growth.Options.
   config.upscale = ml_collections.ConfigDict(dataclasses.asdict(growth.Options()))
 
+  # ---------------------------------------------------------------- finetune
+  # Fine-tuning by launch.finetune (docs/finetuning.md 5); pretraining ignores this section.
+  # Presets: launch/configs/finetune.py. The loop's cadence, stop_after_steps and progress
+  # bar are the `train` fields above; the optimizer is AdamW with the values below.
+  config.finetune = ft = ml_collections.ConfigDict()
+  # The task: 'glue/<name>' (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli; read by
+  # TFDS), or '' for local train_file / dev_file (TSV, CSV or JSONL).
+  ft.task = ''
+  # TFDS directory for a GLUE task ('' = the TFDS default, ~/tensorflow_datasets).
+  ft.tfds_data_dir = ''
+  # Local files: training examples, and the dev examples the metric is reported on.
+  ft.train_file = ''
+  ft.dev_file = ''
+  # 'auto' (from the extension; .txt is TSV), 'tsv', 'csv' or 'jsonl'.
+  ft.file_format = 'auto'
+  # TSV/CSV: the first line holds column names.
+  ft.header = False
+  # TSV/CSV: a 0-based index or (with header) a name; JSONL: a field. '' = TSV/CSV label 0,
+  # text 1; JSONL 'label', 'sentence'. text_pair_column '' = single-text task.
+  ft.label_column = ''
+  ft.text_column = ''
+  ft.text_pair_column = ''
+  # Local files: 'classification' or 'regression'.
+  ft.task_type = 'classification'
+  # Classification labels in id order (F1's positive class is the second of two); () = the
+  # sorted distinct training labels.
+  ft.label_names = ()
+  # Dev metric that picks the learning rate: 'accuracy', 'f1', 'matthews', 'pearson' or
+  # 'spearman' ('' = the task's: GLUE's, else accuracy / pearson).
+  ft.metric = ''
+  # Sentence representation: 'mean' (mean over non-padding tokens) or 'cls' (first token
+  # through a tanh pooler, BERT).
+  ft.pooling = 'mean'
+  # Tokens per example, [CLS] and [SEP]s included (longer inputs are cut longest-first).
+  ft.max_seq_len = 128
+  # Examples per step over all processes (must divide over the data-parallel devices); also
+  # the evaluation batch.
+  ft.batch_size = 32
+  # Training length: num_steps steps, or (num_steps 0) num_epochs passes over the training set.
+  ft.num_epochs = 3.0
+  ft.num_steps = 0
+  # Peak AdamW learning rates to sweep (the best by the dev metric is reported), and seeds
+  # per learning rate (head init, dropout, data order; mean and std reported).
+  ft.learning_rates = (3e-4,)
+  ft.seeds = (0,)
+  # Linear warmup over this fraction of the steps, then linear decay to 0.
+  ft.warmup_fraction = 0.1
+  # AdamW decoupled weight decay (not on biases and norm scales).
+  ft.weight_decay = 0.01
+  # Dropout in the encoder and before the output layer (BERT: 0.1).
+  ft.dropout_rate = 0.1
+
   # ---------------------------------------------------------------- mesh
   config.mesh = mesh = ml_collections.ConfigDict()
   # Device mesh shape over ('data', 'fsdp', 'tensor'); one -1 takes the remaining devices.
@@ -260,13 +313,28 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Logical axis -> mesh axis rules for parameters ('vocab', 'embed', 'heads', 'kv', 'mlp',
   # 'layers') and activations ('batch', 'length').
   mesh.logical_axis_rules = (
-      ('batch', ('data', 'fsdp')),
-      ('length', None),
-      ('vocab', 'tensor'),
-      ('embed', 'fsdp'),
-      ('heads', 'tensor'),
-      ('kv', None),
-      ('mlp', 'tensor'),
-      ('layers', None),
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('mlp', 'tensor'),
+    ('layers', None),
   )
+  return config
+
+
+def get_finetune_config() -> ml_collections.ConfigDict:
+  """The schema's fine-tuning defaults (launch/configs/finetune.py builds its presets on it).
+
+  The encoder is left to `launch.finetune --from_workdir`: model.family is '' (a preset names
+  no encoder) and model.dtype / remat_policy are '' (the run's). The loop logs every 50
+  steps, evaluates the dev set only at the end (eval_every_steps 0) and checkpoints every 500
+  steps (docs/finetuning.md 5).
+  """
+  config = get_base_config()
+  config.model.family = config.model.dtype = config.model.remat_policy = ''
+  t = config.train
+  t.log_every_steps, t.eval_every_steps, t.checkpoint_every_steps = 50, 0, 500
   return config
