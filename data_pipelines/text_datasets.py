@@ -9,29 +9,43 @@ does not.
 Non-UTF-8 input policy: a file whose first 8 KiB contain a NUL byte is treated as binary and
 skipped with a warning; any other file is decoded as UTF-8 with invalid bytes replaced by
 U+FFFD, and the number of replaced bytes is reported (warning at build time).
+
+A build writes into `incomplete.*` directories that TFDS renames when it is done; a killed
+build leaves one behind. Builds hold a shared lock on `<cache entry>/.build.lock`, and a build
+that finds the lock free removes the `incomplete.*` directories nothing wrote to for
+STALE_BUILD_SECONDS (`build_guard`).
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import difflib
 import glob
 import hashlib
 import os
+import shutil
 import sys
 import sysconfig
+import time
 from typing import Iterator, Sequence
 
 from absl import logging
 import tensorflow_datasets as tfds
+
+try:
+  import fcntl  # pylint: disable=g-import-not-at-top
+except ImportError:  # not POSIX: builds take no lock and leave killed builds' directories
+  fcntl = None
 
 tfds.disable_progress_bar()
 
 # Directory names skipped in the built-in corpus: test suites, IDLE and installed packages
 # are not on every Python install (docs/design.md 8: ~11 MB remain).
 _STDLIB_SKIP_DIRS = frozenset(
-    {'test', 'tests', 'idlelib', 'site-packages', 'dist-packages', '__pycache__'})
+  {'test', 'tests', 'idlelib', 'site-packages', 'dist-packages', '__pycache__'}
+)
 _BINARY_SNIFF_BYTES = 8192
 _FEATURES = {'text': tfds.features.Text(), 'id': tfds.features.Text()}
 
@@ -62,6 +76,7 @@ class TextFileScan:
     binary_files: files skipped because they look binary (NUL byte in the first 8 KiB).
     total_bytes: bytes of the text files.
   """
+
   files: list[str]
   binary_files: list[str]
   total_bytes: int
@@ -74,19 +89,27 @@ def expand_globs(pattern: str, flag: str = '--config.data.text_files') -> list[s
     DataError: no pattern given, or nothing matched.
   """
   patterns = [p.strip() for p in pattern.split(',') if p.strip()]
-  files = sorted({f for p in patterns for f in glob.glob(os.path.expanduser(p), recursive=True)
-                  if os.path.isfile(f)})
+  files = sorted(
+    {
+      f
+      for p in patterns
+      for f in glob.glob(os.path.expanduser(p), recursive=True)
+      if os.path.isfile(f)
+    }
+  )
   directories = [p for p in patterns if os.path.isdir(os.path.expanduser(p))]
   if not files and directories:
     raise DataError(
-        f'{flag}={pattern!r} is a directory ({directories[0]}), not a file glob; give the '
-        f'files in it, e.g. {flag}=\'{directories[0].rstrip("/")}/**/*.txt\' (quoted, so that '
-        f'Python expands the **).')
+      f'{flag}={pattern!r} is a directory ({directories[0]}), not a file glob; give the '
+      f"files in it, e.g. {flag}='{directories[0].rstrip('/')}/**/*.txt' (quoted, so that "
+      f'Python expands the **).'
+    )
   if not files:
     raise DataError(
-        f'{flag}={pattern!r} matches no files. Check the path (globs such as '
-        f'"corpus/**/*.txt" need quotes in the shell so that Python expands them), or leave '
-        f'{flag} empty to train on the built-in corpus.')
+      f'{flag}={pattern!r} matches no files. Check the path (globs such as '
+      f'"corpus/**/*.txt" need quotes in the shell so that Python expands them), or leave '
+      f'{flag} empty to train on the built-in corpus.'
+    )
   return files
 
 
@@ -111,8 +134,9 @@ def scan_text_files(files: Sequence[str], flag: str = '--config.data.text_files'
     logging.warning('skipping %d binary file(s) (NUL bytes), e.g. %s', len(binary), binary[0])
   if not text:
     raise DataError(
-        f'{flag}: the {len(files)} matched file(s) hold no usable text (all empty or binary, '
-        f'e.g. {files[0]}). Point the flag at UTF-8 text files.')
+      f'{flag}: the {len(files)} matched file(s) hold no usable text (all empty or binary, '
+      f'e.g. {files[0]}). Point the flag at UTF-8 text files.'
+    )
   return TextFileScan(text, binary, total)
 
 
@@ -146,8 +170,11 @@ def _documents(files: Sequence[str], text_unit: str) -> Iterator[tuple[str, str]
         if line.strip():
           yield f'{path}:{i}', line
   if replaced_total:
-    logging.warning('%d file(s) were not valid UTF-8: %d invalid byte(s) replaced by U+FFFD',
-                    replaced_files, replaced_total)
+    logging.warning(
+      '%d file(s) were not valid UTF-8: %d invalid byte(s) replaced by U+FFFD',
+      replaced_files,
+      replaced_total,
+    )
 
 
 class _LocalTextBuilder(tfds.core.GeneratorBasedBuilder):
@@ -156,8 +183,7 @@ class _LocalTextBuilder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
 
-  def __init__(self, *, files: Sequence[str], text_unit: str, validation_fraction: float,
-               **kwargs):
+  def __init__(self, *, files: Sequence[str], text_unit: str, validation_fraction: float, **kwargs):
     self._files = list(files)
     self._text_unit = text_unit
     self._validation_fraction = validation_fraction
@@ -171,14 +197,18 @@ class _LocalTextBuilder(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     ids = [doc_id for doc_id, _ in _documents(self._files, self._text_unit)]
     if not ids:
-      raise DataError(f'the {len(self._files)} file(s) hold only blank text (e.g. '
-                      f'{self._files[0]}); point --config.data.text_files at text.')
+      raise DataError(
+        f'the {len(self._files)} file(s) hold only blank text (e.g. '
+        f'{self._files[0]}); point --config.data.text_files at text.'
+      )
     if len(ids) == 1:
       # One document (a single file, or a single line): its tail is the validation text.
       text = next(_documents(self._files, self._text_unit))[1]
       head, tail = split_single_document(text, self._validation_fraction, ids[0])
-      return {'train': self._single(ids[0], head, 'head'),
-              'validation': self._single(ids[0], tail, 'tail')}
+      return {
+        'train': self._single(ids[0], head, 'head'),
+        'validation': self._single(ids[0], tail, 'tail'),
+      }
     held_out = {i for i in ids if _is_validation(i, self._validation_fraction)}
     if not held_out:
       # A small corpus can hash nothing into validation: hold out the lowest-hash document.
@@ -186,7 +216,10 @@ class _LocalTextBuilder(tfds.core.GeneratorBasedBuilder):
     if len(held_out) == len(ids):
       # Everything hashed into validation: keep the highest-hash document for training.
       held_out.discard(max(ids, key=lambda i: hashlib.sha256(i.encode()).digest()))
-    return {'train': self._generate_examples(held_out, False), 'validation': self._generate_examples(held_out, True)}
+    return {
+      'train': self._generate_examples(held_out, False),
+      'validation': self._generate_examples(held_out, True),
+    }
 
   def _single(self, doc_id: str, text: str, part: str):
     yield f'{doc_id}#{part}', {'text': text, 'id': f'{doc_id}#{part}'}
@@ -215,13 +248,14 @@ def split_single_document(text: str, validation_fraction: float, name: str) -> t
   size = len(text.strip())
   if size < MIN_SINGLE_DOCUMENT_CHARS:
     raise DataError(
-        f'the corpus is one document ({name}) of {size} characters: too small to hold out a '
-        f'validation part. Give at least {MIN_SINGLE_DOCUMENT_CHARS} characters of text (a '
-        f'real run needs megabytes), or more files.')
+      f'the corpus is one document ({name}) of {size} characters: too small to hold out a '
+      f'validation part. Give at least {MIN_SINGLE_DOCUMENT_CHARS} characters of text (a '
+      f'real run needs megabytes), or more files.'
+    )
   tail_chars = max(int(len(text) * validation_fraction), MIN_SINGLE_DOCUMENT_CHARS // 8)
   cut = len(text) - tail_chars
   newline = text.rfind('\n', 0, cut + 1)
-  if newline > len(text) // 2 and text[newline + 1:].strip():
+  if newline > len(text) // 2 and text[newline + 1 :].strip():
     cut = newline + 1
   return text[:cut], text[cut:]
 
@@ -281,6 +315,102 @@ def content_fingerprint(files: Sequence[str], *settings) -> str:
   return h.hexdigest()[:16]
 
 
+# An `incomplete.*` directory that nothing wrote to for this long, found while no build holds
+# the lock, is a killed build's. The age matters where locks do not reach other hosts (some
+# network filesystems): a live build writes its shards continuously, and every build of one
+# cache entry starts at about the same time (all hosts of a job, or a rerun).
+STALE_BUILD_SECONDS = 3600
+BUILD_LOCK = '.build.lock'
+
+
+def _newest_change(path: str) -> float:
+  """The latest modification time (seconds since the epoch) of `path` and everything in it."""
+  newest = os.lstat(path).st_mtime
+  for root, dirs, files in os.walk(path):
+    for name in dirs + files:
+      try:
+        newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+      except OSError:  # removed while we looked: it was just being written
+        return time.time()
+  return newest
+
+
+def remove_stale_builds(data_dir: str, max_age: float = STALE_BUILD_SECONDS) -> list[str]:
+  """Removes the `incomplete.*` build directories of `data_dir` unchanged for `max_age`.
+
+  Call it only while holding `data_dir`'s build lock exclusively (`build_guard` does): a
+  directory of a build that is running must not go.
+
+  Args:
+    data_dir: a TFDS data_dir of this cache (`<cache_dir>/tfds/<name>_<fingerprint>`).
+    max_age: seconds without a write after which a build directory counts as abandoned.
+
+  Returns:
+    The directories removed.
+  """
+  removed = []
+  for path in sorted(glob.glob(os.path.join(glob.escape(data_dir), '*', 'incomplete.*'))):
+    try:
+      if not os.path.isdir(path) or time.time() - _newest_change(path) < max_age:
+        continue
+    except OSError:  # gone already (another cleaner, or TFDS finishing): nothing to do
+      continue
+    shutil.rmtree(path, ignore_errors=True)
+    removed.append(path)
+  if removed:
+    logging.warning(
+      'removed %d incomplete dataset build(s) left by a killed build (no build '
+      'running, nothing written for %.0f min): %s',
+      len(removed),
+      max_age / 60,
+      ', '.join(removed),
+    )
+  return removed
+
+
+@contextlib.contextmanager
+def build_guard(data_dir: str):
+  """Held around a build of `data_dir`: a shared lock on its BUILD_LOCK file, so that builds
+  of the same data may run at once (the first to finish wins, see `load_text_source`), taken
+  after removing killed builds' directories when no build holds the lock.
+
+  Nothing is locked or removed where locks are not available (no fcntl, a remote or read-only
+  cache, a filesystem without flock): the build then runs as TFDS alone would run it.
+
+  Args:
+    data_dir: a TFDS data_dir of this cache (`<cache_dir>/tfds/<name>_<fingerprint>`).
+
+  Yields:
+    None, with the lock held (when there is one).
+  """
+  fd = None
+  if fcntl is not None and '://' not in data_dir:
+    try:
+      os.makedirs(data_dir, exist_ok=True)
+      fd = os.open(os.path.join(data_dir, BUILD_LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a read-only cache: a prepared dataset is still readable
+      fd = None
+  try:
+    if fd is not None:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        pass  # another build is running (or cleaning): leave its directories alone
+      except OSError as e:  # a filesystem without flock: no lock, no cleaning
+        logging.info('no build lock on %s (%s); building without one', data_dir, e)
+        os.close(fd)
+        fd = None
+      else:
+        remove_stale_builds(data_dir)
+    if fd is not None:
+      # Shared while building: converts an exclusive lock, or waits for a cleaner to finish.
+      fcntl.flock(fd, fcntl.LOCK_SH)
+    yield
+  finally:
+    if fd is not None:
+      os.close(fd)  # releases the lock
+
+
 def default_cache_dir() -> str:
   """`$XDG_CACHE_HOME/encoder_pretrain` or `~/.cache/encoder_pretrain`."""
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
@@ -300,6 +430,7 @@ class TextSource:
     data_fingerprint: identifies the content for the resume check (no modification times;
       `content_fingerprint`); empty = use `fingerprint`.
   """
+
   name: str
   fingerprint: str
   train: Sequence
@@ -308,26 +439,35 @@ class TextSource:
   data_fingerprint: str = ''
 
 
-def _from_builder(builder: tfds.core.DatasetBuilder, name: str, fingerprint: str,
-                  train_split: str, eval_split: str, text_key: str) -> TextSource:
+def _from_builder(
+  builder: tfds.core.DatasetBuilder,
+  name: str,
+  fingerprint: str,
+  train_split: str,
+  eval_split: str,
+  text_key: str,
+) -> TextSource:
   splits = builder.info.splits
   for flag, split in (('train_split', train_split), ('eval_split', eval_split)):
     if split not in splits:
       raise DataError(
-          f'--config.data.{flag}={split!r} is not a split of {name}; it has '
-          f'{", ".join(sorted(splits.keys()))}.')
+        f'--config.data.{flag}={split!r} is not a split of {name}; it has '
+        f'{", ".join(sorted(splits.keys()))}.'
+      )
   if text_key not in builder.info.features:
     raise DataError(
-        f'--config.data.tfds_text_key={text_key!r} is not a feature of {name}; it has '
-        f'{", ".join(builder.info.features.keys())}.')
+      f'--config.data.tfds_text_key={text_key!r} is not a feature of {name}; it has '
+      f'{", ".join(builder.info.features.keys())}.'
+    )
   sources = builder.as_data_source(split=[train_split, eval_split])
   train, validation = sources
   if not len(train):
     raise DataError(f'{name}: the {train_split!r} split is empty; add more text.')
   if not len(validation):
     raise DataError(
-        f'{name}: the {eval_split!r} split is empty; add more documents or raise '
-        f'--config.data.validation_fraction.')
+      f'{name}: the {eval_split!r} split is empty; add more documents or raise '
+      f'--config.data.validation_fraction.'
+    )
   return TextSource(name, fingerprint, train, validation, text_key)
 
 
@@ -361,21 +501,32 @@ def load_text_source(data_config, *, build: bool = True) -> TextSource:
     scan_text_files(files, flag='the built-in corpus')
   fingerprint = _fingerprint(files, unit, data_config.validation_fraction, sys.version_info[:2])
   data_dir = os.path.join(cache_dir, 'tfds', f'{name}_{fingerprint}')
-  builder = cls(files=files, text_unit=unit, validation_fraction=data_config.validation_fraction,
-                data_dir=data_dir, file_format='array_record')
+  builder = cls(
+    files=files,
+    text_unit=unit,
+    validation_fraction=data_config.validation_fraction,
+    data_dir=data_dir,
+    file_format='array_record',
+  )
   if build:
-    try:
-      builder.download_and_prepare()
-    except FileExistsError:
-      # Another process on a shared filesystem finished the same build first; theirs is
-      # identical (same files, same fingerprint), so use it.
-      builder = cls(files=files, text_unit=unit,
-                    validation_fraction=data_config.validation_fraction, data_dir=data_dir,
-                    file_format='array_record')
-      if not builder.is_prepared():
-        raise
-  source = _from_builder(builder, f'{name}({len(files)} files)', fingerprint,
-                         'train', 'validation', 'text')
+    with build_guard(data_dir):
+      try:
+        builder.download_and_prepare()
+      except FileExistsError:
+        # Another process on a shared filesystem finished the same build first; theirs is
+        # identical (same files, same fingerprint), so use it.
+        builder = cls(
+          files=files,
+          text_unit=unit,
+          validation_fraction=data_config.validation_fraction,
+          data_dir=data_dir,
+          file_format='array_record',
+        )
+        if not builder.is_prepared():
+          raise
+  source = _from_builder(
+    builder, f'{name}({len(files)} files)', fingerprint, 'train', 'validation', 'text'
+  )
   source.data_fingerprint = content_fingerprint(files, unit, data_config.validation_fraction)
   return source
 
@@ -399,13 +550,20 @@ def _load_named(data_config) -> TextSource:
   except Exception as e:  # TFDS raises several types for unknown names/configs.
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise DataError(
-        f'--config.data.tfds_name={name!r} is not a TFDS dataset this install knows '
-        f'({first_line[:200]}). {_close_names(name)}Check the name with '
-        f'`tfds.list_builders()`, or set --config.data.tfds_data_dir to the directory that '
-        f'holds it.') from None
+      f'--config.data.tfds_name={name!r} is not a TFDS dataset this install knows '
+      f'({first_line[:200]}). {_close_names(name)}Check the name with '
+      f'`tfds.list_builders()`, or set --config.data.tfds_data_dir to the directory that '
+      f'holds it.'
+    ) from None
   if not builder.is_prepared():
     logging.info('preparing TFDS dataset %s in %s', name, builder.data_dir)
     builder.download_and_prepare(file_format='array_record')
   fingerprint = hashlib.sha256(f'{name}\0{builder.data_dir}'.encode()).hexdigest()[:16]
-  return _from_builder(builder, name, fingerprint, data_config.train_split,
-                       data_config.eval_split, data_config.tfds_text_key)
+  return _from_builder(
+    builder,
+    name,
+    fingerprint,
+    data_config.train_split,
+    data_config.eval_split,
+    data_config.tfds_text_key,
+  )

@@ -4,8 +4,10 @@ SentencePiece (the default, docs/design.md 8): BPE, `byte_fallback` (unseen char
 byte pieces, so every text round-trips), identity normalization and no whitespace folding
 (code and full-width punctuation survive). Trained models are cached under
 `<cache_dir>/tokenizers/<hash>.model`, keyed by the corpus fingerprint and every training
-setting. Special ids (fixed for every trained model): 0 = <pad>, 1 = <unk>, 2 = [CLS] (<s>),
-3 = [SEP] (</s>, appended to every document), 4 = [MASK].
+setting; a cached model that no longer loads is trained again. Lines longer than SentencePiece
+takes (MAX_SENTENCE_BYTES) are trained on in pieces. Special ids (fixed for every trained
+model): 0 = <pad>, 1 = <unk>, 2 = [CLS] (<s>), 3 = [SEP] (</s>, appended to every document),
+4 = [MASK].
 
 WordPiece (`--config.data.tokenizer_model=vocab.txt`, or `tokenizer_kind=wordpiece` to train
 one): the BERT / RoFormer / RoFormer-v2 / GAU-alpha vocabulary format (one token per line, the
@@ -42,8 +44,13 @@ _TRAINER_VERSION = 1  # bump when training settings change, to invalidate caches
 # any other file a SentencePiece model; with no file, train SentencePiece.
 KINDS = ('auto', 'sentencepiece', 'wordpiece')
 # BERT's special tokens, by the attribute that holds their id.
-WORDPIECE_SPECIALS = {'pad_id': '[PAD]', 'unk_id': '[UNK]', 'cls_id': '[CLS]',
-                      'sep_id': '[SEP]', 'mask_id': '[MASK]'}
+WORDPIECE_SPECIALS = {
+  'pad_id': '[PAD]',
+  'unk_id': '[UNK]',
+  'cls_id': '[CLS]',
+  'sep_id': '[SEP]',
+  'mask_id': '[MASK]',
+}
 
 
 class TokenizerError(ValueError):
@@ -60,6 +67,10 @@ class Tokenizer:
     kind: 'sentencepiece'.
     pad_id, unk_id, cls_id, sep_id, mask_id, num_special: the fixed special ids above.
     path: the file it was loaded from ('' if built from bytes).
+
+  Raises:
+    TokenizerError: `model_bytes` is empty; sentencepiece's RuntimeError when they are not a
+      model.
   """
 
   kind = 'sentencepiece'
@@ -71,6 +82,10 @@ class Tokenizer:
     self.sha256 = hashlib.sha256(model_bytes).hexdigest()
     self._sp = None
     self.path = ''
+    if not model_bytes:
+      # sentencepiece accepts an empty proto as a model of 0 pieces that encodes nothing (an
+      # empty file left by a crash): refuse it like any other damaged model.
+      raise TokenizerError('the model is empty: 0 bytes')
     self.vocab_size = self.processor.get_piece_size()
 
   @property
@@ -126,13 +141,16 @@ class WordPieceTokenizer:
   def __init__(self, vocab_bytes: bytes, lowercase: bool = True):
     self.model_bytes, self.lowercase = vocab_bytes, bool(lowercase)
     self.sha256 = hashlib.sha256(
-        vocab_bytes + (b'\n#lowercase' if self.lowercase else b'\n#cased')).hexdigest()
+      vocab_bytes + (b'\n#lowercase' if self.lowercase else b'\n#cased')
+    ).hexdigest()
     self.path = ''
     try:
       tokens = vocab_bytes.decode('utf-8').splitlines()
     except UnicodeDecodeError as e:
-      raise TokenizerError(f'the WordPiece vocabulary is not UTF-8 text ({e}); give a BERT '
-                           'vocab.txt (one token per line).') from None
+      raise TokenizerError(
+        f'the WordPiece vocabulary is not UTF-8 text ({e}); give a BERT '
+        'vocab.txt (one token per line).'
+      ) from None
     self.vocab = {}
     for i, token in enumerate(tokens):
       self.vocab[token.rstrip('\r')] = i  # a repeated line keeps its last id, as BERT's
@@ -140,17 +158,19 @@ class WordPieceTokenizer:
     missing = [t for t in WORDPIECE_SPECIALS.values() if t not in self.vocab]
     if missing:
       raise TokenizerError(
-          f'the WordPiece vocabulary has no {", ".join(missing)} line; a BERT vocab.txt '
-          'holds [PAD], [UNK], [CLS], [SEP] and [MASK] (add the missing lines).')
+        f'the WordPiece vocabulary has no {", ".join(missing)} line; a BERT vocab.txt '
+        'holds [PAD], [UNK], [CLS], [SEP] and [MASK] (add the missing lines).'
+      )
     for attr, token in WORDPIECE_SPECIALS.items():
       setattr(self, attr, self.vocab[token])
     self.num_special = 1 + max(getattr(self, a) for a in WORDPIECE_SPECIALS)
     if self.num_special > self.vocab_size // 2:
       raise TokenizerError(
-          f'the special tokens of the WordPiece vocabulary lie at ids up to '
-          f'{self.num_special - 1} of {self.vocab_size}; masking treats every id below the '
-          'largest special id as special, so put [PAD] [UNK] [CLS] [SEP] [MASK] at the '
-          "start of the file (BERT's layout).")
+        f'the special tokens of the WordPiece vocabulary lie at ids up to '
+        f'{self.num_special - 1} of {self.vocab_size}; masking treats every id below the '
+        'largest special id as special, so put [PAD] [UNK] [CLS] [SEP] [MASK] at the '
+        "start of the file (BERT's layout)."
+      )
     self._backend = None
 
   @property
@@ -183,16 +203,20 @@ def wordpiece_backend(vocab: dict[str, int], lowercase: bool):
   BERT template `[CLS] A [SEP] (B [SEP])` used when special tokens are asked for."""
   from tokenizers import Tokenizer as Backend  # pylint: disable=g-import-not-at-top
   from tokenizers import decoders, models, normalizers, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top
+
   backend = Backend(models.WordPiece(vocab, unk_token='[UNK]', max_input_chars_per_word=100))
   backend.normalizer = normalizers.BertNormalizer(
-      clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+  )
   backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
   backend.decoder = decoders.WordPiece(prefix='##')
   backend.add_special_tokens(list(WORDPIECE_SPECIALS.values()))
   cls, sep = vocab['[CLS]'], vocab['[SEP]']
   backend.post_processor = processors.TemplateProcessing(
-      single='[CLS]:0 $A:0 [SEP]:0', pair='[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1',
-      special_tokens=[('[CLS]', cls), ('[SEP]', sep)])
+    single='[CLS]:0 $A:0 [SEP]:0',
+    pair='[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1',
+    special_tokens=[('[CLS]', cls), ('[SEP]', sep)],
+  )
   return backend
 
 
@@ -204,8 +228,9 @@ def resolve_kind(path: str, kind: str = 'auto') -> str:
     TokenizerError: an unknown kind.
   """
   if kind not in KINDS:
-    raise TokenizerError(f'--config.data.tokenizer_kind={kind!r}; choose one of '
-                         f'{", ".join(KINDS)}.')
+    raise TokenizerError(
+      f'--config.data.tokenizer_kind={kind!r}; choose one of {", ".join(KINDS)}.'
+    )
   if kind != 'auto':
     return kind
   return 'wordpiece' if path.endswith('.txt') else 'sentencepiece'
@@ -246,8 +271,9 @@ def load(path: str, kind: str = 'auto', lowercase: bool | None = None):
   kind = resolve_kind(path, kind)
   if not os.path.isfile(path):
     raise TokenizerError(
-        f'--config.data.tokenizer_model={path!r} does not exist; give a SentencePiece '
-        f'.model file, a WordPiece vocab.txt, or leave it empty to train one.')
+      f'--config.data.tokenizer_model={path!r} does not exist; give a SentencePiece '
+      f'.model file, a WordPiece vocab.txt, or leave it empty to train one.'
+    )
   with open(path, 'rb') as f:
     data = f.read()
   if kind == 'wordpiece':
@@ -260,9 +286,10 @@ def load(path: str, kind: str = 'auto', lowercase: bool | None = None):
       tok = Tokenizer(data)
     except Exception as e:  # sentencepiece raises RuntimeError/OSError on bad protos.
       raise TokenizerError(
-          f'--config.data.tokenizer_model={path!r} is not a SentencePiece model ({e}); a '
-          'WordPiece vocabulary must end in .txt or be given with '
-          '--config.data.tokenizer_kind=wordpiece.') from None
+        f'--config.data.tokenizer_model={path!r} is not a SentencePiece model ({e}); a '
+        'WordPiece vocabulary must end in .txt or be given with '
+        '--config.data.tokenizer_kind=wordpiece.'
+      ) from None
   tok.path = path
   return tok
 
@@ -284,19 +311,22 @@ def load_run_tokenizer(meta: dict, path: str | None = None):
   path = path or recorded.get('path', '')
   if not path or not os.path.isfile(path):
     raise TokenizerError(
-        f'the tokenizer of this run ({path or "path not recorded"}) is not on this machine; '
-        'pass the same file with --tokenizer=PATH (or --config.data.tokenizer_model=PATH).')
+      f'the tokenizer of this run ({path or "path not recorded"}) is not on this machine; '
+      'pass the same file with --tokenizer=PATH (or --config.data.tokenizer_model=PATH).'
+    )
   tok = load(path, data.get('tokenizer_kind', 'auto'), data.get('tokenizer_lowercase'))
   if recorded.get('sha256') not in (None, tok.sha256):
     raise TokenizerError(
-        f'{path} is not the tokenizer the run was trained with (sha256 {tok.sha256[:12]} vs '
-        f'recorded {recorded["sha256"][:12]}); pass the file it recorded, '
-        f'{recorded.get("path") or "(none recorded)"}.')
+      f'{path} is not the tokenizer the run was trained with (sha256 {tok.sha256[:12]} vs '
+      f'recorded {recorded["sha256"][:12]}); pass the file it recorded, '
+      f'{recorded.get("path") or "(none recorded)"}.'
+    )
   return tok
 
 
 def _sample_lines(records: Sequence, text_key: str, sample_bytes: int) -> list[str]:
-  """Deterministic sample: non-blank lines of records in a fixed random order, `sample_bytes` in all."""
+  """Deterministic sample: non-blank lines of records in a fixed random order, `sample_bytes`
+  in all."""
   total, lines = 0, []
   # A fixed permutation, so the sample spans the whole corpus and is the same every run.
   for i in np.random.default_rng(0).permutation(len(records)):
@@ -311,34 +341,161 @@ def _sample_lines(records: Sequence, text_key: str, sample_bytes: int) -> list[s
   return lines
 
 
+# SentencePiece's trainer silently skips every sentence longer than this many UTF-8 bytes (its
+# max_sentence_length), so a corpus of long lines (one 5 MB line, a novel's paragraphs) left it
+# nothing to train on. Longer lines of the sample are cut into pieces that fit (`_pieces`).
+MAX_SENTENCE_BYTES = 16384
+_CHARACTER_COVERAGE = 0.9995
+# Where a long line is cut, best first: whitespace (the cut drops it: SentencePiece marks the
+# start of every sentence as a word start anyway), then the clause and sentence punctuation of
+# text written without spaces (kept with the piece before), else any character boundary.
+_SPACE_CUTS = tuple(c.encode('utf-8') for c in ' \t\u3000\u00a0')
+_PUNCT_CUTS = tuple(c.encode('utf-8') for c in '。！？；，、．')
+
+
+def _pieces(line: str, max_bytes: int = MAX_SENTENCE_BYTES) -> list[str]:
+  """Cuts one line of the tokenizer's sample into pieces SentencePiece trains on.
+
+  Each cut lies in the second half of the piece before it: at the last whitespace there
+  (dropped), else after the last CJK clause or sentence mark, else at the last character
+  boundary. Only the training sample is cut; the documents stay whole.
+
+  Args:
+    line: one line of text (no line breaks).
+    max_bytes: the longest piece, in UTF-8 bytes.
+
+  Returns:
+    `[line]` when it fits in `max_bytes`, else its non-blank pieces, each at most `max_bytes`
+    UTF-8 bytes.
+  """
+  if len(line) * 4 <= max_bytes:  # a character is at most 4 bytes: fits without encoding
+    return [line]
+  data = line.encode('utf-8')
+  pieces, start = [], 0
+  while len(data) - start > max_bytes:
+    end = start + max_bytes
+    while data[end] & 0xC0 == 0x80:  # a UTF-8 continuation byte: `end` would split a character
+      end -= 1
+    low = start + max_bytes // 2
+    space = max((data.rfind(c, low, end), len(c)) for c in _SPACE_CUTS)
+    punct = max(data.rfind(c, low, end) + len(c) for c in _PUNCT_CUTS)
+    if space[0] >= 0:
+      piece, start = data[start : space[0]], space[0] + space[1]
+    elif punct > low:
+      piece, start = data[start:punct], punct
+    else:
+      piece, start = data[start:end], end
+    pieces.append(piece.decode('utf-8'))
+  pieces.append(data[start:].decode('utf-8'))
+  return [p for p in pieces if p.strip()]
+
+
 def train_tokenizer(lines: Iterable[str], vocab_size: int) -> bytes:
   """Trains a BPE SentencePiece model in memory; returns its serialized bytes.
 
+  Lines longer than MAX_SENTENCE_BYTES are trained on in pieces (`_pieces`). A sample too
+  small for `vocab_size` pieces gives fewer (logged as a warning).
+
+  Args:
+    lines: the training sample (str lines, any length).
+    vocab_size: the number of pieces wanted (config.model.vocab_size).
+
+  Returns:
+    The serialized SentencePiece model.
+
   Raises:
-    TokenizerError: the sample is too small for the requested vocabulary.
+    TokenizerError: the vocabulary is too small for the sample's characters, the sample holds
+      no text, or SentencePiece failed (the message gives its error and the sample's size).
   """
+  seen = {'lines': 0, 'sentences': 0, 'bytes': 0, 'cut': 0}
+  sentences = []
+  for line in lines:
+    pieces = _pieces(line)
+    seen['lines'] += 1
+    seen['cut'] += len(pieces) > 1
+    sentences += pieces
+  seen['sentences'] = len(sentences)
+  seen['bytes'] = sum(len(s.encode('utf-8')) for s in sentences)
+  extra = {}
+  # SentencePiece writes a word start as U+2581 (one before every sentence, one for every
+  # space) and, like any character, leaves it out of the vocabulary when it is rarer than
+  # 1 - character_coverage. In long lines without spaces (Chinese paragraphs) it is: every
+  # text would then start with its 3 bytes, and decode would give back a literal U+2581.
+  # Required only then, so every other sample trains the same model as before.
+  marks = len(sentences) + sum(s.count(' ') for s in sentences)
+  if marks < (1 - _CHARACTER_COVERAGE) * (len(sentences) + sum(map(len, sentences))):
+    extra['required_chars'] = '\u2581'
   buf = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, model_type='bpe',
-        vocab_size=vocab_size, byte_fallback=True, normalization_rule_name='identity',
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
-        character_coverage=0.9995, hard_vocab_limit=False, num_threads=2,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=CLS_ID, eos_id=SEP_ID,
-        user_defined_symbols=['[MASK]'], max_sentence_length=16384, minloglevel=2)
+      sentence_iterator=iter(sentences),
+      model_writer=buf,
+      model_type='bpe',
+      vocab_size=vocab_size,
+      byte_fallback=True,
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      allow_whitespace_only_pieces=True,
+      split_digits=True,
+      character_coverage=_CHARACTER_COVERAGE,
+      hard_vocab_limit=False,
+      num_threads=2,
+      pad_id=PAD_ID,
+      unk_id=UNK_ID,
+      bos_id=CLS_ID,
+      eos_id=SEP_ID,
+      user_defined_symbols=['[MASK]'],
+      max_sentence_length=MAX_SENTENCE_BYTES,
+      minloglevel=2,
+      **extra,
+    )
   except RuntimeError as e:
     needed = re.search(r'Vocabulary size is smaller than required_chars\. \d+ vs (\d+)', str(e))
     if needed:  # byte fallback: 256 byte pieces + special pieces + the corpus's characters
       raise TokenizerError(
-          f'--config.model.vocab_size={vocab_size} is too small for this corpus: the tokenizer '
-          f'needs at least {needed.group(1)} pieces for its 256 byte pieces, special tokens and '
-          f'the characters of the text. Raise it (the tiny presets use 8000; BERT uses '
-          f'30522).') from None
+        f'--config.model.vocab_size={vocab_size} is too small for this corpus: the tokenizer '
+        f'needs at least {needed.group(1)} pieces for its 256 byte pieces, special tokens and '
+        f'the characters of the text. Raise it (the tiny presets use 8000; BERT uses '
+        f'30522).'
+      ) from None
+    if not seen['sentences']:
+      raise TokenizerError(
+        'the sample of the training split that a SentencePiece tokenizer is trained on holds '
+        'no text (no non-blank line); point --config.data.text_files (or '
+        '--config.data.tfds_name and --config.data.tfds_text_key) at text, or pass a trained '
+        'tokenizer with --config.data.tokenizer_model=PATH.'
+      ) from None
     raise TokenizerError(
-        f'training a {vocab_size}-piece tokenizer failed '
-        f'({str(e).strip().splitlines()[-1][:300]}). Lower --config.model.vocab_size or give '
-        f'more text.') from None
+      f'SentencePiece failed to train a {vocab_size}-piece tokenizer on a sample of '
+      f'{_sample_size(seen)} ({str(e).strip().splitlines()[-1][:300]}); train a tokenizer '
+      f'another way and pass it with --config.data.tokenizer_model=PATH.'
+    ) from None
+  if seen['cut']:
+    logging.info(
+      'tokenizer sample: %d line(s) longer than %d bytes were cut into pieces '
+      '(SentencePiece skips longer sentences)',
+      seen['cut'],
+      MAX_SENTENCE_BYTES,
+    )
+  pieces = spm.SentencePieceProcessor(model_proto=buf.getvalue()).get_piece_size()
+  if pieces < vocab_size:
+    # hard_vocab_limit=False: a small sample gives a smaller vocabulary rather than failing.
+    logging.warning(
+      'the tokenizer has %d pieces, fewer than --config.model.vocab_size=%d: its sample (%s) '
+      'holds no more merges; ids %d and up are never used. Give more text (or raise '
+      '--config.data.tokenizer_sample_bytes) for a full vocabulary.',
+      pieces,
+      vocab_size,
+      _sample_size(seen),
+      pieces,
+    )
   return buf.getvalue()
+
+
+def _sample_size(seen: dict[str, int]) -> str:
+  """'N lines, M MB' (and how many lines were cut) for messages about the sample."""
+  cut = f', {seen["cut"]} of them cut into pieces' if seen['cut'] else ''
+  return f'{seen["lines"]} line(s){cut}, {seen["bytes"] / 1e6:.2f} MB'
 
 
 def train_wordpiece(lines: Iterable[str], vocab_size: int, lowercase: bool = True) -> bytes:
@@ -351,13 +508,18 @@ def train_wordpiece(lines: Iterable[str], vocab_size: int, lowercase: bool = Tru
   """
   from tokenizers import Tokenizer as Backend  # pylint: disable=g-import-not-at-top
   from tokenizers import models, normalizers, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+
   backend = Backend(models.WordPiece(unk_token='[UNK]'))
   backend.normalizer = normalizers.BertNormalizer(
-      clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+  )
   backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
   trainer = trainers.WordPieceTrainer(
-      vocab_size=vocab_size, special_tokens=list(WORDPIECE_SPECIALS.values()),
-      show_progress=False, continuing_subword_prefix='##')
+    vocab_size=vocab_size,
+    special_tokens=list(WORDPIECE_SPECIALS.values()),
+    show_progress=False,
+    continuing_subword_prefix='##',
+  )
   backend.train_from_iterator(list(lines), trainer=trainer)
   vocab = backend.get_vocab()
   if len(vocab) <= len(WORDPIECE_SPECIALS):
@@ -365,9 +527,15 @@ def train_wordpiece(lines: Iterable[str], vocab_size: int, lowercase: bool = Tru
   return ''.join(f'{t}\n' for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])).encode()
 
 
-def load_or_train(data_config, model_config, train_records: Sequence, text_key: str,
-                  fingerprint: str):
+def load_or_train(
+  data_config, model_config, train_records: Sequence, text_key: str, fingerprint: str
+):
   """Loads `config.data.tokenizer_model`, or trains (and caches) one on the training split.
+
+  A damaged cached tokenizer (one that no longer loads) is trained again and replaced, with a
+  warning: the cache is keyed by the corpus and every training setting, so it is trained from
+  the same sample with the same settings (SentencePiece gives the same file again; WordPiece
+  may order ties differently), and a resumed run checks its sha256 against the checkpoint.
 
   Args:
     data_config: `config.data` (tokenizer_model, tokenizer_kind, tokenizer_lowercase,
@@ -382,8 +550,8 @@ def load_or_train(data_config, model_config, train_records: Sequence, text_key: 
     config.model.vocab_size.
 
   Raises:
-    TokenizerError: the file is missing or unreadable, or has more pieces than
-      config.model.vocab_size.
+    TokenizerError: the given file is missing or unreadable, the trained one cannot be written
+      to the cache, or the tokenizer has more pieces than config.model.vocab_size.
   """
   vocab_size = model_config.vocab_size
   kind = data_config.get('tokenizer_kind', 'auto')
@@ -392,11 +560,17 @@ def load_or_train(data_config, model_config, train_records: Sequence, text_key: 
     path = data_config.tokenizer_model
     tok = load(path, kind, lowercase)
     if tok.kind == 'sentencepiece' and (
-        tok.processor.piece_to_id('[MASK]') == tok.processor.unk_id()):
-      logging.warning('%s has no [MASK] piece; MLM uses id %d (%r) as the mask token', path,
-                      MASK_ID, tok.processor.id_to_piece(MASK_ID))
+      tok.processor.piece_to_id('[MASK]') == tok.processor.unk_id()
+    ):
+      logging.warning(
+        '%s has no [MASK] piece; MLM uses id %d (%r) as the mask token',
+        path,
+        MASK_ID,
+        tok.processor.id_to_piece(MASK_ID),
+      )
   else:
     from data_pipelines.text_datasets import default_cache_dir  # pylint: disable=g-import-not-at-top
+
     cache_dir = os.path.join(data_config.cache_dir or default_cache_dir(), 'tokenizers')
     kind = resolve_kind('', kind)
     settings = (_TRAINER_VERSION, fingerprint, vocab_size, data_config.tokenizer_sample_bytes)
@@ -404,24 +578,108 @@ def load_or_train(data_config, model_config, train_records: Sequence, text_key: 
       lowercase = True if lowercase is None else bool(lowercase)
       settings += ('wordpiece', lowercase)
     key = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, (f'wordpiece{vocab_size}_{key}.txt' if kind == 'wordpiece'
-                                    else f'bpe{vocab_size}_{key}.model'))
-    if not os.path.isfile(path):
+    path = os.path.join(
+      cache_dir,
+      (
+        f'wordpiece{vocab_size}_{key}.txt'
+        if kind == 'wordpiece'
+        else f'bpe{vocab_size}_{key}.model'
+      ),
+    )
+    tok, damage = _open_cached(path, kind, lowercase)
+    if tok is None:
       lines = _sample_lines(train_records, text_key, data_config.tokenizer_sample_bytes)
-      logging.info('training a %d-piece %s tokenizer on %d lines (%.1f MB)', vocab_size,
-                   'WordPiece' if kind == 'wordpiece' else 'BPE', len(lines),
-                   sum(map(len, lines)) / 1e6)
-      data = (train_wordpiece(lines, vocab_size, lowercase) if kind == 'wordpiece'
-              else train_tokenizer(lines, vocab_size))
-      os.makedirs(cache_dir, exist_ok=True)
-      tmp = f'{path}.tmp{os.getpid()}'
-      with open(tmp, 'wb') as f:
-        f.write(data)
-      os.replace(tmp, path)  # atomic: concurrent processes never read a partial model
-    tok = load(path, kind, lowercase)
+      logging.info(
+        'training a %d-piece %s tokenizer on %d lines (%.1f MB)',
+        vocab_size,
+        'WordPiece' if kind == 'wordpiece' else 'BPE',
+        len(lines),
+        sum(map(len, lines)) / 1e6,
+      )
+      data = (
+        train_wordpiece(lines, vocab_size, lowercase)
+        if kind == 'wordpiece'
+        else train_tokenizer(lines, vocab_size)
+      )
+      tok = WordPieceTokenizer(data, lowercase) if kind == 'wordpiece' else Tokenizer(data)
+      tok.path = path
+      _write_cache(path, data, damage)
   if tok.vocab_size > vocab_size:
     raise TokenizerError(
-        f'the tokenizer {path} has {tok.vocab_size} pieces but --config.model.vocab_size='
-        f'{vocab_size}; set --config.model.vocab_size={tok.vocab_size} or larger.')
+      f'the tokenizer {path} has {tok.vocab_size} pieces but --config.model.vocab_size='
+      f'{vocab_size}; set --config.model.vocab_size={tok.vocab_size} or larger.'
+    )
   logging.info('tokenizer %s: %d pieces, sha256 %s', path, tok.vocab_size, tok.sha256[:12])
   return tok
+
+
+def _open_cached(path: str, kind: str, lowercase: bool | None):
+  """The cached tokenizer at `path`, if there is one that loads.
+
+  Args:
+    path: its place under `<cache_dir>/tokenizers`.
+    kind: 'sentencepiece' or 'wordpiece'.
+    lowercase: WordPiece's do_lower_case (part of the cache key).
+
+  Returns:
+    (tokenizer, '') when it loads; (None, '') when there is none; (None, what is wrong) when
+    it is damaged (a warning says so: the caller trains it again).
+  """
+  if not os.path.isfile(path):
+    return None, ''
+  data = b''
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+    tok = WordPieceTokenizer(data, lowercase) if kind == 'wordpiece' else Tokenizer(data)
+  except Exception as e:  # pylint: disable=broad-except
+    # sentencepiece raises RuntimeError or OSError on a damaged proto, WordPieceTokenizer a
+    # TokenizerError; whichever it is, the file is this cache's own and can be trained again.
+    if isinstance(e, TokenizerError) or not data:
+      damage = str(e).split(';')[0]  # what is wrong, without the fix meant for a given file
+    else:  # sentencepiece's own message is a C++ assertion
+      damage = f'{len(data)} bytes that do not parse as a SentencePiece model'
+    logging.warning(
+      'the cached tokenizer %s is damaged (%s); training it again to replace it, from the '
+      'same sample with the same settings (a resumed run checks that it is the tokenizer its '
+      'checkpoint recorded)',
+      path,
+      damage,
+    )
+    return None, damage
+  tok.path = path
+  return tok, ''
+
+
+def _write_cache(path: str, data: bytes, damage: str = ''):
+  """Writes a trained tokenizer to the cache atomically (concurrent processes never read a
+  partial file; a damaged one is replaced in one step).
+
+  Args:
+    path: its place under `<cache_dir>/tokenizers`.
+    data: the model or vocab.txt bytes.
+    damage: what was wrong with the file it replaces ('' if there was none).
+
+  Raises:
+    TokenizerError: the cache cannot be written (the message names the file and
+      --config.data.cache_dir).
+  """
+  tmp = f'{path}.tmp{os.getpid()}'
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(tmp, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    found = (
+      f'the cached tokenizer {path} is damaged ({damage}) and the one trained to replace it'
+      if damage
+      else 'the trained tokenizer'
+    )
+    raise TokenizerError(
+      f'{found} cannot be written ({e.strerror or e}); delete {path} if it is there (a new '
+      f'one is trained and cached on the next run) and make --config.data.cache_dir a '
+      f'writable directory, or pass a tokenizer with --config.data.tokenizer_model=PATH.'
+    ) from None

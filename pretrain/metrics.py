@@ -24,23 +24,30 @@ import jax
 # so half the chip's figure), NVIDIA datasheets (tensor-core BF16 without sparsity, i.e. half
 # the "with sparsity" figure; V100 has no bf16: its FP16 tensor-core figure).
 PEAK_FLOPS_BY_DEVICE_KIND = {
-    'TPU v2': 45e12 / 2,
-    'TPU v3': 123e12 / 2,
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12, 'TPU v5e': 197e12,        # v5e
-    'TPU v5': 459e12, 'TPU v5p': 459e12,             # v5p
-    'TPU v6 lite': 918e12, 'TPU v6e': 918e12,        # v6e (Trillium)
-    'NVIDIA H200': 989e12,                           # H200 SXM
-    'NVIDIA H200 NVL': 835e12,
-    'NVIDIA H100 80GB HBM3': 989e12,                 # H100 SXM
-    'NVIDIA H100 PCIe': 756e12,
-    'NVIDIA H100 NVL': 835e12,
-    'NVIDIA A100-SXM4-40GB': 312e12, 'NVIDIA A100-SXM4-80GB': 312e12,
-    'NVIDIA A100-PCIE-40GB': 312e12, 'NVIDIA A100 80GB PCIe': 312e12,
-    'NVIDIA L40S': 362e12,
-    'NVIDIA L4': 121e12,
-    'Tesla V100-SXM2-16GB': 125e12, 'Tesla V100-SXM2-32GB': 125e12,
-    'Tesla V100-PCIE-16GB': 112e12, 'Tesla V100-PCIE-32GB': 112e12,
+  'TPU v2': 45e12 / 2,
+  'TPU v3': 123e12 / 2,
+  'TPU v4': 275e12,
+  'TPU v5 lite': 197e12,
+  'TPU v5e': 197e12,  # v5e
+  'TPU v5': 459e12,
+  'TPU v5p': 459e12,  # v5p
+  'TPU v6 lite': 918e12,
+  'TPU v6e': 918e12,  # v6e (Trillium)
+  'NVIDIA H200': 989e12,  # H200 SXM
+  'NVIDIA H200 NVL': 835e12,
+  'NVIDIA H100 80GB HBM3': 989e12,  # H100 SXM
+  'NVIDIA H100 PCIe': 756e12,
+  'NVIDIA H100 NVL': 835e12,
+  'NVIDIA A100-SXM4-40GB': 312e12,
+  'NVIDIA A100-SXM4-80GB': 312e12,
+  'NVIDIA A100-PCIE-40GB': 312e12,
+  'NVIDIA A100 80GB PCIe': 312e12,
+  'NVIDIA L40S': 362e12,
+  'NVIDIA L4': 121e12,
+  'Tesla V100-SXM2-16GB': 125e12,
+  'Tesla V100-SXM2-32GB': 125e12,
+  'Tesla V100-PCIE-16GB': 112e12,
+  'Tesla V100-PCIE-32GB': 112e12,
 }
 
 
@@ -48,6 +55,8 @@ def peak_flops_per_device(device_kind: str) -> float:
   """The dense bf16 peak FLOP/s of one device of `device_kind` (exact match), or 0.0 if the
   table does not know it (no substring guessing: 'NVIDIA L40S' is not an 'L4')."""
   return PEAK_FLOPS_BY_DEVICE_KIND.get(device_kind.strip(), 0.0)
+
+
 def _cpu_model() -> str:
   try:
     with open('/proc/cpuinfo') as f:
@@ -85,8 +94,17 @@ def measured_matmul_peak(dtype: str = 'float32', size: int = 2048, refresh: bool
   # This process's own device: jax.devices()[0] belongs to process 0, and on any other process
   # the matmul would run there (or nowhere) and time nothing.
   device = jax.local_devices()[0]
-  key = '|'.join([device.platform, device.device_kind, _cpu_model(), str(os.cpu_count()),
-                  jax.__version__, dtype, str(size)])
+  key = '|'.join(
+    [
+      device.platform,
+      device.device_kind,
+      _cpu_model(),
+      str(os.cpu_count()),
+      jax.__version__,
+      dtype,
+      str(size),
+    ]
+  )
   path = matmul_peak_cache_path()
   cache = {}
   try:
@@ -97,6 +115,7 @@ def measured_matmul_peak(dtype: str = 'float32', size: int = 2048, refresh: bool
   if not refresh and isinstance(cache.get(key), (int, float)) and cache[key] > 0:
     return float(cache[key])
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   a = jax.device_put(jnp.ones((size, size), dtype) / size, device)
 
   @jax.jit
@@ -114,8 +133,9 @@ def measured_matmul_peak(dtype: str = 'float32', size: int = 2048, refresh: bool
   # A machine busy with other work measures low, and a low peak inflates every MFU after it:
   # keep the best rate ever measured here, so a quiet re-measurement (refresh) corrects it.
   previous = cache.get(key)
-  flops = max(4 * 2 * size**3 / best,
-              float(previous) if isinstance(previous, (int, float)) else 0.0)
+  flops = max(
+    4 * 2 * size**3 / best, float(previous) if isinstance(previous, (int, float)) else 0.0
+  )
   cache[key] = flops
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -147,9 +167,11 @@ def peak_flops(configured: float = 0.0, dtype: str = 'float32') -> float:
     return measured_matmul_peak(dtype) * jax.process_count()
   flops = peak_flops_per_device(devices[0].device_kind)
   if not flops:
-    logging.warning('MFU not reported: device kind %r is not in the peak FLOP/s table '
-                    '(pretrain/metrics.py); set --config.train.peak_flops_per_device',
-                    devices[0].device_kind)
+    logging.warning(
+      'MFU not reported: device kind %r is not in the peak FLOP/s table '
+      '(pretrain/metrics.py); set --config.train.peak_flops_per_device',
+      devices[0].device_kind,
+    )
   return flops * len(devices)
 
 
@@ -199,6 +221,7 @@ class MetricWriter:
       self._jsonl = open(path, 'a', encoding='utf-8')
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]):
@@ -228,8 +251,7 @@ class MetricWriter:
     try:
       self._remote_path.write_text(''.join(self._remote_lines))
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning('could not write %s (%s); retrying at the next write', self._remote_path,
-                      e)
+      logging.warning('could not write %s (%s); retrying at the next write', self._remote_path, e)
     self._uploaded = time.time()
 
   def close(self):
@@ -246,49 +268,82 @@ def summarize(sums: Mapping[str, float]) -> dict[str, float]:
   'weight_sum'}; perplexity capped at exp(50))."""
   w = max(float(sums['weight_sum']), 1.0)
   loss = float(sums['loss_sum']) / w
-  return {'loss': loss, 'accuracy': float(sums['correct_sum']) / w,
-          'perplexity': math.exp(min(loss, 50.0))}
+  return {
+    'loss': loss,
+    'accuracy': float(sums['correct_sum']) / w,
+    'perplexity': math.exp(min(loss, 50.0)),
+  }
 
 
 def truncate_history(workdir: str, step: int) -> int:
   """Keeps `metrics.jsonl` honest on (re)start: lines past `step` (the restored step; 0 for a
   fresh start) came from a run whose checkpoints are gone or older, so they move to
-  `metrics.dropped.jsonl` (appended, never deleted) with a warning.
+  `metrics.dropped.jsonl` (appended, never deleted) with a warning. Torn lines (not a whole
+  metrics record: a process killed while writing one) are dropped with a warning of their own;
+  they hold no record to keep, and the next write would otherwise be glued onto them.
+
+  Args:
+    workdir: the run directory (local or gs://).
+    step: the restored step (0 for a fresh start).
 
   Returns:
-    The number of lines moved.
+    The number of lines taken out of `metrics.jsonl` (moved or torn).
   """
   root = epath.Path(workdir)
   path = root / 'metrics.jsonl'
   if not path.exists():
     return 0
   lines = path.read_text().splitlines(True)
-  keep, drop = [], []
+  keep, drop, torn = [], [], []
   for line in lines:
     try:
       later = int(json.loads(line)['step']) > step
     except (ValueError, KeyError, TypeError):
-      later = True  # a torn last line from a killed run
+      torn.append(line)
+      continue
     (drop if later else keep).append(line)
+  if torn:
+    logging.warning(
+      '%s had %d torn line(s) (not a whole metrics record: a run was killed '
+      'while writing it), e.g. %r; dropped them, the other lines are intact',
+      path,
+      len(torn),
+      torn[-1].rstrip('\n')[:80],
+    )
   if drop:
-    logging.warning('%s had %d line(s) past the restored step %d (written after that '
-                    'checkpoint by a run that was killed, or whose checkpoints are gone); moved '
-                    'them to metrics.dropped.jsonl', path, len(drop), step)
+    logging.warning(
+      '%s had %d line(s) past the restored step %d (written after that '
+      'checkpoint by a run that was killed, or whose checkpoints are gone); moved '
+      'them to metrics.dropped.jsonl',
+      path,
+      len(drop),
+      step,
+    )
     dropped = root / 'metrics.dropped.jsonl'
     before = dropped.read_text() if dropped.exists() else ''
     dropped.write_text(before + ''.join(l if l.endswith('\n') else l + '\n' for l in drop))
+  unterminated = bool(keep) and not keep[-1].endswith('\n')
+  if unterminated:  # killed just before its newline: the next line must not be glued on
+    keep[-1] += '\n'
+  if drop or torn or unterminated:
     tmp = root / 'metrics.jsonl.tmp'
     tmp.write_text(''.join(keep))
     tmp.replace(path)
-  return len(drop)
+  return len(drop) + len(torn)
 
 
 def log_line(step: int, num_steps: int, scalars: Mapping[str, Any]) -> str:
   """One console line: 'step 100/600 | loss 5.123 | acc 0.210 | lr 1.2e-03 | ...'."""
   parts = [f'step {step}/{num_steps}']
-  fmt = {'loss': '{:.4f}', 'accuracy': '{:.4f}', 'learning_rate': '{:.2e}',
-         'grad_norm': '{:.3f}', 'tokens_per_sec': '{:,.0f}', 'mfu': '{:.1%}',
-         'perplexity': '{:.2f}'}
+  fmt = {
+    'loss': '{:.4f}',
+    'accuracy': '{:.4f}',
+    'learning_rate': '{:.2e}',
+    'grad_norm': '{:.3f}',
+    'tokens_per_sec': '{:,.0f}',
+    'mfu': '{:.1%}',
+    'perplexity': '{:.2f}',
+  }
   names = {'tokens_per_sec': 'tokens/s', 'learning_rate': 'lr', 'accuracy': 'acc'}
   for k, v in scalars.items():
     if k in fmt:
@@ -299,12 +354,17 @@ def log_line(step: int, num_steps: int, scalars: Mapping[str, Any]) -> str:
 class _LibraryInfoFilter(logging_std.Filter):
   """Drops INFO records that orbax, grain and TFDS send through the shared 'absl' logger."""
 
-  _NOISY = (f'{os.sep}orbax{os.sep}', f'{os.sep}grain{os.sep}', f'{os.sep}tensorflow_datasets{os.sep}',
-            f'{os.sep}etils{os.sep}')
+  _NOISY = (
+    f'{os.sep}orbax{os.sep}',
+    f'{os.sep}grain{os.sep}',
+    f'{os.sep}tensorflow_datasets{os.sep}',
+    f'{os.sep}etils{os.sep}',
+  )
 
   def filter(self, record):
     return record.levelno >= logging_std.WARNING or not any(
-        n in record.pathname for n in self._NOISY)
+      n in record.pathname for n in self._NOISY
+    )
 
 
 def quiet_library_logs():
