@@ -5,12 +5,18 @@ r"""Exports a run to a Hugging Face model directory.
 
 Writes config.json, model.safetensors (PyTorch names and layout) and the tokenizer
 (tokenizer.json for AutoTokenizer, plus the original tokenizer.model or vocab.txt) of the
-latest (or --step) checkpoint (`pretrain.hf_io.export_run`, docs/huggingface.md). RoFormer v1
-loads with transformers' RoFormerForMaskedLM / FlaxRoFormerForMaskedLM; RoFormer-v2 and
-GAU-alpha are written in the layouts of their PyTorch ports (the `roformer` and `gau-alpha`
-packages). The workdir is only read.
+newest checkpoint that restores (a newer damaged one is named in a one-line warning) or
+--step (`pretrain.hf_io.export_run`, docs/huggingface.md), and a README.md model card (size,
+tokenizer, data, tokens, final eval loss, fine-tuning results.json of the run). RoFormer v1
+loads with transformers' PyTorch AutoModelForMaskedLM / AutoModel (model_type roformer);
+RoFormer-v2 and GAU-alpha are written in the layouts of their PyTorch ports (the `roformer`
+and `gau-alpha` packages) with model types transformers does not know (roformer_v2,
+gau_alpha), so its Auto classes refuse them instead of building a wrong model. DeepNet and
+other configs without a layout are refused (exit 2). No machine path goes into config.json.
+The workdir is only read.
 
-Exit codes: 0 written, 2 bad input (one paragraph on stderr, nothing written).
+Exit codes: 0 written, 2 bad input (one paragraph on stderr, nothing written; a --step that
+does not restore is bad input).
 """
 
 from absl import app
@@ -21,7 +27,7 @@ from launch.cli import fail, parse_flags, require
 
 _FROM = flags.DEFINE_string('from_workdir', None, 'Workdir of the run to export.')
 _OUT = flags.DEFINE_string('out', None, 'New (or empty) output directory.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default latest).')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest that restores).')
 _TOKENIZER = flags.DEFINE_string(
   'tokenizer', None, "The run's tokenizer file, when the recorded path is not on this machine."
 )

@@ -78,7 +78,11 @@ def main(argv):
     )
   from pretrain import finetune  # pylint: disable=g-import-not-at-top
   from pretrain import guards  # pylint: disable=g-import-not-at-top
+  from pretrain import multihost  # pylint: disable=g-import-not-at-top
   from pretrain import task_metrics  # pylint: disable=g-import-not-at-top
+
+  # As in launch.pretrain: orbax's barriers wait at the coordination service, with a timeout.
+  multihost.use_distributed_barriers_in_orbax()
 
   logging.set_verbosity(logging.INFO)
   try:

@@ -61,12 +61,15 @@ def initialize_distributed():
   """
   import jax  # pylint: disable=g-import-not-at-top
 
+  from pretrain import multihost  # pylint: disable=g-import-not-at-top
+
   mode = distributed_mode(_COORDINATOR.value, os.environ, tpu_chips())
   timeout = _DISTRIBUTED_TIMEOUT.value
   if mode == 'explicit':
     if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
-      # CPU processes need a collectives backend to talk to each other (local drills, tests).
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+      # CPU processes standing in for hosts (local drills, tests): gloo collectives, and no
+      # persistent compilation cache, whose programs the processes would not agree on.
+      multihost.configure_cpu_processes()
     jax.distributed.initialize(
       coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value,
@@ -86,7 +89,12 @@ def main(argv):
   faulthandler.register(signal.SIGUSR1, all_threads=True)
   initialize_distributed()
   from pretrain import guards  # pylint: disable=g-import-not-at-top
+  from pretrain import multihost  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
+
+  # Orbax's barriers on the main thread then wait at the coordination service, with a
+  # timeout, instead of in a device all-gather that waits forever for a lost host.
+  multihost.use_distributed_barriers_in_orbax()
 
   logging.set_verbosity(logging.INFO)
   try:

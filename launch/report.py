@@ -1,16 +1,18 @@
 r"""Plots and a summary table of runs: `python -m launch.report RUN_DIR [RUN_DIR ...] --out=DIR`.
 
 Writes `loss_vs_step.png`, `loss_vs_tokens.png`, `learning_rate.png`, `tokens_per_sec.png`,
-`mfu.png` (one curve per run, with a legend) and `summary.md` into --out, and prints the table.
+`mfu.png` (one curve per run, with a legend), `probe_accuracy.png` (runs with a linear probe)
+and `data_mixture.png` (runs on a data mixture), and `summary.md` into --out, and prints the
+table.
 `--names=a,b` labels the runs (default: their directory names).
 
-Exit codes: 0 done, 2 bad input (a directory without metrics.jsonl).
+Exit codes: 0 done, 2 bad input (a directory without metrics.jsonl, an unknown flag).
 """
 
 from absl import app
 from absl import flags
 
-from launch.cli import fail
+from launch.cli import fail, parse_flags
 
 _OUT = flags.DEFINE_string('out', 'report', 'Directory for the PNG files and summary.md.')
 _NAMES = flags.DEFINE_list('names', None, 'Labels of the runs, in order.')
@@ -34,4 +36,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -9,6 +9,12 @@ r"""Cloud TPU VMs through the `gcloud` CLI: `python -m launch.tpu_vm COMMAND --t
   status   the queued resource and the TPU VM as gcloud describes them
   delete   the queued resource and its TPU VM
 
+`--num_slices=N` (N > 1) makes a multi-slice resource: N slices of --accelerator_type joined
+by the data-centre network, one queued resource <tpu> whose nodes are named from the prefix
+<tpu>; give the same --num_slices to every later command, which then reaches the slices'
+workers through `gcloud compute tpus queued-resources ssh/scp --node=... --worker=...`. The
+trainer splits the mesh's data axis across the slices (docs/design.md 13).
+
 `--dry_run` (or `--dry-run`) prints the exact commands and runs nothing. Flag names mirror
 gcloud's (`--accelerator-type` works as `--accelerator_type`). A full sequence, from nothing to
 a resumed `base` run after a preemption, is in docs/operations.md 5.
@@ -63,6 +69,12 @@ _RUN_NAME = flags.DEFINE_string(
   'run_name', None, "run/logs: log file name (default: the workdir's last component)."
 )
 _WORKER = flags.DEFINE_string('worker', 'all', 'ssh/logs: `all` or a worker index.')
+_NUM_SLICES = flags.DEFINE_integer(
+  'num_slices', 1, 'Slices of --accelerator_type joined by the data-centre network (every command).'
+)
+_NODE = flags.DEFINE_string(
+  'node', '0', 'ssh/logs with --num_slices > 1: the slice, `all` or an index.'
+)
 _COMMAND = flags.DEFINE_string('command', None, 'ssh: command to run (default: a shell).')
 _FOLLOW = flags.DEFINE_bool('follow', False, 'logs: keep printing new lines.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the gcloud commands; run nothing.')
@@ -96,6 +108,8 @@ class Options:
   worker: str = 'all'
   command: str | None = None
   follow: bool = False
+  num_slices: int = 1
+  node: str = '0'
 
 
 def _location(o: Options) -> list[str]:
@@ -125,8 +139,19 @@ def runtime_for(accelerator_type: str) -> str:
   return RUNTIMES[family]
 
 
+def _ssh(o: Options, *rest: str) -> list[str]:
+  """ssh to --worker of the TPU VM, or of slice --node of a multi-slice queued resource."""
+  if o.num_slices > 1:
+    return _queued(o, 'ssh', f'--node={o.node}', f'--worker={o.worker}', *rest)
+  return _tpu_vm(o, 'ssh', f'--worker={o.worker}', *rest)
+
+
 def _remote(o: Options, script: str) -> list[str]:
-  return _tpu_vm(o, 'ssh', f'--worker={o.worker}', f'--command={script}')
+  return _ssh(o, f'--command={script}')
+
+
+def _every_worker(o: Options) -> Options:
+  return dataclasses.replace(o, worker='all', node='all')
 
 
 def run_name(o: Options) -> str:
@@ -160,17 +185,24 @@ def commands(name: str, o: Options) -> list[list[str]]:
   Raises:
     ValueError: a flag the command needs is missing or invalid (message names it).
   """
+  if o.num_slices < 1:
+    raise ValueError(f'--num_slices={o.num_slices} must be >= 1 (1: one slice).')
   if name == 'create':
     if o.spot and o.reserved:
       raise ValueError(
         '--spot and --reserved exclude each other; pass one (or neither for on-demand capacity).'
       )
     capacity = ['--spot'] if o.spot else ['--reserved'] if o.reserved else []
+    nodes = (
+      [f'--node-count={o.num_slices}', f'--node-prefix={o.tpu}']
+      if o.num_slices > 1
+      else [f'--node-id={o.tpu}']
+    )
     return [
       _queued(
         o,
         'create',
-        f'--node-id={o.tpu}',
+        *nodes,
         f'--accelerator-type={o.accelerator_type}',
         f'--runtime-version={o.runtime_version or runtime_for(o.accelerator_type)}',
         *capacity,
@@ -182,25 +214,22 @@ def commands(name: str, o: Options) -> list[list[str]]:
         f'rm -rf {REMOTE_DIR} && git clone -q --branch {shlex.quote(o.branch)} '
         f'{shlex.quote(o.repo_url)} {REMOTE_DIR}'
       )
-      return [
-        _remote(dataclasses.replace(o, worker='all'), f'{fetch} && cd {REMOTE_DIR} && {INSTALL}')
-      ]
+      return [_remote(_every_worker(o), f'{fetch} && cd {REMOTE_DIR} && {INSTALL}')]
     archive = '/tmp/encoder-pretrain.tar.gz'
+    scp = ['gcloud', 'compute', 'tpus', 'queued-resources' if o.num_slices > 1 else 'tpu-vm']
     return [
       ['git', '-C', ROOT, 'archive', '--format=tar.gz', f'--output={archive}', 'HEAD'],
       [
-        'gcloud',
-        'compute',
-        'tpus',
-        'tpu-vm',
+        *scp,
         'scp',
         archive,
         f'{o.tpu}:encoder-pretrain.tar.gz',
         *_location(o),
+        *(['--node=all'] if o.num_slices > 1 else []),
         '--worker=all',
       ],
       _remote(
-        dataclasses.replace(o, worker='all'),
+        _every_worker(o),
         f'rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && tar -xzf '
         f'~/encoder-pretrain.tar.gz -C {REMOTE_DIR} && cd {REMOTE_DIR} && {INSTALL}',
       ),
@@ -222,22 +251,24 @@ def commands(name: str, o: Options) -> list[list[str]]:
     ).strip()
     return [
       _remote(
-        dataclasses.replace(o, worker='all'),
+        _every_worker(o),
         f'cd {REMOTE_DIR} && mkdir -p logs && (nohup {train} < /dev/null > {log} '
         f'2>&1 &) && echo "worker $(hostname): logging to {REMOTE_DIR}/{log}"',
       )
     ]
   if name == 'logs':
-    if o.worker == 'all':
-      raise ValueError('logs needs one --worker index (0 is the one that writes metrics).')
+    if o.worker == 'all' or (o.num_slices > 1 and o.node == 'all'):
+      raise ValueError(
+        'logs needs one --worker index (0 is the one that writes metrics) and, with '
+        '--num_slices, one --node (slice) index.'
+      )
     tail = 'tail -n 100' + (' -F' if o.follow else '')
     return [_remote(o, f'{tail} {REMOTE_DIR}/logs/{run_name(o)}.log')]
   if name == 'ssh':
-    return [
-      _tpu_vm(o, 'ssh', f'--worker={o.worker}', *([f'--command={o.command}'] if o.command else []))
-    ]
+    return [_ssh(o, *([f'--command={o.command}'] if o.command else []))]
   if name == 'status':
-    return [_queued(o, 'describe'), _tpu_vm(o, 'describe')]
+    # The queued resource lists every slice's state; <tpu> names a TPU VM only for one slice.
+    return [_queued(o, 'describe')] + ([_tpu_vm(o, 'describe')] if o.num_slices == 1 else [])
   if name == 'delete':
     return [_queued(o, 'delete', '--force', '--quiet')]
   raise ValueError(f'unknown command {name!r}; choose one of {", ".join(COMMANDS)}.')
@@ -302,6 +333,8 @@ def main(argv):
     worker=_WORKER.value,
     command=_COMMAND.value,
     follow=_FOLLOW.value,
+    num_slices=_NUM_SLICES.value,
+    node=_NODE.value,
   )
   try:
     cmds = commands(argv[1], o)

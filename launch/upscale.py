@@ -4,14 +4,16 @@ r"""Grows a trained model into a larger one, losslessly: step 0 of a new workdir
       --config=launch/configs/roformer.py:small --workdir=runs/roformer_small_grown \
       [--step=N] [--config.upscale.symmetry_breaking=zero_out]
 
-Reads the latest (or --step) checkpoint of --from_workdir, checks that --config is a valid
-growth of the run that wrote it, grows parameters (and optimizer state with
---config.upscale.optimizer_state=map) and writes them as step 0 of --workdir
-(`pretrain.grow.grow_run`, docs/algorithms.md 4). Prints the held-out check and the exact
-`launch.pretrain` command that continues the grown run. Growth options are the
+Reads the newest checkpoint of --from_workdir that restores (as launch.pretrain picks it: a
+newer damaged one is named in a one-line warning, and the run is left as it is) or --step,
+checks that --config is a valid growth of the run that wrote it, grows parameters (and
+optimizer state with --config.upscale.optimizer_state=map) and writes them as step 0 of
+--workdir (`pretrain.grow.grow_run`, docs/algorithms.md 4). Prints the held-out check and the
+exact `launch.pretrain` command that continues the grown run. Growth options are the
 `--config.upscale.<field>` fields of pretrain/config.py.
 
-Exit codes: 0 written, 2 bad input (one paragraph on stderr, nothing written).
+Exit codes: 0 written, 2 bad input (one paragraph on stderr, nothing written; a --step that
+does not restore is bad input).
 """
 
 from absl import app
@@ -32,7 +34,9 @@ except FLAG_ERRORS as _e:
   fail(flag_error_message(_e))
 _FROM = flags.DEFINE_string('from_workdir', None, 'Workdir of the trained (small) model.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'New workdir for the grown model (empty).')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step of --from_workdir (default latest).')
+_STEP = flags.DEFINE_integer(
+  'step', None, 'Checkpoint step of --from_workdir (default: the newest that restores).'
+)
 
 
 def main(argv):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from flax import nnx
 
+from models import attention
 from models import encoder
 from models import layers
 from models.encoder import Encoder, resolve, stack_layers, unstack_layers
@@ -84,6 +85,17 @@ def validate(config) -> None:
   _choice('model.mlp_activation', m.mlp_activation, tuple(layers.ACTIVATIONS))
   _choice('model.causal_normalizer', m.causal_normalizer, ('visible', 'n'))
   _choice('model.attention_scale', m.attention_scale, ('standard', 'entropy_invariant'))
+  _choice('model.attention_impl', m.attention_impl, attention.ATTENTION_IMPLS)
+  if m.attention_impl == 'splash':
+    # The platform is only known when the step is traced (attention.use_splash); what the
+    # config alone decides is refused here, before any compile.
+    reason = attention.splash_blocker(
+      family=m.family,
+      seq_len=config.data.seq_len if 'data' in config else 0,
+      dropout_rate=m.dropout_rate,
+    )
+    if reason:
+      raise ValueError(f"model.attention_impl='splash': {reason}")
   _choice('model.position_embedding', m.position_embedding, POSITION_EMBEDDINGS)
   if m.position_embedding == 'learned':
     if m.max_position <= 0:

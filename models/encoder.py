@@ -97,6 +97,8 @@ class ArchSpec:
   attention_norm: str
   chunk_size: int
   gau_activation: str
+  # model.attention_impl: 'auto', 'xla' or 'splash' (attention.use_splash)
+  attention_impl: str = 'auto'
 
   @property
   def rope_dim(self) -> int:
@@ -160,6 +162,7 @@ def resolve(config) -> ArchSpec:
     mlp_activation=m.mlp_activation,
     embed_dropout_first=not v1,
     causal_normalizer=m.causal_normalizer,
+    attention_impl=m.attention_impl,
   )
 
 
@@ -281,11 +284,27 @@ def _remat(fn, policy: str, prevent_cse: bool):
 def make_context(spec: ArchSpec, segment_ids, positions) -> attention.AttentionContext:
   """Per-call constants shared by all layers (see attention.AttentionContext): segment_ids,
   RoPE sin/cos [b, n, r/2] (None with model.position_embedding='learned': no rotation), and
-  for quadratic attention the mask [b, n, n] and the softmax scale (None for FLASH)."""
+  for quadratic attention the mask [b, n, n] and the softmax scale (None for FLASH). When
+  model.attention_impl resolves to the splash kernel (attention.use_splash), no mask: the
+  scale alone selects the kernel in every block.
+
+  Raises:
+    ValueError: model.attention_impl='splash' where the kernel cannot run (use_splash).
+  """
   sin = cos = mask = scale = None
   if spec.position_embedding != 'learned':
     sin, cos = rope.sin_cos(positions, spec.rope_dim, spec.rotary_base)
-  if not (spec.family == 'gau' and spec.chunk_size > 0):
+  splash = attention.use_splash(
+    spec.attention_impl,
+    family=spec.family,
+    seq_len=segment_ids.shape[-1],
+    dropout_rate=spec.dropout_rate,
+  )
+  if splash:
+    scale = attention.segment_attention_scale(
+      spec.attention_scale, segment_ids, spec.causal, spec.rope_dim
+    )
+  elif not (spec.family == 'gau' and spec.chunk_size > 0):
     mask = attention.attention_mask(segment_ids, spec.causal)
     scale = attention.attention_scale(spec.attention_scale, mask, spec.rope_dim)
   return attention.AttentionContext(

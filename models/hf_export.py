@@ -12,6 +12,13 @@ Three layouts (docs/huggingface.md 2-3), one per family:
   gau          the `gau-alpha` package's GAUAlphaForMaskedLM (JunnYu/GAU-alpha-pytorch, the
                port of ZhuiyiTechnology/GAU-alpha)
 
+Only v1 carries a model_type that transformers knows ('roformer'). transformers has no
+RoFormer-v2 or GAU-alpha class, and its RoFormer would load a v2 directory with model_type
+'roformer' as v1 (fresh LayerNorms and biases, another function), so the v2 and GAU-alpha
+config.json name model types it does not know ('roformer_v2', 'gau_alpha', see MODEL_TYPES):
+AutoConfig / AutoModel* refuse them with a ValueError instead of building a wrong model.
+`port_config` maps our 'roformer_v2' back to the port's convention for import.
+
 PyTorch `nn.Linear` stores weight [out, in] for y = x W^T + b; our Dense kernels are
 [in..., out...] for y = x K + b, so weight = K.reshape(prod(in), prod(out)).T (query
 [d, h, d_h] -> [h d_h, d]; attention output [h, d_h, d] -> [d, h d_h]). LayerNorm scale is
@@ -44,6 +51,19 @@ ACT_FROM_HF = {
 GAU_NORM_TO_HF = {'softmax_plus': 'softmax_plus', 'relu2': 'squared_relu', 'softmax': 'softmax'}
 GAU_NORM_FROM_HF = {v: k for k, v in GAU_NORM_TO_HF.items()}
 PREFIX = {'roformer': 'roformer', 'roformer_v2': 'roformer', 'gau': 'gau_alpha'}
+# config.json (model_type, architectures) per family. Only 'roformer' is a transformers model
+# type; the others are names transformers does not know, so that its Auto classes refuse them.
+MODEL_TYPES = {
+  'roformer': ('roformer', 'RoFormerForMaskedLM'),
+  'roformer_v2': ('roformer_v2', 'RoFormerV2ForMaskedLM'),
+  'gau': ('gau_alpha', 'GAUAlphaForMaskedLM'),
+}
+# What export supports, for refusal messages.
+SUPPORTED = (
+  'export supports RoFormer v1 (post-LN, LayerNorm, biases: loads with transformers), '
+  "RoFormer-v2 (bias-free, parameter-free RMS norm: the `roformer` package's layout) and "
+  "GAU-alpha (the `gau-alpha` package's layout), masked LM, RoPE base 10000"
+)
 ROPE_BASE = 10000.0  # fixed in all three PyTorch implementations
 
 
@@ -140,10 +160,7 @@ def check_exportable(config) -> None:
     'gau': 'launch/configs/gau.py',
   }.get(m.family)
   if fix is None:
-    raise ExportError(
-      f'model.family={m.family!r} has no Hugging Face layout here; export '
-      'supports roformer, roformer_v2 and gau (GAU-alpha).'
-    )
+    raise ExportError(f'model.family={m.family!r} has no Hugging Face layout here; {SUPPORTED}.')
   target = {
     'roformer': "transformers' RoFormer",
     'roformer_v2': "the roformer package's RoFormerV2",
@@ -153,7 +170,7 @@ def check_exportable(config) -> None:
   def refuse(what: str):
     raise ExportError(
       f'{what}, which {target} cannot express; this run cannot be exported '
-      f'(train with the defaults of {fix} for an exportable model).'
+      f'(train with the defaults of {fix} for an exportable model; {SUPPORTED}).'
     )
 
   if config.objective != 'mlm':
@@ -224,7 +241,9 @@ def hf_config(config, *, pad_token_id: int, max_position_embeddings: int) -> dic
     'attention_probs_dropout_prob': float(m.dropout_rate),
     'pad_token_id': int(pad_token_id),
     'tie_word_embeddings': True,
-    'torch_dtype': 'float32',
+    # transformers >= 4.56 reads `dtype` (`torch_dtype` is deprecated there and in 5); older
+    # versions ignore it and load float32, the default.
+    'dtype': 'float32',
   }
   if m.family == 'gau':
     if m.attention_norm == 'softmax' and m.attention_scale == 'entropy_invariant':
@@ -232,8 +251,8 @@ def hf_config(config, *, pad_token_id: int, max_position_embeddings: int) -> dic
     else:
       normalization = GAU_NORM_TO_HF[m.attention_norm]
     return {
-      'architectures': ['GAUAlphaForMaskedLM'],
-      'model_type': 'gau_alpha',
+      'architectures': [MODEL_TYPES['gau'][1]],
+      'model_type': MODEL_TYPES['gau'][0],
       **common,
       'intermediate_size': int(m.expansion_factor) * int(m.hidden_size),
       'attention_key_size': int(m.shared_dim),
@@ -243,9 +262,10 @@ def hf_config(config, *, pad_token_id: int, max_position_embeddings: int) -> dic
       'use_bias': False,
       'classifier_dropout': 0.1,
     }
+  model_type, architecture = MODEL_TYPES[m.family]
   out = {
-    'architectures': ['RoFormerForMaskedLM'],
-    'model_type': 'roformer',
+    'architectures': [architecture],
+    'model_type': model_type,
     **common,
     'num_attention_heads': int(m.num_heads),
     'intermediate_size': int(m.mlp_dim),
@@ -256,6 +276,15 @@ def hf_config(config, *, pad_token_id: int, max_position_embeddings: int) -> dic
   if m.family == 'roformer_v2':
     out.update(norm_type='rms_norm', use_bias=False)
   return out
+
+
+def port_config(hf: dict) -> dict:
+  """config.json in the ports' convention, which `hf_import.model_fields` reads: our
+  model_type 'roformer_v2' becomes the `roformer` package's model_type 'roformer' with
+  norm_type 'rms_norm'; any other config is returned as is."""
+  if isinstance(hf, dict) and hf.get('model_type') == MODEL_TYPES['roformer_v2'][0]:
+    return {**hf, 'model_type': 'roformer', 'norm_type': 'rms_norm'}
+  return hf
 
 
 def per_layer(params: dict, num_layers: int) -> dict:

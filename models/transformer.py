@@ -74,6 +74,7 @@ class TransformerBlock(nnx.Module):
       kernel_init=spec.kernel_init,
       dropout_rate=spec.dropout_rate,
       scale_kind=spec.attention_scale,
+      causal=spec.causal,
       **common,
     )
     self.attention_norm = layers.make_norm(

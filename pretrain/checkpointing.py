@@ -7,27 +7,44 @@ asynchronous; orbax writes into a temporary directory and renames it when comple
 interrupted save never replaces a good checkpoint. A newest checkpoint that cannot be restored
 (damaged or missing files) is moved aside to `<workdir>/checkpoints_damaged/` (never deleted)
 once an older one restores; a save that fails raises `SaveError` at once (docs/design.md 9).
+
+Every save records a checksum of each array of the state in `meta` (`state_checksums`), and
+every restore verifies the arrays it read against them (`ChecksumError`): orbax's storage
+(zarr chunks compressed with zstd, no checksum of their own) returns damaged bytes that still
+decode as numbers without an error (docs/design.md 9).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import gc
 import json
+import logging as std_logging
 import os
+import re
 import subprocess
+import sys
 import time
-from typing import Any
+import traceback
+from typing import Any, Callable
 
 from absl import logging
 from etils import epath
 from flax import traverse_util
 import grain
 import jax
+from jax import lax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import numpy as np
 import orbax.checkpoint as ocp
 
 from pretrain import metrics as metrics_lib
+from pretrain import multihost
 
 # Model fields whose change makes a checkpoint's parameters unusable.
 SHAPE_FIELDS = (
@@ -61,13 +78,205 @@ class SaveError(RuntimeError):
   """A checkpoint save failed (full disk, lost permissions, ...); one line naming the path."""
 
 
+class ChecksumError(RuntimeError):
+  """Restored arrays differ from the checksums recorded when the checkpoint was saved: its
+  files were damaged after the save. The message starts 'its data failed the checksum'."""
+
+
 def describe_error(e: BaseException) -> str:
-  """One line for an exception: `[Errno 28] No space left on device: 'path'` or `Type: msg`."""
+  """One line for an exception: `[Errno 28] No space left on device: 'path'` or `Type: msg`
+  (for orbax's 'Encountered error while reading array ...', the TensorStore error under it,
+  which names the file and what is wrong)."""
+  if str(e).startswith('Encountered error while reading array') and e.__cause__ is not None:
+    return describe_error(e.__cause__)
   if isinstance(e, OSError) and e.strerror:
     return f'[Errno {e.errno}] {e.strerror}' + (f": '{e.filename}'" if e.filename else '')
   text = str(e).strip().splitlines()
   first = text[0] if text else ''
   return f'{type(e).__name__}: {first[:300]}'
+
+
+# ----------------------------------------------------------------------------- checksums
+
+# The key of the checksums in a checkpoint's JSON metadata, and the version of the algorithm
+# (a checkpoint recorded with another version is restored unverified, as one without any).
+CHECKSUM_KEY = 'state_checksums'
+CHECKSUM_ALGORITHM = 'uint32-words: sum, sum of fmix32(word ^ index * 0x9e3779b1); v1'
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection of uint32 that mixes every bit into all."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The array's bits as uint32 words: one per element of 1, 2 or 4 bytes (zero-extended),
+  two per element of 8 bytes (a trailing axis of 2)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """uint32 [2] of one array: the sum of its words and the sum of fmix32(word ^ index *
+  0x9e3779b1) (index: the row-major position), both modulo 2**32.
+
+  Integer sums do not depend on the order of reduction, so the result is the same for every
+  sharding of the array (save and restore meshes may differ). Any one changed word changes
+  both sums (fmix32 is a bijection); several changes, swapped elements included, escape the
+  second with probability 2**-32.
+  """
+  w = _words(x)
+  index = jnp.zeros(w.shape, jnp.uint32)
+  for axis, size in enumerate(w.shape):  # iotas, not a reshape: no resharding of x
+    index = index * jnp.uint32(size) + lax.broadcasted_iota(jnp.uint32, w.shape, axis)
+  mixed = _fmix32(w ^ (index * jnp.uint32(0x9E3779B1)))
+  return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(mixed, dtype=jnp.uint32)])
+
+
+@functools.lru_cache(maxsize=8)
+def _checksum_fn(mesh: jax.sharding.Mesh | None) -> Callable:
+  """The jitted `leaves -> uint32 [n, 2]`, replicated over `mesh` (every process reads it)."""
+  out = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+  return jax.jit(lambda leaves: jnp.stack([_leaf_checksum(x) for x in leaves]), out_shardings=out)
+
+
+def _dtype(x) -> np.dtype | None:
+  """The dtype of a leaf whose bits `_words` can read (1, 2, 4 or 8 bytes per element, not
+  complex), else None (such leaves are neither recorded nor checked)."""
+  dtype = x.dtype if hasattr(x, 'dtype') else np.asarray(x).dtype
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return dtype
+  dtype = np.dtype(dtype)
+  if dtype.kind == 'c' or dtype.itemsize not in (1, 2, 4, 8):
+    return None
+  return dtype
+
+
+def state_checksums(tree) -> dict[str, str]:
+  """A checksum of every array leaf of `tree`, computed where the arrays are.
+
+  One jitted reduction over all leaves (on several processes: one program that every process
+  runs, at the same point, with the sums all-reduced), so it checks the global arrays whatever
+  their sharding.
+
+  Args:
+    tree: a pytree of jax.Arrays (e.g. the train state {'step', 'params', 'opt_state'}) or
+      NumPy arrays; leaves of 1, 2, 4 or 8 bytes per element (others are left out).
+
+  Returns:
+    {leaf path ('params/layers/mlp/wi/kernel'): dtype name + ':' + 16 hex digits (the two
+    uint32 sums of `_leaf_checksum`)}.
+  """
+  flat = [(path, x, _dtype(x)) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  flat = [(path, x, dtype) for path, x, dtype in flat if dtype is not None]
+  if not flat:
+    return {}
+  leaves = [x for _, x, _ in flat]
+  mesh = next(
+    (x.sharding.mesh for x in leaves if isinstance(getattr(x, 'sharding', None), NamedSharding)),
+    None,
+  )
+  sums = np.asarray(jax.device_get(_checksum_fn(mesh)(leaves)))
+  return {
+    jax.tree_util.keystr(path, simple=True, separator='/'): (
+      f'{dtype}:{int(s[0]):08x}{int(s[1]):08x}'
+    )
+    for (path, _, dtype), s in zip(flat, sums)
+  }
+
+
+def checksum_record(tree) -> dict[str, Any]:
+  """The `meta[CHECKSUM_KEY]` of a checkpoint of `tree`: {'algorithm', 'leaves'}."""
+  return {'algorithm': CHECKSUM_ALGORITHM, 'leaves': state_checksums(tree)}
+
+
+def verify_checksums(tree, meta: dict[str, Any] | None):
+  """Checks the arrays of `tree` (a restored state, or a part of one: same leaf paths)
+  against the checksums `meta` recorded at save; leaves without a record, or restored in
+  another dtype, are not checked, nor is a checkpoint written before checksums existed.
+
+  Raises:
+    ChecksumError: 'its data failed the checksum: ...', naming up to three arrays.
+  """
+  record = (meta or {}).get(CHECKSUM_KEY)
+  if not isinstance(record, dict) or record.get('algorithm') != CHECKSUM_ALGORITHM:
+    return
+  saved = record.get('leaves') or {}
+  now = state_checksums(tree)
+  checked = {
+    k: v for k, v in now.items() if k in saved and saved[k].split(':')[0] == v.split(':')[0]
+  }
+  bad = [k for k, v in checked.items() if saved[k] != v]
+  if bad:
+    raise ChecksumError(
+      f'its data failed the checksum: {len(bad)} of {len(checked)} arrays differ from what '
+      f'was saved ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}); its files no '
+      f'longer hold what was written'
+    )
+
+
+class _AbandonedReads(std_logging.Filter):
+  """Drops asyncio's 'Task exception was never retrieved' reports (`quiet_failed_reads`)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return 'never retrieved' not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_failed_reads():
+  """Keeps a failed orbax read to the one exception it raises.
+
+  When TensorStore fails to read an array, orbax leaves the other reads' futures unretrieved:
+  asyncio logs each as 'Task exception was never retrieved' with a traceback, and Python
+  prints 'Exception ignored in <coroutine>' for each when it is collected. The exception the
+  caller gets names the cause; the rest is noise (dozens of tracebacks for one bad file).
+  """
+  asyncio_log = std_logging.getLogger('asyncio')
+  level, hook = asyncio_log.level, sys.unraisablehook
+  asyncio_log.setLevel(std_logging.CRITICAL)
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    yield
+  except BaseException as e:
+    # The abandoned coroutines and tasks report when they are collected: collect them now,
+    # silenced. The frames of the exception's tracebacks hold them, so their locals go first
+    # (file and line of every frame stay).
+    seen = e
+    while seen is not None:
+      traceback.clear_frames(seen.__traceback__)
+      seen = seen.__cause__ or seen.__context__
+    gc.collect()
+    # Tasks still running in orbax's event-loop thread finish (and report) later: from now
+    # on the asyncio logger drops those reports (they are about reads already given up on).
+    if not any(isinstance(f, _AbandonedReads) for f in asyncio_log.filters):
+      asyncio_log.addFilter(_AbandonedReads())
+    hook = _without_coroutines(hook)
+    raise
+  finally:
+    sys.unraisablehook = hook
+    asyncio_log.setLevel(level)
+
+
+def _without_coroutines(hook):
+  """`hook` (a sys.unraisablehook) minus the reports of abandoned coroutines (a failed read's
+  other reads, collected after `quiet_failed_reads` returned)."""
+  if getattr(hook, 'drops_coroutines', False):
+    return hook
+
+  def quiet(unraisable):
+    if not asyncio.iscoroutine(unraisable.object):
+      hook(unraisable)
+
+  quiet.drops_coroutines = True
+  return quiet
 
 
 def checkpoint_directory(workdir: str) -> str:
@@ -78,6 +287,69 @@ def checkpoint_directory(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, 'checkpoints'))
 
 
+def _gather_causes(name: str, cause: str | None) -> list[str | None]:
+  """Every process's `cause` (None: no failure), in process order.
+
+  They go over the coordination service (`pretrain.multihost`), not a device collective: a
+  process that failed inside a read is not in step with the device programs of the others,
+  and a late or lost peer gives an error after a timeout instead of a hang.
+  """
+  if jax.process_count() == 1:
+    return [cause]
+  return [c.decode() or None for c in multihost.all_gather(name, cause or '')]
+
+
+def _verdict(causes: list[str | None]) -> str | None:
+  """The one verdict every process reaches from `_gather_causes`: this process's own cause,
+  else the first failing process's, else None."""
+  own = causes[jax.process_index()] if len(causes) > 1 else causes[0]
+  if own is not None:
+    return own
+  for i, cause in enumerate(causes):
+    if cause is not None:
+      return f'it failed on process {i}: {cause}'
+  return None
+
+
+def _agreed(name: str, cause: str | None) -> str | None:
+  """`cause`, or on several processes the verdict they all reach: failed if any failed."""
+  return _verdict(_gather_causes(name, cause))
+
+
+_DATA_FILE = re.compile(r'process_\d+-of-(\d+)\.json')
+
+
+def _data_file(process_index: int, process_count: int) -> str:
+  """The file of a checkpoint's 'data' item that holds one process's iterator position."""
+  return f'process_{process_index}-of-{process_count}.json'
+
+
+def _move_remote(source: str, dest: str):
+  """Moves the checkpoint directory `source` (on a bucket: no rename) to `dest`, through the
+  gcsfs instance etils.epath (and so orbax) uses, which keeps its listings current.
+
+  The order is the safe one: (1) copy every object (server side), while the step is still a
+  checkpoint: a copy cut short leaves the step whole in place (moved again next time);
+  (2) delete `commit_success.txt`: from then on orbax lists the step as no checkpoint, and the
+  copy is complete; (3) delete the rest (cut short: a leftover that is no checkpoint, which the
+  next save of that step replaces). Deleting the commit file first would, if the copy were
+  then cut short, leave the only whole copy of the step to be overwritten by that save.
+  """
+  from etils.epath import backend  # pylint: disable=g-import-not-at-top
+
+  fs = backend.fsspec_backend.fs(source)
+  root, target = fs._strip_protocol(source).rstrip('/'), fs._strip_protocol(dest).rstrip('/')  # pylint: disable=protected-access
+  files = fs.find(root)
+  if not files:
+    raise FileNotFoundError(f'{source} holds no files')
+  fs.copy(files, [target + f[len(root) :] for f in files])
+  commit = f'{root}/commit_success.txt'
+  if commit in files:
+    fs.rm_file(commit)
+  fs.rm([f for f in files if f != commit])
+  fs.invalidate_cache(root)
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with the three items of this suite.
 
@@ -86,16 +358,37 @@ class Checkpointer:
     keep: number of most recent checkpoints kept (config.train.keep_checkpoints).
     async_save: save in a background thread (the training loop blocks only for the copy to
       host memory).
+    read_only: only read (the commands that read another run: nothing is created, cleaned
+      up or deleted there).
+    checksums: record the state's checksums at save and verify them at restore (False only
+      for benchmarks/checkpoint_integrity.py's baseline).
+
+  Attributes:
+    restored_step: the step `restore_newest` resumed from (None: none yet).
   """
 
-  def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    keep: int = 2,
+    async_save: bool = True,
+    read_only: bool = False,
+    checksums: bool = True,
+  ):
     self.directory = checkpoint_directory(workdir)
-    self._manager = ocp.CheckpointManager(
-      self.directory,
-      options=ocp.CheckpointManagerOptions(
+    self.checksums = checksums
+    self.restored_step = None
+    if read_only:
+      # Not orbax's read_only=True, which warns twice on every construction; without create,
+      # deletion or saves nothing here writes (tests/test_checkpoint_integrity.py).
+      options = ocp.CheckpointManagerOptions(
+        max_to_keep=None, create=False, enable_async_checkpointing=False
+      )
+    else:
+      options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save
-      ),
-    )
+      )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -103,12 +396,20 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def path(self, step: int) -> str:
+    """`<workdir>/checkpoints/<step>`, as messages name a checkpoint."""
+    return f'{self.directory}/{step}'
+
   def save(self, step: int, state, data_iterator, meta: dict[str, Any], force: bool = True):
-    """Starts saving `state` (pytree of jax.Arrays), the iterator state and `meta` at `step`.
+    """Starts saving `state` (pytree of jax.Arrays), the iterator state and `meta` at `step`;
+    `meta` gets the state's checksums (`checksum_record`, computed before this returns, so
+    the caller may donate `state` afterwards).
 
     Raises:
       SaveError: this save, or an earlier asynchronous one, failed.
     """
+    if self.checksums:
+      meta = dict(meta, **{CHECKSUM_KEY: checksum_record(state)})
     items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -138,22 +439,84 @@ class Checkpointer:
     with self._save_errors():
       self._manager.check_for_errors()
 
+  def agreed_steps(self) -> list[int]:
+    """The checkpoint steps, oldest first, as process 0 lists them (on several processes
+    the others take process 0's list: a bucket listed at slightly different times, or a
+    step committed between two listings, must not give processes different steps to try)."""
+    steps = self.all_steps()
+    if jax.process_count() == 1:
+      return steps
+    listed = multihost.all_gather('checkpoint_steps', json.dumps(steps))
+    return [int(s) for s in json.loads(listed[0])]
+
   def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
-    """The JSON metadata of `step` (default: latest), or None if there is no checkpoint."""
+    """The JSON metadata of `step` (default: latest), or None if there is no checkpoint.
+
+    Read as a file (orbax's JSON item is one file, `meta/metadata`), not through orbax's
+    restore, whose barriers are collectives: every process may read it alone.
+
+    Raises:
+      OSError, ValueError: the file is missing or does not hold a JSON object.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       return None
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    meta = json.loads((epath.Path(self.path(step)) / 'meta' / 'metadata').read_text())
+    if not isinstance(meta, dict):
+      raise ValueError(f'the metadata is {type(meta).__name__}, not a JSON object')
+    return meta
+
+  def precheck(self, step: int, data_iterator=None) -> str | None:
+    """Why this process cannot restore `step`, found from its files alone (no orbax read, no
+    collective), or None: the metadata reads, the array store's index files are there, and
+    with `data_iterator` this process's iterator file reads as JSON.
+
+    The damage this finds is agreed before any orbax restore starts (`restore_newest`), so
+    that no process enters orbax's restore, whose barriers wait for every process, while
+    another has already given up on the step.
+    """
+    root = epath.Path(self.path(step))
+    try:
+      self.read_meta(step)
+    except Exception as e:  # pylint: disable=broad-except
+      return f'its metadata (meta/metadata) does not read: {describe_error(e)}'
+    for name in ('_METADATA', 'manifest.ocdbt'):
+      if not (root / 'state' / name).exists():
+        return f'its array index state/{name} is missing'
+    if data_iterator is not None:
+      name = _data_file(jax.process_index(), jax.process_count())
+      try:
+        json.loads((root / 'data' / name).read_text())
+      except Exception as e:  # pylint: disable=broad-except
+        return f'its data position data/{name} does not read: {describe_error(e)}'
+    return None
+
+  def saved_process_count(self, step: int) -> int | None:
+    """How many processes wrote the data position of `step` (from its iterator files'
+    names, `process_<i>-of-<n>.json`), agreed across processes; None when it has none."""
+    counts = set()
+    try:
+      for path in (epath.Path(self.path(step)) / 'data').iterdir():
+        match = _DATA_FILE.fullmatch(path.name)
+        if match:
+          counts.add(int(match.group(1)))
+    except Exception:  # pylint: disable=broad-except
+      pass  # no data item: precheck reports it
+    count = max(counts) if len(counts) == 1 else None
+    if jax.process_count() > 1:
+      count = json.loads(multihost.all_gather('checkpoint_processes', json.dumps(count))[0])
+    return count
 
   def newest_readable_meta(self) -> tuple[int | None, dict[str, Any] | None]:
-    """(step, metadata) of the newest checkpoint whose metadata reads (damaged ones are
-    skipped here and moved aside by `restore_newest`), or (None, None) if there is none."""
-    for step in sorted(self.all_steps(), reverse=True):
+    """(step, metadata) of the newest checkpoint whose metadata reads on every process
+    (damaged ones are skipped here and moved aside by `restore_newest`), or (None, None) if
+    there is none."""
+    for step in sorted(self.agreed_steps(), reverse=True):
       try:
-        meta = self.read_meta(step)
-      except Exception:  # pylint: disable=broad-except
-        continue
-      if isinstance(meta, dict):
+        meta, cause = self.read_meta(step), None
+      except Exception as e:  # pylint: disable=broad-except
+        meta, cause = None, describe_error(e)
+      if _agreed('checkpoint_meta', cause) is None:
         return step, meta
     return None, None
 
@@ -161,22 +524,60 @@ class Checkpointer:
     """The metadata of `newest_readable_meta`, or None if there is none."""
     return self.newest_readable_meta()[1]
 
-  def restore(self, step: int, abstract_state, data_iterator=None):
-    """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs), and the
-    iterator in place; works across mesh shapes (orbax reshards)."""
-    items = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
-    if data_iterator is not None:
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    if not isinstance(restored['meta'], dict):
-      raise ValueError(f'the metadata is {type(restored["meta"]).__name__}, not a JSON object')
-    return restored['state']
+  def read(self, step: int, abstract_state, data_iterator=None, partial: bool = False):
+    """Reads the state of `step` onto the shardings of `abstract_state` (ShapeDtypeStructs;
+    orbax reshards across mesh shapes), and the iterator in place, without verifying it
+    (`restore` does; on several processes agree on the read first, `restore_newest`).
+
+    Args:
+      partial: `abstract_state` names a part of the saved state (e.g. {'params': encoder}:
+        the rest is not read).
+
+    Returns:
+      (state, meta).
+    """
+    if partial:
+      # The manager binds an item to one handler; a part of the state is read past it, as
+      # orbax's PyTree handler (the one StandardSave wraps) reads it, with the meta apart.
+      meta = self.read_meta(step)
+      with quiet_failed_reads():
+        state = ocp.PyTreeCheckpointer().restore(
+          os.path.join(self.path(step), 'state'),
+          args=ocp.args.PyTreeRestore(
+            abstract_state,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+            partial_restore=True,
+          ),
+        )
+    else:
+      items = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
+      if data_iterator is not None:
+        items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+      with quiet_failed_reads():
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      state, meta = restored['state'], restored['meta']
+    if not isinstance(meta, dict):
+      raise ValueError(f'the metadata is {type(meta).__name__}, not a JSON object')
+    return state, meta
+
+  def restore(self, step: int, abstract_state, data_iterator=None, partial: bool = False):
+    """`read`, then the arrays verified against the checksums saved with them.
+
+    Raises:
+      ChecksumError: the arrays read differ from what was saved (the files were damaged).
+      Exception: whatever orbax raises for a checkpoint that cannot be read.
+    """
+    state, meta = self.read(step, abstract_state, data_iterator, partial)
+    if self.checksums:
+      verify_checksums(state, meta)
+    return state
 
   def restore_newest(self, abstract_state, data_iterator=None):
     """Restores the newest checkpoint that restores; newer ones that fail are moved aside.
 
     A failure is taken as damage only once an older checkpoint of the same workdir restores
-    (a config that no checkpoint fits moves nothing).
+    (a config that no checkpoint fits moves nothing). A checkpoint whose arrays fail their
+    checksum is one that fails.
 
     Returns:
       (step, state), or (None, None) if there is no checkpoint.
@@ -185,17 +586,28 @@ class Checkpointer:
       CheckpointError: there are checkpoints and none restores; names the newest and why.
     """
     failures = []
-    for step in sorted(self.all_steps(), reverse=True):
-      state, cause = self._try_restore(step, abstract_state, data_iterator)
-      if jax.process_count() > 1:  # every process must resume from the same step
-        failed = multihost_utils.process_allgather(np.array(cause is not None))
-        if failed.any() and cause is None:
-          cause = f'it failed on {int(failed.sum())} other process(es)'
+    for step in sorted(self.agreed_steps(), reverse=True):
+      iterator = data_iterator
+      saved_by = self.saved_process_count(step) if data_iterator is not None else None
+      if saved_by is not None and saved_by != jax.process_count():
+        # Another slice size (a preempted v5e-32 back as v5e-16): grain keeps one position
+        # file per process, and this run's processes read other shards.
+        logging.warning(
+          'checkpoint %s was written by %d processes and this run has %d: the model and '
+          'optimizer state resume, the data is read from the start (its position is kept '
+          'per process)',
+          self.path(step),
+          saved_by,
+          jax.process_count(),
+        )
+        iterator = None
+      state, cause = self._try_restore(step, abstract_state, iterator)
       if cause is not None:
         failures.append((step, cause))
         continue
       for bad_step, bad_cause in failures:
         self._move_aside(bad_step, bad_cause, step)
+      self.restored_step = step
       return step, state
     if failures:
       step, cause = failures[0]
@@ -208,14 +620,38 @@ class Checkpointer:
     return None, None
 
   def _try_restore(self, step, abstract_state, data_iterator, attempts: int = 2):
-    """(state, None), or (None, cause) after `attempts` tries (a transient storage error is
-    not damage)."""
-    cause = None
+    """(state, None), or (None, cause); the same answer on every process.
+
+    On several processes every stage is agreed before the next one starts: the files of
+    the step (`precheck`, no collective), then orbax's read (its barriers are collectives, so
+    it starts only on a step every process found whole), then the checksums (a collective
+    program). A read is tried again (`attempts` in all; a transient storage error is not
+    damage) only when it failed on every process: after a failure on some processes only,
+    the others may have passed orbax's barriers, and a second read would not meet them.
+    """
+    cause = _agreed('checkpoint_precheck', self.precheck(step, data_iterator))
+    if cause is not None:
+      return None, cause
     for _ in range(attempts):
+      state = meta = None
       try:
-        return self.restore(step, abstract_state, data_iterator), None
+        state, meta = self.read(step, abstract_state, data_iterator)
+        local = None
       except Exception as e:  # pylint: disable=broad-except
-        cause = describe_error(e)
+        local = describe_error(e)
+      causes = _gather_causes('checkpoint_read', local)
+      cause = _verdict(causes)
+      if cause is None and self.checksums:
+        try:
+          verify_checksums(state, meta)
+        except Exception as e:  # pylint: disable=broad-except
+          local = str(e) if isinstance(e, ChecksumError) else describe_error(e)
+        cause = _agreed('checkpoint_checksums', local)
+        return (state, None) if cause is None else (None, cause)
+      if cause is None:
+        return state, None
+      if None in causes:  # failed on some processes only: no second read
+        break
     return None, cause
 
   def _move_aside(self, step: int, cause: str, fallback: int):
@@ -231,10 +667,13 @@ class Checkpointer:
     )
     if jax.process_index() == 0:
       try:
-        epath.Path(aside_root).mkdir(parents=True, exist_ok=True)
-        epath.Path(self.directory, str(step)).rename(aside)
+        if metrics_lib.is_remote(self.directory):
+          _move_remote(f'{self.directory}/{step}', aside)
+        else:
+          epath.Path(aside_root).mkdir(parents=True, exist_ok=True)
+          epath.Path(self.directory, str(step)).rename(aside)
       except Exception as e:  # pylint: disable=broad-except
-        # e.g. a bucket without directories: the step stays and is skipped again next time.
+        # The step stays (whole, or no longer a checkpoint) and is skipped again next time.
         logging.warning(
           'could not move %s/%d aside (%s); it stays in place',
           self.directory,
@@ -317,7 +756,7 @@ def same_data(meta: dict[str, Any] | None, source, config, workdir: str) -> bool
   current = source.data_fingerprint or source.fingerprint
   changed = recorded is not None and recorded != current
   if jax.process_count() > 1:  # every process takes the same branch (one may see other files)
-    changed = bool(multihost_utils.process_allgather(np.array(changed)).any())
+    changed = multihost.any_flag('data_changed', changed)
   if not changed:
     return True
   if config.data.allow_changed_data:
@@ -333,7 +772,8 @@ def same_data(meta: dict[str, Any] | None, source, config, workdir: str) -> bool
   raise CheckpointError(
     f'the training data changed since the checkpoint in --workdir={workdir} was written '
     f'({source.name}: fingerprint {current}, was {recorded}; files were added, removed, '
-    f'renamed or their contents changed). The saved data position would point into '
+    f'renamed or their contents changed, or a --config.data.mixture source, weight, name or '
+    f'order changed). The saved data position would point into '
     f'different text. Restore the original files, pass '
     f'--config.data.allow_changed_data=true to resume the model with the data read from '
     f'the start, or use a new --workdir.'

@@ -58,6 +58,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Softmax attention scale: 'standard' (1/sqrt(d_h)) or 'entropy_invariant'
   # (log_512(n)/sqrt(d_h), n = valid keys clamped at 16), docs/algorithms.md 7.4.
   model.attention_scale = 'standard'
+  # Attention kernel of the softmax-attention families (docs/algorithms.md 9): 'auto' runs
+  # JAX's Pallas splash-attention kernel on TPU (memory linear in seq_len, docs/tpu_fit.md)
+  # and XLA elsewhere, and falls back to XLA where the kernel cannot run: dropout_rate > 0
+  # (the kernel cannot drop attention weights), seq_len not a multiple of 128, family 'gau';
+  # 'xla' always XLA; 'splash' always the kernel (TPU only), an error where it cannot run.
+  model.attention_impl = 'auto'
   # Epsilon of every LayerNorm / RMSNorm.
   model.norm_eps = 1e-12
   # Norm type: 'layernorm' (RoFormer v1), 'rmsnorm' (with gain) or 'rmsnorm_noparam'
@@ -115,11 +121,40 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.tfds_data_dir = ''
   # Feature holding the text in a TFDS dataset.
   data.tfds_text_key = 'text'
+  # A Hugging Face dataset read through the `datasets` library (pip install
+  # 'encoder-pretrain[hf]'): a Hub name ('wikitext', 'allenai/c4'), a local directory, or local
+  # files by glob, comma-separated ('corpus/*.jsonl'; .txt (documents as data.text_unit says),
+  # .json/.jsonl, .parquet, .csv, optionally compressed). Empty: not used. Its splits are
+  # data.train_split and data.eval_split; without the eval split, data.validation_fraction of
+  # the training examples is held out by a hash of their index. docs/configuration.md 1.
+  data.hf_dataset = ''
+  # The dataset's config (subset) name, e.g. 'wikitext-103-raw-v1'; '' = its default.
+  data.hf_config = ''
+  # Git revision of a Hub dataset (branch, tag or commit; pin one for an exact rerun); '' = main.
+  data.hf_revision = ''
+  # Column holding the text (a string column; blank and missing texts are skipped).
+  data.hf_text_field = 'text'
+  # Stream the dataset instead of downloading it whole: the first data.hf_max_examples examples
+  # of each split are written once to <cache_dir>/hf_stream/ (Arrow files, random access), and
+  # training reads those, so a resume continues at the exact example.
+  data.hf_streaming = False
+  # At most this many examples (rows, blank ones included) from the start of each split; 0 =
+  # all. Set it when streaming a Hub dataset larger than the disk.
+  data.hf_max_examples = 0
   # Splits used for training and evaluation.
   data.train_split = 'train'
   data.eval_split = 'validation'
   # Fraction of documents held out for validation (local files, built-in corpus).
   data.validation_fraction = 0.02
+  # Several sources mixed with weights (docs/configuration.md 3); () = one source, chosen by
+  # the fields above. A tuple of sources, each (name, weight, 'field=value', ...): a unique
+  # name (letters, digits, '_', '.', '-'), a relative weight > 0 (the share of documents
+  # drawn from the source; weights need not sum to 1), and the source's own values of the
+  # fields above (text_files / hf_dataset / tfds_name choose it, none = the built-in corpus;
+  # fields it leaves out take the run's value), e.g.
+  # "(('wiki', 0.7, 'text_files=/data/wiki/*.txt'), ('code', 0.3, 'hf_dataset=code/*.jsonl'))".
+  # text_files, hf_dataset and tfds_name of the run itself must then be empty.
+  data.mixture = ()
   # Resume a checkpoint although the training data changed since it was written (files
   # added, removed, resized or touched): the model resumes, the data is read from the start.
   data.allow_changed_data = False
@@ -247,12 +282,41 @@ def get_base_config() -> ml_collections.ConfigDict:
   # 'START,COUNT': a jax.profiler trace of steps START..START+COUNT-1 under <workdir>/profile
   # (TensorBoard's Profile tab or ui.perfetto.dev); '' = off.
   train.profile_steps = ''
+  # Where the logged scalars go, comma-separated (process 0 only): 'tensorboard' (events under
+  # <workdir>/tensorboard), 'jsonl' (<workdir>/metrics.jsonl, read by launch.report), 'wandb'
+  # (Weights & Biases; pip install 'encoder-pretrain[wandb]'; WANDB_MODE=offline logs without
+  # a network); '' = the console only. docs/configuration.md 2.
+  train.loggers = 'tensorboard,jsonl'
+  # W&B project, and entity ('' = the default entity of the API key).
+  train.wandb_project = 'encoder-pretrain'
+  train.wandb_entity = ''
+  # W&B run name ('' = the workdir's name) and tags (comma-separated; '' = none). A resumed run
+  # continues its W&B run (the id is kept in <workdir>/wandb_run.json).
+  train.wandb_run_name = ''
+  train.wandb_tags = ''
 
   # ---------------------------------------------------------------- upscale
   # Lossless growth by launch.upscale (docs/algorithms.md 4), read from the target (large)
   # config: width_method, symmetry_breaking, noise_sigma, depth_method, depth_positions,
   # optimizer_state, seed. Defined once, with their meaning, by models.growth.Options.
   config.upscale = ml_collections.ConfigDict(dataclasses.asdict(growth.Options()))
+
+  # ---------------------------------------------------------------- probe
+  # A linear probe during pretraining (pretrain/probe.py, docs/finetuning.md 8): a logistic
+  # regression on the frozen encoder's mean-pooled features of a small labelled task, its dev
+  # accuracy logged as split 'probe'. Off unless both files are given (TSV, CSV or JSONL, the
+  # fine-tuning formats; columns as in `finetune`: '' = label 0, text 1 for TSV/CSV).
+  config.probe = probe = ml_collections.ConfigDict()
+  probe.train_file = ''
+  probe.dev_file = ''
+  probe.label_column = ''
+  probe.text_column = ''
+  # Period in steps; 0 = with every evaluation (train.eval_every_steps and the end).
+  probe.every_steps = 0
+  # The first examples of each file that are used (bounds the cost), and tokens per example.
+  probe.max_train_examples = 1000
+  probe.max_dev_examples = 500
+  probe.max_seq_len = 64
 
   # ---------------------------------------------------------------- finetune
   # Fine-tuning by launch.finetune (docs/finetuning.md 5); pretraining ignores this section.

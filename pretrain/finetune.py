@@ -217,15 +217,17 @@ def resolve_start(from_workdir: str = '', config=None, tokenizer_path: str = '')
     tokenizer_path: the tokenizer file when the run's recorded one is elsewhere ('' = the
       recorded one, or the config's).
 
-  Order (the one place it is decided): --from_workdir's newest readable checkpoint, whose
-  model and data fields are taken from its metadata (a --config that names an encoder must
+  Order (the one place it is decided): --from_workdir's newest checkpoint that restores
+  (`rundir.read_checkpoint`: read whole, it passes its checksums), whose model and
+  data fields are taken from its metadata (a --config that names an encoder must
   describe the same one; model.dtype / remat_policy may differ); else --config alone, a random
   initialisation with the config's tokenizer (--tokenizer, config.data.tokenizer_model, or
   the one trained on the config's pretraining text, cached).
 
   Raises:
-    InputError: no checkpoint there, another family or shape than --config, a fine-tuning
-      preset without --from_workdir, a tokenizer that is missing or is not the run's.
+    InputError: no checkpoint there that restores, another family or shape than --config, a
+      fine-tuning preset without --from_workdir, a tokenizer that is missing or is not the
+      run's.
   """
   config = copy.deepcopy(config_schema.get_finetune_config() if config is None else config)
   try:
@@ -237,16 +239,10 @@ def resolve_start(from_workdir: str = '', config=None, tokenizer_path: str = '')
           f'--from_workdir={from_workdir} has no checkpoints/ directory; give '
           f'the --workdir of a launch.pretrain run (or of launch.convert).'
         )
-      ckpt = checkpointing.Checkpointer(from_workdir, async_save=False)
-      try:
-        step, meta = ckpt.newest_readable_meta()
-      finally:
-        ckpt.close()
-      if meta is None:
-        raise InputError(
-          f'--from_workdir={from_workdir} holds no readable checkpoint; give '
-          f'the --workdir of a launch.pretrain run that saved one.'
-        )
+      # The newest checkpoint that restores and passes its checksums, picked as
+      # launch.pretrain picks its own (a newer damaged one is named in a warning); the
+      # encoder is read from it again onto the runs' shardings (`finetune`).
+      step, meta, _ = rundir.read_checkpoint(from_workdir, rundir.read_params)
       run_config = rundir.config_from_meta(meta.get('config', {}))
       checkpointing.adopt_growth_values(run_config, meta)
       _check_same_encoder(meta, config, from_workdir)
@@ -467,6 +463,7 @@ def prepare_run(
       run_setup.abstract_state,
       lambda: init(jax.random.key(config.seed), encoder_params),
       workdir,
+      config=config,
     )
   except BaseException as e:
     if ckpt is not None:
@@ -505,18 +502,17 @@ def prepare_run(
   )
 
 
-def _local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """This process's rows of a global batch (processes feed consecutive row blocks)."""
-  count, index = jax.process_count(), jax.process_index()
-  if count == 1:
-    return batch
-  per = len(batch['weights']) // count
-  return {k: v[index * per : (index + 1) * per] for k, v in batch.items()}
+def _local_rows(batch: dict[str, np.ndarray], mesh) -> dict[str, np.ndarray]:
+  """This process's rows of the global batch every process builds: those of the batch shards
+  its devices address (`mesh_lib.local_rows`; docs/design.md 13). Processes that address the
+  same shards (a 'tensor' axis across hosts) get the same rows, as `global_batch` requires."""
+  return mesh_lib.local_rows(batch, mesh)
 
 
 def _device_batch(run: Run, encoded: tasks.Encoded, indices) -> dict[str, jax.Array]:
   batch = tasks.make_batch(encoded, indices, run.config.data.seq_len, run.tokenizer)
-  return mesh_lib.global_batch(_local_rows(batch), run.run_setup.mesh)
+  mesh = run.run_setup.mesh
+  return mesh_lib.global_batch(_local_rows(batch, mesh), mesh)
 
 
 def evaluate(run: Run, step: int) -> dict[str, float]:

@@ -45,6 +45,13 @@ INHERITED_FIELDS = (
   'data.tfds_name',
   'data.tfds_data_dir',
   'data.tfds_text_key',
+  'data.hf_dataset',
+  'data.hf_config',
+  'data.hf_revision',
+  'data.hf_text_field',
+  'data.hf_streaming',
+  'data.hf_max_examples',
+  'data.mixture',
   'data.train_split',
   'data.eval_split',
   'data.validation_fraction',
@@ -232,52 +239,58 @@ def grow_run(
     from_workdir: a workdir written by launch.pretrain (or launch.upscale).
     config: the target ConfigDict (config.upscale holds the growth options).
     workdir: the new run directory; must hold no checkpoint.
-    step: the source step (default: latest).
+    step: the source step (default: the newest checkpoint that restores, as
+      `rundir.read_checkpoint` picks it).
     explicit: dotted config fields given on the command line (kept over the source's).
 
   Returns:
     A GrowthResult.
 
   Raises:
-    train.InputError: bad input (paths, an invalid growth, another tokenizer); nothing has
-      been written.
+    train.InputError: bad input (paths, an invalid growth, another tokenizer, a damaged
+      --step, no checkpoint that restores); nothing has been written.
   """
   _check_paths(from_workdir, workdir)
-  src_ckpt = checkpointing.Checkpointer(from_workdir, async_save=False)
   try:
-    step = rundir.source_step(src_ckpt, from_workdir, step)
-    meta = src_ckpt.read_meta(step)
-    src_config = rundir.config_from_meta(meta['config'])
-    config = _target_config(config, src_config, meta, from_workdir, explicit)
+    # The mesh comes from the target config (growth never changes it); the source state is
+    # restored onto it, and the grown state is built on it.
+    mesh = mesh_lib.make_mesh(config.mesh)
+  except ValueError as e:
+    raise train.InputError(str(e)) from e
+
+  def read(ckpt, src_step, src_meta):
+    src_config = rundir.config_from_meta(src_meta['config'])
     try:
-      options = growth.options_from_config(config)
-      models.validate(config)
-      plan = growth.plan(src_config, config, options)
-      config = growth.grown_config(config, plan)
-      mesh = mesh_lib.make_mesh(config.mesh)
-      train.validate(config, mesh)
-      source = text_datasets.load_text_source(config.data)
-      tokenizer = tokenizer_lib.load_or_train(
-        config.data, config.model, source.train, source.text_key, source.fingerprint
-      )
-    except ValueError as e:
+      src_setup = train.setup(src_config, mesh)
+    except ValueError as e:  # the mesh does not fit the source model: bad input, not damage
       raise train.InputError(str(e)) from e
-    if tokenizer.sha256 != meta.get('tokenizer', {}).get('sha256', tokenizer.sha256):
-      raise train.InputError(
-        f'--config.data.tokenizer_model={config.data.tokenizer_model} is not the tokenizer '
-        f'{from_workdir} was trained with (sha256 differs); pass the file it recorded, '
-        f'{meta["tokenizer"].get("path") or "(none recorded)"}.'
-      )
-    heldout = pipeline.eval_batches(source.validation, tokenizer, config, text_key=source.text_key)[
-      0
-    ]
-    train_iter = iter(
-      pipeline.make_dataset(source.train, tokenizer, config, text_key=source.text_key, train=True)
+    return src_config, src_setup, ckpt.restore(src_step, src_setup.abstract_state)
+
+  # The newest checkpoint that restores (or --step), as launch.pretrain picks its own.
+  step, meta, (src_config, src_setup, state) = rundir.read_checkpoint(from_workdir, read, step)
+  config = _target_config(config, src_config, meta, from_workdir, explicit)
+  try:
+    options = growth.options_from_config(config)
+    models.validate(config)
+    plan = growth.plan(src_config, config, options)
+    config = growth.grown_config(config, plan)
+    train.validate(config, mesh)
+    source = text_datasets.load_text_source(config.data)
+    tokenizer = tokenizer_lib.load_or_train(
+      config.data, config.model, source.train, source.text_key, source.fingerprint
     )
-    src_setup = train.setup(src_config, mesh)
-    state = src_ckpt.restore(step, src_setup.abstract_state)
-  finally:
-    src_ckpt.close()
+  except ValueError as e:
+    raise train.InputError(str(e)) from e
+  if tokenizer.sha256 != meta.get('tokenizer', {}).get('sha256', tokenizer.sha256):
+    raise train.InputError(
+      f'--config.data.tokenizer_model={config.data.tokenizer_model} is not the tokenizer '
+      f'{from_workdir} was trained with (sha256 differs); pass the file it recorded, '
+      f'{meta["tokenizer"].get("path") or "(none recorded)"}.'
+    )
+  heldout = pipeline.eval_batches(source.validation, tokenizer, config, text_key=source.text_key)[0]
+  train_iter = iter(
+    pipeline.make_dataset(source.train, tokenizer, config, text_key=source.text_key, train=True)
+  )
   dst_setup = train.setup(config, mesh)
   new_state = _grown_state(state, plan, options, dst_setup)
 

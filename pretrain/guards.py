@@ -9,12 +9,14 @@ lock (docs/design.md 9).
   the host runs ahead of the device, so a stop request is served within about one step),
   counts consecutive non-finite steps and stops the run after `train.max_nonfinite_steps`,
   and reports a loss far above its running level as divergence.
-- `WorkdirLock`: one run per workdir (an `fcntl` lock held by process 0).
+- `WorkdirLock`: one run per workdir, held by process 0: an `fcntl` lock, on gs:// a lease
+  object refreshed while the run lives.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -105,11 +107,22 @@ class StopSignals:
       )
     self._requested.set()
 
-  def should_stop(self, step: int, log_step: bool) -> bool:
-    """Whether to save and stop after `step` (the same answer on every process)."""
+  def should_stop(self, step: int, log_step: bool, start_step: int = 0) -> bool:
+    """Whether to save and stop after `step` (the same answer on every process).
+
+    Args:
+      step: the step just taken (`start_step` before the first one: a request during set-up
+        is served before any step).
+      log_step: whether it is a log step (where a Ctrl-C is agreed across processes).
+      start_step: the step this process started from (the restored checkpoint's).
+    """
     if not self._multiprocess:
       return self._requested.is_set()
-    if multihost_utils.reached_preemption_sync_point(step):
+    # JAX's preemption sync point is one past the largest step id any process reported; ids
+    # counted from this process's start (0 before the first step) let a notice received
+    # during restore or compile, before any report, be served at once, also in a resumed run
+    # (absolute steps would never meet the sync point 1 it then sets).
+    if multihost_utils.reached_preemption_sync_point(step - start_step):
       self.reason = 'SIGTERM'
       return True
     if jax.process_count() == 1:
@@ -146,20 +159,36 @@ _EMA_WARM_STEPS = 20
 _REPORT_EVERY_STEPS = 100
 
 
+# A run resumed from a checkpoint whose first this many steps (at most max_nonfinite_steps)
+# are all non-finite stops at once: the config changed for the resume, or else the checkpoint
+# (values that passed or predate its checksums), not the learning rate, is the likely cause.
+SUSPECT_STEPS = 3
+
+
 class Health:
   """Host-side bookkeeping of the compiled step's non-finite guard (`skipped` metric).
 
   Args:
     max_nonfinite_steps: consecutive skipped steps after which the run stops
       (config.train.max_nonfinite_steps).
+    resumed_from: the checkpoint the run restored (`<workdir>/checkpoints/<step>`; '' for a
+      fresh start): its first `SUSPECT_STEPS` steps all non-finite stop the run naming it.
+    resume_changes: the optim / model fields changed since that checkpoint was written
+      ('optim.learning_rate: 0.002 -> 0.02'), named as the likelier cause when there are any.
 
   Attributes:
     streak: consecutive skipped steps up to the last observed one.
     skipped_total: skipped steps in this process's run.
   """
 
-  def __init__(self, max_nonfinite_steps: int):
+  def __init__(
+    self, max_nonfinite_steps: int, resumed_from: str = '', resume_changes: tuple[str, ...] = ()
+  ):
     self.max_nonfinite_steps = max_nonfinite_steps
+    self.resumed_from = resumed_from
+    self.resume_changes = tuple(resume_changes)
+    self._suspect_steps = min(SUSPECT_STEPS, max_nonfinite_steps)
+    self._finite_seen_since_start = False
     self.streak = 0
     self.skipped_total = 0
     self._level = None
@@ -190,6 +219,14 @@ class Health:
         self.streak,
         self.max_nonfinite_steps,
       )
+      if (
+        self.resumed_from
+        and not self._finite_seen_since_start
+        and self.streak >= self._suspect_steps
+      ):
+        raise RunStopped(
+          _resume_message(step, self.streak, self.resumed_from, self.resume_changes), EXIT_NONFINITE
+        )
       if self.streak >= self.max_nonfinite_steps:
         raise RunStopped(
           f'stopped at step {step}: {self.streak} consecutive steps had a non-finite loss or '
@@ -201,6 +238,7 @@ class Health:
         )
       return
     self.streak = 0
+    self._finite_seen_since_start = True
     self._check_divergence(step, loss)
 
   def _check_divergence(self, step: int, loss: float):
@@ -229,14 +267,77 @@ class Health:
     return self.streak == 0
 
 
+def _resume_message(step: int, streak: int, checkpoint: str, changes: tuple[str, ...]) -> str:
+  """Why a run whose first steps after a resume were all non-finite stopped, and what to do:
+  the config change made for this resume if there is one, else the checkpoint is suspect."""
+  root, _, name = checkpoint.rstrip('/').rpartition('/')
+  aside = f'{root.rpartition("/")[0]}/checkpoints_damaged/'
+  fall_back = (
+    f'move {checkpoint} into {aside} and run the same command to resume from the checkpoint '
+    f'before step {name}'
+  )
+  head = (
+    f'stopped at step {step}: {streak} consecutive steps had a non-finite loss or gradient, '
+    f'the first steps after resuming from {checkpoint}; their updates were skipped and '
+    f'nothing was saved after it.'
+  )
+  if changes:
+    shown = '; '.join(changes[:4]) + ('; ...' if len(changes) > 4 else '')
+    return (
+      f'{head} The config differs from the one that wrote that checkpoint ({shown}): that '
+      f'change is the likely cause (a learning rate too high for this model); undo it and run '
+      f'the same command to resume. If it is not the cause, the checkpoint is suspect: '
+      f'{fall_back}.'
+    )
+  return (
+    f"{head} Its model and optimizer config are this run's, so that checkpoint is suspect: "
+    f'it holds damaged values its checksums did not catch, or state saved from a run that was '
+    f'already going wrong. To fall back, {fall_back}.'
+  )
+
+
 # ----------------------------------------------------------------------------- workdir
 
 
-class WorkdirLock:
-  """An exclusive `fcntl` lock on `<workdir>/.lock`, held by process 0 for the run.
+# A gs:// workdir's lease (`<workdir>/.lease`) lasts this long past its last refresh; the
+# holder refreshes it every LEASE_TTL_SECONDS / 3, so a killed run's lease is taken over at
+# most this long after the kill (at once by a run on the same host, where the holder's PID is
+# seen to be gone).
+LEASE_TTL_SECONDS = 120.0
+LEASE_FILE = '.lease'
 
-  The file records the holder's PID, host and start time so that a refused run can name it.
-  Paths with a scheme (gs://...) are not locked (no POSIX locks there).
+
+def _holder() -> str:
+  return (
+    f'PID {os.getpid()} on host {socket.gethostname()} (since {time.strftime("%Y-%m-%d %H:%M:%S")})'
+  )
+
+
+def _in_use(workdir: str, holder: str) -> ValueError:
+  return ValueError(
+    f'--workdir={workdir} is in use by {holder}: two runs on one workdir would '
+    f"overwrite each other's checkpoints. Stop that run first (or wait for it to end), "
+    f'or use another --workdir.'
+  )
+
+
+def _pid_namespace() -> str:
+  try:
+    return os.readlink('/proc/self/ns/pid')
+  except OSError:
+    return ''
+
+
+class WorkdirLock:
+  """One run per workdir, held by process 0 for the run (other processes do nothing here).
+
+  A local workdir: an exclusive `fcntl` lock on `<workdir>/.lock`, whose file records the
+  holder's PID, host and start time so that a refused run can name it. A gs:// workdir (no
+  POSIX locks there): a lease, the object `<workdir>/.lease` ({'holder', 'expires', ...}),
+  created with a generation-match precondition (only one of two racing runs gets it) and
+  refreshed from a daemon thread every LEASE_TTL_SECONDS / 3; `release` deletes it. A lease
+  past its expiry (a run that was killed), or one whose holder is a PID gone from this host,
+  is taken over with a warning. Other schemes (s3://) are not locked.
 
   Raises (from `acquire`):
     ValueError: the workdir is not a writable directory, or another run holds the lock.
@@ -246,9 +347,26 @@ class WorkdirLock:
     self.workdir = workdir
     self.path = os.path.join(workdir, '.lock')
     self._file = None
+    self._lease = None
 
   def acquire(self) -> 'WorkdirLock':
-    if metrics_lib.is_remote(self.workdir) or jax.process_index() != 0:
+    if jax.process_index() != 0:
+      return self
+    if metrics_lib.is_remote(self.workdir):
+      location = metrics_lib.gcs_location(self.workdir.rstrip('/') + '/' + LEASE_FILE)
+      if location is not None:
+        try:
+          self._lease = _Lease(self.workdir, *location).acquire()
+        except ValueError:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          # As for a local lock the filesystem refuses: the run itself is not at stake.
+          logging.warning(
+            'cannot take the lease %s/%s (%s): running without the one-run-per-workdir guard',
+            self.workdir.rstrip('/'),
+            LEASE_FILE,
+            e,
+          )
       return self
     check_writable_dir(self.workdir)
     f = open(self.path, 'a+', encoding='utf-8')
@@ -266,17 +384,10 @@ class WorkdirLock:
       f.seek(0)
       holder = f.read().strip() or 'another process'
       f.close()
-      raise ValueError(
-        f'--workdir={self.workdir} is in use by {holder}: two runs on one workdir would '
-        f"overwrite each other's checkpoints. Stop that run first (or wait for it to end), "
-        f'or use another --workdir.'
-      ) from None
+      raise _in_use(self.workdir, holder) from None
     f.seek(0)
     f.truncate()
-    f.write(
-      f'PID {os.getpid()} on host {socket.gethostname()} (since '
-      f'{time.strftime("%Y-%m-%d %H:%M:%S")})\n'
-    )
+    f.write(_holder() + '\n')
     f.flush()
     self._file = f
     return self
@@ -286,6 +397,140 @@ class WorkdirLock:
       fcntl.flock(self._file, fcntl.LOCK_UN)
       self._file.close()
       self._file = None
+    if self._lease is not None:
+      self._lease.release()
+      self._lease = None
+
+
+class _Lease:
+  """The lease object gs://<bucket>/<name> of `workdir` (see WorkdirLock)."""
+
+  def __init__(self, workdir: str, bucket: str, name: str):
+    self.workdir = workdir
+    self.uri = f'gs://{bucket}/{name}'
+    # Its own client: the refresh thread uses it while the training thread uploads metrics.
+    self._blob = metrics_lib.gcs_client(shared=False).bucket(bucket).blob(name)
+    self._generation = 0
+    self._stop = threading.Event()
+    self._thread = None
+
+  def _record(self) -> str:
+    now = time.time()
+    return json.dumps(
+      {
+        'holder': self._holder,
+        'host': socket.gethostname(),
+        'pid': os.getpid(),
+        'pid_namespace': _pid_namespace(),
+        'expires': now + LEASE_TTL_SECONDS,
+        'expires_utc': time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(now + LEASE_TTL_SECONDS)),
+      }
+    )
+
+  def _read(self) -> tuple[int, dict | None]:
+    """(generation, record) of the lease object; (0, None) if there is none; a record that
+    does not parse is {}."""
+    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+
+    blob = self._blob.bucket.get_blob(self._blob.name)
+    if blob is None:
+      return 0, None
+    try:
+      data = blob.download_as_bytes(if_generation_match=blob.generation)
+    except (exceptions.NotFound, exceptions.PreconditionFailed):
+      return self._read()  # replaced or deleted in between: read the new one
+    try:
+      record = json.loads(data)
+    except ValueError:
+      record = {}
+    return int(blob.generation), record if isinstance(record, dict) else {}
+
+  def _stale(self, record: dict) -> str:
+    """Why the lease in `record` may be taken over ('' if it is live)."""
+    try:
+      expires = float(record['expires'])
+    except (KeyError, TypeError, ValueError):
+      return 'it is unreadable'
+    if expires < time.time():
+      when = time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(expires))
+      return f'it expired at {when} UTC (a run that was killed)'
+    same_process_space = (
+      record.get('host') == socket.gethostname()
+      and record.get('pid_namespace')
+      and record.get('pid_namespace') == _pid_namespace()
+    )
+    if same_process_space and isinstance(record.get('pid'), int):
+      try:
+        os.kill(record['pid'], 0)
+      except ProcessLookupError:
+        return f'its process {record["pid"]} is gone from this host (a run that was killed)'
+      except OSError:
+        pass  # it exists (another user's): live
+    return ''
+
+  def acquire(self) -> '_Lease':
+    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+
+    self._holder = _holder()
+    for _ in range(5):
+      generation, record = self._read()
+      if record is not None:
+        why = self._stale(record)
+        if not why:
+          raise _in_use(self.workdir, str(record.get('holder') or 'another run'))
+        logging.warning(
+          'taking over the lease %s of %s: %s', self.uri, record.get('holder', '?'), why
+        )
+      try:
+        self._blob.upload_from_string(
+          self._record(), content_type='application/json', if_generation_match=generation
+        )
+      except exceptions.PreconditionFailed:  # another run wrote it in between: read again
+        continue
+      self._generation = int(self._blob.generation)
+      self._thread = threading.Thread(target=self._refresh, name='workdir-lease', daemon=True)
+      self._thread.start()
+      return self
+    raise ValueError(f'could not take the lease {self.uri}: it kept changing; try again')
+
+  def _refresh(self):
+    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+
+    warned = set()
+    while not self._stop.wait(LEASE_TTL_SECONDS / 3):
+      try:
+        self._blob.upload_from_string(
+          self._record(), content_type='application/json', if_generation_match=self._generation
+        )
+        self._generation = int(self._blob.generation)
+      except exceptions.PreconditionFailed:
+        logging.error(
+          'the lease %s was taken over by another run (this one could not refresh it for '
+          '%g s): two runs now write this workdir; stop one of them',
+          self.uri,
+          LEASE_TTL_SECONDS,
+        )
+        return
+      except Exception as e:  # pylint: disable=broad-except
+        kind = type(e).__name__
+        if kind not in warned:
+          warned.add(kind)
+          logging.warning(
+            'could not refresh the lease %s (%s); retrying (it expires %g s after its last '
+            'refresh)',
+            self.uri,
+            e,
+            LEASE_TTL_SECONDS,
+          )
+
+  def release(self):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout=10)
+    try:
+      self._blob.delete(if_generation_match=self._generation)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('could not delete the lease %s (%s); it expires by itself', self.uri, e)
 
 
 def check_writable_dir(path: str, flag: str = '--workdir'):

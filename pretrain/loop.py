@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -27,6 +28,7 @@ import jax
 from pretrain import checkpointing
 from pretrain import guards
 from pretrain import metrics as metrics_lib
+from pretrain import multihost
 from pretrain import progress
 
 State = dict[str, Any]  # {'step': int32 [], 'params': pytree, 'opt_state': pytree}
@@ -130,10 +132,15 @@ def restore_or_init(
   init: Callable[[], State],
   workdir: str,
   train_iter: Any = None,
+  config: Any = None,
 ) -> tuple[State, int, metrics_lib.MetricWriter]:
   """The newest checkpoint of `workdir` that restores (with the data iterator's position
   when `train_iter` is given), else `init()`; then the metrics writer, with the history past
   the restored step dropped first.
+
+  Args:
+    config: the run's resolved config; its train.loggers choose the writer's sinks (None:
+      metrics.jsonl and TensorBoard).
 
   Returns:
     (state, its step, the writer: enabled on process 0 only).
@@ -148,7 +155,43 @@ def restore_or_init(
     logging.info('resuming from %s/%d', ckpt.directory, start_step)
   if jax.process_index() == 0:  # before the writer opens metrics.jsonl for appending
     metrics_lib.truncate_history(workdir, start_step)
-  return state, start_step, metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = metrics_lib.MetricWriter(
+    workdir, enabled=jax.process_index() == 0, config=config, start_step=start_step
+  )
+  return state, start_step, writer
+
+
+# Config sections whose change on a resume can make the first steps non-finite.
+_NUMERIC_SECTIONS = ('optim.', 'model.')
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+  """{'optim.learning_rate': value} of nested JSON objects."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def resume_changes(run: Run, restored: int | None) -> tuple[str, ...]:
+  """The optim.* and model.* fields that differ between the config the restored checkpoint
+  was written with and this run's ('optim.learning_rate: 0.002 -> 1e+38'); () for a fresh
+  start, or when its metadata does not say."""
+  if restored is None:
+    return ()
+  try:
+    saved = run.ckpt.read_meta(restored).get('config', {})
+  except Exception:  # pylint: disable=broad-except
+    return ()
+  before, now = _flatten(saved), _flatten(json.loads(run.config.to_json_best_effort()))
+  return tuple(
+    f'{key}: {before[key]!r} -> {now.get(key)!r}'
+    for key in sorted(before)
+    if key.startswith(_NUMERIC_SECTIONS) and before[key] != now.get(key)
+  )
 
 
 @contextlib.contextmanager
@@ -158,6 +201,44 @@ def stop_on_failed_save():
     yield
   except checkpointing.SaveError as e:
     raise guards.RunStopped(str(e), guards.EXIT_SAVE_FAILED) from None
+
+
+def agree_on_failure(name: str, failure: BaseException | None) -> None:
+  """Returns when no process failed; else every process raises, together.
+
+  On several processes the failures are gathered over the coordination service
+  (`pretrain.multihost`): a failure seen by one process (its save, its metrics write) must
+  stop every process at the same point, or the others would wait forever in their next
+  collective. The failing process raises its own exception; the others raise
+  `guards.RunStopped` naming it, with its exit code (1 for an exception that has none).
+
+  Args:
+    name: the agreement's name (the same on every process, at the same point of the loop).
+    failure: this process's exception, or None.
+  """
+  if jax.process_count() == 1:
+    if failure is not None:
+      raise failure
+    return
+  code = getattr(failure, 'exit_code', 1)
+  text = '' if failure is None else f'{code}\n{type(failure).__name__}: {failure}'
+  values = [v.decode() for v in multihost.all_gather(name, text)]
+  failed = [(i, v) for i, v in enumerate(values) if v]
+  if not failed:
+    return
+  if failure is not None:
+    raise failure
+  process, value = failed[0]
+  code, _, message = value.partition('\n')
+  raise guards.RunStopped(f'process {process} stopped the run: {message}', int(code))
+
+
+def _failure(fn: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+  """(fn(), None), or (None, the exception it raised) for an Exception."""
+  try:
+    return fn(), None
+  except Exception as e:  # pylint: disable=broad-except
+    return None, e
 
 
 def save(run: Run, step: int, health: guards.Health | None = None, force: bool = False) -> bool:
@@ -183,6 +264,12 @@ def save(run: Run, step: int, health: guards.Health | None = None, force: bool =
   with stop_on_failed_save():
     run.ckpt.save(step, run.state, run.train_iter, run.meta)
   return True
+
+
+def _check_saves(run: Run):
+  """Raises guards.RunStopped (exit code 4) if an asynchronous save has failed."""
+  with stop_on_failed_save():
+    run.ckpt.check_for_errors()
 
 
 def train_loop(
@@ -242,13 +329,27 @@ def train_loop(
     )
   log_hook = Hook(lambda step: log.write(run.writer, step), t.log_every_steps, (stop_at,))
   eval_hook = Hook(evaluate, t.eval_every_steps, (num_steps,))
-  health = guards.Health(t.max_nonfinite_steps)
+  restored = getattr(run.ckpt, 'restored_step', None)
+  # A resumed run whose first steps all fail names its checkpoint as suspect, or the config
+  # change made for this resume (guards.Health).
+  health = guards.Health(
+    t.max_nonfinite_steps,
+    run.ckpt.path(restored) if restored is not None else '',
+    resume_changes(run, restored),
+  )
   save_hook = Hook(
     functools.partial(save, run, health=health), t.checkpoint_every_steps, (stop_at,)
   )
   base_key = jax.random.key(run.config.seed)
   profiler = progress.StepProfiler(t.profile_steps, run.workdir)
   eval_result, step, previous = None, run.start_step, None
+  # This process's failure (a save, a metrics write) since the last agreement point.
+  failure = None
+  if signals.should_stop(step, True, run.start_step):
+    # Asked to stop during set-up (restore, compile): nothing new to save, no step to take.
+    run.stopped_by = signals.reason
+    logging.warning('stopped before step %d after %s during set-up', step, signals.reason)
+    stop_at = step
   try:
     while step < stop_at:
       batch = next_batch(step)
@@ -265,20 +366,30 @@ def train_loop(
       previous = step_metrics
       log_step = log_hook.due(step)
       if log_step:
-        log_hook.fn(step)
-      if eval_hook.due(step):
-        eval_result = eval_hook.fn(step)
+        # A failed metrics write (process 0's) is agreed with the save check below.
+        failure = failure or _failure(functools.partial(log_hook.fn, step))[1]
+      # Agreed before the evaluation: a preemption's grace period is for the save.
+      stop = signals.should_stop(step, log_step, run.start_step)
+      # An evaluation's or a hook's failure on one process (process 0's metrics write) is
+      # agreed with the others, as a failed save is.
+      if eval_hook.due(step) and not stop:
+        result, failed = _failure(functools.partial(eval_hook.fn, step))
+        eval_result, failure = (eval_result if failed else result), failure or failed
       for hook in hooks:
-        if hook.due(step):
-          hook.fn(step)
-      stop = signals.should_stop(step, log_step)
-      saved = False
-      if save_hook.due(step) or stop:
+        if hook.due(step) and not stop:
+          failure = failure or _failure(functools.partial(hook.fn, step))[1]
+      saved, save_step = False, save_hook.due(step) or stop
+      if not save_step:
+        failure = failure or _failure(functools.partial(_check_saves, run))[1]
+      if (failure is not None and jax.process_count() == 1) or log_step or save_step:
+        # At the same points on every process (log and save steps, an agreed stop), and
+        # before a save: after a failure no process starts one (it would rotate out a good
+        # checkpoint).
+        agree_on_failure('loop_failure', failure)
+      if save_step:
         health.observe(step, step_metrics)
-        saved = save_hook.fn(step, force=stop)
-      else:
-        with stop_on_failed_save():
-          run.ckpt.check_for_errors()
+        saved, failure = _failure(functools.partial(save_hook.fn, step, force=stop))
+        agree_on_failure('save_failure', failure)
       if stop:
         run.stopped_by = signals.reason
         logging.warning(

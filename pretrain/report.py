@@ -28,6 +28,9 @@ class RunHistory:
   Attributes:
     name: the label in legends and tables (the directory's name unless given).
     train, eval: the lines of each split, in step order ({'step', 'time', 'loss', ...}).
+    probe: the linear probe's lines ({'step', 'accuracy', ...}; docs/finetuning.md 8).
+    data: a data mixture's lines ({'step', '<source>/token_share', ...};
+      docs/configuration.md 3).
     tokens_per_step: global_batch_size * seq_len from config.json (0 if unknown).
     results: the run's results.json (fine-tuning), or None.
   """
@@ -37,6 +40,8 @@ class RunHistory:
   eval: list[dict[str, float]]
   tokens_per_step: int
   results: dict[str, Any] | None = None
+  probe: list[dict[str, float]] = dataclasses.field(default_factory=list)
+  data: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
   def column(self, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of `key` in `split` where present."""
@@ -74,7 +79,7 @@ def load_run(run_dir: str, name: str | None = None) -> RunHistory:
     results = json.loads((root / 'results.json').read_text())
   by_split = {
     s: sorted((l for l in lines if l.get('split') == s), key=lambda l: l['step'])
-    for s in ('train', 'eval')
+    for s in ('train', 'eval', 'probe', 'data')
   }
   return RunHistory(
     name or str(run_dir).rstrip('/').rsplit('/', 1)[-1],
@@ -82,6 +87,8 @@ def load_run(run_dir: str, name: str | None = None) -> RunHistory:
     by_split['eval'],
     tokens_per_step,
     results,
+    by_split['probe'],
+    by_split['data'],
   )
 
 
@@ -135,6 +142,44 @@ def plot_train_scalar(runs: list[RunHistory], key: str, title: str, ylabel: str)
   return fig
 
 
+def plot_probe(runs: list[RunHistory]):
+  """The linear probe's dev accuracy (solid) and train accuracy (dotted) of every run vs
+  tokens seen (vs step when a run's config.json does not give its tokens per step),
+  docs/finetuning.md 8."""
+  tokens = all(run.tokens_per_step for run in runs)
+  fig, ax = _figure(
+    'linear probe during pretraining', 'tokens seen' if tokens else 'step', 'probe accuracy'
+  )
+  for i, run in enumerate(runs):
+    color, scale = f'C{i % 10}', run.tokens_per_step if tokens else 1
+    steps, values = run.column('probe', 'accuracy')
+    if len(steps):
+      ax.plot(steps * scale, values, color=color, marker='o', markersize=3, label=f'{run.name} dev')
+    steps, values = run.column('probe', 'train_accuracy')
+    if len(steps):
+      ax.plot(steps * scale, values, color=color, linestyle=':', label=f'{run.name} train')
+  ax.legend(fontsize=8)
+  return fig
+
+
+def plot_mixture(runs: list[RunHistory]):
+  """Each mixture source's share of the documents (solid) and tokens (dashed) read so far vs
+  step; the document shares settle at the weights, the token shares differ by document
+  length (docs/configuration.md 3)."""
+  fig, ax = _figure('data mixture: share read so far', 'step', 'share')
+  styles = {'document_share': '-', 'token_share': '--'}
+  for i, run in enumerate(runs):
+    keys = sorted({k for line in run.data for k in line if k.endswith(tuple(styles))})
+    for j, key in enumerate(keys):
+      source, _, kind = key.rpartition('/')
+      steps, values = run.column('data', key)
+      label = f'{run.name} {source} {kind.split("_")[0]}s'
+      color = f'C{(i * 4 + j // 2) % 10}'
+      ax.plot(steps, values, color=color, linestyle=styles[kind], label=label)
+  ax.legend(fontsize=8)
+  return fig
+
+
 PLOTS = {
   'loss_vs_step.png': lambda runs: plot_loss(runs, 'step'),
   'loss_vs_tokens.png': lambda runs: plot_loss(runs, 'tokens'),
@@ -145,6 +190,8 @@ PLOTS = {
     runs, 'tokens_per_sec', 'throughput', 'tokens/s'
   ),
   'mfu.png': lambda runs: plot_train_scalar(runs, 'mfu', 'model FLOPs utilisation', 'MFU'),
+  'probe_accuracy.png': plot_probe,
+  'data_mixture.png': plot_mixture,
 }
 
 

@@ -3,9 +3,10 @@
 A run directory (`--workdir`) holds `config.json`, `metrics.jsonl`, `tensorboard/` and
 `checkpoints/<step>/{state,data,meta}`. The commands that read another run (`launch.upscale`,
 `launch.export`, `launch.finetune`, benchmarks) or write a new run from one
-(`launch.upscale`, `launch.convert`) share these helpers: which checkpoint step to read, the
-run's config rebuilt from a checkpoint's metadata, writing a first checkpoint, and the
-`launch.pretrain` flags that continue a written run.
+(`launch.upscale`, `launch.convert`) share these helpers: which checkpoint to read and
+reading it (`read_checkpoint`: the newest that restores, as `launch.pretrain` picks; the run
+is never modified), the run's config rebuilt from a checkpoint's metadata, writing a first
+checkpoint, and the `launch.pretrain` flags that continue a written run.
 """
 
 from __future__ import annotations
@@ -14,61 +15,140 @@ import importlib.util
 import json
 import os
 import shlex
+from typing import Any, Callable
 
+from absl import logging
 from flax import traverse_util
+import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
 from pretrain import checkpointing
 from pretrain import config as config_schema
+from pretrain import mesh as mesh_lib
 from pretrain import train
 
 
-def source_step(ckpt: checkpointing.Checkpointer, workdir: str, step: int | None) -> int:
-  """The checkpoint step to read from `workdir`: `step` (--step) or the latest complete one.
+def read_checkpoint(
+  workdir: str,
+  read: Callable[[checkpointing.Checkpointer, int, dict], Any],
+  step: int | None = None,
+) -> tuple[int, dict, Any]:
+  """Picks and reads the checkpoint of another run as `launch.pretrain` picks its own.
+
+  The one way every command that reads a run (`launch.upscale`, `launch.export`,
+  `launch.finetune`) chooses its checkpoint: `step` (--step) when given, else the newest whose
+  metadata and arrays read and pass their checksums, each newer one that does not named in a
+  one-line warning. Each is tried twice (a transient storage error is not damage). The run is
+  only read: nothing there is moved, created or deleted (moving a damaged checkpoint aside is
+  the job of `launch.pretrain` on its own workdir, docs/design.md 9).
+
+  Args:
+    workdir: the run directory (--from_workdir), local or gs://.
+    read: `(ckpt, step, meta) -> value`: reads what the caller needs of checkpoint `step`,
+      its metadata given; e.g. `ckpt.restore(step, abstract_state)` (verified against the
+      checksums). `train.InputError` from it (the run does not fit the command) is raised
+      as it is; any other exception means that this checkpoint does not restore.
+    step: the checkpoint to read (--step); None: the newest that restores.
+
+  Returns:
+    (step, meta, value): the step read, its metadata (a dict) and what `read` returned.
 
   Raises:
-    train.InputError: no complete checkpoint, or `step` is not one of them (lists those that
-      are).
+    train.InputError: no complete checkpoint; `step` is not one of them, or it does not
+      restore (naming it and why); no checkpoint restores (naming the newest and why).
   """
-  steps = ckpt.all_steps()
-  if not steps:
-    raise train.InputError(f'--from_workdir={workdir} has no complete checkpoint.')
-  step = max(steps) if step is None else step
-  if step not in steps:
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+  try:
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    if not steps:
+      raise train.InputError(f'--from_workdir={workdir} has no complete checkpoint.')
+    available = ', '.join(map(str, sorted(steps)))
+    if step is not None and step not in steps:
+      raise train.InputError(
+        f'--step={step} is not a checkpoint of {workdir}; available: {available}.'
+      )
+    failures = []
+    for candidate in steps if step is None else [step]:
+      cause = None
+      for _ in range(2):
+        try:
+          meta = ckpt.read_meta(candidate)
+          if not isinstance(meta, dict):
+            raise ValueError(f'the metadata is {type(meta).__name__}, not a JSON object')
+          value = read(ckpt, candidate, meta)
+        except train.InputError:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          cause = str(e) if isinstance(e, checkpointing.ChecksumError) else None
+          cause = cause or checkpointing.describe_error(e)
+          continue
+        for bad, bad_cause in failures:
+          logging.warning(
+            'checkpoint %s cannot be restored (%s); reading step %d instead (%s is left as it is)',
+            ckpt.path(bad),
+            bad_cause,
+            candidate,
+            workdir,
+          )
+        return candidate, meta, value
+      failures.append((candidate, cause))
+    if step is not None:
+      raise train.InputError(
+        f'--step={step}: checkpoint {ckpt.path(step)} cannot be restored ({cause}). Choose '
+        f'another --step ({available}), or leave --step out to read the newest checkpoint '
+        f'that restores.'
+      )
+    newest, cause = failures[0]
     raise train.InputError(
-      f'--step={step} is not a checkpoint of {workdir}; '
-      f'available: {", ".join(map(str, sorted(steps)))}.'
+      f'no checkpoint of --from_workdir={workdir} can be restored (steps '
+      f'{[s for s, _ in failures]}); the newest, {ckpt.path(newest)}, fails with: {cause}. '
+      f'Give a run whose checkpoints are intact.'
     )
-  return step
+  finally:
+    ckpt.close()
+
+
+def read_params(ckpt: checkpointing.Checkpointer, step: int, meta: dict):
+  """A `read` for `read_checkpoint` that needs the parameters: checkpoint `step` restored
+  whole (optimizer state included: a checkpoint damaged anywhere is one that does not
+  restore, as for `launch.pretrain`) for the model its metadata describes, on this process's
+  first device, verified against its checksums.
+
+  Returns:
+    (params: a pure dict of jax.Arrays, number of parameters).
+
+  Raises:
+    checkpointing.ChecksumError: the arrays read differ from what was saved.
+  """
+  config = config_from_meta(meta['config'])
+  config.mesh.shape = (-1, 1, 1)
+  run_setup = train.setup(config, mesh_lib.make_mesh(config.mesh, jax.devices()[:1]))
+  return ckpt.restore(step, run_setup.abstract_state)['params'], run_setup.num_params
 
 
 def restore_params(from_workdir: str, step: int, abstract_params):
   """The parameters of checkpoint `step` of `from_workdir` that `abstract_params` names
   (ShapeDtypeStructs with shardings; e.g. a classifier's encoder: the pretraining
-  checkpoint's MLM head and optimizer state are not read), restored onto their shardings.
+  checkpoint's MLM head and optimizer state are not read), restored onto their shardings and
+  verified against the checksums saved with them.
 
   Raises:
-    train.InputError: the checkpoint's parameters do not fit (the message names the cause).
+    train.InputError: the checkpoint's parameters do not fit (the message names the cause),
+      or they fail their checksum.
   """
-  path = os.path.join(checkpointing.checkpoint_directory(from_workdir), str(step), 'state')
-  target = {'params': abstract_params}
+  ckpt = checkpointing.Checkpointer(from_workdir, read_only=True)
   try:
-    restored = ocp.PyTreeCheckpointer().restore(
-      path,
-      args=ocp.args.PyTreeRestore(
-        target,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True,
-      ),
-    )
+    return ckpt.restore(step, {'params': abstract_params}, partial=True)['params']
+  except checkpointing.ChecksumError as e:
+    raise train.InputError(f'checkpoint {ckpt.path(step)} cannot be restored: {e}.') from e
   except Exception as e:  # pylint: disable=broad-except
     raise train.InputError(
-      f'the parameters of {path} do not fit this model '
+      f'the parameters of {ckpt.path(step)}/state do not fit this model '
       f'({checkpointing.describe_error(e)}); pass the config the run '
       f'was trained with, or a fine-tuning preset (the default).'
     ) from e
-  return restored['params']
+  finally:
+    ckpt.close()
 
 
 def to_tuples(value):

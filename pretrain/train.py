@@ -20,9 +20,7 @@ from typing import Any, Callable
 from absl import logging
 from flax import nnx
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from data_pipelines import pipeline
@@ -34,7 +32,9 @@ from pretrain import checkpointing
 from pretrain import guards
 from pretrain import loop
 from pretrain import mesh as mesh_lib
+from pretrain import multihost
 from pretrain import metrics as metrics_lib
+from pretrain import probe as probe_lib
 from pretrain import progress
 
 State = loop.State
@@ -342,6 +342,7 @@ def validate_train(t):
   for field in ('eval_every_steps', 'stop_after_steps'):
     if t[field] < 0:
       raise ValueError(f'--config.train.{field}={t[field]} must be >= 0 (0: off).')
+  metrics_lib.validate_loggers(t)
 
 
 def validate(config, mesh=None):
@@ -355,6 +356,7 @@ def validate(config, mesh=None):
   progress.parse_profile_steps(config.train.profile_steps)
   validate_train(config.train)
   _validate_data(config.data, config.objective)
+  probe_lib.validate(config.probe)
   if mesh is not None:
     mesh_lib.check_global_batch(config.data.global_batch_size, mesh)
 
@@ -368,14 +370,17 @@ class Run(loop.Run):
 
   Attributes:
     eval_set: the evaluation batches of this process (a list of NumPy batches).
+    probe: the linear probe of `config.probe` (pretrain/probe.py), or None.
   """
 
   eval_set: list
+  probe: probe_lib.Probe | None = None
 
 
-def _load_data(config, meta, workdir):
+def _load_data(config, meta, workdir, mesh):
   """(source, tokenizer, train iterator, eval batches) for this process; checks that the
-  tokenizer is the checkpoint's and the same on every process."""
+  tokenizer is the checkpoint's and the same on every process. The process reads the data
+  shard of the batch rows its devices address (`mesh_lib.batch_feed`, docs/design.md 13)."""
   source = text_datasets.load_text_source(config.data)
   tokenizer = tokenizer_lib.load_or_train(
     config.data, config.model, source.train, source.text_key, source.fingerprint
@@ -386,16 +391,16 @@ def _load_data(config, meta, workdir):
       f'({meta["tokenizer"].get("path")}); pass --config.data.tokenizer_model= that file, '
       f'or use a new --workdir.'
     )
-  pidx, pcount = jax.process_index(), jax.process_count()
-  if pcount > 1:
-    digests = multihost_utils.process_allgather(
-      np.frombuffer(bytes.fromhex(tokenizer.sha256), np.uint8)
-    )
-    if not np.all(digests == digests[0]):
+  if jax.process_count() > 1:
+    # Over the coordination service: a process still training its tokenizer is waited for
+    # (with a timeout), and no device program is in flight yet to keep in step with.
+    digests = multihost.all_gather('tokenizer_sha256', tokenizer.sha256)
+    if len(set(digests)) > 1:
       raise ValueError(
         'the processes trained different tokenizers; train one once and pass it to every '
         'host with --config.data.tokenizer_model=PATH.'
       )
+  feed = mesh_lib.batch_feed(mesh)
   train_iter = iter(
     pipeline.make_dataset(
       source.train,
@@ -403,8 +408,8 @@ def _load_data(config, meta, workdir):
       config,
       text_key=source.text_key,
       train=True,
-      process_index=pidx,
-      process_count=pcount,
+      process_index=feed.index,
+      process_count=feed.count,
     )
   )
   eval_set = pipeline.eval_batches(
@@ -412,8 +417,8 @@ def _load_data(config, meta, workdir):
     tokenizer,
     config,
     text_key=source.text_key,
-    process_index=pidx,
-    process_count=pcount,
+    process_index=feed.index,
+    process_count=feed.count,
   )
   return source, tokenizer, train_iter, eval_set
 
@@ -443,9 +448,10 @@ def prepare(config, workdir: str) -> Run:
     meta = ckpt.newest_meta()
     checkpointing.adopt_growth_values(config, meta)
     checkpointing.check_compatible(meta, config, workdir)
-    source, tokenizer, train_iter, eval_set = _load_data(config, meta, workdir)
+    source, tokenizer, train_iter, eval_set = _load_data(config, meta, workdir, mesh)
     same_data = checkpointing.same_data(meta, source, config, workdir)
     run_setup = setup(config, mesh)
+    probe = probe_lib.make(config, tokenizer, run_setup)
     if jax.process_index() == 0:
       checkpointing.write_config(workdir, config)
     logging.info(
@@ -465,6 +471,7 @@ def prepare(config, workdir: str) -> Run:
       lambda: init_state(config, run_setup),
       workdir,
       train_iter if same_data else None,
+      config=config,
     )
   except BaseException as e:
     if ckpt is not None:
@@ -488,6 +495,7 @@ def prepare(config, workdir: str) -> Run:
     eval_step=jit_eval_step(run_setup, config),
     writer=writer,
     lock=lock,
+    probe=probe,
   )
 
 
@@ -519,6 +527,38 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
   return result
 
 
+def probe_hooks(run: Run) -> list[loop.Hook]:
+  """The linear probe as a loop hook (every probe.every_steps, or with every evaluation and
+  at the end), writing split 'probe'; [] without a probe."""
+  if run.probe is None:
+    return []
+  t = run.config.train
+
+  def probe(step: int):
+    run.writer.write(step, 'probe', run.probe(run.state['params'], step))
+
+  return [
+    loop.Hook(probe, run.config.probe.every_steps or t.eval_every_steps, (t.num_train_steps,))
+  ]
+
+
+def mixture_hooks(run: Run) -> list[loop.Hook]:
+  """The realised proportions of a data mixture (docs/configuration.md 3) as a loop hook:
+  every log step, split 'data' gets `<source>/{documents,tokens,document_share,token_share}`
+  (counted since the run's first batch, a resume included, on process 0's data shard) and the
+  console a line of the shares next to the weights; [] when the data is not a mixture."""
+  if pipeline.mixture_counts(run.train_iter) is None:
+    return []
+  t = run.config.train
+
+  def log_mixture(step: int):
+    counts = pipeline.mixture_counts(run.train_iter)
+    run.writer.write(step, 'data', counts.scalars())
+    logging.info('step %d data mixture so far: %s', step, counts.summary())
+
+  return [loop.Hook(log_mixture, t.log_every_steps, (t.num_train_steps,))]
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (prepare -> train_loop -> finish), resuming from its
   latest checkpoint; evaluates periodically.
@@ -537,7 +577,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """
   metrics_lib.quiet_library_logs()
   # From before prepare to after the last save: a signal during set-up or the final wait is
-  # served too (during set-up, at the first step boundary).
+  # served too (during set-up, before the first step: nothing new to save).
   signals = guards.StopSignals()
   try:
     run = prepare(config, workdir)
@@ -549,6 +589,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         signals,
         next_batch=lambda step: mesh_lib.global_batch(next(run.train_iter), mesh),
         evaluate=lambda step: evaluate(run, step),
+        hooks=probe_hooks(run) + mixture_hooks(run),
       )
     finally:
       run.close()

@@ -4,9 +4,11 @@ gradients, tree comparisons, and the launcher in a subprocess. Fixtures live in 
 import importlib
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -177,16 +179,27 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def two_process_env() -> dict[str, str]:
+def two_process_env(compile_cache=None) -> dict[str, str]:
   """Environment of each process of a two-process (multi-controller) test: CPU, 2 devices.
 
-  CPU collectives (gloo) stand in for a TPU interconnect here, and a pair of training
-  processes sometimes hangs inside XLA's CPU all-reduce (both processes in gloo, one waiting to
-  receive, the other to send; with one or two devices per process, at the first train step or
-  in evaluation). The tests that train two processes are therefore `slow`
-  (README "Tests").
+  No persistent compilation cache (`make test` sets one) unless `compile_cache`, a directory,
+  is given. Only process 0 writes that cache and the processes' keys differ, so process 0
+  loads a cached program where process 1 compiles it afresh; the two get different launch ids
+  and a gloo collective between them never completes: both processes wait inside it (this was
+  the two-process hang, tests/test_multihost.py). The launchers turn the cache off themselves
+  (`pretrain.multihost.configure_cpu_processes`); `compile_cache` checks that they do.
   """
-  return cpu_env(2)
+  env = cpu_env(2)
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  if compile_cache is None:
+    env['JAX_ENABLE_COMPILATION_CACHE'] = 'false'
+  else:
+    env.update(
+      JAX_ENABLE_COMPILATION_CACHE='true',
+      JAX_COMPILATION_CACHE_DIR=str(compile_cache),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    )
+  return env
 
 
 def run_pretrain(workdir, flags, devices=1, timeout=300):
@@ -200,3 +213,60 @@ def run_pretrain(workdir, flags, devices=1, timeout=300):
     *flags,
   ]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class ProcessPairStuck(AssertionError):
+  """A process of a pair (run_process_pair) was still running at the deadline."""
+
+
+def run_process_pair(cmds, logs, env, timeout: float, expect_ok: bool = True):
+  """Runs two commands (one per process of a jax.distributed pair) from ROOT, output to `logs`.
+
+  Output goes to files, not pipes: a pipe read only after the other process finishes could
+  fill and block its writer while the other waits for it in a collective.
+
+  Returns:
+    Both processes' output, once both exited 0; with `expect_ok` False, (both exit codes,
+    both outputs) once both exited, whatever the codes.
+
+  Raises:
+    ProcessPairStuck: one still ran after `timeout` seconds (or 30 s after the other died by
+      a signal) and none had exited with an error; the message has both outputs, with the
+      stacks of the ones still running at the end (the commands must register SIGUSR1 with
+      faulthandler).
+    AssertionError: one exited with an error and `expect_ok` (the message has both outputs).
+    With `expect_ok` False, ProcessPairStuck also when one still ran after the other exited
+    with an error (a failure that did not stop both).
+  """
+  procs = []
+  for cmd, log in zip(cmds, logs):
+    with open(log, 'w') as f:
+      procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+  start, failed_at = time.time(), None
+  while any(p.poll() is None for p in procs):
+    now = time.time()
+    if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+      failed_at = now
+    if now - start > timeout or (failed_at is not None and now - failed_at > 30):
+      for p in procs:
+        if p.poll() is None:
+          p.send_signal(signal.SIGUSR1)
+      time.sleep(3)
+      break
+    time.sleep(0.2)
+  codes = [p.poll() for p in procs]
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+    p.wait()
+  outs = [pathlib.Path(log).read_text() for log in logs]
+  message = f'exit codes {codes} (None: stuck, stacks at the end) after ' + (
+    f'{time.time() - start:.0f} s\n'
+    + '\n'.join(f'--- process {i}\n{out[-6000:]}' for i, out in enumerate(outs))
+  )
+  if None in codes and (not expect_ok or not any(c for c in codes if c is not None and c > 0)):
+    raise ProcessPairStuck(message)  # not a peer's error: one waits in a collective
+  if not expect_ok:
+    return codes, outs
+  assert codes == [0, 0], message
+  return outs

@@ -143,10 +143,11 @@ def test_export_loads_in_transformers_pytorch(v1_export):
     reason='torch is an optional extra (pip install -e '
     "'.[torch]'); the Flax test covers the same file",
   )
-  from transformers import RoFormerForMaskedLM  # pylint: disable=g-import-not-at-top
+  from transformers import AutoModelForMaskedLM  # pylint: disable=g-import-not-at-top
 
   config, params, tok, _, root = v1_export
-  model = RoFormerForMaskedLM.from_pretrained(str(root / 'hf')).eval()
+  model = AutoModelForMaskedLM.from_pretrained(str(root / 'hf')).eval()
+  assert type(model).__name__ == 'RoFormerForMaskedLM'
   ids = np.asarray([tok.encode(SAMPLES[0])[:20]], np.int32)
   with torch.no_grad():
     ref = model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
@@ -256,7 +257,11 @@ def test_v2_and_gau_alpha_layouts_compute_our_function(preset):
   ref = _port_forward(sd, hf, ids)
   assert np.abs(ref).max() > 0.5
   np.testing.assert_allclose(_logits(config, params, ids), ref, atol=1e-5, rtol=0)
-  family, fields = hf_import.model_fields(hf)
+  assert hf['dtype'] == 'float32' and 'torch_dtype' not in hf
+  assert hf['model_type'] == {'roformer_v2': 'roformer_v2', 'gau': 'gau_alpha'}[config.model.family]
+  port = hf_export.port_config(hf)  # the ports' convention: v2 is model_type roformer + rms_norm
+  assert port['model_type'] != 'roformer' or port['norm_type'] == 'rms_norm'
+  family, fields = hf_import.model_fields(port)
   expected = dict(config.model, type_vocab_size=max(1, config.model.type_vocab_size))
   assert family == config.model.family and all(
     expected[k] == v for k, v in fields.items() if k not in ('dropout_rate', 'initializer_range')
@@ -266,6 +271,70 @@ def test_v2_and_gau_alpha_layouts_compute_our_function(preset):
     back, report = hf_import.from_torch(sd, config)
     assert report == {'ignored': [], 'filled': []}
     assert _same_tree(back, params if scan else models.unstack_layers(params))
+
+
+def test_v1_config_json_loads_as_roformer_in_auto_config(v1_export):
+  """The documented path: AutoConfig (and so AutoModel*) reads the v1 export as RoFormer, with
+  `dtype` (not the deprecated `torch_dtype`) and no machine path in config.json."""
+  root = v1_export[4]
+  hf = json.loads((root / 'hf' / 'config.json').read_text())
+  assert hf['model_type'] == 'roformer' and hf['architectures'] == ['RoFormerForMaskedLM']
+  assert hf['dtype'] == 'float32' and 'torch_dtype' not in hf
+  assert hf['encoder_pretrain']['run'] == 'run' and 'from_workdir' not in hf['encoder_pretrain']
+  assert str(root) not in json.dumps(hf)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    from transformers import AutoConfig  # pylint: disable=g-import-not-at-top
+
+    assert AutoConfig.from_pretrained(str(root / 'hf')).model_type == 'roformer'
+
+
+@pytest.mark.parametrize('preset', ['roformer_v2:tiny', 'gau:tiny'])
+def test_v2_and_gau_exports_are_refused_by_auto_classes_and_import_back(
+  preset, tiny_data, text_corpus, cache_dir, tmp_path
+):
+  """A RoFormer-v2 or GAU-alpha export names a model_type transformers does not know:
+  AutoConfig and AutoModelForMaskedLM raise instead of building transformers' RoFormer (v1:
+  LayerNorms and biases, another function); launch.convert still imports it bit for bit."""
+  _, source, tok = tiny_data
+  config = make_tiny_config(text_corpus, cache_dir, preset=preset)
+  config.model.initializer_range = 0.2
+  params = _random_params(config, seed=2)
+  _write_run(config, params, tok, source, tmp_path / 'run')
+  out = tmp_path / 'hf'
+  result = hf_io.export_run(str(tmp_path / 'run'), str(out), max_position_embeddings=64)
+  hf = json.loads((out / 'config.json').read_text())
+  model_type = {'roformer_v2': 'roformer_v2', 'gau': 'gau_alpha'}[config.model.family]
+  assert hf['model_type'] == model_type and result.hf_config['model_type'] == model_type
+  assert 'model_type ' + model_type in hf_io.export_summary(result)
+  assert 'refuse' in (out / 'README.md').read_text()
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    import transformers  # pylint: disable=g-import-not-at-top
+
+    with pytest.raises(ValueError, match=model_type):
+      transformers.AutoConfig.from_pretrained(str(out))
+    try:
+      import torch  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      pass  # AutoModel* start with AutoConfig (above); without torch they cannot be built
+    else:
+      for auto in (transformers.AutoModelForMaskedLM, transformers.AutoModel):
+        with pytest.raises(ValueError, match=model_type):
+          auto.from_pretrained(str(out))
+  explicit = frozenset({'data.text_files', 'data.cache_dir'})
+  back = hf_io.import_run(str(out), str(tmp_path / 'back'), config, preset, explicit)
+  assert back.family == config.model.family
+  restored = hf_io._restore_params(str(tmp_path / 'back'), 0)[3]  # pylint: disable=protected-access
+  assert _same_tree(restored, params)
+
+
+def test_deepnet_export_is_refused_naming_what_is_supported():
+  config = make_tiny_config(ROOT, ROOT, preset='deepnet:tiny')
+  with pytest.raises(
+    hf_export.ExportError, match="residual='deepnorm'.*export supports RoFormer v1"
+  ):
+    hf_export.check_exportable(config)
 
 
 def test_wordpiece_matches_bert_tokenizer_and_exports(text_corpus, tmp_path):

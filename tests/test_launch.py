@@ -2,11 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import warnings
 
 import pytest
 
@@ -14,6 +11,7 @@ from helpers import cpu_env
 from helpers import free_port
 from helpers import ROOT
 from helpers import run_pretrain
+from helpers import run_process_pair
 from helpers import tiny_flags
 from helpers import two_process_env
 
@@ -55,20 +53,6 @@ def test_second_run_resumes(trained_workdir, text_corpus, cache_dir):
     if json.loads(l)['split'] == 'train'
   ]
   assert steps == [2, 4, 6]
-
-
-def _without_config(log: str) -> str:
-  """A launch.pretrain log without the resolved-config dump (its lines after 'resolved config:'
-  up to the next absl log line)."""
-  lines, in_config = [], False
-  for line in log.splitlines():
-    if 'resolved config:' in line:
-      in_config = True
-    elif in_config and line[:1] in 'IWEF' and line[1:5].isdigit():
-      in_config = False
-    if not in_config:
-      lines.append(line)
-  return '\n'.join(lines)
 
 
 def _expect_input_error(result, *fragments):
@@ -122,97 +106,43 @@ def test_workdir_with_other_model_shape(trained_workdir, text_corpus, cache_dir)
   assert sorted(os.listdir(workdir / 'checkpoints')) == before  # nothing touched
 
 
-class _PairStuck(Exception):
-  """Two-process launch that hung or died by a signal; the message has both logs and stacks."""
-
-
-def _wait_for_pair(procs, logs, timeout: float):
-  """Waits for both processes. Raises _PairStuck when one is still running after `timeout`
-  seconds, or 30 s after the other died by a signal (a peer that is gone leaves the other
-  waiting in a collective); the message has each log and, via SIGUSR1 (launch.pretrain's
-  faulthandler), the stacks of the ones still running."""
-  start, died_at = time.time(), None
-  while any(p.poll() is None for p in procs):
-    now = time.time()
-    if died_at is None and any(p.returncode is not None and p.returncode < 0 for p in procs):
-      died_at = now
-    if now - start > timeout or (died_at is not None and now - died_at > 30):
-      codes = [p.poll() for p in procs]
-      for p in procs:
-        if p.poll() is None:
-          p.send_signal(signal.SIGUSR1)
-      time.sleep(3)
-      for p in procs:
-        p.kill()
-        p.wait()
-      raise _PairStuck(
-        f'exit codes {codes} (None: still running) after {now - start:.0f} s; '
-        'logs without the config dump, stacks at the end:\n'
-        + '\n'.join(
-          f'--- process {i}\n' + _without_config(log.read_text()) for i, log in enumerate(logs)
-        )
-      )
-    time.sleep(0.5)
-
-
-@pytest.mark.slow
 def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir):
   """JAX's multi-controller runtime with two local CPU processes of 2 devices each: both
   finish, process 0 alone writes metrics, and the second launch resumes.
 
-  Slow: the CPU collectives (gloo) standing in for a TPU interconnect sometimes hang inside
-  XLA's all-reduce (see helpers.two_process_env). A pair that hangs or dies by a signal is
-  retried once in a fresh workdir, with the first attempt's logs and stacks shown as a
-  warning; a second hang, or any wrong result, fails.
+  The processes get a persistent compilation cache that keeps every program: the launcher
+  must turn it off, or the resume hangs (process 0 would run the cached train and evaluation
+  steps, process 1 fresh compiles of them; helpers.two_process_env). A pair still running
+  after the timeout fails with both logs and the stacks of the stuck processes.
   """
-  env = two_process_env()
+  env = two_process_env(compile_cache=tmp_path / 'jax_cache')
+  workdir = tmp_path / 'run'
 
-  def launch(workdir, port, steps):
-    # Output goes to files, not pipes: a pipe read only after the other process finishes
-    # could fill (64 KiB) and block its writer, deadlocking the pair in a collective.
-    logs = [workdir.parent / f'{workdir.name}_launch{steps}_process{i}.log' for i in range(2)]
-    procs = []
-    for i, log in enumerate(logs):
-      with open(log, 'w') as f:
-        procs.append(
-          subprocess.Popen(
-            [
-              sys.executable,
-              '-m',
-              'launch.pretrain',
-              '--config=launch/configs/roformer.py:tiny',
-              f'--workdir={workdir}',
-              f'--coordinator_address=localhost:{port}',
-              '--num_processes=2',
-              f'--process_id={i}',
-              *tiny_flags(
-                text_corpus, cache_dir, **{'train.num_train_steps': steps, 'data.text_unit': 'line'}
-              ),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-          )
-        )
-    _wait_for_pair(procs, logs, timeout=180)
-    outs = [log.read_text() for log in logs]
-    for p, out in zip(procs, outs):
-      assert p.returncode == 0, out[-3000:]
-    return outs
-
-  for attempt in range(2):
-    workdir = tmp_path / f'run{attempt}'
+  def launch(steps):
     port = free_port()
-    try:
-      outs = launch(workdir, port, 2)
-      assert "mesh {'data': 4" in outs[0]
-      outs = launch(workdir, port, 4)
-      break
-    except _PairStuck as e:
-      if attempt:
-        raise
-      warnings.warn(f'two-process launch stuck, retrying once: {e}', stacklevel=2)
+    flags = tiny_flags(
+      text_corpus, cache_dir, **{'train.num_train_steps': steps, 'data.text_unit': 'line'}
+    )
+    cmds = [
+      [
+        sys.executable,
+        '-m',
+        'launch.pretrain',
+        '--config=launch/configs/roformer.py:tiny',
+        f'--workdir={workdir}',
+        f'--coordinator_address=localhost:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+        *flags,
+      ]
+      for i in range(2)
+    ]
+    logs = [tmp_path / f'launch{steps}_process{i}.log' for i in range(2)]
+    return run_process_pair(cmds, logs, env, timeout=240)
+
+  outs = launch(2)
+  assert "mesh {'data': 4" in outs[0]
+  outs = launch(4)
   assert all('resuming from' in out for out in outs)
   steps = [
     json.loads(l)['step']

@@ -15,6 +15,7 @@ from helpers import make_tiny_config
 from helpers import ROOT
 from launch import cli
 from launch import tpu_vm
+from pretrain import metrics as metrics_lib
 from pretrain import progress
 from pretrain import report
 from pretrain import train
@@ -190,7 +191,11 @@ def test_report_draws_one_curve_per_run_and_split_and_a_table(tmp_path):
   lr = report.plot_train_scalar(runs, 'learning_rate', 'lr', 'lr')
   assert len(lr.axes[0].get_lines()) == 2
   written = report.write_report([str(a), str(b)], str(tmp_path / 'out'))
-  assert sorted(p.rsplit('/', 1)[1] for p in written) == sorted(list(report.PLOTS) + ['summary.md'])
+  # Every plot but the probe's and the mixture's (these runs have neither), and the table.
+  optional = {'probe_accuracy.png', 'data_mixture.png'}
+  assert sorted(p.rsplit('/', 1)[1] for p in written) == sorted(
+    [p for p in report.PLOTS if p not in optional] + ['summary.md']
+  )
   table = (tmp_path / 'out' / 'summary.md').read_text()
   assert '| grown | 4 | 1,024 | 4.5000 | 5.0000 | 5.0000 (4) | 4 s | 1,002 | 30.0% |' in table
   assert '| scratch | fine-tuning results' not in table and '| scratch | accuracy 0.81 |' in table
@@ -210,6 +215,14 @@ def test_report_cli_writes_the_files(tmp_path):
   assert out.returncode == 0, out.stderr
   assert (tmp_path / 'r' / 'loss_vs_step.png').stat().st_size > 1000
   assert '| a | 4 |' in out.stdout
+  bad = subprocess.run(
+    [sys.executable, '-m', 'launch.report', str(a), '--outt=x'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert bad.returncode == 2 and 'bad flag' in bad.stderr and 'Traceback' not in bad.stderr
 
 
 # ----------------------------------------------------------------------------- progress
@@ -260,10 +273,17 @@ def test_run_summary_says_how_to_resume_or_continue(tmp_path):
 
 
 @pytest.fixture
-def fake_gcs(tmp_path):
+def fake_gcs(tmp_path, monkeypatch):
   """gs://bucket/... served from tmp_path/gcs/bucket/... through etils.epath's test mock (no
-  network): the path handling of every workdir file is exercised, not GCS itself."""
+  network): the path handling of every workdir file is exercised, not GCS itself. What goes
+  through google-cloud-storage instead (the lease, metrics.jsonl appends) finds no GCS here
+  and takes its fallback (tests/test_bucket_workdir.py runs those against an emulator)."""
   from etils.epath import testing as epath_testing  # pylint: disable=g-import-not-at-top
+
+  def no_gcs(shared=True):
+    raise OSError('no GCS API in this test (etils.epath is faked)')
+
+  monkeypatch.setattr(metrics_lib, 'gcs_client', no_gcs)
 
   root = tmp_path / 'gcs'
   root.mkdir()
@@ -383,3 +403,27 @@ def test_aot_compiles_the_train_step_for_a_tpu_slice(text_corpus, cache_dir):
   config.data.global_batch_size = 2**20
   with pytest.raises(aot.DoesNotFit, match='HBM'):
     aot.compile_train_step(config, 'v5e-8')
+
+
+def test_report_plots_the_probe_and_the_mixture_only_for_runs_that_have_them(tmp_path):
+  a = _fake_run(tmp_path / 'probed', [6.0, 5.0])
+  extra = [
+    {'step': 2, 'split': 'probe', 'time': 1.0, 'accuracy': 0.55, 'train_accuracy': 0.7},
+    {'step': 4, 'split': 'probe', 'time': 2.0, 'accuracy': 0.6, 'train_accuracy': 0.8},
+    {'step': 2, 'split': 'data', 'time': 1.0, 'wiki/document_share': 0.7},
+    {'step': 2, 'split': 'data', 'time': 1.0, 'wiki/token_share': 0.8},
+  ]
+  with open(a / 'metrics.jsonl', 'a') as f:
+    f.write('\n' + ''.join(json.dumps(l) + '\n' for l in extra))
+  b = _fake_run(tmp_path / 'plain', [6.0, 5.0])
+  runs = [report.load_run(str(a)), report.load_run(str(b))]
+  (ax,) = report.plot_probe(runs).axes
+  assert [l.get_label() for l in ax.get_lines()] == ['probed dev', 'probed train']
+  np.testing.assert_array_equal(ax.get_lines()[0].get_ydata(), [0.55, 0.6])
+  (ax,) = report.plot_mixture(runs).axes
+  assert [l.get_label() for l in ax.get_lines()] == ['probed wiki documents', 'probed wiki tokens']
+  written = report.write_report([str(b)], str(tmp_path / 'plain_report'))
+  assert not {p.rsplit('/', 1)[1] for p in written} & {'probe_accuracy.png', 'data_mixture.png'}
+  written = report.write_report([str(a), str(b)], str(tmp_path / 'both'))
+  assert any(p.endswith('probe_accuracy.png') for p in written)
+  assert any(p.endswith('data_mixture.png') for p in written)

@@ -366,6 +366,48 @@ def test_ctrl_c_saves_once_and_the_host_stays_one_step_ahead(
   assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
 
 
+def test_sigterm_during_set_up_stops_before_the_first_step(
+  text_corpus, cache_dir, tmp_path, monkeypatch
+):
+  config = make_tiny_config(text_corpus, cache_dir)
+  real_setup = train.setup
+
+  def setup_then_preempted(*args, **kwargs):
+    result = real_setup(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)  # as if preempted while restoring or compiling
+    return result
+
+  monkeypatch.setattr(train, 'setup', setup_then_preempted)
+  assert train.train_and_evaluate(config, str(tmp_path)) == {}
+  # Served before any step: nothing trained, nothing new saved, no evaluation.
+  assert _steps(tmp_path) == [] and _metric_steps(tmp_path) == []
+  assert _metric_steps(tmp_path, 'eval') == []
+
+
+def test_a_stop_request_is_agreed_before_the_evaluation_of_its_step(
+  text_corpus, cache_dir, tmp_path, monkeypatch
+):
+  config = make_tiny_config(text_corpus, cache_dir)  # evaluates every 3 steps
+  config.train.checkpoint_every_steps = 1000
+  compiled, calls = train.jit_train_step, []
+
+  def watched(run_setup, cfg):
+    step_fn = compiled(run_setup, cfg)
+
+    def step(*args):
+      calls.append(1)
+      if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)  # while step 3, an evaluation step, runs
+      return step_fn(*args)
+
+    return step
+
+  monkeypatch.setattr(train, 'jit_train_step', watched)
+  train.train_and_evaluate(config, str(tmp_path))
+  # The grace period goes to the save: step 3 is saved and not evaluated.
+  assert _steps(tmp_path) == [3] and _metric_steps(tmp_path, 'eval') == []
+
+
 def _child(workdir, corpus, cache_dir, **overrides):
   flags = tiny_flags(
     corpus,
