@@ -23,6 +23,46 @@ from launch.configs import roformer
 _PRESET = flags.DEFINE_string('preset', 'tiny', 'RoFormer preset.')
 _BATCHES = flags.DEFINE_integer('batches', 200, 'Batches drawn from the pipeline (timed).')
 _THREADS = flags.DEFINE_list('threads', ['1', '2'], 'data.num_threads values to time.')
+_NEED_PRESETS = flags.DEFINE_list(
+  'need_presets', ['tiny', 'small', 'base', 'large'], 'Presets of the per-host need table.'
+)
+_TARGET_MFU = flags.DEFINE_float('target_mfu', 0.5, 'MFU the per-host need table assumes.')
+
+# Chips one host of a multi-host slice drives (Cloud TPU system architecture pages, cited in
+# pretrain/aot.py CHIPS): 4 on v4, v5e, v5p and v6e slices of more than one host.
+CHIPS_PER_HOST = {'v4': 4, 'v5e': 4, 'v5p': 4, 'v6e': 4}
+
+
+def needed_tokens_per_sec_per_host(config, chip: str, target_mfu: float) -> float:
+  """Tokens/s one host must feed so that its chips run at `target_mfu`: target_mfu x the
+  chips' bf16 peak FLOP/s / training FLOPs per token (models.flops)."""
+  import models  # pylint: disable=g-import-not-at-top
+  from data_pipelines import objectives  # pylint: disable=g-import-not-at-top
+  from pretrain import aot  # pylint: disable=g-import-not-at-top
+
+  predictions = objectives.max_predictions(config.data.seq_len, config.data.mask_rate)
+  per_token = models.flops_per_token(config, predictions)
+  return target_mfu * aot.CHIPS[chip].peak_flops * CHIPS_PER_HOST[chip] / per_token
+
+
+def need_table(per_core: dict[str, float], target_mfu: float) -> str:
+  """Markdown: for each preset, the tokens/s one host needs at `target_mfu` on each chip, and
+  how many cores of the pipeline (at the measured single-thread rate) that takes."""
+  chips = list(CHIPS_PER_HOST)
+  lines = [
+    '| preset | seq_len | pipeline tokens/s per core | '
+    + ' | '.join(f'{c}: needed per host (cores)' for c in chips)
+    + ' |',
+    '|---|---|---|' + '---|' * len(chips),
+  ]
+  for preset, rate in per_core.items():
+    config = roformer.get_config(preset)
+    cells = []
+    for chip in chips:
+      need = needed_tokens_per_sec_per_host(config, chip, target_mfu)
+      cells.append(f'{need:,.0f} ({need / rate:.1f})')
+    lines.append(f'| {preset} | {config.data.seq_len} | {rate:,.0f} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
 
 
 def pipeline_tokens_per_sec(config, source, tok, num_batches: int) -> float:
@@ -55,6 +95,17 @@ def main(argv):
     config.data.num_threads = int(threads)
     made = pipeline_tokens_per_sec(config, source, tok, _BATCHES.value)
     print(f'| {threads} | {made:,.0f} | {made / consumed:.1f}x |', flush=True)
+  # What a TPU host needs: each preset's single-thread pipeline rate (its own seq_len, batch
+  # and tokenizer) against the tokens/s its chips take at the target MFU.
+  per_core = {}
+  for preset in _NEED_PRESETS.value:
+    c = roformer.get_config(preset)
+    c.data.num_threads = 1
+    src = text_datasets.load_text_source(c.data)
+    t = tokenizer_lib.load_or_train(c.data, c.model, src.train, src.text_key, src.fingerprint)
+    per_core[preset] = pipeline_tokens_per_sec(c, src, t, _BATCHES.value)
+  print(f'\nper host at {_TARGET_MFU.value:.0%} MFU ({CHIPS_PER_HOST} chips per host):')
+  print(need_table(per_core, _TARGET_MFU.value))
 
 
 if __name__ == '__main__':

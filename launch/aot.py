@@ -27,7 +27,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from launch.cli import FLAG_ERRORS, fail, flag_error_message
+from launch.cli import FLAG_ERRORS, fail, flag_error_message, parse_flags
 
 try:
   _CONFIG = config_flags.DEFINE_config_file(
@@ -82,7 +82,12 @@ def main(argv):
     fail(f'unexpected arguments {argv[1:]}.')
   from pretrain import aot  # pylint: disable=g-import-not-at-top
 
-  aot.quiet_libtpu(_TOPOLOGY.value[0])
+  try:
+    for topology in _TOPOLOGY.value:
+      aot.topology_name(topology)  # every name checked before any compile
+    aot.quiet_libtpu(_TOPOLOGY.value[0])
+  except ValueError as e:
+    fail(str(e))
   for chip in _ROOFLINE_CHIPS.value:
     if chip not in aot.CHIPS:
       fail(f'--roofline_chips: unknown chip {chip!r}; use one of {",".join(aot.CHIPS)}.')
@@ -125,4 +130,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

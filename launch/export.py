@@ -1,13 +1,15 @@
 r"""Exports a run to a Hugging Face model directory.
 
   python -m launch.export --from_workdir=runs/roformer_tiny --out=hf/roformer_tiny \
-      [--step=N] [--tokenizer=PATH] [--max_position_embeddings=1536]
+      [--step=N|best] [--tokenizer=PATH] [--max_position_embeddings=1536]
 
 Writes config.json, model.safetensors (PyTorch names and layout) and the tokenizer
 (tokenizer.json for AutoTokenizer, plus the original tokenizer.model or vocab.txt) of the
-newest checkpoint that restores (a newer damaged one is named in a one-line warning) or
---step (`pretrain.hf_io.export_run`, docs/huggingface.md), and a README.md model card (size,
-tokenizer, data, tokens, final eval loss, fine-tuning results.json of the run). RoFormer v1
+newest checkpoint that restores (a newer damaged one is named in a one-line warning), --step=N,
+or --step=best: the checkpoint with the lowest eval loss recorded at its save, the next best
+when it does not restore (docs/operations.md 1.1; `pretrain.hf_io.export_run`,
+docs/huggingface.md), and a README.md model card (size, tokenizer, data, tokens, final eval
+loss, fine-tuning results.json of the run). RoFormer v1
 loads with transformers' PyTorch AutoModelForMaskedLM / AutoModel (model_type roformer);
 RoFormer-v2 and GAU-alpha are written in the layouts of their PyTorch ports (the `roformer`
 and `gau-alpha` packages) with model types transformers does not know (roformer_v2,
@@ -27,7 +29,11 @@ from launch.cli import fail, parse_flags, require
 
 _FROM = flags.DEFINE_string('from_workdir', None, 'Workdir of the run to export.')
 _OUT = flags.DEFINE_string('out', None, 'New (or empty) output directory.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest that restores).')
+_STEP = flags.DEFINE_string(
+  'step',
+  None,
+  "Checkpoint step, or 'best' (the lowest recorded eval loss); default: the newest that restores.",
+)
 _TOKENIZER = flags.DEFINE_string(
   'tokenizer', None, "The run's tokenizer file, when the recorded path is not on this machine."
 )
@@ -48,13 +54,13 @@ def main(argv):
     'python -m launch.export --from_workdir=RUN --out=DIR', from_workdir=_FROM.value, out=_OUT.value
   )
   from pretrain import hf_io  # pylint: disable=g-import-not-at-top
+  from pretrain import rundir  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)
   try:
-    result = hf_io.export_run(
-      _FROM.value, _OUT.value, _STEP.value, _TOKENIZER.value, _MAX_POSITIONS.value
-    )
+    step = rundir.parse_step(_STEP.value)
+    result = hf_io.export_run(_FROM.value, _OUT.value, step, _TOKENIZER.value, _MAX_POSITIONS.value)
   except train.InputError as e:
     fail(str(e))
   print(hf_io.export_summary(result))

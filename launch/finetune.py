@@ -9,8 +9,10 @@ r"""Fine-tunes an encoder on a classification or regression task (docs/finetunin
       --workdir=runs/mr_scratch ...              # random init with the same tokenizer: baseline
 
 --from_workdir takes the encoder (config, tokenizer, parameters) from a launch.pretrain (or
-launch.convert / launch.upscale) run. --config is a fine-tuning preset
-(launch/configs/finetune.py, the default) or, for the random-init baseline, a family config;
+launch.convert / launch.upscale) run: its newest checkpoint that restores, --step=N, or
+--step=best (the lowest eval loss recorded at a save; docs/operations.md 1.1). --config is a
+fine-tuning preset (launch/configs/finetune.py, the default) or, for the random-init
+baseline, a family config;
 every fine-tuning setting is a `--config.finetune.<field>` (task, files, columns, head,
 batch, length, learning rates, seeds) and the loop's cadence a `--config.train.<field>`
 (pretrain/config.py). Each learning rate x seed is a run under --workdir; running the same
@@ -52,6 +54,12 @@ _FROM = flags.DEFINE_string(
   '',
   'A launch.pretrain run to fine-tune (its newest checkpoint, config and tokenizer).',
 )
+_STEP = flags.DEFINE_string(
+  'step',
+  None,
+  "Checkpoint step of --from_workdir, or 'best' (the lowest recorded eval loss); default: the "
+  'newest that restores.',
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Fine-tuning directory (runs, results.json).')
 _TOKENIZER = flags.DEFINE_string(
   'tokenizer',
@@ -79,7 +87,17 @@ def main(argv):
   from pretrain import finetune  # pylint: disable=g-import-not-at-top
   from pretrain import guards  # pylint: disable=g-import-not-at-top
   from pretrain import multihost  # pylint: disable=g-import-not-at-top
+  from pretrain import rundir  # pylint: disable=g-import-not-at-top
   from pretrain import task_metrics  # pylint: disable=g-import-not-at-top
+
+  try:
+    step = rundir.parse_step(_STEP.value)
+  except finetune.InputError as e:
+    fail(str(e))
+  if step is not None and not _FROM.value:
+    fail(
+      '--step picks a checkpoint of --from_workdir; give --from_workdir=RUN or leave --step out.'
+    )
 
   # As in launch.pretrain: orbax's barriers wait at the coordination service, with a timeout.
   multihost.use_distributed_barriers_in_orbax()
@@ -87,7 +105,11 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   try:
     results = finetune.finetune(
-      config, _WORKDIR.value, from_workdir=_FROM.value, tokenizer_path=_TOKENIZER.value
+      config,
+      _WORKDIR.value,
+      from_workdir=_FROM.value,
+      tokenizer_path=_TOKENIZER.value,
+      from_step=step,
     )
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # pylint: disable=protected-access
   except finetune.InputError as e:

@@ -344,7 +344,10 @@ def main(argv):
     print(shlex.join(cmd), flush=True)
     if _DRY_RUN.value:
       continue
-    result = subprocess.run(cmd)
+    try:
+      result = subprocess.run(cmd)
+    except FileNotFoundError:
+      fail(f'{cmd[0]} is not installed here: install the Google Cloud CLI (gcloud) and run again.')
     if result.returncode:
       fail(f'{cmd[0]} exited {result.returncode}: {shlex.join(cmd)}', 1)
   if argv[1] == 'create' and _WAIT.value:
@@ -353,7 +356,10 @@ def main(argv):
         shlex.join(_queued(o, 'describe', '--format=value(state.state)')), '# polled until ACTIVE'
       )
     else:
-      wait_active(o)
+      try:
+        wait_active(o)
+      except RuntimeError as e:
+        fail(str(e), 1)
 
 
 if __name__ == '__main__':

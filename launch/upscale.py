@@ -2,10 +2,11 @@ r"""Grows a trained model into a larger one, losslessly: step 0 of a new workdir
 
   python -m launch.upscale --from_workdir=runs/roformer_tiny \
       --config=launch/configs/roformer.py:small --workdir=runs/roformer_small_grown \
-      [--step=N] [--config.upscale.symmetry_breaking=zero_out]
+      [--step=N|best] [--config.upscale.symmetry_breaking=zero_out]
 
 Reads the newest checkpoint of --from_workdir that restores (as launch.pretrain picks it: a
-newer damaged one is named in a one-line warning, and the run is left as it is) or --step,
+newer damaged one is named in a one-line warning, and the run is left as it is), --step=N or
+--step=best (the lowest eval loss recorded at a save; the next best when it does not restore),
 checks that --config is a valid growth of the run that wrote it, grows parameters (and
 optimizer state with --config.upscale.optimizer_state=map) and writes them as step 0 of
 --workdir (`pretrain.grow.grow_run`, docs/algorithms.md 4). Prints the held-out check and the
@@ -34,8 +35,11 @@ except FLAG_ERRORS as _e:
   fail(flag_error_message(_e))
 _FROM = flags.DEFINE_string('from_workdir', None, 'Workdir of the trained (small) model.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'New workdir for the grown model (empty).')
-_STEP = flags.DEFINE_integer(
-  'step', None, 'Checkpoint step of --from_workdir (default: the newest that restores).'
+_STEP = flags.DEFINE_string(
+  'step',
+  None,
+  "Checkpoint step of --from_workdir, or 'best' (the lowest recorded eval loss); default: the "
+  'newest that restores.',
 )
 
 
@@ -53,13 +57,15 @@ def main(argv):
     config=_CONFIG.value,
   )
   from pretrain import grow  # pylint: disable=g-import-not-at-top
+  from pretrain import rundir  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)
   config_flag = flags.FLAGS['config']
   explicit = frozenset(config_flags.get_override_values(config_flag))
   try:
-    result = grow.grow_run(_FROM.value, _CONFIG.value, _WORKDIR.value, _STEP.value, explicit)
+    step = rundir.parse_step(_STEP.value)
+    result = grow.grow_run(_FROM.value, _CONFIG.value, _WORKDIR.value, step, explicit)
   except train.InputError as e:
     fail(str(e))
   print(grow.summary(result, config_flags.get_config_filename(config_flag), _WORKDIR.value))

@@ -172,6 +172,39 @@ def _global_per_document(ql, kl, vv, seg, valid, c: int, causal: bool) -> jax.Ar
   return glob / jnp.maximum(count, 1.0)
 
 
+def _global_one_document(ql, kl, vv, seg, valid, c: int, causal: bool) -> jax.Array:
+  """`_global_per_document` when no row holds more than one document (padding aside): the
+  original FLASH global part, without the per-document boundary corrections. Same arguments
+  and result (pad queries get zero)."""
+  b, num_chunks = ql.shape[:2]
+  f32 = jnp.float32
+  valid_c = valid.reshape(b, num_chunks, c, 1).astype(f32)
+  kl = kl.astype(f32) * valid_c
+  vv32, ql32 = vv.astype(f32), ql.astype(f32)
+  if causal:
+    sums = jnp.einsum('bgjs,bgje->bgse', kl, vv32)
+    before = jnp.cumsum(sums, axis=1) - sums  # keys of the chunks before g
+    glob = jnp.einsum('bgis,bgse->bgie', ql32, before)
+    t = jnp.arange(seg.shape[1], dtype=jnp.int32)[None]
+    start = jnp.min(jnp.where(valid, t, seg.shape[1]), axis=1)  # the document's first token
+    chunk_start = jnp.arange(num_chunks, dtype=jnp.int32)[None] * c
+    count = (chunk_start - start[:, None]).astype(f32)[..., None, None]
+  else:
+    total = jnp.einsum('bgjs,bgje->bse', kl, vv32)
+    glob = jnp.einsum('bgis,bse->bgie', ql32, total)
+    count = valid.sum(1).astype(f32)[:, None, None, None]
+  return glob * (valid_c / jnp.maximum(count, 1.0))
+
+
+def one_document_per_row(segment_ids: jax.Array) -> jax.Array:
+  """A traced bool scalar: every row of segment_ids [b, n] holds at most one document (one run
+  of a nonzero id; padding aside). Decides FLASH's global part on device, without a host sync."""
+  first = jnp.concatenate(
+    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
+  return jnp.all(jnp.sum(first & (segment_ids != 0), axis=1) <= 1)
+
+
 def mixed_chunk_attention(
   q_quad,
   k_quad,
@@ -203,7 +236,9 @@ def mixed_chunk_attention(
     non-causal: q_i (B_g [D first in g] + sum_{j in g, j in D} k_j v_j^T + A_g [D last in g])
                 / |D|
     causal:     q_i B_g [D first in g] / (g c - start)      (zero when D starts in chunk g)
-  With one document per row this is the original FLASH global part (kexue 8934).
+  With one document per row this is the original FLASH global part (kexue 8934): when no row
+  of the batch holds more than one document (`one_document_per_row`, decided on device by a
+  lax.cond, no host sync) `_global_one_document` computes it without the boundary corrections.
   """
   b, n, _ = q_quad.shape
   c = chunk_size
@@ -228,7 +263,16 @@ def mixed_chunk_attention(
   a = layers.dropout(a, dropout_rate, dropout_rng)
   local = jnp.einsum('bgij,bgje->bgie', a.astype(vv.dtype), vv)
 
-  glob = _global_per_document(ql, kl, vv, seg, valid, c, causal)
+  glob = jax.lax.cond(
+    one_document_per_row(seg),
+    lambda *a: _global_one_document(*a, c, causal),
+    lambda *a: _global_per_document(*a, c, causal),
+    ql,
+    kl,
+    vv,
+    seg,
+    valid,
+  )
   out = local.astype(jnp.float32) + glob
   return out.reshape(b, n_pad, -1)[:, :n].astype(v.dtype)
 
@@ -301,10 +345,16 @@ class GAUBlock(nnx.Module):
     self.norm = layers.make_norm(spec.norm_type, d, eps=spec.norm_eps, **common)
 
   def projections(self, x):
-    """U [b, n, e], V [b, n, e], Z [b, n, s] (activation applied)."""
-    h = self.uvz(x)
+    """U [b, n, e], V [b, n, e], Z [b, n, s] (activation applied).
+
+    One matmul on the tokens as rows, [b n, d] x [d, 2e + s]: the output dimension stays
+    contiguous through the activation and the split, and the kernel's gradient contracts one
+    axis (a [b, n, d] input made XLA on CPU transpose [b n, 2e + s] in the backward pass).
+    """
+    h = self.uvz(x.reshape(-1, x.shape[-1]))
     h = jax.nn.relu(h) if self.activation == 'relu' else jax.nn.silu(h)
-    return h[..., : self.e], h[..., self.e : 2 * self.e], h[..., 2 * self.e :]
+    split = lambda t: t.reshape(x.shape[:-1] + t.shape[-1:])
+    return split(h[:, : self.e]), split(h[:, self.e : 2 * self.e]), split(h[:, 2 * self.e :])
 
   def mix(self, x, ctx: attention.AttentionContext, dropout_rng=None):
     """The GAU branch O [b, n, d] (before dropout, residual and norm). ctx: sin/cos (r = s),
@@ -345,7 +395,8 @@ class GAUBlock(nnx.Module):
         dropout_rate=self.dropout_rate,
         dropout_rng=dropout_rng,
       )
-    return self.out(u * av.astype(u.dtype))
+    o = (u * av.astype(u.dtype)).reshape(-1, u.shape[-1])  # tokens as rows, as in projections
+    return self.out(o).reshape(x.shape[:-1] + (-1,))
 
   def __call__(self, x, ctx: attention.AttentionContext, dropout_rng=None):
     """x [b, n, d] -> [b, n, d]; dropout_rng: a PRNG key (training) or None."""

@@ -353,18 +353,31 @@ def _move_remote(source: str, dest: str):
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with the three items of this suite.
 
-  Args:
-    workdir: run directory; checkpoints go to `<workdir>/checkpoints`.
-    keep: number of most recent checkpoints kept (config.train.keep_checkpoints).
-    async_save: save in a background thread (the training loop blocks only for the copy to
-      host memory).
-    read_only: only read (the commands that read another run: nothing is created, cleaned
-      up or deleted there).
-    checksums: record the state's checksums at save and verify them at restore (False only
-      for benchmarks/checkpoint_integrity.py's baseline).
+    Retention is orbax's: a preservation policy keeps a checkpoint when any of its parts does,
+  the newest `keep` (`LatestN`), every step that is a multiple of `keep_every_steps`
+  (`EveryNSteps`) and the `keep_best` with the lowest eval loss (`BestN`); orbax deletes the
+  rest after each save. Every save given an eval loss records it in the step's orbax `metrics`
+  item (`{'eval_loss': loss}`, whatever the policy: `--step=best` reads it, `eval_losses`). A
+  checkpoint saved at a step without an evaluation has no metric: `BestN` ranks only those
+  that have one (keep_checkpoints_without_metrics=False), so such a checkpoint is kept only by
+  the other two parts.
 
-  Attributes:
-    restored_step: the step `restore_newest` resumed from (None: none yet).
+    Args:
+      workdir: run directory; checkpoints go to `<workdir>/checkpoints`.
+      keep: number of most recent checkpoints kept (config.train.keep_checkpoints).
+      keep_every_steps: checkpoints whose step is a multiple of it are kept for good
+        (config.train.keep_every_steps; 0: none).
+      keep_best: number of checkpoints with the lowest eval loss kept (config.train.keep_best;
+        0: none).
+      async_save: save in a background thread (the training loop blocks only for the copy to
+        host memory).
+      read_only: only read (the commands that read another run: nothing is created, cleaned
+        up or deleted there).
+      checksums: record the state's checksums at save and verify them at restore (False only
+        for benchmarks/checkpoint_integrity.py's baseline).
+
+    Attributes:
+      restored_step: the step `restore_newest` resumed from (None: none yet).
   """
 
   def __init__(
@@ -374,6 +387,8 @@ class Checkpointer:
     async_save: bool = True,
     read_only: bool = False,
     checksums: bool = True,
+    keep_every_steps: int = 0,
+    keep_best: int = 0,
   ):
     self.directory = checkpoint_directory(workdir)
     self.checksums = checksums
@@ -385,10 +400,70 @@ class Checkpointer:
         max_to_keep=None, create=False, enable_async_checkpointing=False
       )
     else:
+      policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+      if keep_every_steps:
+        policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=keep_every_steps))
+      if keep_best:
+        policies.append(
+          ocp.checkpoint_managers.BestN(
+            get_metric_fn=self._eval_loss,
+            reverse=True,  # BestN keeps the last n in sorted order: descending keeps the lowest
+            n=keep_best,
+            keep_checkpoints_without_metrics=False,
+          )
+        )
+      # best_fn makes orbax write the metrics a save is given (it ranks nothing here: the
+      # preservation policy decides what stays).
       options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        create=True,
+        enable_async_checkpointing=async_save,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        best_fn=self._eval_loss,
+        best_mode='min',
       )
+      absl_logger = logging.get_absl_logger()
+      if self._no_metrics_warning not in absl_logger.filters:
+        absl_logger.addFilter(self._no_metrics_warning)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  # The key of the eval loss in a checkpoint's orbax metrics item.
+  EVAL_METRIC = 'eval_loss'
+
+  @classmethod
+  def for_run(cls, workdir: str, train_config, **kwargs) -> Checkpointer:
+    """The Checkpointer of a run that writes checkpoints: retention from `train_config`
+    (config.train: keep_checkpoints, keep_every_steps, keep_best)."""
+    return cls(
+      workdir,
+      keep=train_config.keep_checkpoints,
+      keep_every_steps=train_config.get('keep_every_steps', 0),
+      keep_best=train_config.get('keep_best', 0),
+      **kwargs,
+    )
+
+  @staticmethod
+  def _eval_loss(metrics) -> float:
+    return float(metrics[Checkpointer.EVAL_METRIC])
+
+  @staticmethod
+  def _no_metrics_warning(record: std_logging.LogRecord) -> bool:
+    """A logging filter that drops orbax's warning on every save without metrics (a step
+    that was not evaluated: expected, not a problem)."""
+    return 'did not provide metrics' not in str(record.msg)
+
+  def eval_losses(self) -> dict[int, float]:
+    """{step: the eval loss recorded with it} of the checkpoints that recorded one (saved at
+    a step where the evaluation ran); a metrics item that does not read counts as none."""
+    losses = {}
+    for step in self.all_steps():
+      try:
+        metrics = self._manager.metrics(step)
+        loss = self._eval_loss(metrics) if isinstance(metrics, dict) else None
+      except Exception:  # pylint: disable=broad-except
+        loss = None
+      if loss is not None and np.isfinite(loss):
+        losses[step] = loss
+    return losses
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -400,10 +475,20 @@ class Checkpointer:
     """`<workdir>/checkpoints/<step>`, as messages name a checkpoint."""
     return f'{self.directory}/{step}'
 
-  def save(self, step: int, state, data_iterator, meta: dict[str, Any], force: bool = True):
+  def save(
+    self,
+    step: int,
+    state,
+    data_iterator,
+    meta: dict[str, Any],
+    force: bool = True,
+    eval_loss: float | None = None,
+  ):
     """Starts saving `state` (pytree of jax.Arrays), the iterator state and `meta` at `step`;
     `meta` gets the state's checksums (`checksum_record`, computed before this returns, so
-    the caller may donate `state` afterwards).
+    the caller may donate `state` afterwards). `eval_loss`: the loss of the evaluation at
+    `step`, recorded in orbax's metrics of the step (None, or not finite: the step has
+    none).
 
     Raises:
       SaveError: this save, or an earlier asynchronous one, failed.
@@ -413,8 +498,11 @@ class Checkpointer:
     items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    metrics = None
+    if eval_loss is not None and np.isfinite(eval_loss):
+      metrics = {self.EVAL_METRIC: float(eval_loss)}
     with self._save_errors(step):
-      self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+      self._manager.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
 
   @contextlib.contextmanager
   def _save_errors(self, step: int | None = None):

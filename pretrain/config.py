@@ -269,6 +269,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Checkpoint period (steps; the final step is always saved) and how many to keep.
   train.checkpoint_every_steps = 100
   train.keep_checkpoints = 2
+  # Retention besides the newest keep_checkpoints (orbax preservation policies; a checkpoint
+  # stays when any rule keeps it; docs/operations.md 1.1): every
+  # checkpoint whose step is a multiple of keep_every_steps is kept for good (0 = off), and the
+  # keep_best checkpoints with the lowest eval loss (0 = off). Only a checkpoint saved at a
+  # step where the evaluation ran has an eval loss (steps that are multiples of both
+  # checkpoint_every_steps and eval_every_steps, and num_train_steps); the others are kept by
+  # the first two rules only. `launch.export|finetune|upscale --step=best` read the
+  # lowest-loss checkpoint.
+  train.keep_every_steps = 0
+  train.keep_best = 0
   # Peak FLOP/s of one device for MFU; 0 = look up (CPU: measured, docs/design.md 10).
   train.peak_flops_per_device = 0.0
   # Stop after this many steps in this run (0 = run to num_train_steps); for tests and

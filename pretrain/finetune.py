@@ -206,7 +206,9 @@ def _check_same_encoder(meta: dict, config, from_workdir: str):
     )
 
 
-def resolve_start(from_workdir: str = '', config=None, tokenizer_path: str = '') -> Start:
+def resolve_start(
+  from_workdir: str = '', config=None, tokenizer_path: str = '', step: int | str | None = None
+) -> Start:
   """The config, tokenizer and checkpoint fine-tuning starts from.
 
   Args:
@@ -216,6 +218,8 @@ def resolve_start(from_workdir: str = '', config=None, tokenizer_path: str = '')
       the schema's fine-tuning defaults).
     tokenizer_path: the tokenizer file when the run's recorded one is elsewhere ('' = the
       recorded one, or the config's).
+    step: the checkpoint of --from_workdir (launch.finetune --step): a step, 'best' (the
+      lowest recorded eval loss) or None (the newest that restores); `rundir.read_checkpoint`.
 
   Order (the one place it is decided): --from_workdir's newest checkpoint that restores
   (`rundir.read_checkpoint`: read whole, it passes its checksums), whose model and
@@ -242,7 +246,7 @@ def resolve_start(from_workdir: str = '', config=None, tokenizer_path: str = '')
       # The newest checkpoint that restores and passes its checksums, picked as
       # launch.pretrain picks its own (a newer damaged one is named in a warning); the
       # encoder is read from it again onto the runs' shardings (`finetune`).
-      step, meta, _ = rundir.read_checkpoint(from_workdir, rundir.read_params)
+      step, meta, _ = rundir.read_checkpoint(from_workdir, rundir.read_params, step)
       run_config = rundir.config_from_meta(meta.get('config', {}))
       checkpointing.adopt_growth_values(run_config, meta)
       _check_same_encoder(meta, config, from_workdir)
@@ -453,7 +457,7 @@ def prepare_run(
   try:
     run_setup, train_step, eval_step, init = compiled_steps(config, task, steps_cache)
     mesh = run_setup.mesh
-    ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    ckpt = checkpointing.Checkpointer.for_run(workdir, config.train)
     _check_settings((ckpt.newest_meta() or {}).get('finetune'), settings, f'--workdir={workdir}')
     if jax.process_index() == 0:
       checkpointing.write_config(workdir, config)
@@ -583,6 +587,7 @@ def finetune(
   from_workdir: str = '',
   tokenizer_path: str = '',
   steps_cache: dict | None = None,
+  from_step: int | str | None = None,
 ) -> dict[str, Any] | None:
   """Fine-tunes for every learning rate and seed of `config.finetune`, then writes
   `<workdir>/results.json` and logs the best result (`task_metrics.results_table` formats
@@ -595,7 +600,8 @@ def finetune(
     workdir: the fine-tuning directory: one `lr<lr>_seed<s>/` per run (config.json,
       metrics.jsonl, tensorboard/, checkpoints/, result.json), and results.json,
       metrics.jsonl + config.json (copies of the best run's, for launch.report) at the top.
-    from_workdir, tokenizer_path: the starting point (`resolve_start`).
+    from_workdir, tokenizer_path, from_step: the starting point (`resolve_start`; from_step
+      is its `step`: a step of from_workdir, 'best' or None for the newest).
     steps_cache: compiled steps shared with other calls in this process (benchmarks, tests);
       None: a fresh cache.
 
@@ -615,7 +621,7 @@ def finetune(
       config = config_schema.get_finetune_config() if config is None else config
       validate(config)
       lock.acquire()
-      start = resolve_start(from_workdir, config, tokenizer_path)
+      start = resolve_start(from_workdir, config, tokenizer_path, from_step)
       ft = start.config.finetune
       task = tasks.load(tasks.TaskOptions.from_config(ft))
       data = (

@@ -245,7 +245,8 @@ def save(run: Run, step: int, health: guards.Health | None = None, force: bool =
   """Starts an asynchronous checkpoint of run.state, the data iterator and the metadata,
   unless the last step was non-finite (a run that is going wrong must not rotate out good
   checkpoints) and `force` is off (a stop on a signal saves anyway: skipped updates left the
-  state as it was).
+  state as it was). The eval loss of `step`, when it was evaluated, goes with it
+  (`Checkpointer.save`).
 
   Returns:
     Whether a save was started.
@@ -262,8 +263,16 @@ def save(run: Run, step: int, health: guards.Health | None = None, force: bool =
     )
     return False
   with stop_on_failed_save():
-    run.ckpt.save(step, run.state, run.train_iter, run.meta)
+    run.ckpt.save(step, run.state, run.train_iter, run.meta, eval_loss=_eval_loss(run, step))
   return True
+
+
+def _eval_loss(run: Run, step: int) -> float | None:
+  """The loss of the evaluation that ran at `step` (before its save: the eval hook runs
+  first), recorded with the checkpoint for train.keep_best and --step=best; None when no
+  evaluation ran at `step`."""
+  last = run.evals[-1] if run.evals else {}
+  return last.get('loss') if last.get('step') == step else None
 
 
 def _check_saves(run: Run):
@@ -351,8 +360,20 @@ def train_loop(
     logging.warning('stopped before step %d after %s during set-up', step, signals.reason)
     stop_at = step
   try:
+    batch = None
     while step < stop_at:
-      batch = next_batch(step)
+      fresh, failed = _failure(functools.partial(next_batch, step))
+      if step == run.start_step:
+        # Agreed before the first step: a process without a batch has none to reuse.
+        agree_on_failure('first_batch', failed)
+      elif failed is not None and jax.process_count() > 1:
+        # This process's data failed: it reuses its last batch (the step must run on every
+        # process) until the next agreement point, where all stop before any save.
+        failure = failure or failed
+        fresh = batch
+      elif failed is not None:
+        raise failed
+      batch = fresh
       profiler.before_step(step)
       run.state, step_metrics = run.train_step(run.state, batch, base_key)
       log.add(step_metrics, first=step == run.start_step, state=run.state)

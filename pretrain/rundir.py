@@ -4,9 +4,10 @@ A run directory (`--workdir`) holds `config.json`, `metrics.jsonl`, `tensorboard
 `checkpoints/<step>/{state,data,meta}`. The commands that read another run (`launch.upscale`,
 `launch.export`, `launch.finetune`, benchmarks) or write a new run from one
 (`launch.upscale`, `launch.convert`) share these helpers: which checkpoint to read and
-reading it (`read_checkpoint`: the newest that restores, as `launch.pretrain` picks; the run
-is never modified), the run's config rebuilt from a checkpoint's metadata, writing a first
-checkpoint, and the `launch.pretrain` flags that continue a written run.
+reading it (`read_checkpoint`: the newest that restores, as `launch.pretrain` picks, or
+--step: a step or 'best'; the run is never modified), the run's config rebuilt from a
+checkpoint's metadata, writing a first checkpoint, and the `launch.pretrain` flags that
+continue a written run.
 """
 
 from __future__ import annotations
@@ -28,19 +29,68 @@ from pretrain import mesh as mesh_lib
 from pretrain import train
 
 
+# --step's value that picks the checkpoint with the lowest recorded eval loss.
+BEST = 'best'
+
+
+def parse_step(value: str | None) -> int | str | None:
+  """The value of a launcher's --step flag: None (not given), BEST, or a step >= 0.
+
+  Raises:
+    train.InputError: anything else, naming --step.
+  """
+  if value is None or value == '':
+    return None
+  text = str(value).strip().lower()
+  if text == BEST:
+    return BEST
+  if text.isdigit():
+    return int(text)
+  raise train.InputError(
+    f"--step={value}: give a checkpoint step (an integer >= 0) or 'best' (the checkpoint "
+    f'with the lowest recorded eval loss).'
+  )
+
+
+def _best_candidates(ckpt: checkpointing.Checkpointer, workdir: str, available: str) -> list:
+  """The steps of `ckpt` that recorded an eval loss, lowest loss first (the newer of equal
+  ones first).
+
+  Raises:
+    train.InputError: none recorded one.
+  """
+  losses = ckpt.eval_losses()
+  if not losses:
+    raise train.InputError(
+      f'--step=best: no checkpoint of {workdir} records an eval loss (steps {available}). A '
+      f'checkpoint records the loss of the evaluation run at the step it was saved (steps '
+      f'that are multiples of both train.checkpoint_every_steps and train.eval_every_steps, '
+      f'and the last step; runs written before this was recorded have none). Pass '
+      f'--step=N with one of these steps, or leave --step out to read the newest.'
+    )
+  best = sorted(losses, key=lambda s: (losses[s], -s))
+  logging.info(
+    '--step=best: eval losses of %s: %s', workdir, {s: losses[s] for s in sorted(losses)}
+  )
+  return best
+
+
 def read_checkpoint(
   workdir: str,
   read: Callable[[checkpointing.Checkpointer, int, dict], Any],
-  step: int | None = None,
+  step: int | str | None = None,
 ) -> tuple[int, dict, Any]:
   """Picks and reads the checkpoint of another run as `launch.pretrain` picks its own.
 
   The one way every command that reads a run (`launch.upscale`, `launch.export`,
   `launch.finetune`) chooses its checkpoint: `step` (--step) when given, else the newest whose
   metadata and arrays read and pass their checksums, each newer one that does not named in a
-  one-line warning. Each is tried twice (a transient storage error is not damage). The run is
-  only read: nothing there is moved, created or deleted (moving a damaged checkpoint aside is
-  the job of `launch.pretrain` on its own workdir, docs/design.md 9).
+  one-line warning. With `step='best'` (--step=best): the checkpoint with the lowest eval loss
+  recorded in orbax's metrics of its step (`Checkpointer.eval_losses`; only checkpoints saved
+  where an evaluation ran have one), and when it does not restore the next best, each one
+  that does not named in a warning. Each is tried twice (a transient storage error is not
+  damage). The run is only read: nothing there is moved, created or deleted (moving a damaged
+  checkpoint aside is the job of `launch.pretrain` on its own workdir, docs/design.md 9).
 
   Args:
     workdir: the run directory (--from_workdir), local or gs://.
@@ -48,14 +98,16 @@ def read_checkpoint(
       its metadata given; e.g. `ckpt.restore(step, abstract_state)` (verified against the
       checksums). `train.InputError` from it (the run does not fit the command) is raised
       as it is; any other exception means that this checkpoint does not restore.
-    step: the checkpoint to read (--step); None: the newest that restores.
+    step: the checkpoint to read (--step); 'best' (`BEST`): the lowest recorded eval loss;
+      None: the newest that restores.
 
   Returns:
     (step, meta, value): the step read, its metadata (a dict) and what `read` returned.
 
   Raises:
     train.InputError: no complete checkpoint; `step` is not one of them, or it does not
-      restore (naming it and why); no checkpoint restores (naming the newest and why).
+      restore (naming it and why); no checkpoint restores (naming the newest and why);
+      'best' and no checkpoint recorded an eval loss, or none of those restores.
   """
   ckpt = checkpointing.Checkpointer(workdir, read_only=True)
   try:
@@ -63,12 +115,16 @@ def read_checkpoint(
     if not steps:
       raise train.InputError(f'--from_workdir={workdir} has no complete checkpoint.')
     available = ', '.join(map(str, sorted(steps)))
-    if step is not None and step not in steps:
+    if step == BEST:
+      candidates = _best_candidates(ckpt, workdir, available)
+    elif step is not None and step not in steps:
       raise train.InputError(
         f'--step={step} is not a checkpoint of {workdir}; available: {available}.'
       )
+    else:
+      candidates = steps if step is None else [step]
     failures = []
-    for candidate in steps if step is None else [step]:
+    for candidate in candidates:
       cause = None
       for _ in range(2):
         try:
@@ -92,6 +148,14 @@ def read_checkpoint(
           )
         return candidate, meta, value
       failures.append((candidate, cause))
+    if step == BEST:
+      best, cause = failures[0]
+      raise train.InputError(
+        f'--step=best: none of the checkpoints of {workdir} that recorded an eval loss '
+        f'(steps {[s for s, _ in failures]}, best first) can be restored; the best, '
+        f'{ckpt.path(best)}, fails with: {cause}. Choose another --step ({available}), or '
+        f'leave --step out to read the newest checkpoint that restores.'
+      )
     if step is not None:
       raise train.InputError(
         f'--step={step}: checkpoint {ckpt.path(step)} cannot be restored ({cause}). Choose '
@@ -190,7 +254,7 @@ def write_run(workdir: str, config, state, train_iter, meta) -> str:
     The written step directory, `<workdir>/checkpoints/0`.
   """
   checkpointing.write_config(workdir, config)
-  out = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)
+  out = checkpointing.Checkpointer.for_run(workdir, config.train, async_save=False)
   try:
     out.save(0, state, train_iter, meta)
   finally:

@@ -339,7 +339,7 @@ def validate_train(t):
   ):
     if t[field] < 1:
       raise ValueError(f'--config.train.{field}={t[field]} must be >= 1.')
-  for field in ('eval_every_steps', 'stop_after_steps'):
+  for field in ('eval_every_steps', 'stop_after_steps', 'keep_every_steps', 'keep_best'):
     if t[field] < 0:
       raise ValueError(f'--config.train.{field}={t[field]} must be >= 0 (0: off).')
   metrics_lib.validate_loggers(t)
@@ -444,7 +444,7 @@ def prepare(config, workdir: str) -> Run:
       config.optim.weight_decay = optim.weight_decay(config)
     logging.info('resolved config:\n%s', config)
     lock.acquire()  # also checks that the workdir is a writable directory
-    ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    ckpt = checkpointing.Checkpointer.for_run(workdir, config.train)
     meta = ckpt.newest_meta()
     checkpointing.adopt_growth_values(config, meta)
     checkpointing.check_compatible(meta, config, workdir)

@@ -215,6 +215,25 @@ def run_pretrain(workdir, flags, devices=1, timeout=300):
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def two_process_pretrain(workdir, flags, launcher=('-m', 'launch.pretrain')) -> list[list[str]]:
+  """The command lines of the two processes of a launch.pretrain pair (tiny preset, a fresh
+  coordinator port) on `workdir`; `launcher` replaces `-m launch.pretrain` (e.g. `-c CODE`)."""
+  port = free_port()
+  return [
+    [
+      sys.executable,
+      *launcher,
+      '--config=launch/configs/roformer.py:tiny',
+      f'--workdir={workdir}',
+      f'--coordinator_address=localhost:{port}',
+      '--num_processes=2',
+      f'--process_id={i}',
+      *flags,
+    ]
+    for i in range(2)
+  ]
+
+
 class ProcessPairStuck(AssertionError):
   """A process of a pair (run_process_pair) was still running at the deadline."""
 

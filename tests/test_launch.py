@@ -13,6 +13,7 @@ from helpers import ROOT
 from helpers import run_pretrain
 from helpers import run_process_pair
 from helpers import tiny_flags
+from helpers import two_process_pretrain
 from helpers import two_process_env
 
 
@@ -119,24 +120,10 @@ def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir):
   workdir = tmp_path / 'run'
 
   def launch(steps):
-    port = free_port()
     flags = tiny_flags(
       text_corpus, cache_dir, **{'train.num_train_steps': steps, 'data.text_unit': 'line'}
     )
-    cmds = [
-      [
-        sys.executable,
-        '-m',
-        'launch.pretrain',
-        '--config=launch/configs/roformer.py:tiny',
-        f'--workdir={workdir}',
-        f'--coordinator_address=localhost:{port}',
-        '--num_processes=2',
-        f'--process_id={i}',
-        *flags,
-      ]
-      for i in range(2)
-    ]
+    cmds = two_process_pretrain(workdir, flags)
     logs = [tmp_path / f'launch{steps}_process{i}.log' for i in range(2)]
     return run_process_pair(cmds, logs, env, timeout=240)
 

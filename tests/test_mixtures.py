@@ -12,6 +12,7 @@ import pytest
 
 from helpers import make_tiny_config
 from data_pipelines import pipeline
+from data_pipelines import mixtures
 from data_pipelines import text_datasets
 from data_pipelines import tokenizer as tokenizer_lib
 from pretrain import checkpointing
@@ -280,11 +281,11 @@ def test_mixture_with_the_runs_own_source_or_a_missing_source_is_refused(sources
 def test_one_source_without_trailing_comma_is_taken():
   config = make_tiny_config(pathlib.Path('.'), pathlib.Path('.'))
   config.data.mixture = ('wiki', 1.0, 'text_files=a/*.txt', 'text_unit=line')
-  (entry,) = text_datasets.parse_mixture(config.data)
+  (entry,) = mixtures.parse_mixture(config.data)
   assert (entry.name, entry.weight) == ('wiki', 1.0)
   assert entry.settings == (('text_files', 'a/*.txt'), ('text_unit', 'line'))
   config.data.mixture = (('wiki', 2, 'hf_streaming=true', 'validation_fraction=0.5'),)
-  (entry,) = text_datasets.parse_mixture(config.data)
+  (entry,) = mixtures.parse_mixture(config.data)
   assert entry.settings == (('hf_streaming', True), ('validation_fraction', 0.5))
 
 

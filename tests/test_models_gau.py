@@ -248,6 +248,62 @@ def test_gau6_flash_equals_naive_loop(causal):
   np.testing.assert_allclose(np.asarray(out)[valid], ref[valid], atol=1e-4, rtol=1e-5)
 
 
+ONE_DOCUMENT_ROWS = [
+  [1] * 10,
+  [3] * 7 + [0] * 3,  # padding
+  [0] + [2] * 9,  # a leading pad
+  [5] * 9 + [0],
+]
+
+
+def _global_parts(causal):
+  """(mixed_chunk_attention's global part, the general per-document path) as functions of
+  (q_lin, k_lin, v), with the local part switched off."""
+  c = 4
+
+  def chunked(x):
+    return gau._pad_to(x, 12).reshape((x.shape[0], 3, c) + x.shape[2:])
+
+  def general(ql, kl, v, seg):
+    seg = gau._pad_to(seg, 12)
+    out = gau._global_per_document(*map(chunked, (ql, kl, v)), seg, seg != 0, c, causal)
+    return out.reshape(v.shape[0], 12, -1)[:, :10]
+
+  def mixed(ql, kl, v, seg):
+    zero = jnp.zeros_like(ql)
+    return gau.mixed_chunk_attention(
+      zero, zero, ql, kl, v, seg, chunk_size=c, causal=causal, norm='relu2'
+    )
+
+  return mixed, general
+
+
+@pytest.mark.parametrize('causal', [True, False])
+@pytest.mark.parametrize('one_document', [True, False])
+def test_flash_one_document_fast_path_equals_general_path(causal, one_document):
+  """With at most one document per row FLASH's global part skips the per-document boundary
+  corrections (decided on device by `one_document_per_row`); its output and gradients equal
+  the general path's to float32 rounding, and a batch whose rows hold several documents takes
+  the general path."""
+  seg = jnp.array(ONE_DOCUMENT_ROWS if one_document else PACKINGS)
+  assert bool(gau.one_document_per_row(seg)) == one_document
+  b, n = seg.shape
+  ql, kl, v = rand((b, n, S), 1), rand((b, n, S), 2), rand((b, n, 6), 3)
+  mixed, general = _global_parts(causal)
+  valid = np.asarray(seg != 0)[..., None]
+  w = rand((b, n, 6), 4) * valid  # a loss on the document tokens
+  loss = lambda f: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a, seg) * w), (0, 1, 2)))
+  (l_fast, g_fast), (l_gen, g_gen) = loss(mixed)(ql, kl, v), loss(general)(ql, kl, v)
+  np.testing.assert_allclose(l_fast, l_gen, rtol=1e-5)
+  for a, r in zip(g_fast, g_gen):
+    np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-5)
+  out = jax.jit(mixed)(ql, kl, v, seg)
+  np.testing.assert_allclose(out * valid, jax.jit(general)(ql, kl, v, seg) * valid, atol=1e-5)
+  zero = jnp.zeros_like(ql)
+  ref = naive_flash(zero, zero, ql, kl, v, seg, 4, causal)
+  np.testing.assert_allclose(np.asarray(out * valid), ref * valid, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize('chunk', [0, 4])
 def test_causal_normalizer_n_divides_by_all_keys_of_the_document(chunk):
   """'visible' (default) divides relu2 weights by the keys j <= i; 'n' by all keys of the

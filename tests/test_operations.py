@@ -11,6 +11,7 @@ from absl import logging as absl_logging
 import numpy as np
 import pytest
 
+from helpers import cpu_env
 from helpers import make_tiny_config
 from helpers import ROOT
 from launch import cli
@@ -427,3 +428,24 @@ def test_report_plots_the_probe_and_the_mixture_only_for_runs_that_have_them(tmp
   written = report.write_report([str(a), str(b)], str(tmp_path / 'both'))
   assert any(p.endswith('probe_accuracy.png') for p in written)
   assert any(p.endswith('data_mixture.png') for p in written)
+
+
+@pytest.mark.parametrize(
+  'flags, message',
+  [
+    (['--config=launch/configs/roformer.py:tiny', '--config.model.bogus=1'], 'bad flag: bogus'),
+    (['--topology=0xv5e-8'], 'the number of slices must be >= 1'),
+    (['--topology=v9-8'], "--topology='v9-8' is not known"),
+  ],
+)
+def test_aot_bad_flags_exit_2_without_a_traceback(flags, message):
+  out = subprocess.run(
+    [sys.executable, '-m', 'launch.aot', *flags],
+    cwd=ROOT,
+    env=cpu_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+  assert 'Traceback' not in out.stderr

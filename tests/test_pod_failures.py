@@ -7,20 +7,20 @@ launcher runs under a wrapper (`_INJECT`) that patches one function on that proc
 """
 
 import json
-import sys
 import time
 
 import pytest
 
-from helpers import free_port
+from helpers import ROOT
 from helpers import run_pretrain
 from helpers import run_process_pair
 from helpers import tiny_flags
 from helpers import two_process_env
+from helpers import two_process_pretrain
 
 # Runs launch.pretrain with a failure on process $FAIL_PROCESS from step $FAIL_AT_STEP on:
-# 'async_save' (its background save reports an error), 'metrics' (process 0's metrics.jsonl
-# write fails, as on a full disk).
+# 'async_save' (its background save reports an error), 'data' (its batch cannot be read),
+# 'metrics' (process 0's metrics.jsonl write fails, as on a full disk).
 _INJECT = """
 import os, runpy, sys
 import jax
@@ -34,6 +34,30 @@ if where == 'async_save':
       raise checkpointing.SaveError(f'saving checkpoint {at} failed: injected on process {who}')
     return check(self)
   checkpointing.Checkpointer.check_for_errors = failing_check
+elif where == 'data':
+  import json
+  from pretrain import train
+  class FailingBatches:  # the training iterator, failing on process `who` from batch `at` on
+    def __init__(self, it):
+      self.it, self.taken = it, 0
+    def __iter__(self):
+      return self
+    def __next__(self):
+      self.taken += 1
+      if jax.process_index() == who and self.taken >= at:
+        raise OSError(5, f'Input/output error reading the corpus (injected at batch {self.taken})')
+      return next(self.it)
+    def get_state(self):
+      return json.dumps(self.it.get_state()).encode()
+    def set_state(self, state):
+      self.it.set_state(json.loads(state))
+    def start_prefetch(self):
+      pass
+  load_data = train._load_data
+  def failing_load_data(*args, **kwargs):
+    source, tokenizer, train_iter, eval_set = load_data(*args, **kwargs)
+    return source, tokenizer, FailingBatches(train_iter), eval_set
+  train._load_data = failing_load_data
 elif where == 'metrics':
   write = metrics.JsonlSink.write
   def failing_write(self, step, split, scalars):
@@ -49,22 +73,9 @@ runpy.run_module('launch.pretrain', run_name='__main__', alter_sys=True)
 def _launch(workdir, corpus, cache_dir, logs, inject=None, expect_ok=True, **overrides):
   """Both processes of a two-process launch.pretrain to their end: (exit codes, outputs,
   seconds)."""
-  port = free_port()
   flags = tiny_flags(corpus, cache_dir, **{'data.text_unit': 'line', **overrides})
   launcher = ['-c', _INJECT] if inject else ['-m', 'launch.pretrain']
-  cmds = [
-    [
-      sys.executable,
-      *launcher,
-      '--config=launch/configs/roformer.py:tiny',
-      f'--workdir={workdir}',
-      f'--coordinator_address=localhost:{port}',
-      '--num_processes=2',
-      f'--process_id={i}',
-      *flags,
-    ]
-    for i in range(2)
-  ]
+  cmds = two_process_pretrain(workdir, flags, launcher)
   env = two_process_env()
   env.update(inject or {})
   start = time.time()
@@ -157,3 +168,79 @@ def test_resume_on_another_number_of_processes(tmp_path, text_corpus, cache_dir)
   assert f'resuming from {workdir}/checkpoints/6' in one.stderr
   assert 'written by 2 processes and this run has 1' in one.stderr
   assert _steps(workdir)[-1] == 8
+
+
+@pytest.mark.slow
+def test_a_failed_data_read_on_one_process_stops_both(tmp_path, text_corpus, cache_dir):
+  """Process 1 cannot read its 3rd batch: it reuses its last one until the next agreement
+  point (step 4, a log and save step), where both stop with exit code 1 before saving; the
+  checkpoint of step 2 is the newest."""
+  workdir = tmp_path / 'run'
+  logs = [tmp_path / f'process{i}.log' for i in range(2)]
+  inject = {'FAIL_WHERE': 'data', 'FAIL_AT_STEP': '3', 'FAIL_PROCESS': '1'}
+  codes, outs, _ = _launch(
+    workdir, text_corpus, cache_dir, logs, inject, expect_ok=False, **{'train.num_train_steps': 8}
+  )
+  assert codes == [1, 1], (codes, outs[0][-3000:], outs[1][-3000:])
+  assert 'Input/output error reading the corpus' in outs[1]
+  assert 'process 1 stopped the run' in outs[0] and 'Input/output error' in outs[0]
+  assert _steps(workdir) == [2]
+
+
+@pytest.mark.slow
+def test_sigterm_during_compile_of_a_resumed_run_stops_both_before_a_step(
+  tmp_path, text_corpus, cache_dir
+):
+  """A resumed two-process run gets SIGTERM on process 1 during set-up (just after its
+  restore, before the loop has reported any step to JAX's preemption sync manager): both
+  serve it before the first step or at the first step boundary, the same on both, and save
+  there. (With sync-point ids counted from 0, the point the notice sets, 1, lies behind the
+  resumed steps and was never reached: the run went on.)"""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  workdir = tmp_path / 'run'
+  logs = [tmp_path / f'first{i}.log' for i in range(2)]
+  _launch(workdir, text_corpus, cache_dir, logs, **{'train.num_train_steps': 2})
+  assert _steps(workdir) == [2]
+  flags = tiny_flags(
+    text_corpus,
+    cache_dir,
+    **{
+      'data.text_unit': 'line',
+      'train.num_train_steps': 100000,
+      'train.log_every_steps': 100000,
+      'train.eval_every_steps': 100000,
+      'train.checkpoint_every_steps': 100000,
+    },
+  )
+  logs = [tmp_path / f'resumed{i}.log' for i in range(2)]
+  procs = []
+  for cmd, log in zip(two_process_pretrain(workdir, flags), logs):
+    with open(log, 'w') as f:
+      procs.append(
+        subprocess.Popen(cmd, cwd=ROOT, env=two_process_env(), stdout=f, stderr=subprocess.STDOUT)
+      )
+  try:
+    deadline = time.time() + 180
+    while 'resuming from' not in logs[1].read_text():
+      assert time.time() < deadline and procs[1].poll() is None, logs[1].read_text()[-3000:]
+      time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)  # restored, not yet training: nothing reported yet
+    codes = [p.wait(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outs = [log.read_text() for log in logs]
+  assert codes == [0, 0], (codes, outs[0][-3000:], outs[1][-3000:])
+  # Served at the first step boundary (step 3), or before step 2 when the notice was agreed
+  # before the first step: the same on both processes, with its checkpoint.
+  stopped = []
+  for out in outs:
+    if 'stopped before step 2 after SIGTERM during set-up' in out:
+      stopped.append(2)
+    else:
+      stopped.append(int(out.split('stopped at step ')[1].split()[0]))
+  assert stopped[0] == stopped[1] <= 3, (stopped, outs[1][-3000:])
+  assert _steps(workdir)[-1] == stopped[0]
