@@ -424,7 +424,8 @@ def train_loop(
       health.observe(step, previous)
     if eval_result is None and evaluate_at_stop and not run.stopped_by:
       # Not after a stop signal: a preemption's grace period is for the save, not for an eval.
-      eval_result = evaluate(step)
+      eval_result, failed = _failure(functools.partial(evaluate, step))
+      agree_on_failure('final_evaluation', failed)
   finally:
     profiler.stop()
   if health.skipped_total:
