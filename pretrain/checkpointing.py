@@ -259,20 +259,39 @@ def quiet_failed_reads():
     if not any(isinstance(f, _AbandonedReads) for f in asyncio_log.filters):
       asyncio_log.addFilter(_AbandonedReads())
     hook = _without_coroutines(hook)
+    if not getattr(sys.excepthook, 'drops_closed_loops', False):
+      sys.excepthook = _without_closed_loops(sys.excepthook)
     raise
   finally:
     sys.unraisablehook = hook
     asyncio_log.setLevel(level)
 
 
+def _is_closed_loop(exc) -> bool:
+  return isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc)
+
+
+def _without_closed_loops(hook):
+  """`hook` (sys.excepthook) minus 'Event loop is closed': TensorStore's callbacks of a failed
+  read's other reads, arriving after orbax closed its event loop, print it through it."""
+
+  def quiet(exc_type, exc, tb):
+    if not _is_closed_loop(exc):
+      hook(exc_type, exc, tb)
+
+  quiet.drops_closed_loops = True
+  return quiet
+
+
 def _without_coroutines(hook):
   """`hook` (a sys.unraisablehook) minus the reports of abandoned coroutines (a failed read's
-  other reads, collected after `quiet_failed_reads` returned)."""
+  other reads, collected after `quiet_failed_reads` returned) and of their callbacks that find
+  orbax's event loop closed."""
   if getattr(hook, 'drops_coroutines', False):
     return hook
 
   def quiet(unraisable):
-    if not asyncio.iscoroutine(unraisable.object):
+    if not (asyncio.iscoroutine(unraisable.object) or _is_closed_loop(unraisable.exc_value)):
       hook(unraisable)
 
   quiet.drops_coroutines = True
