@@ -289,3 +289,41 @@ def run_process_pair(cmds, logs, env, timeout: float, expect_ok: bool = True):
     return codes, outs
   assert codes == [0, 0], message
   return outs
+
+
+def orbax_state(workdir, step):
+  """The state of checkpoint `step` of `workdir` as orbax alone restores it (no checksums)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  from pretrain import checkpointing  # pylint: disable=g-import-not-at-top
+
+  manager = ocp.CheckpointManager(str(pathlib.Path(workdir) / 'checkpoints'))
+  try:
+    args = ocp.args.Composite(state=ocp.args.StandardRestore())
+    with checkpointing.quiet_failed_reads():
+      return jax.device_get(manager.restore(step, args=args)['state'])
+  finally:
+    manager.close()
+
+
+def state_files(step_dir):
+  """The data files of a checkpoint's state, largest first. With 8 devices orbax writes
+  replicas in parallel and some files end up holding values the checkpoint no longer
+  references, so damage meant to be read goes to the largest file that is read."""
+  step_dir = pathlib.Path(step_dir)
+  files = [p for p in (step_dir / 'state').rglob('*') if p.is_file() and p.parent.name == 'd']
+  return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+
+
+def truncate_a_read_state_file(workdir, step) -> pathlib.Path:
+  """Cuts in half the largest state file of checkpoint `step` whose loss makes orbax's restore
+  fail (files the checkpoint no longer references are put back); returns it."""
+  for blob in state_files(pathlib.Path(workdir) / 'checkpoints' / str(step)):
+    original = blob.read_bytes()
+    blob.write_bytes(original[: len(original) // 2])
+    try:
+      orbax_state(workdir, step)
+    except Exception:  # pylint: disable=broad-except
+      return blob
+    blob.write_bytes(original)
+  raise AssertionError(f'no truncated file makes checkpoint {step} fail to restore')

@@ -21,12 +21,13 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 
 from helpers import cpu_env
 from helpers import make_tiny_config
+from helpers import orbax_state as _orbax_state
+from helpers import state_files as _state_files
 from helpers import ROOT
 from pretrain import checkpointing
 from pretrain import finetune
@@ -64,27 +65,8 @@ def _steps(workdir):
   return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
 
 
-def _orbax_state(workdir, step):
-  """The state of `step` as orbax alone restores it (what the old code resumed from)."""
-  manager = ocp.CheckpointManager(str(workdir / 'checkpoints'))
-  try:
-    args = ocp.args.Composite(state=ocp.args.StandardRestore())
-    with checkpointing.quiet_failed_reads():
-      return jax.device_get(manager.restore(step, args=args)['state'])
-  finally:
-    manager.close()
-
-
 def _differs(a, b):
   return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def _state_files(step_dir):
-  """The data files of a checkpoint's state, largest first. With 8 devices orbax writes
-  replicas in parallel and some files end up holding values the checkpoint no longer
-  references, so the damage below goes to the largest file that is read."""
-  files = [p for p in (step_dir / 'state').rglob('*') if p.is_file() and p.parent.name == 'd']
-  return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
 
 
 def _garbage_in_place(workdir):

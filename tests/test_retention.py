@@ -13,6 +13,7 @@ import pytest
 
 from helpers import cpu_env
 from helpers import make_tiny_config
+from helpers import truncate_a_read_state_file
 from helpers import ROOT
 from pretrain import checkpointing
 from pretrain import finetune
@@ -71,14 +72,8 @@ def _copy(run, tmp_path):
 
 
 def _truncate(workdir, step):
-  """Cuts the largest state file of checkpoint `step` in half (it no longer restores)."""
-  blobs = [
-    p
-    for p in (workdir / 'checkpoints' / str(step) / 'state').rglob('*')
-    if p.is_file() and p.parent.name == 'd'
-  ]
-  blob = max(blobs, key=lambda p: p.stat().st_size)
-  blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+  """Cuts a state file of checkpoint `step` that is read in half (it no longer restores)."""
+  truncate_a_read_state_file(workdir, step)
 
 
 def test_keep_every_steps_keeps_multiples_besides_the_newest(text_corpus, cache_dir, tmp_path):
