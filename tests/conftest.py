@@ -85,3 +85,13 @@ def tiny_data(text_corpus, cache_dir):
     config.data, config.model, source.train, source.text_key, source.fingerprint
   )
   return config, source, tok
+
+
+@pytest.fixture
+def warnings(monkeypatch):
+  """The absl warnings logged during the test, formatted, as a list."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  logged = []
+  monkeypatch.setattr(absl_logging, 'warning', lambda msg, *a: logged.append(msg % a))
+  return logged

@@ -11,11 +11,9 @@ and never modify the run.
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 
-from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -24,6 +22,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
+from helpers import copy_run
 from helpers import cpu_env
 from helpers import make_tiny_config
 from helpers import orbax_state as _orbax_state
@@ -45,20 +44,6 @@ def run(text_corpus, cache_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('run')
   train.train_and_evaluate(config, str(workdir))
   return config, workdir
-
-
-@pytest.fixture
-def warnings(monkeypatch):
-  """The absl warnings logged during the test, formatted."""
-  logged = []
-  monkeypatch.setattr(absl_logging, 'warning', lambda msg, *a: logged.append(msg % a))
-  return logged
-
-
-def _copy(run, tmp_path):
-  config, workdir = run
-  shutil.copytree(workdir, tmp_path / 'run')
-  return config.copy_and_resolve_references(), tmp_path / 'run'
 
 
 def _steps(workdir):
@@ -150,7 +135,7 @@ def test_checksums_do_not_depend_on_the_sharding_and_see_one_bit():
 
 @pytest.mark.parametrize('damage', list(DAMAGE))
 def test_silent_damage_fails_the_checksum_and_the_run_falls_back(damage, run, tmp_path, warnings):
-  config, workdir = _copy(run, tmp_path)
+  config, workdir = copy_run(run, tmp_path)
   good = _orbax_state(workdir, 4)
   DAMAGE[damage](workdir)
   # The damage decodes without an error: orbax alone (the old code) restores other numbers.
@@ -167,7 +152,7 @@ def test_silent_damage_fails_the_checksum_and_the_run_falls_back(damage, run, tm
 def test_first_steps_all_nonfinite_after_a_resume_name_the_checkpoint_as_suspect(run, tmp_path):
   # A checkpoint whose checksums match a state that is not finite (saved from a run that was
   # already going wrong, or damaged before the checksum): every step after the resume fails.
-  config, workdir = _copy(run, tmp_path)
+  config, workdir = copy_run(run, tmp_path)
   prepared = train.prepare(config, str(workdir))
   prepared.state['params']['layers']['mlp']['wi']['kernel'] *= np.float32('nan')
   prepared.ckpt.save(6, prepared.state, prepared.train_iter, prepared.meta)
@@ -215,7 +200,7 @@ def test_suspect_only_when_the_first_steps_after_a_resume_all_fail():
 def _truncated_newest(run, tmp_path):
   """A copy of the run whose newest checkpoint (4) has its largest state file that is read cut
   in half, and the listing of every path in it (size and modification time)."""
-  config, workdir = _copy(run, tmp_path)
+  config, workdir = copy_run(run, tmp_path)
   for blob in _state_files(workdir / 'checkpoints' / '4'):
     original = blob.read_bytes()
     blob.write_bytes(original[: len(original) // 2])

@@ -26,16 +26,6 @@ POEM = '床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。
 README_LINE = ' '.join((ROOT / 'README.md').read_text(encoding='utf-8').split()) * 6
 
 
-@pytest.fixture
-def warnings(monkeypatch):
-  """The absl warnings of the modules under test, formatted, as a list."""
-  seen = []
-  record = lambda msg, *args: seen.append(msg % args)
-  for module in (tokenizer_lib, text_datasets, metrics_lib):
-    monkeypatch.setattr(module.logging, 'warning', record)
-  return seen
-
-
 def _train(tmp_path, text: str, **overrides):
   """load_or_train on one record holding `text`, with a cache of its own under tmp_path."""
   config = make_tiny_config(tmp_path, tmp_path / 'cache', **overrides)

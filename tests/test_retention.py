@@ -8,9 +8,9 @@ import shutil
 import subprocess
 import sys
 
-from absl import logging as absl_logging
 import pytest
 
+from helpers import copy_run
 from helpers import cpu_env
 from helpers import make_tiny_config
 from helpers import truncate_a_read_state_file
@@ -56,24 +56,6 @@ def run(text_corpus, cache_dir, tmp_path_factory):
     patch.setattr(train, 'evaluate', scripted)
     train.train_and_evaluate(config, str(workdir))
   return config, workdir
-
-
-@pytest.fixture
-def warnings(monkeypatch):
-  logged = []
-  monkeypatch.setattr(absl_logging, 'warning', lambda msg, *a: logged.append(msg % a))
-  return logged
-
-
-def _copy(run, tmp_path):
-  config, workdir = run
-  shutil.copytree(workdir, tmp_path / 'run')
-  return config.copy_and_resolve_references(), tmp_path / 'run'
-
-
-def _truncate(workdir, step):
-  """Cuts a state file of checkpoint `step` that is read in half (it no longer restores)."""
-  truncate_a_read_state_file(workdir, step)
 
 
 def test_keep_every_steps_keeps_multiples_besides_the_newest(text_corpus, cache_dir, tmp_path):
@@ -151,8 +133,8 @@ def test_step_best_without_eval_losses_names_the_flag(text_corpus, cache_dir, tm
 
 
 def test_damaged_best_falls_back_to_the_next_best(run, tmp_path, warnings):
-  _, workdir = _copy(run, tmp_path)
-  _truncate(workdir, 2)
+  _, workdir = copy_run(run, tmp_path)
+  truncate_a_read_state_file(workdir, 2)
   step, _, _ = rundir.read_checkpoint(str(workdir), rundir.read_params, 'best')
   assert step == 4
   [warning] = [w for w in warnings if 'cannot be restored' in w]
@@ -162,8 +144,8 @@ def test_damaged_best_falls_back_to_the_next_best(run, tmp_path, warnings):
 
 
 def test_damaged_newest_falls_back_and_keeps_the_best(run, tmp_path, warnings):
-  config, workdir = _copy(run, tmp_path)
-  _truncate(workdir, 6)
+  config, workdir = copy_run(run, tmp_path)
+  truncate_a_read_state_file(workdir, 6)
   prepared = train.prepare(config, str(workdir))
   prepared.close()
   assert prepared.start_step == 4 and _steps(workdir) == [2, 4]
@@ -171,7 +153,7 @@ def test_damaged_newest_falls_back_and_keeps_the_best(run, tmp_path, warnings):
 
 
 def test_nonfinite_steps_save_nothing_and_rotate_nothing_out(run, tmp_path):
-  config, workdir = _copy(run, tmp_path)
+  config, workdir = copy_run(run, tmp_path)
   # Resumed with a learning rate that overflows float32: every update is non-finite; saves
   # and evaluations are due at every step, none may rotate out the kept checkpoints.
   config.optim.learning_rate, config.optim.warmup_steps = 1e38, 0
