@@ -36,7 +36,6 @@ from flax import traverse_util
 import grain
 import jax
 from jax import lax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
@@ -788,7 +787,9 @@ class Checkpointer:
           describe_error(e),
         )
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'checkpoint_move_aside_{step}')
+      # Over the coordination service, as every other agreement on restore: a timeout, not
+      # a device collective that waits forever for a lost peer.
+      multihost.barrier('checkpoint_move_aside')
     self._manager.reload()
 
   def wait(self):
