@@ -27,6 +27,7 @@ MIXTURE_FLAG = '--config.data.mixture'
 MIXTURE_SOURCE_FIELDS = (
   'text_files',
   'text_unit',
+  'text_column',
   'tfds_name',
   'tfds_data_dir',
   'tfds_text_key',

@@ -360,3 +360,45 @@ def load(options: tasks.TaskOptions) -> tasks.Task:
     dev=tasks.Split(dev[0], dev[1], labels[1]),
     fingerprint=fingerprint,
   )
+
+
+def column_texts(path: str, column: str, flag: str) -> list[tuple[int, str]]:
+  """(line number, text) of every row of a table file whose `column` holds non-blank text:
+  pretraining text from a fine-tuning file (docs/finetuning.md 9). The format follows the
+  extension (.csv CSV, .jsonl/.json/.ndjson JSONL, anything else TSV); for TSV/CSV an integer
+  `column` is a 0-based index into header-less rows, and a name reads the first line as the
+  header. Rows that lack the column are skipped, as blank texts are.
+
+  Raises:
+    tasks.TaskError: the file is missing or not UTF-8, a JSONL line is not an object, or
+      `column` names no column of the file (the message names `flag` and the fix).
+  """
+  ext = os.path.splitext(path)[1].lower()
+  fmt = 'csv' if ext == '.csv' else 'jsonl' if ext in ('.jsonl', '.json', '.ndjson') else 'tsv'
+  rows = _read_rows(path, fmt, flag)
+  column = str(column).strip()
+  if fmt == 'jsonl':
+    if rows and not any(column in record for _, record in rows):
+      raise tasks.TaskError(
+        f'{flag}={column} is not a field of {path}: its first record has '
+        f'{", ".join(map(str, rows[0][1]))}; pass the field that holds the text.'
+      )
+    values = [(number, record.get(column)) for number, record in rows]
+    return [(n, str(v)) for n, v in values if v is not None and str(v).strip()]
+  try:
+    index = int(column)
+  except ValueError:
+    header = [h.strip() for h in rows[0][1]] if rows else []
+    if column not in header:
+      raise tasks.TaskError(
+        f'{flag}={column} is not a column of {path}: read as a header, its first line has '
+        f'{", ".join(header) or "nothing"}; give a header name or a 0-based column index.'
+      ) from None
+    index, rows = header.index(column), rows[1:]
+  if index < 0 or (rows and all(len(row) <= index for _, row in rows)):
+    width = max((len(row) for _, row in rows), default=0)
+    raise tasks.TaskError(
+      f'{flag}={column} does not exist in {path}: its rows have at most {width} column(s), '
+      f'0-based indices 0-{width - 1} (TSV columns are separated by tabs).'
+    )
+  return [(n, row[index]) for n, row in rows if len(row) > index and row[index].strip()]

@@ -312,6 +312,40 @@ def _truncate(a: np.ndarray, b: np.ndarray | None, budget: int):
   return a[:la], b[:lb]
 
 
+def hold_out(split: Split, fraction: float) -> tuple[Split, Split]:
+  """(train, validation): `split` without and with a held-out `fraction` of its examples,
+  for choosing the step and learning rate on data the dev metric is not reported on
+  (docs/finetuning.md 5). The held-out examples are fixed by a permutation seeded with a
+  constant, so every run of a comparison (seeds, learning rates, inits) holds out the same.
+
+  Args:
+    split: the training examples (N of them); fraction: in (0, 1).
+
+  Returns:
+    (train, validation) splits in the original order, of N - k and k = round(N * fraction)
+    examples.
+
+  Raises:
+    TaskError: either part would be empty.
+  """
+  n = len(split)
+  k = int(round(n * fraction))
+  if not 0 < k < n:
+    raise TaskError(
+      f'--config.finetune.validation_fraction={fraction} holds out {k} of {n} training '
+      f'examples; choose a fraction that leaves examples on both sides (e.g. 0.1), or 0.'
+    )
+  held = np.zeros(n, bool)
+  held[np.random.default_rng(0).permutation(n)[:k]] = True
+
+  def take(mask):
+    idx = np.flatnonzero(mask)
+    pairs = None if split.pairs is None else [split.pairs[i] for i in idx]
+    return Split([split.texts[i] for i in idx], pairs, split.labels[idx])
+
+  return take(~held), take(held)
+
+
 def encode(split: Split, tokenizer, max_seq_len: int) -> Encoded:
   """Tokenizes a split into model inputs (see `Encoded`).
 

@@ -158,8 +158,44 @@ def _is_validation(doc_id: str, fraction: float) -> bool:
   return int.from_bytes(digest[:8], 'big') / 2.0**64 < fraction
 
 
+COLUMN_UNIT = 'column='
+
+
+def text_unit_of(data_config) -> str:
+  """The document unit of local text files: 'file', 'line', or 'column=<ref>' when
+  data.text_column is set (one document per table row).
+
+  Raises:
+    DataError: data.text_unit is neither 'file' nor 'line'.
+  """
+  column = str(_data_field(data_config, 'text_column', '')).strip()
+  if column:
+    return COLUMN_UNIT + column
+  if data_config.text_unit not in ('file', 'line'):
+    raise DataError(f"--config.data.text_unit={data_config.text_unit!r}; use 'file' or 'line'.")
+  return data_config.text_unit
+
+
 def _documents(files: Sequence[str], text_unit: str) -> Iterator[tuple[str, str]]:
-  """Yields (doc_id, text) for every non-blank document; warns about replaced bytes."""
+  """Yields (doc_id, text) for every non-blank document; warns about replaced bytes.
+
+  Raises:
+    DataError: text_unit 'column=<ref>' names no column of a file.
+  """
+  if text_unit.startswith(COLUMN_UNIT):
+    # Imported here: task_files imports tasks, which must not load with the text sources.
+    from data_pipelines import task_files  # pylint: disable=g-import-not-at-top
+    from data_pipelines import tasks  # pylint: disable=g-import-not-at-top
+
+    column = text_unit[len(COLUMN_UNIT) :]
+    for path in files:
+      try:
+        rows = task_files.column_texts(path, column, '--config.data.text_column')
+      except tasks.TaskError as e:
+        raise DataError(str(e)) from None
+      for number, text in rows:
+        yield f'{path}:{number}', text
+    return
   replaced_total, replaced_files = 0, 0
   for path in files:
     text, replaced = read_text(path)
@@ -510,6 +546,12 @@ def load_text_source(data_config, *, build: bool = True) -> TextSource:
   if _data_field(data_config, 'mixture', ()):
     return mixtures.load_mixture(data_config, build=build)
   cache_dir = data_config.cache_dir or default_cache_dir()
+  if str(_data_field(data_config, 'text_column', '')).strip() and not data_config.text_files:
+    raise DataError(
+      '--config.data.text_column reads the table files of --config.data.text_files, which is '
+      'empty; set text_files to the TSV/CSV/JSONL files (a Hugging Face dataset takes '
+      '--config.data.hf_text_field instead), or leave text_column empty.'
+    )
   if _data_field(data_config, 'hf_dataset', ''):
     other = [f for f in ('text_files', 'tfds_name') if data_config.get(f)]
     if other:
@@ -519,11 +561,9 @@ def load_text_source(data_config, *, build: bool = True) -> TextSource:
       )
     return hf_datasets.load_hf_source(data_config, build=build)
   if data_config.text_files:
-    if data_config.text_unit not in ('file', 'line'):
-      raise DataError(f"--config.data.text_unit={data_config.text_unit!r}; use 'file' or 'line'.")
+    unit = text_unit_of(data_config)
     scan = scan_text_files(expand_globs(data_config.text_files))
     name, cls, files = 'local_text_files', LocalTextFiles, scan.files
-    unit = data_config.text_unit
   elif data_config.tfds_name:
     return _load_named(data_config)
   else:
@@ -531,29 +571,33 @@ def load_text_source(data_config, *, build: bool = True) -> TextSource:
     scan_text_files(files, flag='the built-in corpus')
   fingerprint = _fingerprint(files, unit, data_config.validation_fraction, sys.version_info[:2])
   data_dir = os.path.join(cache_dir, 'tfds', f'{name}_{fingerprint}')
-  builder = cls(
-    files=files,
-    text_unit=unit,
-    validation_fraction=data_config.validation_fraction,
-    data_dir=data_dir,
-    file_format='array_record',
-  )
+
+  def make_builder():
+    return cls(
+      files=files,
+      text_unit=unit,
+      validation_fraction=data_config.validation_fraction,
+      data_dir=data_dir,
+      file_format='array_record',
+    )
+
+  builder = make_builder()
   if build:
     with build_guard(data_dir):
       try:
         builder.download_and_prepare()
       except FileExistsError:
         # Another process on a shared filesystem finished the same build first; theirs is
-        # identical (same files, same fingerprint), so use it.
-        builder = cls(
-          files=files,
-          text_unit=unit,
-          validation_fraction=data_config.validation_fraction,
-          data_dir=data_dir,
-          file_format='array_record',
-        )
-        if not builder.is_prepared():
-          raise
+        # identical (same files, same fingerprint), so use it (below).
+        pass
+    # Read back what is on disk: a builder made before another process finished the same
+    # build skips it as done but holds no split info of its own (its splits read as none).
+    builder = make_builder()
+    if not builder.is_prepared():
+      raise DataError(
+        f'the dataset build in {data_dir} did not finish (another process may have failed '
+        f'during it); run again, which rebuilds it.'
+      )
   source = _from_builder(
     builder, f'{name}({len(files)} files)', fingerprint, 'train', 'validation', 'text'
   )

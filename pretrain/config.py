@@ -115,6 +115,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.text_files = ''
   # How local text files split into documents: 'file' (one per file) or 'line' (one per line).
   data.text_unit = 'file'
+  # Read local text files as tables instead, one document per row, the text in this column:
+  # a 0-based index (TSV/CSV without a header line), a header name (TSV/CSV whose first line
+  # names the columns) or a JSONL field; the format follows the extension (.csv CSV,
+  # .jsonl/.json JSONL, other TSV). E.g. a fine-tuning task's training text for
+  # task-adaptive pretraining (docs/finetuning.md 9). '' = plain text (text_unit).
+  data.text_column = ''
   # A TFDS dataset by name (e.g. 'wikipedia/20230601.en'); must have a text feature.
   data.tfds_name = ''
   # TFDS data dir for named datasets; empty means the TFDS default (~/tensorflow_datasets).
@@ -375,6 +381,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   ft.seeds = (0,)
   # Linear warmup over this fraction of the steps, then linear decay to 0.
   ft.warmup_fraction = 0.1
+  # Model selection on held-out training data: > 0 holds out this fraction of the training
+  # examples (the same ones for every run), evaluates them with the dev split at every
+  # evaluation (train.eval_every_steps, and the end), and reports each run's dev metrics at
+  # its evaluation with the best held-out metric; the learning rate is then chosen on the
+  # held-out metric too, so the dev metric chooses nothing. 0 = the dev metric at the last
+  # step, and the dev metric picks the learning rate.
+  ft.validation_fraction = 0.0
   # AdamW decoupled weight decay (not on biases and norm scales).
   ft.weight_decay = 0.01
   # Dropout in the encoder and before the output layer (BERT: 0.1).

@@ -82,6 +82,11 @@ def validate(config):
     raise ValueError(
       f'--config.finetune.warmup_fraction={ft.warmup_fraction} must be in [0, 1) (BERT: 0.1).'
     )
+  if not 0 <= ft.validation_fraction < 1:
+    raise ValueError(
+      f'--config.finetune.validation_fraction={ft.validation_fraction} must be in [0, 1) '
+      f'(e.g. 0.1; 0 = no selection on held-out data).'
+    )
   if not 0 <= ft.dropout_rate < 1:
     raise ValueError(
       f'--config.finetune.dropout_rate={ft.dropout_rate} must be in [0, 1) (BERT: 0.1).'
@@ -314,6 +319,9 @@ def run_config(config, task: tasks.Task, learning_rate: float, seed: int, steps:
   o.warmup_steps = int(round(ft.warmup_fraction * steps))
   o.weight_decay, o.grad_clip_norm = float(ft.weight_decay), 1.0
   c.train.num_train_steps, c.train.profile_steps = steps, ''
+  if ft.validation_fraction > 0 and not c.train.eval_every_steps:
+    # Selection needs evaluations to choose from: one per epoch unless the cadence is set.
+    c.train.eval_every_steps = max(1, math.ceil(len(task.train) / ft.batch_size))
   with c.unlocked():
     ft.kind, ft.metric, ft.label_names = task.kind, task.metric, tuple(task.label_names)
     if not ft.task:
@@ -327,12 +335,15 @@ class Run(loop.Run):
 
   Attributes:
     task, train_data, dev_data: the task and its encoded splits.
+    validation_data: the held-out training examples (finetune.validation_fraction > 0), or
+      None.
     tokenizer: the encoder's tokenizer.
   """
 
   task: tasks.Task
   train_data: tasks.Encoded
   dev_data: tasks.Encoded
+  validation_data: tasks.Encoded | None = None
   tokenizer: Any
 
 
@@ -353,6 +364,7 @@ def _settings(
     'pooling': ft.pooling,
     'dropout_rate': float(ft.dropout_rate),
     'warmup_fraction': float(ft.warmup_fraction),
+    'validation_fraction': float(ft.validation_fraction),
     'weight_decay': float(ft.weight_decay),
     'tokenizer': start.tokenizer.sha256,
     'model_shape': checkpointing.model_shape(start.config.model),
@@ -443,8 +455,9 @@ def prepare_run(
   `encoder_params` when given), compiled steps and the metrics writer.
 
   Args:
-    data: (train, dev) `tasks.Encoded`; encoder_params: pretrained encoder parameters on the
-      run's shardings (copied, never donated), or None (random init).
+    data: (train, dev, validation or None) `tasks.Encoded`; encoder_params: pretrained
+      encoder parameters on the run's shardings (copied, never donated), or None (random
+      init).
     steps_cache: a dict shared by the runs of a sweep (see `compiled_steps`).
 
   Raises:
@@ -494,6 +507,7 @@ def prepare_run(
     task=task,
     train_data=data[0],
     dev_data=data[1],
+    validation_data=data[2],
     run_setup=run_setup,
     ckpt=ckpt,
     meta=meta,
@@ -519,30 +533,89 @@ def _device_batch(run: Run, encoded: tasks.Encoded, indices) -> dict[str, jax.Ar
   return mesh_lib.global_batch(_local_rows(batch, mesh), mesh)
 
 
-def evaluate(run: Run, step: int) -> dict[str, float]:
-  """Every metric of the task on the whole dev split (the last batch padded with filler rows
-  of weight 0); logs and writes {'loss', metric: value}."""
-  b, n = run.config.data.global_batch_size, len(run.dev_data)
+def _evaluate_split(run: Run, encoded: tasks.Encoded) -> dict[str, float]:
+  """{'loss', metric: value} of every metric of the task on all of `encoded` (the last batch
+  padded with filler rows of weight 0)."""
+  b, n = run.config.data.global_batch_size, len(encoded)
   outputs, totals = [], None
   for start in range(0, n, b):
     indices = list(range(start, min(start + b, n)))
     indices += [-1] * (b - len(indices))
-    logits, sums = run.eval_step(run.state['params'], _device_batch(run, run.dev_data, indices))
+    logits, sums = run.eval_step(run.state['params'], _device_batch(run, encoded, indices))
     outputs.append(np.asarray(jax.device_get(logits)))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   outputs = np.concatenate(outputs)[:n]
   totals = jax.device_get(totals)
   result = {'loss': float(totals['loss_sum']) / max(float(totals['weight_sum']), 1.0)}
-  result.update(task_metrics.compute_metrics(run.task, outputs, run.dev_data.labels))
+  result.update(task_metrics.compute_metrics(run.task, outputs, encoded.labels))
+  return result
+
+
+def evaluate(run: Run, step: int) -> dict[str, float]:
+  """Every metric of the task on the whole dev split, and on the held-out training examples
+  when there are some (split 'validation'); logs and writes both, returns the dev result
+  {'loss', metric: value}."""
+  result = _evaluate_split(run, run.dev_data)
   run.writer.write(step, 'eval', result)
-  run.evals.append(dict(result, step=step))
+  entry = dict(result, step=step)
+  if run.validation_data is not None:
+    held = _evaluate_split(run, run.validation_data)
+    run.writer.write(step, 'validation', held)
+    entry['validation'] = held
+    run.bar.log(
+      'validation step %d | %s (%d held-out examples)',
+      step,
+      ' | '.join(f'{k} {v:.4f}' for k, v in held.items()),
+      len(run.validation_data),
+    )
+  run.evals.append(entry)
   run.bar.log(
     'eval step %d | %s (%d dev examples)',
     step,
     ' | '.join(f'{k} {v:.4f}' for k, v in result.items()),
-    n,
+    len(run.dev_data),
   )
   return result
+
+
+def select_evaluation(evals: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+  """The evaluation a run reports under finetune.validation_fraction > 0: the one with the
+  best held-out `metric` (the earliest of equals), or None when no evaluation has one.
+
+  Args:
+    evals: the run's evaluations, {'step', 'validation': {metric: value}, dev metrics...}
+      (`evaluate`; higher is better for every task metric, docs/finetuning.md 2).
+  """
+  scored = [e for e in evals if metric in e.get('validation', {})]
+  if not scored:
+    return None
+  return max(scored, key=lambda e: (e['validation'][metric], -e['step']))
+
+
+def _eval_history(run: Run) -> list[dict[str, Any]]:
+  """Every evaluation of the run, before a resume too: the 'eval' and 'validation' rows of
+  its metrics.jsonl (truncated to the restored step on resume), else (a process that did
+  not write the file) the evaluations of this process's life (`run.evals`)."""
+  path = os.path.join(run.workdir, 'metrics.jsonl')
+  rows: dict[int, dict[str, Any]] = {}
+  try:
+    with open(path, encoding='utf-8') as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue  # a line cut by a kill; the rows before it are whole
+        if row.get('split') in ('eval', 'validation'):
+          entry = rows.setdefault(int(row['step']), {'step': int(row['step'])})
+          values = {k: v for k, v in row.items() if k not in ('step', 'split', 'time')}
+          if row['split'] == 'eval':
+            entry.update(values)
+          else:
+            entry['validation'] = values
+  except OSError:
+    return run.evals
+  merged = {e['step']: e for e in (list(rows.values()) + run.evals)}
+  return [merged[k] for k in sorted(merged)]
 
 
 def train_run(run: Run, signals: guards.StopSignals) -> dict[str, float] | None:
@@ -624,9 +697,15 @@ def finetune(
       start = resolve_start(from_workdir, config, tokenizer_path, from_step)
       ft = start.config.finetune
       task = tasks.load(tasks.TaskOptions.from_config(ft))
+      validation = None
+      if ft.validation_fraction > 0:
+        kept, held = tasks.hold_out(task.train, ft.validation_fraction)
+        task = dataclasses.replace(task, train=kept)
+        validation = tasks.encode(held, start.tokenizer, ft.max_seq_len)
       data = (
         tasks.encode(task.train, start.tokenizer, ft.max_seq_len),
         tasks.encode(task.dev, start.tokenizer, ft.max_seq_len),
+        validation,
       )
     except ValueError as e:
       raise (e if isinstance(e, InputError) else InputError(str(e))) from e
@@ -670,12 +749,18 @@ def finetune(
           run.close()
         if dev is None:
           return None
+        evals = _eval_history(run)
+        selected = select_evaluation(evals, task.metric) if run.validation_data else None
+        if selected is not None:
+          dev = {k: v for k, v in selected.items() if k not in ('step', 'validation')}
         result = {
           'learning_rate': float(lr),
           'seed': int(seed),
           'num_steps': steps,
           'dev': dev,
-          'evals': run.evals,
+          'selected_step': selected['step'] if selected else steps,
+          'validation': selected['validation'] if selected else None,
+          'evals': evals,
           'seconds': time.time() - began,
           'settings': json.loads(json.dumps(settings)),
         }

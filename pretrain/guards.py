@@ -4,7 +4,7 @@ lock (docs/design.md 9).
 - `StopSignals`: SIGTERM (how TPU VMs are preempted) and Ctrl-C become a stop request read at
   every step boundary; a second Ctrl-C exits at once. On several processes SIGTERM goes
   through JAX's preemption sync point (every host saves the same step), Ctrl-C through an
-  all-gather at log steps.
+  agreement over the coordination service at log steps (`multihost.any_flag`).
 - `Health`: reads each step's loss and skip flag one step late (which also bounds how far
   the host runs ahead of the device, so a stop request is served within about one step),
   counts consecutive non-finite steps and stops the run after `train.max_nonfinite_steps`,
@@ -27,9 +27,9 @@ import time
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
-import numpy as np
 
 from pretrain import metrics as metrics_lib
+from pretrain import multihost
 
 
 class RunStopped(RuntimeError):
@@ -58,7 +58,8 @@ class StopSignals:
   One process: a Python flag read at every step (no host round trip). Several processes:
   SIGTERM is left to JAX's preemption notifier and agreed through
   `multihost_utils.reached_preemption_sync_point(step)` (called at every step); Ctrl-C is
-  agreed by an all-gather at log steps. A second Ctrl-C ends the process at once (exit 130).
+  agreed at log steps (`multihost.any_flag`, over the coordination service). A second Ctrl-C
+  ends the process at once (exit 130).
   Handlers are installed only from the main thread and restored by `restore()`.
   """
 
@@ -128,7 +129,9 @@ class StopSignals:
     if jax.process_count() == 1:
       return self._requested.is_set()
     if log_step:
-      agreed = bool(multihost_utils.process_allgather(np.array(self._requested.is_set())).any())
+      # Through the coordination service (a bounded wait, no device program next to the
+      # step in flight): a peer that is gone raises multihost.AgreementError, not a hang.
+      agreed = multihost.any_flag('stop_request', self._requested.is_set())
       self.reason = self.reason or ('Ctrl-C' if agreed else '')
       return agreed
     return False

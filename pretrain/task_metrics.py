@@ -191,24 +191,29 @@ def aggregate(
 
   Returns:
     Per learning rate the mean and std over seeds of every dev metric, the best learning rate
-    by the task metric's mean, and its mean and std as top-level numbers (what
-    `launch.report` tables).
+    by the task metric's mean (on the held-out training examples when every run has a
+    'validation' result, finetune.validation_fraction > 0; else on dev: 'selected_on'
+    says which), and its mean and std as top-level numbers (what `launch.report` tables).
   """
   ft, sweep = config.finetune, []
+  metric = task.metric
+  selected_on = 'validation' if runs and all(r.get('validation') for r in runs) else 'dev'
   for lr in ft.learning_rates:
     mine = [r for r in runs if r['learning_rate'] == float(lr)]
     values = {m: [r['dev'][m] for r in mine] for m in task.metrics}
-    sweep.append(
-      {
-        'learning_rate': float(lr),
-        'seeds': [r['seed'] for r in mine],
-        'dev': values,
-        'mean': {m: float(np.mean(v)) for m, v in values.items()},
-        'std': {m: _std(v) for m, v in values.items()},
-      }
-    )
-  best = max(sweep, key=lambda s: s['mean'][task.metric])
-  metric = task.metric
+    row = {
+      'learning_rate': float(lr),
+      'seeds': [r['seed'] for r in mine],
+      'dev': values,
+      'mean': {m: float(np.mean(v)) for m, v in values.items()},
+      'std': {m: _std(v) for m, v in values.items()},
+    }
+    if selected_on == 'validation':
+      row['validation_mean'] = float(np.mean([r['validation'][metric] for r in mine]))
+      row['selected_steps'] = [r.get('selected_step') for r in mine]
+    sweep.append(row)
+  key = 'validation_mean' if selected_on == 'validation' else None
+  best = max(sweep, key=lambda s: s[key] if key else s['mean'][metric])
   return {
     'task': task.name,
     'kind': task.kind,
@@ -221,6 +226,7 @@ def aggregate(
     'dev_examples': len(task.dev),
     'num_steps': runs[0]['num_steps'] if runs else 0,
     'best_learning_rate': best['learning_rate'],
+    'selected_on': selected_on,
     'num_seeds': len(ft.seeds),
     f'dev_{metric}_mean': best['mean'][metric],
     f'dev_{metric}_std': best['std'][metric],
@@ -237,7 +243,12 @@ def results_table(results: dict[str, Any]) -> str:
   metric = results['metric']
   lines = [
     f'{results["task"]} ({results["init"]} init, {results["num_steps"]} steps, '
-    f'{results["num_seeds"]} seed(s); dev {metric} picks the learning rate)',
+    f'{results["num_seeds"]} seed(s); '
+    + (
+      f'held-out training examples pick the step and learning rate by {metric})'
+      if results.get('selected_on') == 'validation'
+      else f'dev {metric} picks the learning rate)'
+    ),
     '| learning rate | '
     + ' | '.join(f'{m} (mean ± std)' for m in metrics)
     + f' | {metric} per seed |',

@@ -5,6 +5,7 @@ weights are loaded exactly; an interrupted run resumes to the uninterrupted resu
 metrics match scikit-learn and scipy; bad inputs give a message naming the flag or file
 (exit code 2 from the launcher)."""
 
+import functools
 import json
 import os
 import socket
@@ -163,6 +164,7 @@ def test_the_encoder_starts_from_the_checkpoint_weights(
   data = (
     tasks.encode(task.train, start.tokenizer, ft.max_seq_len),
     tasks.encode(task.dev, start.tokenizer, ft.max_seq_len),
+    None,
   )
   config = finetune.run_config(start.config, task, 3e-3, 0, 40)
   run_setup = finetune.compiled_steps(config, task, steps_cache)[0]
@@ -213,6 +215,50 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
 
 
 # ----------------------------------------------------------------------------- metrics
+
+
+def test_held_out_selection_reports_dev_at_the_best_validation_step_across_a_resume(
+  pretrained_run, marker_task, steps_cache, tmp_path
+):
+  # finetune.validation_fraction: a fixed quarter of train.tsv is held out (never trained
+  # on), evaluated beside dev at every evaluation; the run reports dev at the evaluation
+  # with the best held-out metric, and a resumed run still chooses among the evaluations
+  # before the interruption (read back from metrics.jsonl).
+  overrides = {'finetune.validation_fraction': 0.25, 'train.eval_every_steps': 10}
+  run = functools.partial(
+    finetune.finetune, from_workdir=str(pretrained_run[0]), steps_cache=steps_cache
+  )
+  whole = run(_config(marker_task, **overrides), str(tmp_path / 'whole'))
+  assert whole['train_examples'] == 384 and whole['selected_on'] == 'validation'
+  (result,) = whole['runs']
+  evals = result['evals']
+  assert [e['step'] for e in evals] == [10, 20, 30, 40]
+  best = max(evals, key=lambda e: (e['validation']['accuracy'], -e['step']))
+  assert result['selected_step'] == best['step']
+  assert result['dev'] == {k: v for k, v in best.items() if k not in ('step', 'validation')}
+  assert whole['dev_accuracy_mean'] == best['accuracy']
+  assert 'held-out training examples pick the step' in task_metrics.results_table(whole)
+  stopped = run(
+    _config(marker_task, **overrides, **{'train.stop_after_steps': 25}), str(tmp_path / 'cut')
+  )
+  assert stopped is None
+  resumed = run(_config(marker_task, **overrides), str(tmp_path / 'cut'))
+  assert [e['step'] for e in resumed['runs'][0]['evals']] == [10, 20, 30, 40]
+  assert resumed['runs'][0]['evals'] == evals and resumed['runs'][0]['dev'] == result['dev']
+
+
+def test_hold_out_is_a_fixed_disjoint_part_of_the_training_examples():
+  split = tasks.Split([f't{i}' for i in range(50)], [f'p{i}' for i in range(50)], np.arange(50))
+  kept, held = tasks.hold_out(split, 0.2)
+  again = tasks.hold_out(split, 0.2)[1]
+  assert len(held) == 10 and len(kept) == 40 and held.texts == again.texts
+  assert sorted(kept.texts + held.texts) == sorted(split.texts)
+  assert [f't{y}' for y in held.labels] == held.texts and [
+    f'p{y}' for y in held.labels
+  ] == held.pairs
+  assert held.texts != split.texts[:10]  # a permutation, not the file's head
+  with pytest.raises(tasks.TaskError, match='validation_fraction=0.001 holds out 0 of 50'):
+    tasks.hold_out(split, 0.001)
 
 
 def test_metrics_match_scikit_learn_and_scipy():

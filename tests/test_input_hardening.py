@@ -211,6 +211,29 @@ print(len(source.train), len(source.validation))
 """
 
 
+def test_a_build_another_process_finished_first_is_read_back(text_corpus, cache_dir, monkeypatch):
+  # The race the two-process test below hits now and then, made certain: another process
+  # finishes the same build between this one's builder creation and its build. TFDS then
+  # skips the build as done, and the builder made before holds no split info (the old code
+  # failed: "train_split='train' is not a split ... it has .").
+  config = make_tiny_config(text_corpus, cache_dir)
+  build = text_datasets.LocalTextFiles.download_and_prepare
+  others = []
+
+  def finished_elsewhere_first(self, *args, **kwargs):
+    if not others:
+      others.append(None)
+      others[0] = text_datasets.load_text_source(config.data)  # the other process
+    return build(self, *args, **kwargs)
+
+  monkeypatch.setattr(
+    text_datasets.LocalTextFiles, 'download_and_prepare', finished_elsewhere_first
+  )
+  source = text_datasets.load_text_source(config.data)
+  assert len(source.train) == len(others[0].train) > 0
+  assert len(source.validation) == len(others[0].validation) > 0
+
+
 def test_two_processes_building_one_dataset_at_once_both_succeed(text_corpus, tmp_path):
   env = cpu_env(PYTHONPATH=str(ROOT))
   procs = [

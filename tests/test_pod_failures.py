@@ -90,6 +90,42 @@ def _steps(workdir):
   return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
 
 
+def _signal_process_1(workdir, corpus, cache_dir, logs, when: str, signum, log_every_steps: int):
+  """Runs an endless two-process launch.pretrain, sends `signum` to process 1 once its log
+  holds `when`, and waits for both: (exit codes, outputs)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  flags = tiny_flags(
+    corpus,
+    cache_dir,
+    **{
+      'data.text_unit': 'line',
+      'train.num_train_steps': 100000,
+      'train.log_every_steps': log_every_steps,
+      'train.eval_every_steps': 100000,
+      'train.checkpoint_every_steps': 100000,
+    },
+  )
+  procs = []
+  for cmd, log in zip(two_process_pretrain(workdir, flags), logs):
+    with open(log, 'w') as f:
+      procs.append(
+        subprocess.Popen(cmd, cwd=ROOT, env=two_process_env(), stdout=f, stderr=subprocess.STDOUT)
+      )
+  try:
+    deadline = time.time() + 180
+    while when not in logs[1].read_text():
+      assert time.time() < deadline and procs[1].poll() is None, logs[1].read_text()[-3000:]
+      time.sleep(0.01)
+    procs[1].send_signal(signum)
+    codes = [p.wait(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return codes, [log.read_text() for log in logs]
+
+
 def test_a_failed_background_save_on_one_process_stops_both_with_exit_4(
   tmp_path, text_corpus, cache_dir
 ):
@@ -197,42 +233,16 @@ def test_sigterm_during_compile_of_a_resumed_run_stops_both_before_a_step(
   there. (With sync-point ids counted from 0, the point the notice sets, 1, lies behind the
   resumed steps and was never reached: the run went on.)"""
   import signal  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
 
   workdir = tmp_path / 'run'
   logs = [tmp_path / f'first{i}.log' for i in range(2)]
   _launch(workdir, text_corpus, cache_dir, logs, **{'train.num_train_steps': 2})
   assert _steps(workdir) == [2]
-  flags = tiny_flags(
-    text_corpus,
-    cache_dir,
-    **{
-      'data.text_unit': 'line',
-      'train.num_train_steps': 100000,
-      'train.log_every_steps': 100000,
-      'train.eval_every_steps': 100000,
-      'train.checkpoint_every_steps': 100000,
-    },
-  )
   logs = [tmp_path / f'resumed{i}.log' for i in range(2)]
-  procs = []
-  for cmd, log in zip(two_process_pretrain(workdir, flags), logs):
-    with open(log, 'w') as f:
-      procs.append(
-        subprocess.Popen(cmd, cwd=ROOT, env=two_process_env(), stdout=f, stderr=subprocess.STDOUT)
-      )
-  try:
-    deadline = time.time() + 180
-    while 'resuming from' not in logs[1].read_text():
-      assert time.time() < deadline and procs[1].poll() is None, logs[1].read_text()[-3000:]
-      time.sleep(0.01)
-    procs[1].send_signal(signal.SIGTERM)  # restored, not yet training: nothing reported yet
-    codes = [p.wait(timeout=120) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  outs = [log.read_text() for log in logs]
+  # Restored, not yet training: nothing reported to the preemption sync manager yet.
+  codes, outs = _signal_process_1(
+    workdir, text_corpus, cache_dir, logs, 'resuming from', signal.SIGTERM, 100000
+  )
   assert codes == [0, 0], (codes, outs[0][-3000:], outs[1][-3000:])
   # Served at the first step boundary (step 3), or before step 2 when the notice was agreed
   # before the first step: the same on both processes, with its checkpoint.
@@ -244,3 +254,20 @@ def test_sigterm_during_compile_of_a_resumed_run_stops_both_before_a_step(
       stopped.append(int(out.split('stopped at step ')[1].split()[0]))
   assert stopped[0] == stopped[1] <= 3, (stopped, outs[1][-3000:])
   assert _steps(workdir)[-1] == stopped[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_process_stops_both_at_the_same_log_step(tmp_path, text_corpus, cache_dir):
+  """Ctrl-C reaches process 1 only (a user's terminal on one host): both agree on it at the
+  next log step (over the coordination service), save that step and exit 0 together."""
+  import signal  # pylint: disable=g-import-not-at-top
+
+  logs = [tmp_path / f'run{i}.log' for i in range(2)]
+  workdir = tmp_path / 'run'
+  codes, outs = _signal_process_1(
+    workdir, text_corpus, cache_dir, logs, 'step 4/', signal.SIGINT, 4
+  )
+  assert codes == [0, 0], (codes, outs[0][-3000:], outs[1][-3000:])
+  stopped = [int(out.split('stopped at step ')[1].split()[0]) for out in outs]
+  assert stopped[0] == stopped[1] and stopped[0] % 4 == 0, stopped
+  assert 'after Ctrl-C' in outs[0] and _steps(workdir) == [stopped[0]]

@@ -42,6 +42,44 @@ def test_local_files_one_document_per_line_and_stable_split(text_corpus, cache_d
   assert 0.05 < len(a.validation) / len(lines) < 0.15  # validation_fraction = 0.1
 
 
+def test_text_column_reads_one_document_per_row_of_tsv_csv_and_jsonl(tmp_path, cache_dir):
+  # Task-adaptive pretraining reads a fine-tuning file's text column as it is (docs/
+  # finetuning.md 9): each row's text is a document, labels and blank texts are not.
+  texts = [f'sentence number {i} about "quotes", tabs and more' for i in range(40)]
+  (tmp_path / 'a.tsv').write_text(
+    ''.join(f'{i % 2}\t{t}\n' for i, t in enumerate(texts[:20])) + '1\t \n', encoding='utf-8'
+  )
+  (tmp_path / 'b.jsonl').write_text(
+    ''.join(f'{{"label": 0, "sentence": "{t.replace(chr(34), "")}"}}\n' for t in texts[20:30])
+    + '{"label": 1}\n',
+    encoding='utf-8',
+  )
+  (tmp_path / 'c.csv').write_text(
+    'label,sentence\n' + ''.join(f'1,"{t.replace(chr(34), 2 * chr(34))}"\n' for t in texts[30:]),
+    encoding='utf-8',
+  )
+  config = make_tiny_config(tmp_path, cache_dir)
+  expected = {
+    'a.tsv': ('1', texts[:20]),
+    'b.jsonl': ('sentence', [t.replace('"', '') for t in texts[20:30]]),
+    'c.csv': ('sentence', texts[30:]),
+  }
+  for name, (column, want) in expected.items():
+    config.data.text_files, config.data.text_column = str(tmp_path / name), column
+    source = text_datasets.load_text_source(config.data)
+    assert sorted(_texts(source.train) + _texts(source.validation)) == sorted(want), name
+  config.data.text_files, config.data.text_column = str(tmp_path / 'a.tsv'), '0'
+  labels = text_datasets.load_text_source(config.data)
+  assert set(_texts(labels.train) + _texts(labels.validation)) == {'0', '1'}  # not the cache
+  for column, match in (('7', 'at most 2 column'), ('text', 'is not a column')):
+    config.data.text_column = column
+    with pytest.raises(text_datasets.DataError, match=f'text_column={column} .*{match}'):
+      text_datasets.load_text_source(config.data)
+  config.data.text_files = ''
+  with pytest.raises(text_datasets.DataError, match='text_files, which is empty'):
+    text_datasets.load_text_source(config.data)
+
+
 def test_invalid_utf8_is_replaced_and_counted(tmp_path):
   path = tmp_path / 'latin1.txt'
   path.write_bytes('café crème'.encode('latin-1'))
