@@ -750,7 +750,9 @@ def finetune(
         if dev is None:
           return None
         evals = _eval_history(run)
-        selected = select_evaluation(evals, task.metric) if run.validation_data else None
+        selected = (
+          select_evaluation(evals, task.metric) if run.validation_data is not None else None
+        )
         if selected is not None:
           dev = {k: v for k, v in selected.items() if k not in ('step', 'validation')}
         result = {

@@ -212,8 +212,9 @@ def aggregate(
       row['validation_mean'] = float(np.mean([r['validation'][metric] for r in mine]))
       row['selected_steps'] = [r.get('selected_step') for r in mine]
     sweep.append(row)
-  key = 'validation_mean' if selected_on == 'validation' else None
-  best = max(sweep, key=lambda s: s[key] if key else s['mean'][metric])
+  best = max(
+    sweep, key=lambda s: s['validation_mean'] if selected_on == 'validation' else s['mean'][metric]
+  )
   return {
     'task': task.name,
     'kind': task.kind,

@@ -202,17 +202,46 @@ def two_process_env(compile_cache=None) -> dict[str, str]:
   return env
 
 
+def run_launcher(module: str, *args: str, devices: int = 1, timeout: float = 300):
+  """`python -m <module> <args>` from the repository root on `devices` CPU devices, output
+  captured as text (a subprocess.CompletedProcess)."""
+  cmd = [sys.executable, '-m', module, *args]
+  return subprocess.run(
+    cmd, cwd=ROOT, env=cpu_env(devices), capture_output=True, text=True, timeout=timeout
+  )
+
+
+# Flags of a grown target of tiny_flags' shape (width 32 -> 64, depth 2 -> 3) for launch.upscale.
+UPSCALE_TARGET = [
+  '--config.model.hidden_size=64',
+  '--config.model.num_heads=4',
+  '--config.model.mlp_dim=128',
+  '--config.model.num_layers=3',
+  '--config.data.seq_len=32',
+  '--config.data.global_batch_size=8',
+]
+
+
+def run_upscale(from_workdir, workdir, *flags, config='launch/configs/roformer.py:tiny'):
+  """`python -m launch.upscale` from `from_workdir` into `workdir` (see `run_launcher`)."""
+  return run_launcher(
+    'launch.upscale',
+    f'--from_workdir={from_workdir}',
+    f'--config={config}',
+    f'--workdir={workdir}',
+    *flags,
+  )
+
+
 def run_pretrain(workdir, flags, devices=1, timeout=300):
-  env = cpu_env(devices)
-  cmd = [
-    sys.executable,
-    '-m',
+  return run_launcher(
     'launch.pretrain',
     '--config=launch/configs/roformer.py:tiny',
     f'--workdir={workdir}',
     *flags,
-  ]
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    devices=devices,
+    timeout=timeout,
+  )
 
 
 def two_process_pretrain(workdir, flags, launcher=('-m', 'launch.pretrain')) -> list[list[str]]:

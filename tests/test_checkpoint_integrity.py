@@ -11,8 +11,6 @@ and never modify the run.
 
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +20,12 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
+from helpers import run_upscale
+from helpers import UPSCALE_TARGET
 from helpers import copy_run
-from helpers import cpu_env
 from helpers import make_tiny_config
 from helpers import orbax_state as _orbax_state
 from helpers import state_files as _state_files
-from helpers import ROOT
 from pretrain import checkpointing
 from pretrain import finetune
 from pretrain import guards
@@ -221,27 +219,7 @@ def _listing(root):
 def test_upscale_reads_the_newest_checkpoint_that_restores(run, tmp_path):
   _, workdir, before = _truncated_newest(run, tmp_path)
   grown = tmp_path / 'grown'
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'launch.upscale',
-      f'--from_workdir={workdir}',
-      '--config=launch/configs/roformer.py:tiny',
-      f'--workdir={grown}',
-      '--config.model.hidden_size=64',
-      '--config.model.num_heads=4',
-      '--config.model.mlp_dim=128',
-      '--config.model.num_layers=3',
-      '--config.data.seq_len=32',
-      '--config.data.global_batch_size=8',
-    ],
-    cwd=ROOT,
-    env=cpu_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  result = run_upscale(workdir, grown, *UPSCALE_TARGET)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Traceback' not in result.stderr and 'never retrieved' not in result.stderr
   [warning] = [l for l in result.stderr.splitlines() if 'cannot be restored' in l]

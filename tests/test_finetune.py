@@ -9,8 +9,6 @@ import functools
 import json
 import os
 import socket
-import subprocess
-import sys
 
 from flax import nnx
 import jax
@@ -18,9 +16,8 @@ import numpy as np
 import pytest
 
 from data_pipelines import tasks
-from helpers import cpu_env
+from helpers import run_launcher
 from helpers import make_tiny_config
-from helpers import ROOT
 import models
 import optim
 from pretrain import checkpointing
@@ -505,15 +502,7 @@ def test_the_fine_tuning_preset_validates_and_takes_its_encoder_from_a_run(
 
 
 def _launch(*flags, timeout=300):
-  env = cpu_env()
-  return subprocess.run(
-    [sys.executable, '-m', 'launch.finetune', *flags],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
+  return run_launcher('launch.finetune', *flags, timeout=timeout)
 
 
 def test_launcher_exits_2_on_a_label_column_that_does_not_exist(

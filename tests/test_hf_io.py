@@ -20,6 +20,7 @@ from flax import nnx
 from data_pipelines import hf_tokenizer
 from data_pipelines import pipeline
 from data_pipelines import tokenizer as tokenizer_lib
+from helpers import run_launcher
 from helpers import cpu_env
 from helpers import make_tiny_config
 from helpers import ROOT
@@ -585,19 +586,11 @@ def test_convert_refuses_a_million_layers_at_once(v1_export, tmp_path):
   directory = _edited_export(
     v1_export[4], tmp_path / 'hf', lambda hf: hf.update(num_hidden_layers=1_000_000)
   )
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'launch.convert',
-      f'--from_hf={directory}',
-      f'--workdir={tmp_path / "w"}',
-      '--config=launch/configs/roformer.py:tiny',
-    ],
-    cwd=ROOT,
-    env=cpu_env(),
-    capture_output=True,
-    text=True,
+  result = run_launcher(
+    'launch.convert',
+    f'--from_hf={directory}',
+    f'--workdir={tmp_path / "w"}',
+    '--config=launch/configs/roformer.py:tiny',
     timeout=60,
   )
   assert result.returncode == 2, result.stderr[-2000:]

@@ -5,16 +5,13 @@ train.keep_best checkpoints with the lowest eval loss, through orbax's preservat
 non-finite guard keep their guarantees."""
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 
+from helpers import run_launcher
 from helpers import copy_run
-from helpers import cpu_env
 from helpers import make_tiny_config
 from helpers import truncate_a_read_state_file
-from helpers import ROOT
 from pretrain import checkpointing
 from pretrain import finetune
 from pretrain import guards
@@ -74,16 +71,21 @@ def test_keep_every_steps_keeps_multiples_besides_the_newest(text_corpus, cache_
   assert _steps(tmp_path) == [4, 8, 9, 10]
 
 
+def _eval_losses(workdir) -> dict:
+  """The eval losses orbax recorded with the checkpoints of `workdir`, by step."""
+  ckpt = checkpointing.Checkpointer(str(workdir), read_only=True)
+  try:
+    return ckpt.eval_losses()
+  finally:
+    ckpt.close()
+
+
 def test_keep_best_keeps_the_lowest_eval_losses(run):
   _, workdir = run
   # Newest (6) by keep_checkpoints, 2 and 4 (the two lowest losses) by keep_best; 1, 3 and 5
   # were not evaluated: no metric, kept by no rule.
   assert _steps(workdir) == [2, 4, 6]
-  ckpt = checkpointing.Checkpointer(str(workdir), read_only=True)
-  try:
-    assert ckpt.eval_losses() == SCRIPTED_LOSSES
-  finally:
-    ckpt.close()
+  assert _eval_losses(workdir) == SCRIPTED_LOSSES
 
 
 def test_step_best_reads_the_lowest_eval_loss(run, tmp_path):
@@ -101,21 +103,12 @@ def test_step_best_reads_the_lowest_eval_loss(run, tmp_path):
 def test_launch_export_takes_step_best(run, tmp_path):
   _, workdir = run
   out = tmp_path / 'hf'
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'launch.export',
-      f'--from_workdir={workdir}',
-      f'--out={out}',
-      '--step=best',
-      '--max_position_embeddings=64',
-    ],
-    cwd=ROOT,
-    env=cpu_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
+  result = run_launcher(
+    'launch.export',
+    f'--from_workdir={workdir}',
+    f'--out={out}',
+    '--step=best',
+    '--max_position_embeddings=64',
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'checkpoint step 2.' in (out / 'README.md').read_text()
@@ -163,11 +156,7 @@ def test_nonfinite_steps_save_nothing_and_rotate_nothing_out(run, tmp_path):
     train.train_and_evaluate(config, str(workdir))
   assert e.value.exit_code == 3
   assert _steps(workdir) == [2, 4, 6]
-  ckpt = checkpointing.Checkpointer(str(workdir), read_only=True)
-  try:
-    assert ckpt.eval_losses() == SCRIPTED_LOSSES
-  finally:
-    ckpt.close()
+  assert _eval_losses(workdir) == SCRIPTED_LOSSES
 
 
 @pytest.mark.parametrize('field', ['keep_every_steps', 'keep_best'])

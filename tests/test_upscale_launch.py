@@ -15,6 +15,8 @@ import pytest
 from helpers import cpu_env
 from helpers import ROOT
 from helpers import run_pretrain
+from helpers import run_upscale
+from helpers import UPSCALE_TARGET as TARGET
 from helpers import tiny_flags
 
 TRAIN = [
@@ -24,31 +26,10 @@ TRAIN = [
   '--config.train.checkpoint_every_steps=2',
   '--config.train.eval_steps=1',
 ]
-TARGET = [
-  '--config.model.hidden_size=64',
-  '--config.model.num_heads=4',
-  '--config.model.mlp_dim=128',
-  '--config.model.num_layers=3',
-  '--config.data.seq_len=32',
-  '--config.data.global_batch_size=8',
-]
 
 
 def _env():
   return cpu_env()
-
-
-def run_upscale(from_workdir, workdir, *flags, config='launch/configs/roformer.py:tiny'):
-  cmd = [
-    sys.executable,
-    '-m',
-    'launch.upscale',
-    f'--from_workdir={from_workdir}',
-    f'--config={config}',
-    f'--workdir={workdir}',
-    *flags,
-  ]
-  return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope='module')
