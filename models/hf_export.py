@@ -15,9 +15,11 @@ Three layouts (docs/huggingface.md 2-3), one per family:
 Only v1 carries a model_type that transformers knows ('roformer'). transformers has no
 RoFormer-v2 or GAU-alpha class, and its RoFormer would load a v2 directory with model_type
 'roformer' as v1 (fresh LayerNorms and biases, another function), so the v2 and GAU-alpha
-config.json name model types it does not know ('roformer_v2', 'gau_alpha', see MODEL_TYPES):
-AutoConfig / AutoModel* refuse them with a ValueError instead of building a wrong model.
-`port_config` maps our 'roformer_v2' back to the port's convention for import.
+config.json name model types it does not know ('roformer_v2', 'gau_alpha', see MODEL_TYPES)
+and an `auto_map` into the PyTorch code the export carries (REMOTE_CODE_FILES, from
+models/hf_remote/): AutoModel* build the right model with trust_remote_code=True and refuse
+the directory without it. `port_config` maps our 'roformer_v2' back to the port's convention
+for import.
 
 PyTorch `nn.Linear` stores weight [out, in] for y = x W^T + b; our Dense kernels are
 [in..., out...] for y = x K + b, so weight = K.reshape(prod(in), prod(out)).T (query
@@ -57,6 +59,17 @@ MODEL_TYPES = {
   'roformer': ('roformer', 'RoFormerForMaskedLM'),
   'roformer_v2': ('roformer_v2', 'RoFormerV2ForMaskedLM'),
   'gau': ('gau_alpha', 'GAUAlphaForMaskedLM'),
+}
+# The PyTorch code a RoFormer-v2 or GAU-alpha export carries (files of models/hf_remote/,
+# copied by pretrain/hf_io.py) and the classes config.json's auto_map names in it.
+REMOTE_CODE_FILES = ('configuration_encoder_pretrain.py', 'modeling_encoder_pretrain.py')
+AUTO_MAP = {
+  family: {
+    'AutoConfig': f'configuration_encoder_pretrain.{name}Config',
+    'AutoModel': f'modeling_encoder_pretrain.{name}Model',
+    'AutoModelForMaskedLM': f'modeling_encoder_pretrain.{name}ForMaskedLM',
+  }
+  for family, name in (('roformer_v2', 'RoFormerV2'), ('gau', 'GAUAlpha'))
 }
 # What export supports, for refusal messages.
 SUPPORTED = (
@@ -216,7 +229,8 @@ def check_exportable(config) -> None:
 
 
 def hf_config(config, *, pad_token_id: int, max_position_embeddings: int) -> dict:
-  """The config.json of the family's PyTorch layout (see the module docstring).
+  """The config.json of the family's PyTorch layout (see the module docstring); RoFormer-v2
+  and GAU-alpha add `auto_map` (AUTO_MAP), so the export must carry REMOTE_CODE_FILES.
 
   Args:
     config: the run's ConfigDict; pad_token_id: the tokenizer's [PAD] id;
@@ -253,6 +267,7 @@ def hf_config(config, *, pad_token_id: int, max_position_embeddings: int) -> dic
     return {
       'architectures': [MODEL_TYPES['gau'][1]],
       'model_type': MODEL_TYPES['gau'][0],
+      'auto_map': AUTO_MAP['gau'],
       **common,
       'intermediate_size': int(m.expansion_factor) * int(m.hidden_size),
       'attention_key_size': int(m.shared_dim),
@@ -274,7 +289,7 @@ def hf_config(config, *, pad_token_id: int, max_position_embeddings: int) -> dic
     'use_cache': True,
   }
   if m.family == 'roformer_v2':
-    out.update(norm_type='rms_norm', use_bias=False)
+    out.update(norm_type='rms_norm', use_bias=False, auto_map=AUTO_MAP['roformer_v2'])
   return out
 
 

@@ -183,6 +183,7 @@ def export_run(
     'config.json': (json.dumps(hf_cfg, indent=2, sort_keys=True) + '\n').encode(),
     WEIGHTS: _safetensors_bytes(state_dict),
     **tokenizer_files,
+    **(remote_code_files() if 'auto_map' in hf_cfg else {}),
     'README.md': model_card.model_card(
       config=config,
       meta=meta,
@@ -211,6 +212,17 @@ def export_run(
   )
 
 
+def remote_code_files() -> dict[str, bytes]:
+  """{file name: bytes} of the PyTorch code a RoFormer-v2 / GAU-alpha export carries
+  (models/hf_remote/, hf_export.REMOTE_CODE_FILES; config.json's auto_map names its classes)."""
+  here = os.path.join(os.path.dirname(os.path.abspath(models.__file__)), 'hf_remote')
+  out = {}
+  for name in hf_export.REMOTE_CODE_FILES:
+    with open(os.path.join(here, name), 'rb') as f:
+      out[name] = f.read()
+  return out
+
+
 def export_summary(result: ExportResult) -> str:
   """The lines `launch.export` prints: what was written and how to load it."""
   files = ', '.join(
@@ -223,7 +235,8 @@ def export_summary(result: ExportResult) -> str:
       f'wrote {result.out_dir}: {files}',
       'check: the state dict re-imports bit-identically',
       f'load it with:\n  {model_card.LOAD_HINTS[result.family][0]}',
-      f'  model = {model_card.LOAD_HINTS[result.family][1]}.from_pretrained({result.out_dir!r})',
+      f'  model = AutoModelForMaskedLM.from_pretrained({result.out_dir!r}'
+      f'{model_card.LOAD_HINTS[result.family][1]})',
       f'  tokenizer = AutoTokenizer.from_pretrained({result.out_dir!r})',
     ]
   )

@@ -18,27 +18,22 @@ import re
 
 LAYOUT_NAMES = {
   'roformer': "transformers' RoFormerForMaskedLM (model_type roformer)",
-  'roformer_v2': "the roformer package's RoFormerForMaskedLM, RoFormer-v2 (norm_type rms_norm; "
-  'model_type roformer_v2, which transformers refuses)',
-  'gau': "the gau-alpha package's GAUAlphaForMaskedLM (model_type gau_alpha, which "
-  'transformers refuses)',
+  'roformer_v2': 'RoFormerV2ForMaskedLM, the PyTorch code the export carries (model_type '
+  "roformer_v2; the roformer package's RoFormer-v2 tensor names)",
+  'gau': 'GAUAlphaForMaskedLM, the PyTorch code the export carries (model_type gau_alpha; the '
+  "gau-alpha package's tensor names)",
 }
-# (import line, masked-LM class) that load an export of each family.
+# (import line, the from_pretrained arguments after the path) that load an export of each
+# family with transformers' Auto classes (PyTorch).
 LOAD_HINTS = {
-  'roformer': (
-    'from transformers import AutoModelForMaskedLM, AutoTokenizer  # PyTorch',
-    'AutoModelForMaskedLM',
-  ),
+  'roformer': ('from transformers import AutoModelForMaskedLM, AutoTokenizer  # PyTorch', ''),
   'roformer_v2': (
-    'from transformers import AutoTokenizer; from roformer import '
-    "RoFormerForMaskedLM  # pip install 'roformer>=0.4' (transformers' Auto classes refuse "
-    'model_type roformer_v2: their RoFormer has LayerNorms and biases)',
-    'RoFormerForMaskedLM',
+    'from transformers import AutoModelForMaskedLM, AutoTokenizer  # PyTorch, transformers >= 5',
+    ', trust_remote_code=True',
   ),
   'gau': (
-    'from transformers import AutoTokenizer; from gau_alpha import GAUAlphaForMaskedLM  '
-    "# pip install gau-alpha (transformers' Auto classes refuse model_type gau_alpha)",
-    'GAUAlphaForMaskedLM',
+    'from transformers import AutoModelForMaskedLM, AutoTokenizer  # PyTorch, transformers >= 5',
+    ', trust_remote_code=True',
   ),
 }
 FAMILY_NAMES = {
@@ -290,7 +285,7 @@ def model_card(
     ]
   lines += ['## How to load', '', '```python', LOAD_HINTS[family][0]]
   lines += [
-    f"model = {LOAD_HINTS[family][1]}.from_pretrained('{here}')",
+    f"model = AutoModelForMaskedLM.from_pretrained('{here}'{LOAD_HINTS[family][1]})",
     f"tokenizer = AutoTokenizer.from_pretrained('{here}')",
     '```',
     '',
@@ -301,10 +296,12 @@ def model_card(
     )
   else:
     lines.append(
-      'transformers has no class for this architecture: config.json names a model_type it does '
-      'not know, so `AutoConfig` / `AutoModel*` refuse the directory instead of building '
-      "transformers' RoFormer (LayerNorms and biases: another function). Load it with the port "
-      'package above (its classes warn that the model_type differs), or import it back.'
+      'transformers has no class for this architecture (its RoFormer is v1: LayerNorms and '
+      'biases, another function). config.json names a model_type it does not know and an '
+      '`auto_map` into the two Python files beside it (`configuration_encoder_pretrain.py`, '
+      '`modeling_encoder_pretrain.py`): with `trust_remote_code=True` the Auto classes '
+      '(`AutoModelForMaskedLM`, `AutoModel`) build this model from them; without it they refuse '
+      'the directory. Read those files before you trust them.'
     )
   lines += [
     '',

@@ -1,4 +1,5 @@
-"""Test set-up: 8 fake CPU devices (for mesh tests), set before jax is imported."""
+"""Test set-up: 8 fake CPU devices (for mesh tests), set before jax is imported; transformers'
+remote-code cache in .cache/."""
 
 import os
 import sys
@@ -8,6 +9,12 @@ os.environ['XLA_FLAGS'] = (
 ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Where transformers copies an export's code under trust_remote_code=True (read when
+# transformers is imported): inside the clone, not the user's ~/.cache.
+os.environ.setdefault(
+  'HF_MODULES_CACHE',
+  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.cache', 'hf_modules'),
+)
 
 import pathlib
 import sysconfig

@@ -138,23 +138,6 @@ def test_export_loads_in_transformers_flax_with_our_logits_and_ids(v1_export, tm
   assert _same_tree(hf_import.from_torch(state_dict, config)[0], params)
 
 
-def test_export_loads_in_transformers_pytorch(v1_export):
-  torch = pytest.importorskip(
-    'torch',
-    reason='torch is an optional extra (pip install -e '
-    "'.[torch]'); the Flax test covers the same file",
-  )
-  from transformers import AutoModelForMaskedLM  # pylint: disable=g-import-not-at-top
-
-  config, params, tok, _, root = v1_export
-  model = AutoModelForMaskedLM.from_pretrained(str(root / 'hf')).eval()
-  assert type(model).__name__ == 'RoFormerForMaskedLM'
-  ids = np.asarray([tok.encode(SAMPLES[0])[:20]], np.int32)
-  with torch.no_grad():
-    ref = model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
-  np.testing.assert_allclose(_logits(config, params, ids), ref, atol=1e-5, rtol=0)
-
-
 def test_round_trip_is_bit_identical_and_training_continues(v1_export, tmp_path):
   config, params, tok, _, root = v1_export
   explicit = frozenset({'data.text_files', 'data.cache_dir'})
@@ -291,12 +274,13 @@ def test_v1_config_json_loads_as_roformer_in_auto_config(v1_export):
 
 
 @pytest.mark.parametrize('preset', ['roformer_v2:tiny', 'gau:tiny'])
-def test_v2_and_gau_exports_are_refused_by_auto_classes_and_import_back(
+def test_v2_and_gau_exports_carry_their_code_and_import_back(
   preset, tiny_data, text_corpus, cache_dir, tmp_path
 ):
-  """A RoFormer-v2 or GAU-alpha export names a model_type transformers does not know:
-  AutoConfig and AutoModelForMaskedLM raise instead of building transformers' RoFormer (v1:
-  LayerNorms and biases, another function); launch.convert still imports it bit for bit."""
+  """A RoFormer-v2 or GAU-alpha export names a model_type transformers does not know and an
+  auto_map into the code it carries: AutoConfig refuses it without trust_remote_code (never
+  transformers' RoFormer v1, another function) and builds our config class with it (the
+  PyTorch models themselves: tests/test_hf_torch.py); launch.convert imports it bit for bit."""
   _, source, tok = tiny_data
   config = make_tiny_config(text_corpus, cache_dir, preset=preset)
   config.model.initializer_range = 0.2
@@ -307,22 +291,23 @@ def test_v2_and_gau_exports_are_refused_by_auto_classes_and_import_back(
   hf = json.loads((out / 'config.json').read_text())
   model_type = {'roformer_v2': 'roformer_v2', 'gau': 'gau_alpha'}[config.model.family]
   assert hf['model_type'] == model_type and result.hf_config['model_type'] == model_type
-  assert 'model_type ' + model_type in hf_io.export_summary(result)
-  assert 'refuse' in (out / 'README.md').read_text()
+  assert hf['auto_map'] == hf_export.AUTO_MAP[config.model.family]
+  for name in hf_export.REMOTE_CODE_FILES:
+    assert (out / name).read_bytes() == (ROOT / 'models' / 'hf_remote' / name).read_bytes()
+  for text in (hf_io.export_summary(result), (out / 'README.md').read_text()):
+    assert 'trust_remote_code=True' in text and 'AutoModelForMaskedLM' in text, text
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     import transformers  # pylint: disable=g-import-not-at-top
 
-    with pytest.raises(ValueError, match=model_type):
+    with pytest.raises(ValueError, match='trust_remote_code'):
       transformers.AutoConfig.from_pretrained(str(out))
-    try:
-      import torch  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
-    except ImportError:
-      pass  # AutoModel* start with AutoConfig (above); without torch they cannot be built
-    else:
-      for auto in (transformers.AutoModelForMaskedLM, transformers.AutoModel):
-        with pytest.raises(ValueError, match=model_type):
-          auto.from_pretrained(str(out))
+    loaded = transformers.AutoConfig.from_pretrained(str(out), trust_remote_code=True)
+  assert (
+    type(loaded).__name__ == hf_export.AUTO_MAP[config.model.family]['AutoConfig'].split('.')[1]
+  )
+  assert loaded.model_type == model_type
+  assert all(getattr(loaded, k) == v for k, v in hf.items() if k not in ('auto_map', 'dtype'))
   explicit = frozenset({'data.text_files', 'data.cache_dir'})
   back = hf_io.import_run(str(out), str(tmp_path / 'back'), config, preset, explicit)
   assert back.family == config.model.family
