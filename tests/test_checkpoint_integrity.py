@@ -53,26 +53,30 @@ def _differs(a, b):
 
 
 def _garbage_in_place(workdir):
-  """4 KB of random bytes written over the largest file of checkpoint 4's state that is read
-  (size and structure intact), in the middle or, from there outwards, where zstd decodes them
-  without an error. The issue's 20 KB spans several zstd blocks of this tiny model's files
-  and is mostly caught by the decoder (on the `small` preset it often is not:
-  benchmarks/checkpoint_integrity.py)."""
-  good, garbage = _orbax_state(workdir, 4), np.random.default_rng(0).bytes(4096)
-  for blob in _state_files(workdir / 'checkpoints' / '4'):
-    original = blob.read_bytes()
-    size = len(original)
-    for k in range(8 if size > 4 * len(garbage) else 0):
-      offset = size // 2 - len(garbage) // 2 + (-1) ** k * ((k + 1) // 2) * (size // 16)
-      blob.write_bytes(original[:offset] + garbage + original[offset + len(garbage) :])
-      try:
-        restored = _orbax_state(workdir, 4)
-      except Exception:  # pylint: disable=broad-except
-        continue  # the decoder noticed: damage the old code already handled
-      if _differs(restored, good):
-        return
-      break  # the same values: a file the checkpoint no longer references
-    blob.write_bytes(original)
+  """Random bytes written over a file of checkpoint 4's state that is read (size and
+  structure intact), where zstd decodes them without an error: 4 KB in the middle of the
+  largest file or, from there outwards, at 15 other offsets; where the decoder notices every
+  one (the compressed bytes follow the trained numbers, which vary with thread timing), the
+  same with 1 KB, 256 and 64 bytes, which fit inside one block's literals more often. The
+  issue's 20 KB spans several zstd blocks of this tiny model's files and is mostly caught by
+  the decoder (on the `small` preset it often is not: benchmarks/checkpoint_integrity.py)."""
+  good, rng = _orbax_state(workdir, 4), np.random.default_rng(0)
+  for length in (4096, 1024, 256, 64):
+    garbage = rng.bytes(length)
+    for blob in _state_files(workdir / 'checkpoints' / '4'):
+      original = blob.read_bytes()
+      size = len(original)
+      for k in range(16 if size > 4 * length else 0):
+        offset = size // 2 - length // 2 + (-1) ** k * ((k + 1) // 2) * (size // 40)
+        blob.write_bytes(original[:offset] + garbage + original[offset + length :])
+        try:
+          restored = _orbax_state(workdir, 4)
+        except Exception:  # pylint: disable=broad-except
+          continue  # the decoder noticed: damage the old code already handled
+        if _differs(restored, good):
+          return
+        break  # the same values: a file the checkpoint no longer references
+      blob.write_bytes(original)
   pytest.fail('no placement of the garbage decodes silently')
 
 
