@@ -22,7 +22,9 @@ from launch.configs import roformer
 
 _PRESET = flags.DEFINE_string('preset', 'tiny', 'RoFormer preset.')
 _BATCHES = flags.DEFINE_integer('batches', 200, 'Batches drawn from the pipeline (timed).')
-_THREADS = flags.DEFINE_list('threads', ['1', '2'], 'data.num_threads values to time.')
+_THREADS = flags.DEFINE_list(
+  'threads', ['1', '2'], 'data.num_threads values to time (each with and without prefetch).'
+)
 _NEED_PRESETS = flags.DEFINE_list(
   'need_presets', ['tiny', 'small', 'base', 'large'], 'Presets of the per-host need table.'
 )
@@ -72,7 +74,24 @@ def pipeline_tokens_per_sec(config, source, tok, num_batches: int) -> float:
   for _ in range(num_batches):
     next(it)
   elapsed = time.perf_counter() - start
+  it.close()
   return num_batches * config.data.global_batch_size * config.data.seq_len / elapsed
+
+
+def loop_thread_ms_per_batch(config, source, tok, step_seconds: float, num_batches: int) -> float:
+  """Median ms the consuming thread spends in next() when it takes a batch every
+  `step_seconds` (a sleep standing in for the train step): with data.prefetch_batches > 0 the
+  batch is ready and next() only takes it; with 0 next() packs, batches and masks."""
+  it = iter(pipeline.make_dataset(source.train, tok, config, text_key=source.text_key))
+  next(it)
+  waits = []
+  for _ in range(num_batches):
+    time.sleep(step_seconds)
+    start = time.perf_counter()
+    next(it)
+    waits.append(time.perf_counter() - start)
+  it.close()
+  return 1e3 * sorted(waits)[len(waits) // 2]
 
 
 def main(argv):
@@ -89,18 +108,27 @@ def main(argv):
     f'{config.data.seq_len}, {jax.devices()[0].platform}: the train step consumes '
     f'{consumed:,.0f} tokens/s\n'
   )
-  print('| data.num_threads | pipeline tokens/s | headroom over the step |')
-  print('|---|---|---|')
+  print(
+    '| data.num_threads | data.prefetch_batches | pipeline tokens/s | headroom over the step | '
+    'loop thread ms per batch (step %.0f ms) |' % (1e3 * seconds)
+  )
+  print('|---|---|---|---|---|')
   for threads in _THREADS.value:
-    config.data.num_threads = int(threads)
-    made = pipeline_tokens_per_sec(config, source, tok, _BATCHES.value)
-    print(f'| {threads} | {made:,.0f} | {made / consumed:.1f}x |', flush=True)
-  # What a TPU host needs: each preset's single-thread pipeline rate (its own seq_len, batch
-  # and tokenizer) against the tokens/s its chips take at the target MFU.
+    for prefetch in (0, 4):
+      config.data.num_threads, config.data.prefetch_batches = int(threads), prefetch
+      made = pipeline_tokens_per_sec(config, source, tok, _BATCHES.value)
+      waited = loop_thread_ms_per_batch(config, source, tok, seconds, 20)
+      print(
+        f'| {threads} | {prefetch} | {made:,.0f} | {made / consumed:.1f}x | {waited:.2f} |',
+        flush=True,
+      )
+  # What a TPU host needs: each preset's pipeline rate on one core (reads, packing, batching
+  # and masking all on one thread; its own seq_len, batch and tokenizer) against the tokens/s
+  # its chips take at the target MFU.
   per_core = {}
   for preset in _NEED_PRESETS.value:
     c = roformer.get_config(preset)
-    c.data.num_threads = 1
+    c.data.num_threads, c.data.prefetch_batches = 0, 0
     src = text_datasets.load_text_source(c.data)
     t = tokenizer_lib.load_or_train(c.data, c.model, src.train, src.text_key, src.fingerprint)
     per_core[preset] = pipeline_tokens_per_sec(c, src, t, _BATCHES.value)

@@ -29,6 +29,7 @@ import collections.abc
 import dataclasses
 import functools
 import hashlib
+import os
 from typing import Any, Sequence
 
 import grain
@@ -317,6 +318,37 @@ class _CountSourcesIterator(grain.DatasetIterator):
     return f'CountSources({", ".join(self._names)})'
 
 
+class RestorablePacking(grain.IterDataset):
+  """grain's ConcatThenSplitIterDataset whose saved position restores exactly after the JSON
+  round trip of a checkpoint (docs/design.md 5, benchmarks/repro/grain_packing_state_json.py).
+
+  grain 0.2.18 marks "the remainder is the whole next document" with the tuple (-1, -1) in the
+  state's remainder_slices; JSON gives it back as the list [-1, -1], which its set_state
+  compares unequal to the tuple, so it takes that document for a slice [-1:-1] and drops it:
+  every checkpoint taken when a packed row ended exactly at a document's end (about 1 in 12
+  on the test corpora) resumed one document later. The state is passed through unchanged
+  (checkpoints stay compatible) and the slices are made tuples again on restore.
+  """
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _RestorablePackingIterator(self._parent.__iter__())
+
+
+class _RestorablePackingIterator(grain.DatasetIterator):
+  """The iterator of RestorablePacking: the parent's elements and state."""
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    slices = state.get('remainder_slices') or {}
+    fixed = {key: tuple(value) for key, value in slices.items()}
+    self._parent.set_state({**state, 'remainder_slices': fixed} if slices else state)
+
+
 def mixture_counts(iterator) -> MixtureCounts | None:
   """The documents and tokens per source that a mixture's training iterator (an iterator of
   `make_dataset` over `MixtureRecords`) returned so far, counted since the run's first batch
@@ -343,7 +375,8 @@ def make_dataset(
       source contributed, `mixture_counts`).
     tokenizer: the Tokenizer.
     config: full config; reads config.data (seq_len, global_batch_size, shuffle_seed,
-      mask_*, num_threads, prefetch_buffer_size), config.objective, config.model.vocab_size.
+      mask_*, num_threads, prefetch_buffer_size, prefetch_batches), config.objective,
+      config.model.vocab_size.
     train: shuffle (train) or read in order (evaluation).
     process_index, process_count: this process's data shard and the number of shards:
       `pretrain.mesh.batch_feed(mesh).index` and `.count`, which equal `jax.process_index()`
@@ -390,9 +423,11 @@ def make_dataset(
     ds = ds.map(Tokenize(tokenizer, text_key))
     lengths = {'tokens': data.seq_len}
   it = ds.to_iter_dataset(
-    grain.ReadOptions(num_threads=data.num_threads, prefetch_buffer_size=data.prefetch_buffer_size)
+    grain.ReadOptions(
+      num_threads=read_threads(data.num_threads), prefetch_buffer_size=data.prefetch_buffer_size
+    )
   )
-  it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct=lengths)
+  it = RestorablePacking(grain.experimental.ConcatThenSplitIterDataset(it, length_struct=lengths))
   it = it.map(_rename_packed)
   it = it.batch(data.global_batch_size // process_count, drop_remainder=True)
   if config.objective == 'mlm':
@@ -415,9 +450,27 @@ def make_dataset(
     it = it.map(objectives.next_token_targets)
   else:
     raise ValueError(f"--config.objective={config.objective!r}; use 'mlm' or 'clm'.")
-  if mixture:
+  if data.get('prefetch_batches', 0) > 0:
+    # Packing, batching and masking run in this thread (grain checkpoints the position of the
+    # batch the consumer took, not of the ones made ahead).
+    it = grain.experimental.ThreadPrefetchIterDataset(
+      it, prefetch_buffer_size=data.prefetch_batches
+    )
+  if mixture:  # on the consumer's side: the counts are those of the batches taken
     it = CountSources(it, records.names, records.weights)
   return it
+
+
+# Upper bound of data.num_threads=-1: tokenization in more Python threads stops paying.
+MAX_AUTO_READ_THREADS = 16
+
+
+def read_threads(num_threads: int) -> int:
+  """grain read threads for data.num_threads: -1 = one per core up to MAX_AUTO_READ_THREADS
+  (os.cpu_count()), else as given (0: read on the consuming thread)."""
+  if num_threads >= 0:
+    return num_threads
+  return max(1, min(MAX_AUTO_READ_THREADS, os.cpu_count() or 1))
 
 
 def eval_batches(
@@ -442,4 +495,7 @@ def eval_batches(
       process_count=process_count,
     )
   )
-  return [next(it) for _ in range(config.train.eval_steps)]
+  try:
+    return [next(it) for _ in range(config.train.eval_steps)]
+  finally:
+    it.close()  # stops the prefetch thread

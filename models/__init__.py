@@ -113,6 +113,10 @@ def validate(config) -> None:
   _choice('model.residual', m.residual, ('post_ln', 'deepnorm'))
   _choice('model.init', m.init, ('normal', 'roformer_v2', 'gau_alpha'))
   _choice('model.remat_policy', m.remat_policy, encoder.REMAT_POLICIES)
+  if m.get('scan_unroll', 0) < 0:
+    raise ValueError(
+      f'model.scan_unroll={m.scan_unroll} must be >= 0 (0 = auto, k = layers per iteration)'
+    )
   _choice('model.norm_type', m.norm_type, ('layernorm', 'rmsnorm', 'rmsnorm_noparam'))
   for name in ('dtype', 'param_dtype'):
     _choice(f'model.{name}', m[name], ('float32', 'bfloat16', 'float16'))

@@ -151,15 +151,20 @@ def splash_blocker(*, family: str, seq_len: int, dropout_rate: float) -> str | N
   return None
 
 
-def _mesh_on_tpu() -> bool:
-  """True when this trace targets TPU devices: those of the mesh set by jax.set_mesh (an
-  ahead-of-time compile for a TPU topology runs on a CPU host, whose default backend is
-  'cpu'), else the default backend's."""
+def trace_platform() -> str:
+  """The platform this trace targets ('cpu', 'tpu', 'gpu', ...): that of the mesh set by
+  jax.set_mesh (an ahead-of-time compile for a TPU topology runs on a CPU host, whose default
+  backend is 'cpu'), else the default backend's."""
   mesh = jax.sharding.get_abstract_mesh()  # get_mesh() is refused inside jit
   device = None if mesh.empty else getattr(mesh, 'abstract_device', None)
   if device is not None:
-    return device.platform == 'tpu'
-  return jax.default_backend() == 'tpu'
+    return device.platform
+  return jax.default_backend()
+
+
+def _mesh_on_tpu() -> bool:
+  """True when this trace targets TPU devices (`trace_platform`)."""
+  return trace_platform() == 'tpu'
 
 
 def use_splash(impl: str, *, family: str, seq_len: int, dropout_rate: float) -> bool:

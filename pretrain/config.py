@@ -107,6 +107,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.remat_policy = 'none'
   # Scan over layers (compile time independent of depth).
   model.scan_layers = True
+  # Layers per iteration of that scan (the parameters are the same): 0 = auto, all layers (no
+  # loop) on CPU up to 12 layers, else 1 (docs/performance.md 3); k >= 1 as given.
+  model.scan_unroll = 0
 
   # ---------------------------------------------------------------- data
   config.data = data = ml_collections.ConfigDict()
@@ -189,9 +192,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.random_token_rate = 0.1
   # Seed of the document shuffle (per epoch) and of the masking.
   data.shuffle_seed = 0
-  # Grain read threads and prefetch buffer (elements).
-  data.num_threads = 2
+  # Grain read threads (tokenization) and their prefetch buffer (documents); -1 = auto, one per
+  # core up to 16 (a TPU VM host has tens of cores), 0 = read on the consuming thread.
+  data.num_threads = -1
   data.prefetch_buffer_size = 64
+  # Batches packed, batched and masked ahead in a background thread, so that the training
+  # loop's thread only takes them (0 = on the loop's thread; docs/performance.md 5).
+  data.prefetch_batches = 4
 
   # ---------------------------------------------------------------- optimizer
   config.optim = optim = ml_collections.ConfigDict()

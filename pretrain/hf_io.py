@@ -599,7 +599,7 @@ def read_weights(from_hf: str) -> tuple[str, dict[str, np.ndarray]]:
 
 
 # Model fields that change how the model runs, not what it computes: from --config.
-RUNTIME_FIELDS = ('dtype', 'remat_policy', 'scan_layers')
+RUNTIME_FIELDS = ('dtype', 'remat_policy', 'scan_layers', 'scan_unroll')
 
 
 def _config_for(from_hf: str, hf: dict, config, explicit: frozenset):

@@ -106,6 +106,8 @@ class Run:
         self.ckpt.close()
     finally:
       self.writer.close()
+      if hasattr(self.train_iter, 'close'):
+        self.train_iter.close()  # stops the input pipeline's prefetch thread
       if self.lock is not None:
         self.lock.release()
 

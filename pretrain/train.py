@@ -70,8 +70,17 @@ def loss_and_metrics(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   """
   logits = logits.astype(jnp.float32)
   xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return weighted_sums(xent, correct, weights)
+  return weighted_sums(xent, (first_argmax(logits) == targets).astype(jnp.float32), weights)
+
+
+def first_argmax(logits: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (the first index of the maximum; int32 [...]) as a max and
+  a min reduction: XLA on CPU runs argmax's (value, index) reduction unvectorised, 5x slower
+  over an 8000-word vocabulary (2 vs 11 ms per step at the throughput benchmark's shapes). A
+  row holding NaN has no maximum here (index = size) where argmax returns the NaN's."""
+  size = logits.shape[-1]
+  is_max = logits == jnp.max(logits, axis=-1, keepdims=True)
+  return jnp.min(jnp.where(is_max, jnp.arange(size, dtype=jnp.int32), size), axis=-1)
 
 
 def weighted_sums(losses: jax.Array, correct: jax.Array, weights: jax.Array):
@@ -300,6 +309,14 @@ def _validate_data(data, objective: str):
       f'--config.data.global_batch_size={data.global_batch_size} must be >= 1 '
       '(rows per step over all processes).'
     )
+  if data.num_threads < -1:
+    raise ValueError(
+      f'--config.data.num_threads={data.num_threads} must be >= -1 (-1: one per core up to '
+      '16; 0: read on the consuming thread).'
+    )
+  for field in ('prefetch_buffer_size', 'prefetch_batches'):
+    if data[field] < 0:
+      raise ValueError(f'--config.data.{field}={data[field]} must be >= 0 (0: no prefetch).')
   if not 0 < data.validation_fraction < 1:
     raise ValueError(
       f'--config.data.validation_fraction={data.validation_fraction} must be in '

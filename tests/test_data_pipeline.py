@@ -1,6 +1,8 @@
 """Packing, masking, CLM targets, process sharding and iterator state of the grain pipeline."""
 
 import collections
+import json
+import threading
 
 import numpy as np
 import pytest
@@ -177,6 +179,60 @@ def test_iterator_state_round_trips(prepared):
     got = next(it2)
     for k in want:
       np.testing.assert_array_equal(got[k], want[k])
+
+
+@pytest.mark.parametrize('prefetch_batches', [0, 4])
+def test_resume_from_a_json_saved_position_equals_uninterrupted(prepared, prefetch_batches):
+  """The data position as checkpoints store it (JSON) resumes exactly at every batch
+  boundary, with batches made ahead in a thread or not, also where a packed row ended exactly
+  at a document's end (grain 0.2.18's sentinel, `pipeline.RestorablePacking`): there the old
+  pipeline resumed one document late."""
+  config, _, _ = prepared
+  config.data.prefetch_batches = prefetch_batches
+  # seq_len 32: documents of 15 and 31 tokens (+ [SEP]) end rows exactly, 7 + 23 too, the
+  # others do not.
+  lengths = [15, 15, 7, 23, 15, 31, 15, 15, 10, 20, 31] * 8
+  records = _records([f'{d}:{n}' for d, n in enumerate(lengths)])
+  ds = pipeline.make_dataset(records, _CountingTokenizer(), config, train=False)
+  it = iter(ds)
+  expected = [next(it) for _ in range(25)]
+  sentinel = 0
+  for k in range(1, 23):
+    it = iter(ds)
+    for _ in range(k):
+      next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    packing = state['parent']
+    sentinel += packing['remainder_slices'] == {'tokens': [-1, -1]}
+    resumed = iter(ds)
+    resumed.set_state(state)
+    for want in expected[k : k + 2]:
+      got = next(resumed)
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=f'{key} after {k} batches')
+  assert sentinel >= 3  # the case the fix is for occurs here
+
+
+def test_packing_batching_and_masking_run_off_the_consuming_thread(prepared, monkeypatch):
+  """With data.prefetch_batches > 0 the stages after tokenization (packing, batching, masking)
+  run in the pipeline's own thread, so the training loop's thread only takes batches."""
+  config, source, tok = prepared
+  seen = []
+  mask = pipeline._mask  # pylint: disable=protected-access
+
+  def recording_mask(batch, rng, **kwargs):
+    seen.append(threading.get_ident())
+    return mask(batch, rng, **kwargs)
+
+  monkeypatch.setattr(pipeline, '_mask', recording_mask)
+  for prefetch, off_thread in ((4, True), (0, False)):
+    config.data.prefetch_batches = prefetch
+    seen.clear()
+    it = iter(pipeline.make_dataset(source.train, tok, config))
+    for _ in range(3):
+      next(it)
+    it.close()
+    assert seen and all((t != threading.get_ident()) == off_thread for t in seen), prefetch
 
 
 def test_batch_that_does_not_divide_over_processes_is_refused(prepared):

@@ -148,10 +148,13 @@ def test_packed_segments_do_not_interact(objective):
     np.testing.assert_allclose(packed[:, start:stop], alone, atol=1e-5, err_msg=f'segment {s}')
 
 
-def test_scan_equals_unrolled():
-  config = tiny_config(scan_layers=True)
+@pytest.mark.parametrize('num_layers,scan_unroll', [(2, 1), (3, 2), (2, 0)])
+def test_scan_equals_unrolled(num_layers, scan_unroll):
+  """The scanned stack, as a loop of one layer per iteration, of two (3 layers: a remainder),
+  or with no loop (0: auto on CPU), equals the listed layers."""
+  config = tiny_config(scan_layers=True, scan_unroll=scan_unroll, num_layers=num_layers)
   scanned = models.build(config, rngs=nnx.Rngs(params=0))
-  config_list = tiny_config(scan_layers=False)
+  config_list = tiny_config(scan_layers=False, num_layers=num_layers)
   unrolled = load(
     models.build(config_list, rngs=nnx.Rngs(params=1)), models.unstack_layers(pure_params(scanned))
   )
@@ -162,6 +165,22 @@ def test_scan_equals_unrolled():
   # and back
   restacked = models.stack_layers(pure_params(unrolled))
   jax.tree.map(np.testing.assert_array_equal, restacked, pure_params(scanned))
+
+
+def test_scan_unroll_auto_drops_the_loop_on_cpu_up_to_12_layers_only():
+  from models import encoder  # pylint: disable=g-import-not-at-top
+
+  spec = lambda layers, unroll=0: models.resolve(tiny_config(num_layers=layers, scan_unroll=unroll))
+  assert [encoder.scan_unroll(spec(n), 'cpu') for n in (2, 12, 13)] == [2, 12, 1]
+  assert encoder.scan_unroll(spec(4), 'tpu') == encoder.scan_unroll(spec(4), 'gpu') == 1
+  assert encoder.scan_unroll(spec(4, 3), 'tpu') == 3  # as given, anywhere
+  tokens, seg, pos = inputs()
+  for unroll, loop in ((0, False), (1, True)):  # the setting reaches the compiled step
+    model = models.build(tiny_config(scan_unroll=unroll), rngs=nnx.Rngs(params=0))
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a))
+    hlo = step.lower(state, tokens, seg, pos).compile().as_text()
+    assert (' while(' in hlo) == loop, unroll
 
 
 def _loss_and_grads(config, params, dropout=False):
@@ -180,12 +199,20 @@ def _loss_and_grads(config, params, dropout=False):
 
 
 @pytest.mark.parametrize(
-  'scan_layers,policy,rate',
-  [(True, 'full', 0.1), (True, 'dots_with_no_batch_dims', 0.0), (False, 'full', 0.0)],
+  'scan_layers,scan_unroll,policy,rate',
+  [
+    (True, 1, 'full', 0.1),
+    (True, 1, 'dots_with_no_batch_dims', 0.0),
+    (True, 0, 'full', 0.0),
+    (False, 0, 'full', 0.0),
+  ],
 )
-def test_remat_gradients_equal(scan_layers, policy, rate):
-  """RC-1 (and RC-4 with dropout: the recompute sees the same dropout keys)."""
-  cfg = lambda **kw: tiny_config(scan_layers=scan_layers, dropout_rate=rate, **kw)
+def test_remat_gradients_equal(scan_layers, scan_unroll, policy, rate):
+  """RC-1 (and RC-4 with dropout: the recompute sees the same dropout keys), in a scan loop
+  (scan_unroll=1), a scan without a loop (auto on CPU) and listed layers."""
+  cfg = lambda **kw: tiny_config(
+    scan_layers=scan_layers, scan_unroll=scan_unroll, dropout_rate=rate, **kw
+  )
   params = pure_params(models.build(cfg(), rngs=nnx.Rngs(params=0)))
   loss0, g0 = _loss_and_grads(cfg(), params, dropout=rate > 0)
   loss1, g1 = _loss_and_grads(cfg(remat_policy=policy), params, dropout=rate > 0)

@@ -19,7 +19,8 @@ def small_config(num_layers: int, scan_layers: bool = True):
   config = helpers.tiny_config('roformer:tiny', 'mlm')
   m = config.model
   m.hidden_size, m.num_heads, m.mlp_dim, m.num_layers = 128, 2, 512, num_layers
-  m.scan_layers = scan_layers
+  # A real loop even on CPU (as on TPU), where model.scan_unroll=0 would unroll it.
+  m.scan_layers, m.scan_unroll = scan_layers, 1
   return config
 
 

@@ -190,3 +190,21 @@ def test_bad_data_fields_are_refused_naming_the_field(
   with pytest.raises(train.InputError, match=message):
     train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / 'checkpoints').exists() or not list((tmp_path / 'checkpoints').iterdir())
+
+
+def test_first_argmax_equals_argmax_with_ties():
+  """The accuracy's argmax (two reductions, fast on CPU) is jnp.argmax, ties included: the
+  first index of the maximum."""
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((4, 6, 50)).astype(np.float32)
+  logits[0, 0] = 0.0  # all equal: index 0
+  logits[1, 2, [7, 30]] = 9.0  # a tie between two words: the first
+  logits[2, 3, -1] = 9.0  # the last word
+  logits = np.concatenate([logits, np.round(logits)], 0)  # many ties after rounding
+  expected = np.argmax(logits, -1)
+  assert expected[0, 0] == 0 and expected[1, 2] == 7 and expected[2, 3] == 49
+  np.testing.assert_array_equal(jax.jit(train.first_argmax)(logits), expected)
+  targets = expected.astype(np.int32)
+  targets[0, :3] = (targets[0, :3] + 1) % 50  # three wrong
+  _, sums = train.loss_and_metrics(logits, targets, np.ones(targets.shape, np.float32))
+  assert float(sums['correct_sum']) == targets.size - 3
