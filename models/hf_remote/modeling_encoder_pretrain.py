@@ -105,37 +105,28 @@ class RoFormerV2SelfAttention(nn.Module):
     return torch.matmul(probs, v).transpose(1, 2).reshape(b, n, -1)
 
 
-class RoFormerV2SelfOutput(nn.Module):
-  def __init__(self, config):
+class DenseHolder(nn.Module):
+  """One bias-free `dense` layer under the name the ports' state dicts use
+  (attention.output.dense, intermediate.dense, output.dense)."""
+
+  def __init__(self, in_features, out_features):
     super().__init__()
-    self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+    self.dense = nn.Linear(in_features, out_features, bias=False)
 
 
 class RoFormerV2Attention(nn.Module):
   def __init__(self, config):
     super().__init__()
     self.self = RoFormerV2SelfAttention(config)
-    self.output = RoFormerV2SelfOutput(config)
-
-
-class RoFormerV2Intermediate(nn.Module):
-  def __init__(self, config):
-    super().__init__()
-    self.dense = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-
-
-class RoFormerV2Output(nn.Module):
-  def __init__(self, config):
-    super().__init__()
-    self.dense = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+    self.output = DenseHolder(config.hidden_size, config.hidden_size)
 
 
 class RoFormerV2Layer(nn.Module):
   def __init__(self, config):
     super().__init__()
     self.attention = RoFormerV2Attention(config)
-    self.intermediate = RoFormerV2Intermediate(config)
-    self.output = RoFormerV2Output(config)
+    self.intermediate = DenseHolder(config.hidden_size, config.intermediate_size)
+    self.output = DenseHolder(config.intermediate_size, config.hidden_size)
     self.act = ACT2FN[config.hidden_act]
     self.dropout = nn.Dropout(config.hidden_dropout_prob)
     self.eps = config.layer_norm_eps
