@@ -7,7 +7,8 @@ Running the command again resumes from the workdir's latest checkpoint.
 
 Exit codes: 0 done (or stopped by SIGTERM / Ctrl-C after saving a checkpoint), 2 bad input
 (the message says what to do), 3 stopped after train.max_nonfinite_steps non-finite steps in a
-row (the last good checkpoint is kept), 4 a checkpoint save failed (earlier ones are intact).
+row (the last good checkpoint is kept), 4 a checkpoint save failed (earlier ones are intact),
+5 another run took over a gs:// workdir's lease (stopped before its next save).
 A second Ctrl-C exits at once (130).
 """
 

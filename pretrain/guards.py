@@ -36,7 +36,8 @@ class RunStopped(RuntimeError):
   """The run stopped on a problem found while training (not bad input).
 
   Attributes:
-    exit_code: what `launch.pretrain` exits with (3: non-finite steps, 4: a failed save).
+    exit_code: what `launch.pretrain` exits with (3: non-finite steps, 4: a failed save, 5:
+      another run took over the workdir's lease).
   """
 
   def __init__(self, message: str, exit_code: int):
@@ -46,6 +47,7 @@ class RunStopped(RuntimeError):
 
 EXIT_NONFINITE = 3
 EXIT_SAVE_FAILED = 4
+EXIT_WORKDIR_TAKEN = 5  # another run took over a bucket workdir's lease (docs/buckets.md)
 EXIT_INTERRUPTED = 130
 
 
@@ -395,6 +397,14 @@ class WorkdirLock:
     self._file = f
     return self
 
+  def check(self):
+    """Raises RunStopped (exit code 5) once another run has taken over this run's lease (it
+    could not be refreshed for LEASE_TTL_SECONDS): the loop agrees on it and stops every
+    process before its next save, which would rotate out the other run's checkpoints. A
+    no-op for local workdirs and on processes other than 0."""
+    if self._lease is not None and self._lease.lost:
+      raise RunStopped(self._lease.lost, EXIT_WORKDIR_TAKEN)
+
   def release(self):
     if self._file is not None:
       fcntl.flock(self._file, fcntl.LOCK_UN)
@@ -416,6 +426,8 @@ class _Lease:
     self._generation = 0
     self._stop = threading.Event()
     self._thread = None
+    # Why the lease is no longer this run's ('' while it is): set by the refresh thread.
+    self.lost = ''
 
   def _record(self) -> str:
     now = time.time()
@@ -507,12 +519,16 @@ class _Lease:
         )
         self._generation = int(self._blob.generation)
       except exceptions.PreconditionFailed:
-        logging.error(
-          'the lease %s was taken over by another run (this one could not refresh it for '
-          '%g s): two runs now write this workdir; stop one of them',
-          self.uri,
-          LEASE_TTL_SECONDS,
+        try:
+          holder = (self._read()[1] or {}).get('holder') or 'another run'
+        except Exception:  # pylint: disable=broad-except
+          holder = 'another run'
+        self.lost = (
+          f'the lease {self.uri} was taken over by {holder} (this run could not refresh it '
+          f'for {LEASE_TTL_SECONDS:g} s): stopped without saving, so neither run rotates out '
+          "the other's checkpoints. Let one run finish, then resume the other with its command."
         )
+        logging.error('%s', self.lost)
         return
       except Exception as e:  # pylint: disable=broad-except
         kind = type(e).__name__
@@ -530,6 +546,8 @@ class _Lease:
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout=10)
+    if self.lost:
+      return  # the object is the other run's now
     try:
       self._blob.delete(if_generation_match=self._generation)
     except Exception as e:  # pylint: disable=broad-except

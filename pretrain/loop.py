@@ -313,8 +313,9 @@ def train_loop(
     A LoopResult.
 
   Raises:
-    guards.RunStopped: train.max_nonfinite_steps non-finite steps in a row (exit code 3), or a
-      failed save (exit code 4).
+    guards.RunStopped: train.max_nonfinite_steps non-finite steps in a row (exit code 3), a
+      failed save (exit code 4), or a bucket workdir's lease taken over by another run (exit
+      code 5).
   """
   t = run.config.train
   num_steps = t.num_train_steps
@@ -404,6 +405,8 @@ def train_loop(
       saved, save_step = False, save_hook.due(step) or stop
       if not save_step:
         failure = failure or _failure(functools.partial(_check_saves, run))[1]
+      if run.lock is not None:  # a bucket workdir's lease taken over by another run: exit 5
+        failure = failure or _failure(run.lock.check)[1]
       if (failure is not None and jax.process_count() == 1) or log_step or save_step:
         # At the same points on every process (log and save steps, an agreed stop), and
         # before a save: after a failure no process starts one (it would rotate out a good

@@ -83,6 +83,23 @@ runpy.run_module('launch.pretrain', run_name='__main__', alter_sys=True)
 """
 
 
+# Runs the launcher with a 1.5 s lease (refreshed every 0.5 s) and a 0.2 s pause after each
+# metrics write: a takeover by another run, which takes LEASE_TTL_SECONDS of failed refreshes
+# on a real bucket, is then seen within a second.
+_SHORT_LEASE = """
+import runpy, sys, time
+from pretrain import guards, metrics
+guards.LEASE_TTL_SECONDS = 1.5
+write = metrics.MetricWriter.write
+def slow_write(self, *args, **kwargs):
+  write(self, *args, **kwargs)
+  time.sleep(0.2)
+metrics.MetricWriter.write = slow_write
+sys.argv = ['launch.pretrain', *sys.argv[1:]]
+runpy.run_module('launch.pretrain', run_name='__main__', alter_sys=True)
+"""
+
+
 def _command(gcs, workdir, corpus, cache_dir, code=None, **overrides):
   flags = tiny_flags(corpus, cache_dir, **{**RUN, **overrides})
   launcher = ['-c', code] if code else ['-m', 'launch.pretrain']
@@ -403,6 +420,43 @@ def test_live_lease_of_another_host_refuses_the_run(gcs, text_corpus, cache_dir)
   code, out = _run(gcs, workdir, text_corpus, cache_dir)
   assert code == 2 and f'in use by {holder}' in out, f'exit code {code}:\n{out[-3000:]}'
   assert gcs.exists(f'{workdir}/.lease') and not gcs.exists(f'{workdir}/config.json')
+
+
+def test_a_run_whose_lease_another_run_took_over_stops_with_exit_5(gcs, text_corpus, cache_dir):
+  """Another run takes the lease over while this one trains (as after this run's refreshes
+  failed for the lease's lifetime): this run stops before its next save with exit code 5
+  naming the new holder, and leaves the other's lease in place. (The old code logged an
+  error and trained on, saving and rotating checkpoints in a workdir two runs now write.)"""
+  workdir = 'lease_lost/run'
+  other = 'PID 4242 on host elsewhere (since 2026-01-01 00:00:00)'
+  proc = _start(
+    gcs,
+    workdir,
+    text_corpus,
+    cache_dir,
+    code=_SHORT_LEASE,
+    **{
+      'train.num_train_steps': 100000,
+      'train.log_every_steps': 1,
+      'train.eval_every_steps': 100000,
+      'train.checkpoint_every_steps': 2,
+    },
+  )
+  try:
+    deadline = time.time() + 90
+    while not _committed_steps(gcs, workdir):  # training, one checkpoint written
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+      time.sleep(0.05)
+    taken = _lease(other, 4242, time.time() + 600)
+    gcs.write(f'{workdir}/.lease', taken)  # a new generation: the refresh's precondition fails
+    out, _ = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  assert proc.returncode == 5, f'exit code {proc.returncode}:\n{out[-4000:]}'
+  assert f'was taken over by {other}' in out and 'stopped without saving' in out, out[-3000:]
+  assert gcs.read(f'{workdir}/.lease').decode() == taken  # not deleted by this run's release
 
 
 def test_lease_is_refreshed_while_held_and_deleted_at_release(gcs, monkeypatch):
