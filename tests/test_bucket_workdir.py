@@ -57,11 +57,14 @@ sys.argv = ['launch.pretrain', *sys.argv[1:]]
 runpy.run_module('launch.pretrain', run_name='__main__', alter_sys=True)
 """
 
-# Runs the launcher with a 0.2 s pause after each metrics write: a run that lives long but
-# leaves the CPU to the others (the workdir's holder in the two-run test).
-_SLOW = """
+
+def _slow_launcher(setup: str = '') -> str:
+  """Code that runs the launcher with a 0.2 s pause after each metrics write (a run that lives
+  long but leaves the CPU to the others), after the `setup` lines (`guards` is imported)."""
+  return f"""
 import runpy, sys, time
-from pretrain import metrics
+from pretrain import guards, metrics
+{setup}
 write = metrics.MetricWriter.write
 def slow_write(self, *args, **kwargs):
   write(self, *args, **kwargs)
@@ -70,6 +73,13 @@ metrics.MetricWriter.write = slow_write
 sys.argv = ['launch.pretrain', *sys.argv[1:]]
 runpy.run_module('launch.pretrain', run_name='__main__', alter_sys=True)
 """
+
+
+# The workdir's holder in the two-run test.
+_SLOW = _slow_launcher()
+# A 1.5 s lease (refreshed every 0.5 s): a takeover by another run, which takes
+# LEASE_TTL_SECONDS of failed refreshes on a real bucket, is then seen within a second.
+_SHORT_LEASE = _slow_launcher('guards.LEASE_TTL_SECONDS = 1.5')
 
 # Runs the launcher with pretrain.metrics.REMOTE_UPLOAD_SECONDS = 0: every log step is an
 # upload interval, as every 30 s is in a run of hours (a long run, compressed).
@@ -78,23 +88,6 @@ import runpy, sys
 from pretrain import metrics
 assert hasattr(metrics, 'REMOTE_UPLOAD_SECONDS'), 'pretrain.metrics.REMOTE_UPLOAD_SECONDS is gone'
 metrics.REMOTE_UPLOAD_SECONDS = 0.0
-sys.argv = ['launch.pretrain', *sys.argv[1:]]
-runpy.run_module('launch.pretrain', run_name='__main__', alter_sys=True)
-"""
-
-
-# Runs the launcher with a 1.5 s lease (refreshed every 0.5 s) and a 0.2 s pause after each
-# metrics write: a takeover by another run, which takes LEASE_TTL_SECONDS of failed refreshes
-# on a real bucket, is then seen within a second.
-_SHORT_LEASE = """
-import runpy, sys, time
-from pretrain import guards, metrics
-guards.LEASE_TTL_SECONDS = 1.5
-write = metrics.MetricWriter.write
-def slow_write(self, *args, **kwargs):
-  write(self, *args, **kwargs)
-  time.sleep(0.2)
-metrics.MetricWriter.write = slow_write
 sys.argv = ['launch.pretrain', *sys.argv[1:]]
 runpy.run_module('launch.pretrain', run_name='__main__', alter_sys=True)
 """
