@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable
 
 from absl import logging
+from etils import epath
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -594,26 +595,18 @@ def select_evaluation(evals: list[dict[str, Any]], metric: str) -> dict[str, Any
 
 def _eval_history(run: Run) -> list[dict[str, Any]]:
   """Every evaluation of the run, before a resume too: the 'eval' and 'validation' rows of
-  its metrics.jsonl (truncated to the restored step on resume), else (a process that did
-  not write the file) the evaluations of this process's life (`run.evals`)."""
-  path = os.path.join(run.workdir, 'metrics.jsonl')
+  its metrics.jsonl (truncated to the restored step on resume), merged with the evaluations
+  of this process's life (`run.evals`: all there is on a process that did not write the
+  file)."""
   rows: dict[int, dict[str, Any]] = {}
-  try:
-    with open(path, encoding='utf-8') as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except ValueError:
-          continue  # a line cut by a kill; the rows before it are whole
-        if row.get('split') in ('eval', 'validation'):
-          entry = rows.setdefault(int(row['step']), {'step': int(row['step'])})
-          values = {k: v for k, v in row.items() if k not in ('step', 'split', 'time')}
-          if row['split'] == 'eval':
-            entry.update(values)
-          else:
-            entry['validation'] = values
-  except OSError:
-    return run.evals
+  for row in metrics_lib.read_lines(epath.Path(run.workdir) / 'metrics.jsonl'):
+    if row.get('split') in ('eval', 'validation'):
+      entry = rows.setdefault(int(row['step']), {'step': int(row['step'])})
+      values = {k: v for k, v in row.items() if k not in ('step', 'split', 'time')}
+      if row['split'] == 'eval':
+        entry.update(values)
+      else:
+        entry['validation'] = values
   merged = {e['step']: e for e in (list(rows.values()) + run.evals)}
   return [merged[k] for k in sorted(merged)]
 

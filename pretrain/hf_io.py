@@ -234,10 +234,8 @@ def export_summary(result: ExportResult) -> str:
       f'{model_card.LAYOUT_NAMES[result.family]}',
       f'wrote {result.out_dir}: {files}',
       'check: the state dict re-imports bit-identically',
-      f'load it with:\n  {model_card.LOAD_HINTS[result.family][0]}',
-      f'  model = AutoModelForMaskedLM.from_pretrained({result.out_dir!r}'
-      f'{model_card.LOAD_HINTS[result.family][1]})',
-      f'  tokenizer = AutoTokenizer.from_pretrained({result.out_dir!r})',
+      'load it with:',
+      *('  ' + line for line in model_card.load_lines(result.family, result.out_dir)),
     ]
   )
 

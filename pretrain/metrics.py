@@ -256,6 +256,24 @@ class LoggerError(ValueError):
   """A bad --config.train.loggers, or a sink that cannot start; the message says the fix."""
 
 
+def read_lines(path) -> list[dict]:
+  """The JSON object lines of `path` (an etils path, e.g. a run's metrics.jsonl), torn lines
+  (a kill mid-write) skipped; [] when the file is missing or unreadable."""
+  try:
+    text = path.read_text()
+  except Exception:  # pylint: disable=broad-except
+    return []
+  out = []
+  for line in text.splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict):
+      out.append(record)
+  return out
+
+
 class Sink:
   """One destination of scalar metrics (docs/configuration.md 2).
 

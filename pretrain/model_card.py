@@ -16,6 +16,9 @@ import json
 import os
 import re
 
+from models import hf_export
+from pretrain import metrics as metrics_lib
+
 LAYOUT_NAMES = {
   'roformer': "transformers' RoFormerForMaskedLM (model_type roformer)",
   'roformer_v2': 'RoFormerV2ForMaskedLM, the PyTorch code the export carries (model_type '
@@ -23,19 +26,22 @@ LAYOUT_NAMES = {
   'gau': 'GAUAlphaForMaskedLM, the PyTorch code the export carries (model_type gau_alpha; the '
   "gau-alpha package's tensor names)",
 }
-# (import line, the from_pretrained arguments after the path) that load an export of each
-# family with transformers' Auto classes (PyTorch).
-LOAD_HINTS = {
-  'roformer': ('from transformers import AutoModelForMaskedLM, AutoTokenizer  # PyTorch', ''),
-  'roformer_v2': (
-    'from transformers import AutoModelForMaskedLM, AutoTokenizer  # PyTorch, transformers >= 5',
-    ', trust_remote_code=True',
-  ),
-  'gau': (
-    'from transformers import AutoModelForMaskedLM, AutoTokenizer  # PyTorch, transformers >= 5',
-    ', trust_remote_code=True',
-  ),
-}
+
+
+def load_lines(family: str, path: str) -> list[str]:
+  """The Python lines that load an export of `family` from `path` with transformers' Auto
+  classes (PyTorch): families whose export carries its own code (hf_export.AUTO_MAP) need
+  trust_remote_code=True and transformers >= 5."""
+  remote = family in hf_export.AUTO_MAP
+  return [
+    'from transformers import AutoModelForMaskedLM, AutoTokenizer  # PyTorch'
+    + (', transformers >= 5' if remote else ''),
+    f'model = AutoModelForMaskedLM.from_pretrained({path!r}'
+    + (', trust_remote_code=True)' if remote else ')'),
+    f'tokenizer = AutoTokenizer.from_pretrained({path!r})',
+  ]
+
+
 FAMILY_NAMES = {
   'roformer': 'RoFormer (v1): post-LN Transformer encoder with rotary positions, LayerNorm and '
   'biases',
@@ -77,30 +83,13 @@ def _data_description(meta: dict, config) -> str:
   return f'`{_no_paths(name)}`' if name else ''
 
 
-def _read_lines(path) -> list[dict]:
-  """The JSON lines of `path` (an etils path), torn lines skipped; [] when unreadable."""
-  try:
-    text = path.read_text()
-  except Exception:  # pylint: disable=broad-except
-    return []
-  out = []
-  for line in text.splitlines():
-    try:
-      record = json.loads(line)
-    except ValueError:
-      continue
-    if isinstance(record, dict):
-      out.append(record)
-  return out
-
-
 def _final_eval(workdir: str, step: int) -> dict | None:
   """The last evaluation at or before `step` in the run's metrics.jsonl, or None."""
   from etils import epath  # pylint: disable=g-import-not-at-top
 
   evals = [
     r
-    for r in _read_lines(epath.Path(workdir) / 'metrics.jsonl')
+    for r in metrics_lib.read_lines(epath.Path(workdir) / 'metrics.jsonl')
     if r.get('split') == 'eval'
     and isinstance(r.get('loss'), (int, float))
     and isinstance(r.get('step'), int)
@@ -283,13 +272,7 @@ def model_card(
       *finetune,
       '',
     ]
-  lines += ['## How to load', '', '```python', LOAD_HINTS[family][0]]
-  lines += [
-    f"model = AutoModelForMaskedLM.from_pretrained('{here}'{LOAD_HINTS[family][1]})",
-    f"tokenizer = AutoTokenizer.from_pretrained('{here}')",
-    '```',
-    '',
-  ]
+  lines += ['## How to load', '', '```python', *load_lines(family, here), '```', '']
   if family == 'roformer':
     lines.append(
       'transformers < 5 also loads it without torch: `FlaxRoFormerForMaskedLM.from_pretrained`.'
