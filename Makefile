@@ -11,6 +11,8 @@ CONFIG ?= launch/configs/roformer.py:tiny
 WORKDIR ?= runs/roformer_tiny
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers of `make test` (0: in this process, one test at a time).
+TEST_WORKERS ?= 2
 # jax >= 0.11 and flax >= 0.12.9 need Python >= 3.12: prefer 3.12, then the newest >= 3.11.
 PYTHON ?= $(shell for v in 3.12 3.14 3.13 3.11; do \
 	  for p in python$$v $$HOME/.pyenv/versions/$$v*/bin/python$$v /usr/local/bin/python$$v /usr/bin/python$$v; do \
@@ -37,7 +39,7 @@ pretrain: $(VENV)/.installed
 	$(PY) -m launch.pretrain --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=20 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -102,3 +102,16 @@ def warnings(monkeypatch):
   logged = []
   monkeypatch.setattr(absl_logging, 'warning', lambda msg, *a: logged.append(msg % a))
   return logged
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """Groups the tests for pytest-xdist (`make test`: `-n 2 --dist loadgroup`): every test of a
+  file on one worker (module fixtures build once), and every `two_process` test on one worker,
+  first, so that one jax.distributed pair runs at a time: the pairs' deadlines are sized for
+  one pair beside one other test, not for two pairs sharing 2 cores (docs/testing.md 1)."""
+  del config
+  for item in items:
+    pair = item.get_closest_marker('two_process') is not None
+    item.add_marker(pytest.mark.xdist_group('two_process' if pair else item.path.name))
+  items.sort(key=lambda item: item.get_closest_marker('two_process') is None)

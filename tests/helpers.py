@@ -321,15 +321,25 @@ def run_process_pair(cmds, logs, env, timeout: float, expect_ok: bool = True):
 
 
 def orbax_state(workdir, step):
-  """The state of checkpoint `step` of `workdir` as orbax alone restores it (no checksums)."""
+  """The state of checkpoint `step` of `workdir` as orbax alone restores it (no checksums),
+  on this process's first device, whatever devices and processes wrote it."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   from pretrain import checkpointing  # pylint: disable=g-import-not-at-top
 
-  manager = ocp.CheckpointManager(str(pathlib.Path(workdir) / 'checkpoints'))
+  checkpoints = pathlib.Path(workdir) / 'checkpoints'
+  one_device = jax.sharding.NamedSharding(
+    jax.sharding.Mesh(np.array(jax.devices()[:1]), ('x',)), jax.sharding.PartitionSpec()
+  )
+  manager = ocp.CheckpointManager(str(checkpoints))
   try:
-    args = ocp.args.Composite(state=ocp.args.StandardRestore())
     with checkpointing.quiet_failed_reads():
+      metadata = ocp.StandardCheckpointHandler().metadata(checkpoints / str(step) / 'state')
+      target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
+        getattr(metadata, 'item_metadata', metadata),
+      )
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
       return jax.device_get(manager.restore(step, args=args)['state'])
   finally:
     manager.close()

@@ -107,6 +107,7 @@ def test_workdir_with_other_model_shape(trained_workdir, text_corpus, cache_dir)
   assert sorted(os.listdir(workdir / 'checkpoints')) == before  # nothing touched
 
 
+@pytest.mark.two_process
 def test_two_processes_train_and_resume(tmp_path, text_corpus, cache_dir):
   """JAX's multi-controller runtime with two local CPU processes of 2 devices each: both
   finish, process 0 alone writes metrics, and the second launch resumes.
@@ -149,6 +150,7 @@ print('PEAK', metrics.measured_matmul_peak())
 """
 
 
+@pytest.mark.two_process
 def test_each_process_measures_its_own_matmul_peak(tmp_path, monkeypatch):
   """MFU's CPU peak, measured by each of two processes into an empty cache, is its own
   device's: process 1 used to time a matmul placed on process 0's device (jax.devices()[0]),

@@ -107,6 +107,7 @@ def test_one_process_needs_no_runtime():
     multihost.all_gather('a/b', b'')
 
 
+@pytest.mark.two_process
 def test_two_processes_agree_and_a_late_one_is_an_error(tmp_path):
   """Values in process order on both; a barrier process 1 reaches 6 s late fails on process 0
   after its 2 s timeout, naming process 1 and what was agreed, and on process 1 at once."""
@@ -124,6 +125,7 @@ def test_two_processes_agree_and_a_late_one_is_an_error(tmp_path):
   assert late['late_s'] < 9, late['late_s']
 
 
+@pytest.mark.two_process
 def test_cached_programs_cannot_meet_fresh_ones(tmp_path):
   """The second of two runs with a compilation cache in the environment (where process 0 used
   to load the psum program that process 1 compiled afresh, and both hung in it) finishes,

@@ -18,7 +18,6 @@ import pathlib
 import pickle
 import signal
 import sys
-import warnings
 
 import jax
 import numpy as np
@@ -170,23 +169,17 @@ def test_feed_groups_of_meshes():
     mesh_lib.feed_groups(np.array([0, 0, 0, 1, 1, 1]), np.array([0, 0, 1, 1, 2, 2]))
 
 
+@pytest.mark.two_process
 def test_two_processes_feed_every_mesh(tmp_path):
   """Gradients on 7 meshes over 2 processes equal one device's on the global batch."""
   env = helpers.two_process_env()
   # Seven programs per process: XLA's backend optimisations would double the compile time.
   env['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
-  for attempt in range(2):  # a pair stuck in gloo (helpers.two_process_env) is retried once
-    port = helpers.free_port()
-    outs = [tmp_path / f'attempt{attempt}_process{i}.pkl' for i in range(2)]
-    logs = [tmp_path / f'attempt{attempt}_process{i}.log' for i in range(2)]
-    cmds = [[sys.executable, __file__, str(port), str(i), str(outs[i])] for i in range(2)]
-    try:
-      helpers.run_process_pair(cmds, logs, env, timeout=150)
-      break
-    except helpers.ProcessPairStuck as e:
-      if attempt:
-        raise
-      warnings.warn(f'two-process pair stuck, retrying once: {e}', stacklevel=1)
+  port = helpers.free_port()
+  outs = [tmp_path / f'process{i}.pkl' for i in range(2)]
+  logs = [tmp_path / f'process{i}.log' for i in range(2)]
+  cmds = [[sys.executable, __file__, str(port), str(i), str(outs[i])] for i in range(2)]
+  helpers.run_process_pair(cmds, logs, env, timeout=150)
   results = [pickle.loads(out.read_bytes()) for out in outs]
 
   config = _config()

@@ -467,7 +467,7 @@ def test_sigterm_saves_within_two_steps_and_a_second_ctrl_c_exits_at_once(
   assert len(saved) == 1 and requested <= saved[0] <= requested + 2, (requested, saved)
 
 
-@pytest.mark.slow
+@pytest.mark.two_process
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(
   text_corpus, cache_dir, tmp_path
 ):
