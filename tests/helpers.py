@@ -368,11 +368,16 @@ def truncate_a_read_state_file(workdir, step) -> pathlib.Path:
   raise AssertionError(f'no truncated file makes checkpoint {step} fail to restore')
 
 
-def copy_run(run, tmp_path):
-  """(a copy of the config, a copy of the workdir at tmp_path/run) of a (config, workdir)
-  fixture, to damage without touching the fixture's run."""
+def copy_workdir(workdir, tmp_path) -> pathlib.Path:
+  """A copy of a fixture's workdir at tmp_path/run, to damage or resume without touching the
+  fixture's run."""
   import shutil  # pylint: disable=g-import-not-at-top
 
-  config, workdir = run
   shutil.copytree(workdir, tmp_path / 'run')
-  return config.copy_and_resolve_references(), tmp_path / 'run'
+  return tmp_path / 'run'
+
+
+def copy_run(run, tmp_path):
+  """(a copy of the config, `copy_workdir` of the workdir) of a (config, workdir) fixture."""
+  config, workdir = run
+  return config.copy_and_resolve_references(), copy_workdir(workdir, tmp_path)

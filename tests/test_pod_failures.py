@@ -7,11 +7,11 @@ launcher runs under a wrapper (`_INJECT`) that patches one function on that proc
 """
 
 import json
-import shutil
 import time
 
 import pytest
 
+from helpers import copy_workdir
 from helpers import ROOT
 from helpers import orbax_state
 from helpers import run_pretrain
@@ -96,7 +96,7 @@ def _steps(workdir):
 
 @pytest.fixture(scope='module')
 def pair_run(tmp_path_factory, text_corpus, cache_dir):
-  """The workdir of a two-process run of 4 steps (checkpoints 2 and 4), to copy (`_copy`)."""
+  """The workdir of a two-process run of 4 steps (checkpoints 2 and 4), to copy (`copy_workdir`)."""
   root = tmp_path_factory.mktemp('pair_run')
   logs = [root / f'process{i}.log' for i in range(2)]
   _launch(root / 'run', text_corpus, cache_dir, logs, **{'train.num_train_steps': 4})
@@ -111,11 +111,6 @@ def _assert_stopped_together(codes, outs, seconds, workdir, code, steps):
   assert seconds < 60, seconds
   assert _steps(workdir) == steps
   assert orbax_state(workdir, steps[-1])['step'] == steps[-1]
-
-
-def _copy(pair_run, tmp_path):
-  shutil.copytree(pair_run, tmp_path / 'run')
-  return tmp_path / 'run'
 
 
 def _signal_processes(
@@ -201,7 +196,7 @@ def test_a_checkpoint_damaged_for_one_process_only_is_skipped_by_both(
   """Process 1's data position file of the newest checkpoint is garbage (process 0's reads):
   the processes agree that the checkpoint does not restore before orbax reads it, and both
   resume from the one before."""
-  workdir = _copy(pair_run, tmp_path)
+  workdir = copy_workdir(pair_run, tmp_path)
   logs = [tmp_path / f'process{i}.log' for i in range(2)]
   (workdir / 'checkpoints' / '4' / 'data' / 'process_1-of-2.json').write_text('{x')
   codes, outs, _ = _launch(workdir, text_corpus, cache_dir, logs, **{'train.num_train_steps': 6})
@@ -215,7 +210,7 @@ def test_resume_on_another_number_of_processes(tmp_path, text_corpus, cache_dir,
   """2 processes -> 1 process -> 2 processes (4 devices in all each time): each resume restores
   the model and optimizer state, warns once that the data position is per process and reads
   the data from the start, instead of calling the checkpoint damaged."""
-  workdir = _copy(pair_run, tmp_path)
+  workdir = copy_workdir(pair_run, tmp_path)
   logs = [tmp_path / f'process{i}.log' for i in range(2)]
   flags = tiny_flags(text_corpus, cache_dir, **{'data.text_unit': 'line'})
   one = run_pretrain(workdir, [*flags, '--config.train.num_train_steps=6'], devices=4)
@@ -258,7 +253,7 @@ def test_sigterm_during_compile_of_a_resumed_run_stops_both_before_a_step(
   relative ids are right under either placement.)"""
   import signal  # pylint: disable=g-import-not-at-top
 
-  workdir = _copy(pair_run, tmp_path)
+  workdir = copy_workdir(pair_run, tmp_path)
   logs = [tmp_path / f'resumed{i}.log' for i in range(2)]
   # Restored, not yet training: nothing reported to the preemption sync manager yet.
   codes, outs = _signal_processes(

@@ -18,12 +18,12 @@ import pytest
 
 from data_pipelines import text_datasets
 from helpers import cpu_env
-from helpers import free_port
 from helpers import make_tiny_config
 from helpers import packed_batch
 from helpers import ROOT
 from helpers import tiny_flags
 from helpers import two_process_env
+from helpers import two_process_pretrain
 from pretrain import guards
 from pretrain import mesh as mesh_lib
 from pretrain import train
@@ -472,7 +472,6 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(
   text_corpus, cache_dir, tmp_path
 ):
   """JAX's preemption sync point: the signalled process and the other save the same step."""
-  port = free_port()
   flags = tiny_flags(
     text_corpus,
     cache_dir,
@@ -486,24 +485,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(
   )
   env = two_process_env()
   procs = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        '-m',
-        'launch.pretrain',
-        '--config=launch/configs/roformer.py:tiny',
-        f'--workdir={tmp_path}',
-        f'--coordinator_address=localhost:{port}',
-        '--num_processes=2',
-        f'--process_id={i}',
-        *flags,
-      ],
-      cwd=ROOT,
-      env=env,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
+    subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    for cmd in two_process_pretrain(tmp_path, flags)
   ]
   _wait_for_first_step(procs[1])
   time.sleep(2)
