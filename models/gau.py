@@ -34,6 +34,7 @@ in n.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -205,6 +206,58 @@ def one_document_per_row(segment_ids: jax.Array) -> jax.Array:
   return jnp.all(jnp.sum(first & (segment_ids != 0), axis=1) <= 1)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _global_part(ql, kl, vv, seg, valid, c: int, causal: bool) -> jax.Array:
+  """FLASH's global part: `_global_one_document` when no row holds more than one document,
+  else `_global_per_document` (same arguments and result), chosen on device by a lax.cond.
+
+  Differentiated by hand (`_global_part_bwd`): JAX's own derivative of a cond makes the
+  forward pass write the residuals of both branches (zeros for the branch not taken, the
+  general branch's [b, G, c, c] and [b, G, s, e] tensors among them), about 10 ms a layer of a
+  FLASH step at n = 4096 on CPU; here the residuals are the inputs, and the backward pass
+  recomputes the taken branch inside its own cond.
+  """
+  return jax.lax.cond(
+    one_document_per_row(seg),
+    lambda *a: _global_one_document(*a, c, causal),
+    lambda *a: _global_per_document(*a, c, causal),
+    ql,
+    kl,
+    vv,
+    seg,
+    valid,
+  )
+
+
+def _global_part_fwd(ql, kl, vv, seg, valid, c, causal):
+  return _global_part(ql, kl, vv, seg, valid, c, causal), (ql, kl, vv, seg, valid)
+
+
+def _global_part_bwd(c, causal, residuals, g):
+  ql, kl, vv, seg, valid = residuals
+
+  def branch_vjp(global_fn):
+    def vjp(ql, kl, vv, g):
+      f = lambda ql, kl, vv: global_fn(ql, kl, vv, seg, valid, c, causal)
+      return jax.vjp(f, ql, kl, vv)[1](g)
+
+    return vjp
+
+  grads = jax.lax.cond(
+    one_document_per_row(seg),
+    branch_vjp(_global_one_document),
+    branch_vjp(_global_per_document),
+    ql,
+    kl,
+    vv,
+    g,
+  )
+  return (*grads, None, None)  # segment ids and the valid mask are not differentiable
+
+
+_global_part.defvjp(_global_part_fwd, _global_part_bwd)
+
+
 def mixed_chunk_attention(
   q_quad,
   k_quad,
@@ -263,16 +316,7 @@ def mixed_chunk_attention(
   a = layers.dropout(a, dropout_rate, dropout_rng)
   local = jnp.einsum('bgij,bgje->bgie', a.astype(vv.dtype), vv)
 
-  glob = jax.lax.cond(
-    one_document_per_row(seg),
-    lambda *a: _global_one_document(*a, c, causal),
-    lambda *a: _global_per_document(*a, c, causal),
-    ql,
-    kl,
-    vv,
-    seg,
-    valid,
-  )
+  glob = _global_part(ql, kl, vv, seg, valid, c, causal)
   out = local.astype(jnp.float32) + glob
   return out.reshape(b, n_pad, -1)[:, :n].astype(v.dtype)
 
@@ -290,13 +334,27 @@ class ScaleOffset(nnx.Module):
       else None
     )
 
-  def __call__(self, z: jax.Array) -> list[jax.Array]:
+  def __call__(self, z: jax.Array, sin=None, cos=None) -> list[jax.Array]:
+    """z [..., n, s] -> k tensors [..., n, s]: scale[i] * z + bias[i], each rotated by RoPE
+    when sin/cos [..., n, s/2] are given (z's dtype, rotation in float32 as in rope.py)."""
     # One product per row, not one [..., k, s] product sliced afterwards: the slices'
     # transposes are pads and adds of the whole [..., k, s] gradient per row (11 % of a FLASH
     # step at n = 4096 on CPU, docs/performance.md 6); the values are the same.
     scale = self.scale[...].astype(z.dtype)
     bias = None if self.bias is None else self.bias[...].astype(z.dtype)
-    return [z * scale[i] if bias is None else z * scale[i] + bias[i] for i in range(scale.shape[0])]
+    rows = range(scale.shape[0])
+    if sin is None:
+      return [z * scale[i] if bias is None else z * scale[i] + bias[i] for i in rows]
+
+    # RoPE splits each vector into its interleaved pairs; split Z once and scale the pairs,
+    # the same products as scaling first: the backward pass then pads one gradient back into
+    # the interleaved layout instead of k (each pad was about 2 % of a FLASH step on CPU).
+    def scaled(i, half):
+      y = z[..., half::2] * scale[i, half::2]
+      return (y if bias is None else y + bias[i, half::2]).astype(jnp.float32)
+
+    pairs = [[scaled(i, half) for i in rows] for half in (0, 1)]
+    return [rope.rotate_pairs(pairs[0][i], pairs[1][i], sin, cos).astype(z.dtype) for i in rows]
 
 
 class GAUBlock(nnx.Module):
@@ -362,8 +420,7 @@ class GAUBlock(nnx.Module):
     """The GAU branch O [b, n, d] (before dropout, residual and norm). ctx: sin/cos (r = s),
     segment_ids, and mask unless FLASH."""
     u, v, z = self.projections(x)
-    rot = lambda t: rope.apply_sin_cos(t, ctx.sin, ctx.cos, head_axis=False)
-    qks = [rot(t) for t in self.qk(z)]
+    qks = self.qk(z, ctx.sin, ctx.cos)
     if self.chunk_size > 0:
       q_quad, k_quad, q_lin, k_lin = qks
       av = mixed_chunk_attention(

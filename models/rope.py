@@ -45,10 +45,21 @@ def apply_sin_cos(x: jax.Array, sin: jax.Array, cos: jax.Array, head_axis: bool 
   if head_axis:
     sin, cos = sin[..., None, :], cos[..., None, :]
   xf = x.astype(jnp.float32)
-  x0, x1 = xf[..., 0::2], xf[..., 1::2]
+  return rotate_pairs(xf[..., 0::2], xf[..., 1::2], sin, cos).astype(x.dtype)
+
+
+def rotate_pairs(x0: jax.Array, x1: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """RoPE on a vector given as its pairs: x0 = x[..., 0::2], x1 = x[..., 1::2] ([..., d/2]
+  each, float32), sin/cos broadcastable to them. Returns the rotated vector [..., d] in the
+  interleaved layout, float32.
+
+  For callers that derive several rotated vectors from one (GAU's scale-offsets of Z): they
+  split Z into pairs once, so the backward pass pads one gradient back into the interleaved
+  layout instead of one per derived vector (docs/performance.md 6).
+  """
   y0 = x0 * cos - x1 * sin
   y1 = x1 * cos + x0 * sin
-  return jnp.stack([y0, y1], axis=-1).reshape(x.shape).astype(x.dtype)
+  return jnp.stack([y0, y1], axis=-1).reshape(x0.shape[:-1] + (2 * x0.shape[-1],))
 
 
 def apply_rope(

@@ -14,6 +14,7 @@ from pretrain import config as config_schema
 from models import attention
 from models import encoder
 from models import gau
+from models import rope
 
 V, D, S, L = 24, 16, 8, 2
 E = 2 * D
@@ -302,6 +303,70 @@ def test_flash_one_document_fast_path_equals_general_path(causal, one_document):
   zero = jnp.zeros_like(ql)
   ref = naive_flash(zero, zero, ql, kl, v, seg, 4, causal)
   np.testing.assert_allclose(np.asarray(out * valid), ref * valid, atol=1e-4, rtol=1e-5)
+
+
+def _cond_output_counts(jaxpr) -> list[int]:
+  """The number of outputs of every lax.cond in a jaxpr, nested jaxprs included."""
+  counts = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'cond':
+      counts.append(len(eqn.outvars))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          counts.extend(_cond_output_counts(sub))
+  return counts
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_flash_gradient_keeps_no_residuals_of_the_global_branches(causal):
+  """The backward pass of FLASH's global part recomputes the branch its cond takes, so the
+  forward cond returns the output alone; JAX's own derivative of a cond returned the residuals
+  of both branches too (26 outputs here, zeros for the branch not taken, about 10 ms a layer of
+  a FLASH step at n = 4096 on CPU, docs/performance.md 6). The gradients themselves are checked
+  by test_flash_one_document_fast_path_equals_general_path."""
+  seg = jnp.array(PACKINGS)
+  b, n = seg.shape
+  ql, kl, v = rand((b, n, S), 1), rand((b, n, S), 2), rand((b, n, 6), 3)
+  mixed, _ = _global_parts(causal)
+  grad = jax.grad(lambda *a: jnp.sum(mixed(*a, seg)), (0, 1, 2))
+  # One cond forward (the output), one backward (three input gradients).
+  assert _cond_output_counts(jax.make_jaxpr(grad)(ql, kl, v).jaxpr) == [1, 3]
+
+
+@pytest.mark.parametrize('use_bias', [False, True])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_scale_offset_with_rope_equals_rope_of_each_scale_offset(use_bias, dtype):
+  """ScaleOffset given RoPE's sin/cos splits Z into its pairs once and scales the pairs: the
+  same products as scaling Z first and rotating each result (rope.apply_sin_cos), so outputs
+  and gradients (Z, scale, bias) are equal to float32 rounding, in float32 and bfloat16."""
+  n = 6
+  module = gau.ScaleOffset(4, S, use_bias=use_bias, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  module.scale[...] = rand((4, S), 1)
+  if use_bias:
+    module.bias[...] = rand((4, S), 2)
+  graphdef, params = nnx.split(module)
+  z = rand((2, n, S), 3).astype(dtype)
+  sin, cos = rope.sin_cos(jnp.broadcast_to(jnp.arange(n), (2, n)), S)
+  w = [rand((2, n, S), 10 + i) for i in range(4)]
+
+  def loss(params, z, fused):
+    m = nnx.merge(graphdef, params)
+    if fused:
+      outs = m(z, sin, cos)
+    else:
+      outs = [rope.apply_sin_cos(t, sin, cos, head_axis=False) for t in m(z)]
+    return sum(jnp.sum(o.astype(jnp.float32) * wi) for o, wi in zip(outs, w))
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)
+  (got, g_got), (want, g_want) = value_and_grad(params, z, True), value_and_grad(params, z, False)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(got, want, rtol=tol)
+  for a, r in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(r, np.float32), rtol=tol, atol=tol
+    )
 
 
 @pytest.mark.parametrize('chunk', [0, 4])
