@@ -61,6 +61,18 @@ FAMILIES = ('roformer:tiny', 'roformer_v2:tiny', 'gau:tiny', 'gau:flash_tiny', '
 MESHES = ((2, 2, 2), (1, 4, 2), (8, 1, 1))
 
 
+def jaxpr_equations(jaxpr):
+  """Every equation of a jaxpr (e.g. `jax.make_jaxpr(f)(*args).jaxpr`), those of nested
+  jaxprs (cond branches, custom derivatives, jit) included, depth first."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          yield from jaxpr_equations(sub)
+
+
 def packed_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   """A batch like the pipeline's: rows of 1-3 packed documents, some padding, MLM and CLM
   fields (mlm_positions [b, P] with some zero weights; targets = next token in the document)."""

@@ -16,6 +16,8 @@ from models import encoder
 from models import gau
 from models import rope
 
+import helpers
+
 V, D, S, L = 24, 16, 8, 2
 E = 2 * D
 
@@ -305,20 +307,6 @@ def test_flash_one_document_fast_path_equals_general_path(causal, one_document):
   np.testing.assert_allclose(np.asarray(out * valid), ref * valid, atol=1e-4, rtol=1e-5)
 
 
-def _cond_output_counts(jaxpr) -> list[int]:
-  """The number of outputs of every lax.cond in a jaxpr, nested jaxprs included."""
-  counts = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'cond':
-      counts.append(len(eqn.outvars))
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, 'jaxpr', sub)
-        if hasattr(sub, 'eqns'):
-          counts.extend(_cond_output_counts(sub))
-  return counts
-
-
 @pytest.mark.parametrize('causal', [True, False])
 def test_flash_gradient_keeps_no_residuals_of_the_global_branches(causal):
   """The backward pass of FLASH's global part recomputes the branch its cond takes, so the
@@ -332,7 +320,8 @@ def test_flash_gradient_keeps_no_residuals_of_the_global_branches(causal):
   mixed, _ = _global_parts(causal)
   grad = jax.grad(lambda *a: jnp.sum(mixed(*a, seg)), (0, 1, 2))
   # One cond forward (the output), one backward (three input gradients).
-  assert _cond_output_counts(jax.make_jaxpr(grad)(ql, kl, v).jaxpr) == [1, 3]
+  equations = helpers.jaxpr_equations(jax.make_jaxpr(grad)(ql, kl, v).jaxpr)
+  assert [len(e.outvars) for e in equations if e.primitive.name == 'cond'] == [1, 3]
 
 
 @pytest.mark.parametrize('use_bias', [False, True])
@@ -360,6 +349,11 @@ def test_scale_offset_with_rope_equals_rope_of_each_scale_offset(use_bias, dtype
     return sum(jnp.sum(o.astype(jnp.float32) * wi) for o, wi in zip(outs, w))
 
   value_and_grad = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)
+  # Z's gradient is interleaved once, not padded (test_rope.py::test_rope_gradient_has_no_pad;
+  # the parameters' rows are small pads).
+  jaxpr = jax.make_jaxpr(value_and_grad, static_argnums=2)(params, z, True).jaxpr
+  pads = [e for e in helpers.jaxpr_equations(jaxpr) if e.primitive.name == 'pad']
+  assert all(e.outvars[0].aval.shape != z.shape for e in pads)
   (got, g_got), (want, g_want) = value_and_grad(params, z, True), value_and_grad(params, z, False)
   tol = 1e-6 if dtype == jnp.float32 else 1e-2
   np.testing.assert_allclose(got, want, rtol=tol)

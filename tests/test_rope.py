@@ -1,9 +1,11 @@
 """RoPE tests (docs/algorithms.md 7.1 RP-1..RP-5, 7.3 2-D RoPE)."""
 
-import numpy as np
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+import helpers
 from models import rope
 
 
@@ -112,3 +114,32 @@ def test_rope_2d_orthogonal():
   np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
   with pytest.raises(ValueError, match='divisible by 4'):
     rope.apply_rope_2d(jnp.zeros((2, 1, 6)), jnp.arange(2), jnp.arange(2))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_split_pairs_derivative_is_the_strided_slices_derivative(dtype):
+  """split_pairs' hand-written derivative (one interleaved write) equals JAX's derivative of
+  x[..., 0::2], x[..., 1::2] bit for bit, and RoPE's gradient is the inverse rotation."""
+  x = jnp.asarray(_rng(3).normal(size=(2, 5, 3, 8)), dtype)
+  g0, g1 = (jnp.asarray(_rng(s).normal(size=(2, 5, 3, 4)), dtype) for s in (4, 5))
+  (ours,) = jax.vjp(rope.split_pairs, x)[1]((g0, g1))
+  (plain,) = jax.vjp(lambda x: (x[..., 0::2], x[..., 1::2]), x)[1]((g0, g1))
+  assert ours.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(plain, np.float32))
+  pos = jnp.array([[0, 1, 2, 7, 33], [5, 4, 3, 2, 1]])
+  sin, cos = rope.sin_cos(pos, 8)
+  y = jnp.asarray(_rng(6).normal(size=(2, 5, 3, 8)), jnp.float32)
+  (dx,) = jax.vjp(lambda x: rope.apply_sin_cos(x, sin, cos), x.astype(jnp.float32))[1](y)
+  inverse = rope.apply_sin_cos(y, -sin, cos)  # R_m^T = R_{-m}
+  np.testing.assert_allclose(dx, inverse, atol=1e-6)
+
+
+def test_rope_gradient_has_no_pad():
+  """RoPE's backward pass writes the interleaved layout directly: no pad (the transpose of a
+  strided slice, which XLA on CPU runs at under 1 GB/s; docs/performance.md 2) in the
+  gradient of apply_sin_cos."""
+  x = jnp.ones((2, 5, 3, 8))
+  sin, cos = rope.sin_cos(jnp.broadcast_to(jnp.arange(5), (2, 5)), 8)
+  grad = jax.grad(lambda x: jnp.sum(rope.apply_sin_cos(x, sin, cos) ** 2))
+  equations = helpers.jaxpr_equations(jax.make_jaxpr(grad)(x).jaxpr)
+  assert 'pad' not in {eqn.primitive.name for eqn in equations}
