@@ -410,14 +410,25 @@ class GAUBlock(nnx.Module):
   def projections(self, x):
     """U [b, n, e], V [b, n, e], Z [b, n, s] (activation applied).
 
-    One matmul on the tokens as rows, [b n, d] x [d, 2e + s]: the output dimension stays
-    contiguous through the activation and the split, and the kernel's gradient contracts one
-    axis (a [b, n, d] input made XLA on CPU transpose [b n, 2e + s] in the backward pass).
+    Three matmuls on the tokens as rows, [b n, d] x [d, e | e | s], with the fused kernel
+    sliced (the parameter keeps its [d, 2e + s] layout): each output is contiguous, where
+    slicing one [b n, 2e + s] product into U, V, Z made the backward pass write the three
+    gradients back into a [b n, 2e + s] array (a FLASH step at n = 4096 on CPU: 608 -> 551 ms,
+    docs/performance.md 6). Rows keep the kernel's gradient a one-axis contraction (a
+    [b, n, d] input made XLA on CPU transpose the product in the backward pass).
     """
-    h = self.uvz(x.reshape(-1, x.shape[-1]))
-    h = jax.nn.relu(h) if self.activation == 'relu' else jax.nn.silu(h)
-    split = lambda t: t.reshape(x.shape[:-1] + t.shape[-1:])
-    return split(h[:, : self.e]), split(h[:, self.e : 2 * self.e]), split(h[:, 2 * self.e :])
+    rows = x.reshape(-1, x.shape[-1]).astype(self.uvz.dtype)
+    kernel = self.uvz.kernel[...].astype(self.uvz.dtype)
+    bias = None if self.uvz.bias is None else self.uvz.bias[...].astype(self.uvz.dtype)
+    act = jax.nn.relu if self.activation == 'relu' else jax.nn.silu
+
+    def part(lo, hi):
+      h = rows @ kernel[:, lo:hi]
+      h = act(h if bias is None else h + bias[lo:hi])
+      return h.reshape(x.shape[:-1] + (hi - lo,))
+
+    e = self.e
+    return part(0, e), part(e, 2 * e), part(2 * e, kernel.shape[1])
 
   def mix(self, x, ctx: attention.AttentionContext, dropout_rng=None):
     """The GAU branch O [b, n, d] (before dropout, residual and norm). ctx: sin/cos (r = s),
