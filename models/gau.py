@@ -191,8 +191,12 @@ def _global_one_document(ql, kl, vv, seg, valid, c: int, causal: bool) -> jax.Ar
     chunk_start = jnp.arange(num_chunks, dtype=jnp.int32)[None] * c
     count = (chunk_start - start[:, None]).astype(f32)[..., None, None]
   else:
-    total = jnp.einsum('bgjs,bgje->bse', kl, vv32)
-    glob = jnp.einsum('bgis,bse->bgie', ql32, total)
+    # On the tokens [b, n, .], one contracting axis, not the chunks' two (g, j): XLA on CPU
+    # copied the operands into a transposed layout for the two-axis contraction (this part's
+    # forward and backward at n = 4096: 20 -> 12 ms a layer; the same values).
+    tokens = lambda x: x.reshape(b, -1, x.shape[-1])
+    total = jnp.einsum('bns,bne->bse', tokens(kl), tokens(vv32))
+    glob = jnp.einsum('bns,bse->bne', tokens(ql32), total).reshape(vv.shape[:3] + (-1,))
     count = valid.sum(1).astype(f32)[:, None, None, None]
   return glob * (valid_c / jnp.maximum(count, 1.0))
 
@@ -335,29 +339,29 @@ class ScaleOffset(nnx.Module):
     )
 
   def __call__(self, z: jax.Array, sin=None, cos=None) -> list[jax.Array]:
-    """z [..., n, s] -> k tensors [..., n, s]: scale[i] * z + bias[i], each rotated by RoPE
-    when sin/cos [..., n, s/2] are given (z's dtype, rotation in float32 as in rope.py)."""
+    """z [..., n, s] -> k tensors [..., n, s]: scale[i] * z + bias[i] (z's dtype).
+
+    With RoPE's sin/cos [..., n, s/2], z is in rotate-half order (`GAUBlock.projections` with
+    pairs_first=True; `rope.pairs_first`) and each output is rotated by RoPE in that order
+    (`rope.rotate_halves`, float32): the same rotations as the interleaved layout, with every
+    read and write contiguous; the attention only takes dot products of these vectors, which
+    the common permutation leaves unchanged (docs/performance.md 6).
+    """
     # One product per row, not one [..., k, s] product sliced afterwards: the slices'
     # transposes are pads and adds of the whole [..., k, s] gradient per row (11 % of a FLASH
     # step at n = 4096 on CPU, docs/performance.md 6); the values are the same.
     scale = self.scale[...].astype(z.dtype)
     bias = None if self.bias is None else self.bias[...].astype(z.dtype)
-    rows = range(scale.shape[0])
-    if sin is None:
-      return [z * scale[i] if bias is None else z * scale[i] + bias[i] for i in rows]
-
-    # RoPE splits each vector into its interleaved pairs; split Z once and scale the pairs,
-    # the same products as scaling first: the backward pass then pads one gradient back into
-    # the interleaved layout instead of k (each pad was about 2 % of a FLASH step on CPU).
-    z_pairs, scale_pairs = rope.split_pairs(z), rope.split_pairs(scale)
-    bias_pairs = None if bias is None else rope.split_pairs(bias)
-
-    def scaled(i, half):
-      y = z_pairs[half] * scale_pairs[half][i]
-      return (y if bias is None else y + bias_pairs[half][i]).astype(jnp.float32)
-
-    pairs = [[scaled(i, half) for i in rows] for half in (0, 1)]
-    return [rope.rotate_pairs(pairs[0][i], pairs[1][i], sin, cos).astype(z.dtype) for i in rows]
+    if sin is not None:
+      scale = rope.pairs_first(scale)
+      bias = None if bias is None else rope.pairs_first(bias)
+    out = []
+    for i in range(scale.shape[0]):
+      y = z * scale[i] if bias is None else z * scale[i] + bias[i]
+      if sin is not None:
+        y = rope.rotate_halves(y.astype(jnp.float32), sin, cos).astype(z.dtype)
+      out.append(y)
+    return out
 
 
 class GAUBlock(nnx.Module):
@@ -407,8 +411,10 @@ class GAUBlock(nnx.Module):
     )
     self.norm = layers.make_norm(spec.norm_type, d, eps=spec.norm_eps, **common)
 
-  def projections(self, x):
-    """U [b, n, e], V [b, n, e], Z [b, n, s] (activation applied).
+  def projections(self, x, pairs_first: bool = False):
+    """U [b, n, e], V [b, n, e], Z [b, n, s] (activation applied); Z's dimensions in
+    rotate-half order with pairs_first (`rope.pairs_first` of the kernel's Z columns and bias:
+    the parameters keep the released interleaved layout).
 
     Three matmuls on the tokens as rows, [b n, d] x [d, e | e | s], with the fused kernel
     sliced (the parameter keeps its [d, 2e + s] layout): each output is contiguous, where
@@ -422,18 +428,19 @@ class GAUBlock(nnx.Module):
     bias = None if self.uvz.bias is None else self.uvz.bias[...].astype(self.uvz.dtype)
     act = jax.nn.relu if self.activation == 'relu' else jax.nn.silu
 
-    def part(lo, hi):
-      h = rows @ kernel[:, lo:hi]
-      h = act(h if bias is None else h + bias[lo:hi])
+    def part(lo, hi, reorder=lambda t: t):
+      h = rows @ reorder(kernel[:, lo:hi])
+      h = act(h if bias is None else h + reorder(bias[lo:hi]))
       return h.reshape(x.shape[:-1] + (hi - lo,))
 
     e = self.e
-    return part(0, e), part(e, 2 * e), part(2 * e, kernel.shape[1])
+    z = part(2 * e, kernel.shape[1], rope.pairs_first if pairs_first else lambda t: t)
+    return part(0, e), part(e, 2 * e), z
 
   def mix(self, x, ctx: attention.AttentionContext, dropout_rng=None):
     """The GAU branch O [b, n, d] (before dropout, residual and norm). ctx: sin/cos (r = s),
     segment_ids, and mask unless FLASH."""
-    u, v, z = self.projections(x)
+    u, v, z = self.projections(x, pairs_first=ctx.sin is not None)
     qks = self.qk(z, ctx.sin, ctx.cos)
     if self.chunk_size > 0:
       q_quad, k_quad, q_lin, k_lin = qks

@@ -75,6 +75,41 @@ def _split_pairs_bwd(_, grads):
 split_pairs.defvjp(_split_pairs_fwd, _split_pairs_bwd)
 
 
+def pairs_first(x: jax.Array) -> jax.Array:
+  """x [..., d] reordered to [x0, x2, x4, ..., x1, x3, ...]: the interleaved layout's pairs as
+  rotate-half pairs (i, i + d/2), `interleaved_to_rotate_half`. On a projection's kernel
+  columns it makes the projection's output rotate-half ordered (`rotate_halves`)."""
+  return jnp.concatenate(split_pairs(x), axis=-1)
+
+
+@jax.custom_vjp
+def split_halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(x[..., :d/2], x[..., d/2:]); the derivative concatenates the two gradients (JAX's own
+  pads each with zeros and adds them)."""
+  half = x.shape[-1] // 2
+  return x[..., :half], x[..., half:]
+
+
+def _split_halves_fwd(x):
+  return split_halves(x), None
+
+
+def _split_halves_bwd(_, grads):
+  return (jnp.concatenate(grads, axis=-1),)
+
+
+split_halves.defvjp(_split_halves_fwd, _split_halves_bwd)
+
+
+def rotate_halves(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """RoPE on x [..., d] in rotate-half order (`pairs_first`), float32, sin/cos [..., d/2]
+  broadcastable; the result in the same order. Every read and write is contiguous. Dot
+  products of two such vectors equal those of the interleaved `apply_sin_cos` (the same
+  rotation, the dimensions permuted alike)."""
+  x0, x1 = split_halves(x)
+  return jnp.concatenate([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
+
+
 def rotate_pairs(x0: jax.Array, x1: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   """RoPE on a vector given as its pairs (`split_pairs`; [..., d/2] each, float32), sin/cos
   broadcastable to them. Returns the rotated vector [..., d] in the interleaved layout, float32.

@@ -327,9 +327,11 @@ def test_flash_gradient_keeps_no_residuals_of_the_global_branches(causal):
 @pytest.mark.parametrize('use_bias', [False, True])
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_scale_offset_with_rope_equals_rope_of_each_scale_offset(use_bias, dtype):
-  """ScaleOffset given RoPE's sin/cos splits Z into its pairs once and scales the pairs: the
-  same products as scaling Z first and rotating each result (rope.apply_sin_cos), so outputs
-  and gradients (Z, scale, bias) are equal to float32 rounding, in float32 and bfloat16."""
+  """ScaleOffset given RoPE's sin/cos takes Z in rotate-half order and rotates each output in
+  that order (rope.rotate_halves): the interleaved RoPE of each scale-offset (rope.apply_sin_cos)
+  with the dimensions permuted alike (rope.pairs_first), so outputs, their dot products and
+  the gradients of Z, scale and bias are equal to float32 rounding, in float32 and
+  bfloat16."""
   n = 6
   module = gau.ScaleOffset(4, S, use_bias=use_bias, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   module.scale[...] = rand((4, S), 1)
@@ -343,14 +345,14 @@ def test_scale_offset_with_rope_equals_rope_of_each_scale_offset(use_bias, dtype
   def loss(params, z, fused):
     m = nnx.merge(graphdef, params)
     if fused:
-      outs = m(z, sin, cos)
+      outs = m(rope.pairs_first(z), sin, cos)
     else:
-      outs = [rope.apply_sin_cos(t, sin, cos, head_axis=False) for t in m(z)]
+      outs = [rope.pairs_first(rope.apply_sin_cos(t, sin, cos, head_axis=False)) for t in m(z)]
     return sum(jnp.sum(o.astype(jnp.float32) * wi) for o, wi in zip(outs, w))
 
   value_and_grad = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)
-  # Z's gradient is interleaved once, not padded (test_rope.py::test_rope_gradient_has_no_pad;
-  # the parameters' rows are small pads).
+  # No Z-sized pad in the gradient (test_rope.py::test_rope_gradient_has_no_pad; the
+  # parameters' rows are small pads).
   jaxpr = jax.make_jaxpr(value_and_grad, static_argnums=2)(params, z, True).jaxpr
   pads = [e for e in helpers.jaxpr_equations(jaxpr) if e.primitive.name == 'pad']
   assert all(e.outvars[0].aval.shape != z.shape for e in pads)
@@ -360,6 +362,16 @@ def test_scale_offset_with_rope_equals_rope_of_each_scale_offset(use_bias, dtype
   for a, r in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
     np.testing.assert_allclose(
       np.asarray(a, np.float32), np.asarray(r, np.float32), rtol=tol, atol=tol
+    )
+  if dtype == jnp.float32:  # q . k is what the attention uses: unchanged by the order
+    m = nnx.merge(graphdef, params)
+    q, k = m(rope.pairs_first(z), sin, cos)[:2]
+    q_ref, k_ref = [rope.apply_sin_cos(t, sin, cos, head_axis=False) for t in m(z)[:2]]
+    np.testing.assert_allclose(
+      jnp.einsum('bis,bjs->bij', q, k),
+      jnp.einsum('bis,bjs->bij', q_ref, k_ref),
+      rtol=1e-5,
+      atol=1e-5,
     )
 
 
