@@ -12,6 +12,13 @@ same map up to a fixed permutation of the head dimensions: `interleaved_to_rotat
 
 Shapes: x [..., n, h, d_h] with positions [..., n] (the head axis is broadcast). A head axis
 is not required: pass `head_axis=False` for x [..., n, d] (GAU's single head).
+
+The models keep the interleaved layout in their parameters but rotate in rotate-half order:
+they reorder the query/key (GAU: Z) kernel columns at run time with `pairs_first`, so the
+projection's output is already in that order, and rotate with `rotate_halves`, whose reads and
+writes are contiguous (strided pairs cost a RoFormer step 3-5 % on CPU and FLASH more;
+docs/performance.md 2, 6). Attention takes only dot products of queries and keys, which a
+permutation applied to both leaves unchanged. `apply_sin_cos` is the interleaved form.
 """
 
 from __future__ import annotations
@@ -59,7 +66,8 @@ def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   Its derivative interleaves the two gradients in one write (`interleave`). JAX's own
   derivative of a strided slice is a pad with interior padding, one per half, added: XLA on
   CPU runs those at under 1 GB/s (8 % of a RoFormer training step on one core, 18 % of the
-  summed op time of a FLASH step; docs/performance.md 2 and 6).
+  summed op time of a FLASH step, when the models rotated interleaved activations;
+  docs/performance.md 2 and 6). The models now split only kernels (`pairs_first`).
   """
   return x[..., 0::2], x[..., 1::2]
 
@@ -112,12 +120,8 @@ def rotate_halves(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 
 def rotate_pairs(x0: jax.Array, x1: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   """RoPE on a vector given as its pairs (`split_pairs`; [..., d/2] each, float32), sin/cos
-  broadcastable to them. Returns the rotated vector [..., d] in the interleaved layout, float32.
-
-  For callers that derive several rotated vectors from one (GAU's scale-offsets of Z): they
-  split Z into pairs once, so the backward pass interleaves one gradient of Z instead of one
-  per derived vector (docs/performance.md 6).
-  """
+  broadcastable to them. Returns the rotated vector [..., d] in the interleaved layout, float32
+  (`apply_sin_cos`)."""
   return interleave(x0 * cos - x1 * sin, x1 * cos + x0 * sin)
 
 
