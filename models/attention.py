@@ -386,15 +386,8 @@ class MultiHeadAttention(nnx.Module):
       ValueError: the splash path with attention-weight dropout in this call (a dropout key
         and dropout_rate > 0); models.validate refuses that configuration earlier.
     """
-    if ctx.sin is None:
-      q, k = self.query(x), self.key(x)
-    else:
-      # Q and K in rotate-half order (their kernels' head dimensions reordered at run time),
-      # so RoPE reads and writes contiguously; the scores q . k are the same.
-      sin, cos = ctx.sin[..., None, :], ctx.cos[..., None, :]
-      rotate = lambda t: rope.rotate_halves(t.astype(jnp.float32), sin, cos).astype(t.dtype)
-      q = rotate(self.query(x, reorder=rope.pairs_first))
-      k = rotate(self.key(x, reorder=rope.pairs_first))
+    q = rope.apply_sin_cos(self.query(x), ctx.sin, ctx.cos)
+    k = rope.apply_sin_cos(self.key(x), ctx.sin, ctx.cos)
     v = self.value(x)
     if ctx.mask is None and ctx.scale is not None:
       if dropout_rng is not None and self.dropout_rate > 0.0:

@@ -144,21 +144,16 @@ class Dense(nnx.Module):
       else None
     )
 
-  def __call__(self, x: jax.Array, preferred_element_type=None, reorder=None) -> jax.Array:
-    """x [..., *in_shape] -> [..., *out_shape]. reorder: a function applied to the last axis
-    of the kernel and the bias before the product (e.g. `rope.pairs_first`), so the output's
-    last axis comes out in that order while the parameters keep theirs."""
+  def __call__(self, x: jax.Array, preferred_element_type=None) -> jax.Array:
     k = len(self.in_shape)
     kernel = self.kernel[...].astype(self.dtype)
-    reorder = reorder or (lambda t: t)
-    kernel = reorder(kernel)
     x = x.astype(self.dtype)
     contract = (tuple(range(x.ndim - k, x.ndim)), tuple(range(k)))
     y = jax.lax.dot_general(
       x, kernel, (contract, ((), ())), preferred_element_type=preferred_element_type
     )
     if self.bias is not None:
-      y = y + reorder(self.bias[...]).astype(y.dtype)
+      y = y + self.bias[...].astype(y.dtype)
     return y
 
 

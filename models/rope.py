@@ -13,12 +13,13 @@ same map up to a fixed permutation of the head dimensions: `interleaved_to_rotat
 Shapes: x [..., n, h, d_h] with positions [..., n] (the head axis is broadcast). A head axis
 is not required: pass `head_axis=False` for x [..., n, d] (GAU's single head).
 
-The models keep the interleaved layout in their parameters but rotate in rotate-half order:
-they reorder the query/key (GAU: Z) kernel columns at run time with `pairs_first`, so the
-projection's output is already in that order, and rotate with `rotate_halves`, whose reads and
-writes are contiguous (strided pairs cost a RoFormer step 3-5 % on CPU and FLASH more;
-docs/performance.md 2, 6). Attention takes only dot products of queries and keys, which a
-permutation applied to both leaves unchanged. `apply_sin_cos` is the interleaved form.
+RoFormer attention rotates its queries and keys interleaved (`apply_sin_cos`). GAU keeps the
+interleaved layout in its parameters but rotates in rotate-half order: it reorders Z's kernel
+columns at run time with `pairs_first`, so Z comes out in that order, and rotates with
+`rotate_halves`, whose reads and writes are contiguous (docs/performance.md 6). Attention
+takes only dot products of queries and keys, which a permutation applied to both leaves
+unchanged. (The same reorder for RoFormer's q/k was 1.6 % faster on CPU but raised a
+roformer:base TPU compile's temporaries by 15 %: docs/performance.md 2.)
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   Its derivative interleaves the two gradients in one write (`interleave`). JAX's own
   derivative of a strided slice is a pad with interior padding, one per half, added: XLA on
   CPU runs those at under 1 GB/s (8 % of a RoFormer training step on one core, 18 % of the
-  summed op time of a FLASH step, when the models rotated interleaved activations;
-  docs/performance.md 2 and 6). The models now split only kernels (`pairs_first`).
+  summed op time of a FLASH step, when it rotated interleaved activations;
+  docs/performance.md 2 and 6).
   """
   return x[..., 0::2], x[..., 1::2]
 
