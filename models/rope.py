@@ -52,7 +52,12 @@ def apply_sin_cos(x: jax.Array, sin: jax.Array, cos: jax.Array, head_axis: bool 
     return x
   if head_axis:
     sin, cos = sin[..., None, :], cos[..., None, :]
-  return rotate_pairs(*split_pairs(x.astype(jnp.float32)), sin, cos).astype(x.dtype)
+  return interleave(*_rotated(*split_pairs(x.astype(jnp.float32)), sin, cos)).astype(x.dtype)
+
+
+def _rotated(x0, x1, sin, cos):
+  """The rotation of each pair (x0[i], x1[i]) by the angle whose sin/cos are given."""
+  return x0 * cos - x1 * sin, x1 * cos + x0 * sin
 
 
 def interleave(x0: jax.Array, x1: jax.Array) -> jax.Array:
@@ -111,19 +116,12 @@ split_halves.defvjp(_split_halves_fwd, _split_halves_bwd)
 
 
 def rotate_halves(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """RoPE on x [..., d] in rotate-half order (`pairs_first`), float32, sin/cos [..., d/2]
-  broadcastable; the result in the same order. Every read and write is contiguous. Dot
+  """RoPE on x [..., d] in rotate-half order (`pairs_first`), sin/cos [..., d/2] broadcastable;
+  the result in the same order, computed in x's dtype (GAU passes float32). Every read and
+  write is contiguous. Dot
   products of two such vectors equal those of the interleaved `apply_sin_cos` (the same
   rotation, the dimensions permuted alike)."""
-  x0, x1 = split_halves(x)
-  return jnp.concatenate([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
-
-
-def rotate_pairs(x0: jax.Array, x1: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """RoPE on a vector given as its pairs (`split_pairs`; [..., d/2] each, float32), sin/cos
-  broadcastable to them. Returns the rotated vector [..., d] in the interleaved layout, float32
-  (`apply_sin_cos`)."""
-  return interleave(x0 * cos - x1 * sin, x1 * cos + x0 * sin)
+  return jnp.concatenate(_rotated(*split_halves(x), sin, cos), axis=-1)
 
 
 def apply_rope(
@@ -158,13 +156,10 @@ def rotate_half_to_interleaved(dim: int) -> np.ndarray:
 
 
 def apply_rope_rotate_half(x: jax.Array, positions: jax.Array, base: float = 10000.0):
-  """RoPE in the LLaMA / HF "rotate_half" layout (pairs (i, i + d/2)), for layout tests."""
+  """RoPE in the LLaMA / HF "rotate_half" layout (pairs (i, i + d/2)) on x [..., n, h, d] at
+  positions [..., n]: `rotate_halves` with the head axis broadcast (layout tests)."""
   sin, cos = sin_cos(positions, x.shape[-1], base)
-  sin = jnp.concatenate([sin, sin], -1)[..., None, :]
-  cos = jnp.concatenate([cos, cos], -1)[..., None, :]
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
-  return x * cos + rotated * sin
+  return rotate_halves(x, sin[..., None, :], cos[..., None, :])
 
 
 def apply_rope_2d(

@@ -55,6 +55,7 @@ def test_rp4_layout_conversion_is_a_permutation():
   inv = rope.rotate_half_to_interleaved(d)
   assert sorted(perm.tolist()) == list(range(d))
   np.testing.assert_array_equal(perm[inv], np.arange(d))
+  np.testing.assert_array_equal(rope.pairs_first(x), x[..., perm])
   y_interleaved = rope.apply_rope(x, pos)
   y_half = rope.apply_rope_rotate_half(x[..., perm], pos)
   np.testing.assert_allclose(y_half[..., inv], y_interleaved, atol=1e-6)
