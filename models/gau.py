@@ -177,28 +177,47 @@ def _global_one_document(ql, kl, vv, seg, valid, c: int, causal: bool) -> jax.Ar
   """`_global_per_document` when no row holds more than one document (padding aside): the
   original FLASH global part, without the per-document boundary corrections. Same arguments
   and result (pad queries get zero)."""
+  if not causal:
+    return _global_one_document_non_causal(ql, kl, vv, valid)[0]
   b, num_chunks = ql.shape[:2]
   f32 = jnp.float32
   valid_c = valid.reshape(b, num_chunks, c, 1).astype(f32)
-  kl = kl.astype(f32) * valid_c
-  vv32, ql32 = vv.astype(f32), ql.astype(f32)
-  if causal:
-    sums = jnp.einsum('bgjs,bgje->bgse', kl, vv32)
-    before = jnp.cumsum(sums, axis=1) - sums  # keys of the chunks before g
-    glob = jnp.einsum('bgis,bgse->bgie', ql32, before)
-    t = jnp.arange(seg.shape[1], dtype=jnp.int32)[None]
-    start = jnp.min(jnp.where(valid, t, seg.shape[1]), axis=1)  # the document's first token
-    chunk_start = jnp.arange(num_chunks, dtype=jnp.int32)[None] * c
-    count = (chunk_start - start[:, None]).astype(f32)[..., None, None]
-  else:
-    # On the tokens [b, n, .], one contracting axis, not the chunks' two (g, j): XLA on CPU
-    # copied the operands into a transposed layout for the two-axis contraction (this part's
-    # forward and backward at n = 4096: 20 -> 12 ms a layer; the same values).
-    tokens = lambda x: x.reshape(b, -1, x.shape[-1])
-    total = jnp.einsum('bns,bne->bse', tokens(kl), tokens(vv32))
-    glob = jnp.einsum('bns,bse->bne', tokens(ql32), total).reshape(vv.shape[:3] + (-1,))
-    count = valid.sum(1).astype(f32)[:, None, None, None]
+  sums = jnp.einsum('bgjs,bgje->bgse', kl.astype(f32) * valid_c, vv.astype(f32))
+  before = jnp.cumsum(sums, axis=1) - sums  # keys of the chunks before g
+  glob = jnp.einsum('bgis,bgse->bgie', ql.astype(f32), before)
+  t = jnp.arange(seg.shape[1], dtype=jnp.int32)[None]
+  start = jnp.min(jnp.where(valid, t, seg.shape[1]), axis=1)  # the document's first token
+  chunk_start = jnp.arange(num_chunks, dtype=jnp.int32)[None] * c
+  count = (chunk_start - start[:, None]).astype(f32)[..., None, None]
   return glob * (valid_c / jnp.maximum(count, 1.0))
+
+
+def _global_one_document_non_causal(ql, kl, vv, valid):
+  """The non-causal `_global_one_document` (ql, kl [b, G, c, s]; vv [b, G, c, e]; valid
+  [b, G c]) and its key-value sum: ([b, G, c, e], [b, s, e]), float32.
+
+  Both contractions run over the tokens [b, n, .], one contracting axis, not the chunks' two
+  (g, j): XLA on CPU copied the operands into a transposed layout for the two-axis
+  contraction (this part's forward and backward at n = 4096: 20 -> 12 ms a layer; the same
+  values).
+  """
+  f32 = jnp.float32
+  total = _one_document_total(kl.astype(f32), vv.astype(f32), valid)
+  return _one_document_read(ql.astype(f32), total, valid), total
+
+
+def _one_document_total(kl, vv, valid) -> jax.Array:
+  """sum_j k_j v_j^T over the valid tokens: kl [b, G, c, s], vv [b, G, c, e] -> [b, s, e]."""
+  tokens = lambda x: x.reshape(x.shape[0], -1, x.shape[-1])
+  return jnp.einsum('bns,bne->bse', tokens(kl) * valid[..., None].astype(kl.dtype), tokens(vv))
+
+
+def _one_document_read(ql, total, valid) -> jax.Array:
+  """q_i total / |D| for each valid query (zero at pads): ql [b, G, c, s], total [b, s, e],
+  valid [b, G c] -> [b, G, c, e]."""
+  glob = jnp.einsum('bns,bse->bne', ql.reshape(ql.shape[0], -1, ql.shape[-1]), total)
+  weight = valid.astype(glob.dtype) / jnp.maximum(valid.sum(1, keepdims=True), 1)
+  return (glob * weight[..., None]).reshape(ql.shape[:3] + (-1,))
 
 
 def one_document_per_row(segment_ids: jax.Array) -> jax.Array:
@@ -218,42 +237,63 @@ def _global_part(ql, kl, vv, seg, valid, c: int, causal: bool) -> jax.Array:
   Differentiated by hand (`_global_part_bwd`): JAX's own derivative of a cond makes the
   forward pass write the residuals of both branches (zeros for the branch not taken, the
   general branch's [b, G, c, c] and [b, G, s, e] tensors among them), about 10 ms a layer of a
-  FLASH step at n = 4096 on CPU; here the residuals are the inputs, and the backward pass
-  recomputes the taken branch inside its own cond.
+  FLASH step at n = 4096 on CPU; here the residuals are the inputs and, for the non-causal
+  one-document branch, its key-value sum [b, s, e] (so the backward pass does not contract
+  over the n tokens again to recompute it); the backward pass recomputes the general branch
+  inside its own cond.
   """
-  return jax.lax.cond(
-    one_document_per_row(seg),
-    lambda *a: _global_one_document(*a, c, causal),
-    lambda *a: _global_per_document(*a, c, causal),
-    ql,
-    kl,
-    vv,
-    seg,
-    valid,
-  )
+  return _global_part_fwd(ql, kl, vv, seg, valid, c, causal)[0]
 
 
 def _global_part_fwd(ql, kl, vv, seg, valid, c, causal):
-  return _global_part(ql, kl, vv, seg, valid, c, causal), (ql, kl, vv, seg, valid)
+  def one_document(ql, kl, vv, seg, valid):
+    if causal:
+      return _global_one_document(ql, kl, vv, seg, valid, c, causal), _no_total(kl, vv)
+    return _global_one_document_non_causal(ql, kl, vv, valid)
+
+  def per_document(ql, kl, vv, seg, valid):
+    return _global_per_document(ql, kl, vv, seg, valid, c, causal), _no_total(kl, vv)
+
+  glob, total = jax.lax.cond(
+    one_document_per_row(seg), one_document, per_document, ql, kl, vv, seg, valid
+  )
+  return glob, (ql, kl, vv, seg, valid, total)
+
+
+def _no_total(kl, vv) -> jax.Array:
+  """The [b, s, e] float32 zeros a branch without a key-value sum residual returns."""
+  return jnp.zeros((kl.shape[0], kl.shape[-1], vv.shape[-1]), jnp.float32)
 
 
 def _global_part_bwd(c, causal, residuals, g):
-  ql, kl, vv, seg, valid = residuals
+  ql, kl, vv, seg, valid, total = residuals
 
   def branch_vjp(global_fn):
-    def vjp(ql, kl, vv, g):
+    def vjp(ql, kl, vv, total, g):
       f = lambda ql, kl, vv: global_fn(ql, kl, vv, seg, valid, c, causal)
       return jax.vjp(f, ql, kl, vv)[1](g)
 
     return vjp
 
+  def one_document_vjp(ql, kl, vv, total, g):
+    """The non-causal one-document branch's gradients from its residual key-value sum: the
+    read's vjp at (ql, total), then the sum's, which needs no forward value."""
+    f32 = jnp.float32
+    read = lambda ql, total: _one_document_read(ql, total, valid)
+    d_ql, d_total = jax.vjp(read, ql.astype(f32), total)[1](g)
+    total_of = lambda kl, vv: _one_document_total(kl, vv, valid)
+    d_kl, d_vv = jax.vjp(total_of, kl.astype(f32), vv.astype(f32))[1](d_total)
+    return d_ql.astype(ql.dtype), d_kl.astype(kl.dtype), d_vv.astype(vv.dtype)
+
+  one_document = branch_vjp(_global_one_document) if causal else one_document_vjp
   grads = jax.lax.cond(
     one_document_per_row(seg),
-    branch_vjp(_global_one_document),
+    one_document,
     branch_vjp(_global_per_document),
     ql,
     kl,
     vv,
+    total,
     g,
   )
   return (*grads, None, None)  # segment ids and the valid mask are not differentiable

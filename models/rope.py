@@ -18,8 +18,8 @@ interleaved layout in its parameters but rotates in rotate-half order: it reorde
 columns at run time with `pairs_first`, so Z comes out in that order, and rotates with
 `rotate_halves`, whose reads and writes are contiguous (docs/performance.md 6). Attention
 takes only dot products of queries and keys, which a permutation applied to both leaves
-unchanged. (The same reorder for RoFormer's q/k was 1.6 % faster on CPU but raised a
-roformer:base TPU compile's temporaries by 15 %: docs/performance.md 2.)
+unchanged. (The same reorder for RoFormer's q/k was 4 % faster on CPU but raised a
+roformer:base TPU compile's temporaries by 22 %: docs/performance.md 2.)
 """
 
 from __future__ import annotations
@@ -96,32 +96,22 @@ def pairs_first(x: jax.Array) -> jax.Array:
   return jnp.concatenate(split_pairs(x), axis=-1)
 
 
-@jax.custom_vjp
-def split_halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(x[..., :d/2], x[..., d/2:]); the derivative concatenates the two gradients (JAX's own
-  pads each with zeros and adds them)."""
-  half = x.shape[-1] // 2
-  return x[..., :half], x[..., half:]
-
-
-def _split_halves_fwd(x):
-  return split_halves(x), None
-
-
-def _split_halves_bwd(_, grads):
-  return (jnp.concatenate(grads, axis=-1),)
-
-
-split_halves.defvjp(_split_halves_fwd, _split_halves_bwd)
-
-
 def rotate_halves(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   """RoPE on x [..., d] in rotate-half order (`pairs_first`), sin/cos [..., d/2] broadcastable;
-  the result in the same order, computed in x's dtype (GAU passes float32). Every read and
-  write is contiguous. Dot
-  products of two such vectors equal those of the interleaved `apply_sin_cos` (the same
-  rotation, the dimensions permuted alike)."""
-  return jnp.concatenate(_rotated(*split_halves(x), sin, cos), axis=-1)
+  the result in the same order, computed in x's dtype (GAU passes float32). Dot products of
+  two such vectors equal those of the interleaved `apply_sin_cos` (the same rotation, the
+  dimensions permuted alike).
+
+  One element-wise formula, x * [cos, cos] + [x1, x0] * [-sin, sin] with x = [x0, x1]: the
+  swapped halves are two edge pads, which XLA fuses with the products into one pass over x,
+  forward and backward (the derivative of an edge pad is a slice and back). Rotating each half
+  and concatenating them took three passes, the concatenation its own (a FLASH step at
+  n = 4096 on CPU: 486 -> 455 ms, docs/performance.md 6).
+  """
+  half = x.shape[-1] // 2
+  edge = [(0, 0)] * (x.ndim - 1)
+  swapped = jnp.pad(x[..., half:], edge + [(0, half)]) + jnp.pad(x[..., :half], edge + [(half, 0)])
+  return x * jnp.concatenate([cos, cos], -1) + swapped * jnp.concatenate([-sin, sin], -1)
 
 
 def apply_rope(

@@ -73,6 +73,17 @@ def jaxpr_equations(jaxpr):
           yield from jaxpr_equations(sub)
 
 
+def interior_pads(jaxpr) -> list:
+  """The pad equations of a jaxpr (nested ones included) with interior padding: the
+  transpose of a strided slice, which XLA on CPU runs at under 1 GB/s (docs/performance.md
+  2). Edge pads fuse into element-wise passes and are not listed."""
+  return [
+    e
+    for e in jaxpr_equations(jaxpr)
+    if e.primitive.name == 'pad' and any(i for _, _, i in e.params['padding_config'])
+  ]
+
+
 def packed_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   """A batch like the pipeline's: rows of 1-3 packed documents, some padding, MLM and CLM
   fields (mlm_positions [b, P] with some zero weights; targets = next token in the document)."""

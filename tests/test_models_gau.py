@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax._src.interpreters import partial_eval as pe  # dce_jaxpr: no public equivalent
 
 import models
 from pretrain import config as config_schema
@@ -309,19 +310,28 @@ def test_flash_one_document_fast_path_equals_general_path(causal, one_document):
 
 @pytest.mark.parametrize('causal', [True, False])
 def test_flash_gradient_keeps_no_residuals_of_the_global_branches(causal):
-  """The backward pass of FLASH's global part recomputes the branch its cond takes, so the
-  forward cond returns the output alone; JAX's own derivative of a cond returned the residuals
-  of both branches too (26 outputs here, zeros for the branch not taken, about 10 ms a layer of
-  a FLASH step at n = 4096 on CPU, docs/performance.md 6). The gradients themselves are checked
+  """The forward cond of FLASH's global part returns the output and one [b, s, e] key-value
+  sum; JAX's own derivative of a cond returned the residuals of both branches too (26 outputs
+  here, zeros for the branch not taken, about 10 ms a layer of a FLASH step at n = 4096 on
+  CPU, docs/performance.md 6). The backward pass's non-causal one-document branch takes that
+  sum as its residual: four matmuls (the gradients of the read and of the sum), not a fifth
+  that contracts over the tokens again to recompute it. The gradients themselves are checked
   by test_flash_one_document_fast_path_equals_general_path."""
   seg = jnp.array(PACKINGS)
   b, n = seg.shape
   ql, kl, v = rand((b, n, S), 1), rand((b, n, S), 2), rand((b, n, 6), 3)
   mixed, _ = _global_parts(causal)
   grad = jax.grad(lambda *a: jnp.sum(mixed(*a, seg)), (0, 1, 2))
-  # One cond forward (the output), one backward (three input gradients).
-  equations = helpers.jaxpr_equations(jax.make_jaxpr(grad)(ql, kl, v).jaxpr)
-  assert [len(e.outvars) for e in equations if e.primitive.name == 'cond'] == [1, 3]
+  jaxpr = jax.make_jaxpr(grad)(ql, kl, v).jaxpr
+  forward, backward = [e for e in helpers.jaxpr_equations(jaxpr) if e.primitive.name == 'cond']
+  assert [o.aval.shape for o in forward.outvars] == [(b, 3, 4, 6), (b, S, 6)]
+  assert len(backward.outvars) == 3  # the gradients of q_lin, k_lin, v
+  # What XLA would run: the equations whose results are used (JAX's own dead-code pass).
+  jaxpr, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+  backward = [e for e in helpers.jaxpr_equations(jaxpr) if e.primitive.name == 'cond'][-1]
+  one_document = backward.params['branches'][1].jaxpr  # branches = (false, true)
+  matmuls = [e for e in helpers.jaxpr_equations(one_document) if e.primitive.name == 'dot_general']
+  assert len(matmuls) == (5 if causal else 4)
 
 
 @pytest.mark.parametrize('use_bias', [False, True])
@@ -351,11 +361,9 @@ def test_scale_offset_with_rope_equals_rope_of_each_scale_offset(use_bias, dtype
     return sum(jnp.sum(o.astype(jnp.float32) * wi) for o, wi in zip(outs, w))
 
   value_and_grad = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)
-  # No Z-sized pad in the gradient (test_rope.py::test_rope_gradient_has_no_pad; the
-  # parameters' rows are small pads).
+  # No interior pad in the gradient (test_rope.py::test_rope_gradient_has_no_pad).
   jaxpr = jax.make_jaxpr(value_and_grad, static_argnums=2)(params, z, True).jaxpr
-  pads = [e for e in helpers.jaxpr_equations(jaxpr) if e.primitive.name == 'pad']
-  assert all(e.outvars[0].aval.shape != z.shape for e in pads)
+  assert not helpers.interior_pads(jaxpr)
   (got, g_got), (want, g_want) = value_and_grad(params, z, True), value_and_grad(params, z, False)
   tol = 1e-6 if dtype == jnp.float32 else 1e-2
   np.testing.assert_allclose(got, want, rtol=tol)

@@ -117,6 +117,27 @@ def test_rope_2d_orthogonal():
     rope.apply_rope_2d(jnp.zeros((2, 1, 6)), jnp.arange(2), jnp.arange(2))
 
 
+def test_rotate_halves_is_one_elementwise_pass_forward_and_backward():
+  """rotate_halves and its gradient contain no concatenation and no interior pad of x's size:
+  XLA fuses the whole rotation into one pass over x each way (a concatenation of the rotated
+  halves was a pass of its own: docs/performance.md 6). Also checks the gradient is the
+  inverse rotation."""
+  x = jnp.asarray(_rng(3).normal(size=(2, 5, 3, 8)), jnp.float32)
+  y = jnp.asarray(_rng(6).normal(size=(2, 5, 3, 8)), jnp.float32)
+  pos = jnp.array([[0, 1, 2, 7, 33], [5, 4, 3, 2, 1]])
+  sin, cos = (t[..., None, :] for t in rope.sin_cos(pos, 8))  # [2, 5, 1, 4]: not x's shape
+  rotate = lambda x: rope.rotate_halves(x, sin, cos)
+  value_and_grad = lambda x: jax.vjp(rotate, x)[1](y)
+  for fn in (rotate, value_and_grad):
+    jaxpr = jax.make_jaxpr(fn)(x).jaxpr
+    assert not helpers.interior_pads(jaxpr)
+    equations = helpers.jaxpr_equations(jaxpr)
+    shapes = {e.outvars[0].aval.shape for e in equations if e.primitive.name == 'concatenate'}
+    assert x.shape not in shapes
+  (dx,) = value_and_grad(x)
+  np.testing.assert_allclose(dx, rope.rotate_halves(y, -sin, cos), atol=1e-6)  # R_m^T = R_{-m}
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_split_pairs_derivative_is_the_strided_slices_derivative(dtype):
   """split_pairs' hand-written derivative (one interleaved write) equals JAX's derivative of
