@@ -376,3 +376,37 @@ def test_presets_validate_and_build_abstractly(preset):
   n = models.encoder.num_params(model)
   expected = {'tiny': 1.8e6, 'small': 14e6, 'base': 92e6, 'large': 690e6}[preset]
   assert abs(n - expected) / expected < 0.15
+
+
+@pytest.mark.parametrize('in_shape,out_shape', [((8,), (3, 4)), ((3, 4), (8,)), ((8,), (5,))])
+def test_dense_multiplies_with_its_output_axes_flattened(in_shape, out_shape):
+  """Dense multiplies by its kernel viewed as [*in_shape, prod(out_shape)] and reshapes the
+  product: the layer scan saves the projections' products for the backward pass, and a
+  [..., h, d_h] product with d_h = 64 gets d_h as a TPU's 128-lane axis, padded to twice its
+  size (docs/tpu_fit.md). Values and gradients equal the einsum over the kernel's own shape,
+  bias included."""
+  from models import layers  # pylint: disable=g-import-not-at-top
+
+  init = lambda key, shape, dtype: jax.random.normal(key, shape, dtype)
+  names = lambda shape: tuple(f'a{i}' for i in range(len(shape)))
+  dense = layers.Dense(
+    in_shape, out_shape, in_axes=names(in_shape), out_axes=names(out_shape), kernel_init=init,
+    rngs=nnx.Rngs(0),
+  )
+  dense.bias[...] = jax.random.normal(jax.random.key(1), out_shape)
+  x = jax.random.normal(jax.random.key(2), (2, 5) + in_shape)
+  products = [
+    e for e in jax.make_jaxpr(dense)(x).jaxpr.eqns if e.primitive.name == 'dot_general'
+  ]
+  assert [e.outvars[0].aval.shape for e in products] == [(2, 5, int(np.prod(out_shape)))]
+  contract, out = 'ij'[: len(in_shape)], 'kl'[: len(out_shape)]
+  graphdef, state = nnx.split(dense)
+  ours = lambda x, state: nnx.merge(graphdef, state)(x)
+  reference = lambda x, state: (
+    jnp.einsum(f'bn{contract},{contract}{out}->bn{out}', x, state['kernel'][...])
+    + state['bias'][...]
+  )
+  np.testing.assert_allclose(ours(x, state), reference(x, state), rtol=1e-5, atol=1e-5)
+  grad = lambda f: jax.grad(lambda x, state: jnp.sum(jnp.sin(f(x, state))), (0, 1))(x, state)
+  for a, r in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(reference))):
+    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
