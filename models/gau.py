@@ -287,14 +287,7 @@ def _global_part_bwd(c, causal, residuals, g):
 
   one_document = branch_vjp(_global_one_document) if causal else one_document_vjp
   grads = jax.lax.cond(
-    one_document_per_row(seg),
-    one_document,
-    branch_vjp(_global_per_document),
-    ql,
-    kl,
-    vv,
-    total,
-    g,
+    one_document_per_row(seg), one_document, branch_vjp(_global_per_document), ql, kl, vv, total, g
   )
   return (*grads, None, None)  # segment ids and the valid mask are not differentiable
 

@@ -390,14 +390,16 @@ def test_dense_multiplies_with_its_output_axes_flattened(in_shape, out_shape):
   init = lambda key, shape, dtype: jax.random.normal(key, shape, dtype)
   names = lambda shape: tuple(f'a{i}' for i in range(len(shape)))
   dense = layers.Dense(
-    in_shape, out_shape, in_axes=names(in_shape), out_axes=names(out_shape), kernel_init=init,
+    in_shape,
+    out_shape,
+    in_axes=names(in_shape),
+    out_axes=names(out_shape),
+    kernel_init=init,
     rngs=nnx.Rngs(0),
   )
   dense.bias[...] = jax.random.normal(jax.random.key(1), out_shape)
   x = jax.random.normal(jax.random.key(2), (2, 5) + in_shape)
-  products = [
-    e for e in jax.make_jaxpr(dense)(x).jaxpr.eqns if e.primitive.name == 'dot_general'
-  ]
+  products = [e for e in jax.make_jaxpr(dense)(x).jaxpr.eqns if e.primitive.name == 'dot_general']
   assert [e.outvars[0].aval.shape for e in products] == [(2, 5, int(np.prod(out_shape)))]
   contract, out = 'ij'[: len(in_shape)], 'kl'[: len(out_shape)]
   graphdef, state = nnx.split(dense)
