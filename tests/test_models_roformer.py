@@ -12,6 +12,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 import models
 from pretrain import config as config_schema
 from models import hf_import
+from models import layers
 
 V, D, H, F, L = 37, 32, 4, 64, 2
 
@@ -385,8 +386,6 @@ def test_dense_multiplies_with_its_output_axes_flattened(in_shape, out_shape):
   [..., h, d_h] product with d_h = 64 gets d_h as a TPU's 128-lane axis, padded to twice its
   size (docs/tpu_fit.md). Values and gradients equal the einsum over the kernel's own shape,
   bias included."""
-  from models import layers  # pylint: disable=g-import-not-at-top
-
   init = lambda key, shape, dtype: jax.random.normal(key, shape, dtype)
   names = lambda shape: tuple(f'a{i}' for i in range(len(shape)))
   dense = layers.Dense(
