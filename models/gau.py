@@ -237,10 +237,10 @@ def _global_part(ql, kl, vv, seg, valid, c: int, causal: bool) -> jax.Array:
   Differentiated by hand (`_global_part_bwd`): JAX's own derivative of a cond makes the
   forward pass write the residuals of both branches (zeros for the branch not taken, the
   general branch's [b, G, c, c] and [b, G, s, e] tensors among them), about 10 ms a layer of a
-  FLASH step at n = 4096 on CPU; here the residuals are the inputs and, for the non-causal
-  one-document branch, its key-value sum [b, s, e] (so the backward pass does not contract
-  over the n tokens again to recompute it); the backward pass recomputes the general branch
-  inside its own cond.
+  FLASH step at n = 4096 on CPU; here the residuals are the inputs, the branch taken and,
+  for the non-causal one-document branch, its key-value sum [b, s, e] (so the backward pass
+  does not contract over the n tokens again to recompute it); the backward pass recomputes
+  the general branch inside its own cond.
   """
   return _global_part_fwd(ql, kl, vv, seg, valid, c, causal)[0]
 
@@ -254,10 +254,9 @@ def _global_part_fwd(ql, kl, vv, seg, valid, c, causal):
   def per_document(ql, kl, vv, seg, valid):
     return _global_per_document(ql, kl, vv, seg, valid, c, causal), _no_total(kl, vv)
 
-  glob, total = jax.lax.cond(
-    one_document_per_row(seg), one_document, per_document, ql, kl, vv, seg, valid
-  )
-  return glob, (ql, kl, vv, seg, valid, total)
+  one_doc = one_document_per_row(seg)
+  glob, total = jax.lax.cond(one_doc, one_document, per_document, ql, kl, vv, seg, valid)
+  return glob, (ql, kl, vv, seg, valid, one_doc, total)
 
 
 def _no_total(kl, vv) -> jax.Array:
@@ -266,7 +265,7 @@ def _no_total(kl, vv) -> jax.Array:
 
 
 def _global_part_bwd(c, causal, residuals, g):
-  ql, kl, vv, seg, valid, total = residuals
+  ql, kl, vv, seg, valid, one_doc, total = residuals
 
   def branch_vjp(global_fn):
     def vjp(ql, kl, vv, total, g):
@@ -287,7 +286,7 @@ def _global_part_bwd(c, causal, residuals, g):
 
   one_document = branch_vjp(_global_one_document) if causal else one_document_vjp
   grads = jax.lax.cond(
-    one_document_per_row(seg), one_document, branch_vjp(_global_per_document), ql, kl, vv, total, g
+    one_doc, one_document, branch_vjp(_global_per_document), ql, kl, vv, total, g
   )
   return (*grads, None, None)  # segment ids and the valid mask are not differentiable
 

@@ -151,7 +151,7 @@ class Dense(nnx.Module):
     reshaped afterwards: the layer scan saves these products for the backward pass (remat
     policy `dots_with_no_batch_dims`), and a [..., h, d_h] product with d_h = 64 gets d_h as
     the TPU's 128-lane axis, padded to twice its size, where [..., h d_h] packs the lanes:
-    roformer:base v5e-8 temporaries 4.22 -> 3.94 GiB per device, no change on CPU
+    roformer:base v5e-8 temporaries 4.22 -> 3.93 GiB per device, no change on CPU
     (docs/tpu_fit.md). The parameters keep their shape.
     """
     k = len(self.in_shape)

@@ -52,12 +52,8 @@ def apply_sin_cos(x: jax.Array, sin: jax.Array, cos: jax.Array, head_axis: bool 
     return x
   if head_axis:
     sin, cos = sin[..., None, :], cos[..., None, :]
-  return interleave(*_rotated(*split_pairs(x.astype(jnp.float32)), sin, cos)).astype(x.dtype)
-
-
-def _rotated(x0, x1, sin, cos):
-  """The rotation of each pair (x0[i], x1[i]) by the angle whose sin/cos are given."""
-  return x0 * cos - x1 * sin, x1 * cos + x0 * sin
+  x0, x1 = split_pairs(x.astype(jnp.float32))
+  return interleave(x0 * cos - x1 * sin, x1 * cos + x0 * sin).astype(x.dtype)
 
 
 def interleave(x0: jax.Array, x1: jax.Array) -> jax.Array:
