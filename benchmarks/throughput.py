@@ -16,7 +16,7 @@ own line.
 
 MFU: model FLOPs (models/flops.py: matmuls only, attention in full, MLM head at masked
 positions, no rematerialisation) per second over this machine's measured matmul peak
-(`metrics.measured_matmul_peak`, the rate of a large jitted float32 matmul on all cores).
+(`peak.measured_matmul_peak`, the rate of a large jitted float32 matmul on all cores).
 The reference is credited with the FLOPs it needs for the same task (head at masked
 positions), and also shown per FLOP it actually executes (head at every position).
 """
@@ -41,7 +41,7 @@ from data_pipelines import objectives
 from launch.configs import roformer
 import models
 from pretrain import mesh as mesh_lib
-from pretrain import metrics as metrics_lib
+from pretrain import peak
 from pretrain import train
 
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Alternating timed repeats of each step.')
@@ -174,10 +174,10 @@ def main(argv):
   p = objectives.max_predictions(n, config.data.mask_rate)
   needed = models.flops_per_token(config, p) * tokens  # what the task needs
   executed_ref = models.flops_per_token(config, n) * tokens  # head at every position
-  peak = metrics_lib.measured_matmul_peak('float32', refresh=True)
+  peak_rate = peak.measured_matmul_peak('float32', refresh=True)
   print(
     f'\nmachine: {os.cpu_count()} cores, {jax.devices()[0].platform}, '
-    f'measured float32 matmul peak {peak / 1e9:.0f} GFLOP/s\n'
+    f'measured float32 matmul peak {peak_rate / 1e9:.0f} GFLOP/s\n'
   )
 
   # The default (model.scan_unroll=0) runs the scanned layers without a loop on CPU; the
@@ -216,7 +216,7 @@ def main(argv):
     executed = executed_ref if is_ref else needed
     print(
       f'| {name} | {r:,.0f} | {r / ref:.2f}x | {needed / 1e9:.1f} GFLOP | '
-      f'{needed * r / tokens / peak:.1%} | {executed * r / tokens / peak:.1%} |'
+      f'{needed * r / tokens / peak_rate:.1%} | {executed * r / tokens / peak_rate:.1%} |'
     )
 
 

@@ -37,7 +37,7 @@ import numpy as np
 from data_pipelines import objectives
 import models
 from pretrain import mesh as mesh_lib
-from pretrain import metrics as metrics_lib
+from pretrain import peak
 from pretrain import train
 
 # Accelerator types (gcloud's names, and the short v5e-8 form) -> topology names for
@@ -108,7 +108,7 @@ class AotReport:
     compiled_flops: cost_analysis()['flops'] (per device, as XLA counts it; 0 if absent).
     model_flops: the analytic model FLOPs of one step over the whole slice.
     tokens_per_step: global_batch_size * seq_len.
-    peak_flops_per_chip: dense bf16 peak of one chip (pretrain/metrics.py table; 0 unknown).
+    peak_flops_per_chip: dense bf16 peak of one chip (pretrain/peak.py table; 0 unknown).
     slices: TPU slices joined by the data-centre network.
     cost: the step's FLOPs and HBM bytes per device with every layer counted
       (`layer_corrected_cost`); None unless compile_train_step(..., roofline=True).
@@ -306,7 +306,7 @@ def compile_train_step(config, accelerator_type: str, roofline: bool = False) ->
     compiled_flops=flops,
     model_flops=model_flops_per_step(config),
     tokens_per_step=tokens,
-    peak_flops_per_chip=metrics_lib.peak_flops_per_device(devices[0].device_kind),
+    peak_flops_per_chip=peak.peak_flops_per_device(devices[0].device_kind),
     slices=split_slices(accelerator_type)[0],
     cost=layer_corrected_cost(config, devices) if roofline else None,
   )

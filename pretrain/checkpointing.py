@@ -42,8 +42,8 @@ from jax.sharding import PartitionSpec
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pretrain import metrics as metrics_lib
 from pretrain import multihost
+from pretrain import storage
 
 # Model fields whose change makes a checkpoint's parameters unusable.
 SHAPE_FIELDS = (
@@ -300,7 +300,7 @@ def _without_coroutines(hook):
 def checkpoint_directory(workdir: str) -> str:
   """`<workdir>/checkpoints`, absolute for a local workdir; gs:// and other remote paths go to
   orbax as they are (it writes them natively)."""
-  if metrics_lib.is_remote(workdir):
+  if storage.is_remote(workdir):
     return workdir.rstrip('/') + '/checkpoints'
   return os.path.abspath(os.path.join(workdir, 'checkpoints'))
 
@@ -773,7 +773,7 @@ class Checkpointer:
     )
     if jax.process_index() == 0:
       try:
-        if metrics_lib.is_remote(self.directory):
+        if storage.is_remote(self.directory):
           _move_remote(f'{self.directory}/{step}', aside)
         else:
           epath.Path(aside_root).mkdir(parents=True, exist_ok=True)

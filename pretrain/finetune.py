@@ -45,6 +45,8 @@ from pretrain import loop
 from pretrain import mesh as mesh_lib
 from pretrain import metrics as metrics_lib
 from pretrain import rundir
+from pretrain import sinks
+from pretrain import storage
 from pretrain import task_metrics
 from pretrain import train
 
@@ -242,7 +244,7 @@ def resolve_start(
   config = copy.deepcopy(config_schema.get_finetune_config() if config is None else config)
   try:
     if from_workdir:
-      if not metrics_lib.is_remote(from_workdir) and not os.path.isdir(
+      if not storage.is_remote(from_workdir) and not os.path.isdir(
         os.path.join(from_workdir, 'checkpoints')
       ):
         raise InputError(
@@ -599,7 +601,7 @@ def _eval_history(run: Run) -> list[dict[str, Any]]:
   of this process's life (`run.evals`: all there is on a process that did not write the
   file)."""
   rows: dict[int, dict[str, Any]] = {}
-  for row in metrics_lib.read_lines(epath.Path(run.workdir) / 'metrics.jsonl'):
+  for row in sinks.read_lines(epath.Path(run.workdir) / 'metrics.jsonl'):
     if row.get('split') in ('eval', 'validation'):
       entry = rows.setdefault(int(row['step']), {'step': int(row['step'])})
       values = {k: v for k, v in row.items() if k not in ('step', 'split', 'time')}

@@ -28,8 +28,8 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 
-from pretrain import metrics as metrics_lib
 from pretrain import multihost
+from pretrain import storage
 
 
 class RunStopped(RuntimeError):
@@ -357,8 +357,8 @@ class WorkdirLock:
   def acquire(self) -> 'WorkdirLock':
     if jax.process_index() != 0:
       return self
-    if metrics_lib.is_remote(self.workdir):
-      location = metrics_lib.gcs_location(self.workdir.rstrip('/') + '/' + LEASE_FILE)
+    if storage.is_remote(self.workdir):
+      location = storage.gcs_location(self.workdir.rstrip('/') + '/' + LEASE_FILE)
       if location is not None:
         try:
           self._lease = _Lease(self.workdir, *location).acquire()
@@ -422,7 +422,7 @@ class _Lease:
     self.workdir = workdir
     self.uri = f'gs://{bucket}/{name}'
     # Its own client: the refresh thread uses it while the training thread uploads metrics.
-    self._blob = metrics_lib.gcs_client(shared=False).bucket(bucket).blob(name)
+    self._blob = storage.gcs_client(shared=False).bucket(bucket).blob(name)
     self._generation = 0
     self._stop = threading.Event()
     self._thread = None
@@ -560,7 +560,7 @@ def check_writable_dir(path: str, flag: str = '--workdir'):
   Raises:
     ValueError: naming the flag, the path and what is wrong.
   """
-  if metrics_lib.is_remote(path):  # orbax and epath create what they write there
+  if storage.is_remote(path):  # orbax and epath create what they write there
     return
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(

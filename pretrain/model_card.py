@@ -17,7 +17,7 @@ import os
 import re
 
 from models import hf_export
-from pretrain import metrics as metrics_lib
+from pretrain import sinks
 
 LAYOUT_NAMES = {
   'roformer': "transformers' RoFormerForMaskedLM (model_type roformer)",
@@ -89,7 +89,7 @@ def _final_eval(workdir: str, step: int) -> dict | None:
 
   evals = [
     r
-    for r in metrics_lib.read_lines(epath.Path(workdir) / 'metrics.jsonl')
+    for r in sinks.read_lines(epath.Path(workdir) / 'metrics.jsonl')
     if r.get('split') == 'eval'
     and isinstance(r.get('loss'), (int, float))
     and isinstance(r.get('step'), int)

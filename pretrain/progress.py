@@ -21,6 +21,8 @@ from data_pipelines import objectives
 import models
 import optim
 from pretrain import metrics as metrics_lib
+from pretrain import peak
+from pretrain import storage
 
 PROGRESS_MODES = ('auto', 'on', 'off')
 
@@ -98,7 +100,7 @@ class TrainLog:
       else config.data.seq_len
     )
     self.flops_per_step = models.flops_per_token(config, num_predictions) * self.tokens_per_step
-    self.peak = metrics_lib.peak_flops(config.train.peak_flops_per_device, config.model.dtype)
+    self.peak = peak.peak_flops(config.train.peak_flops_per_device, config.model.dtype)
     self.schedule = optim.learning_rate_schedule(config)
     self.accumulation = max(config.optim.accumulation_steps, 1)
     self.bar = bar or ProgressBar('off', 0, 0)
@@ -246,7 +248,7 @@ def run_summary(
     evals: every evaluation of this run, as {'step', 'loss', 'accuracy', ...}.
     stopped_by: 'SIGTERM' / 'Ctrl-C' when the run stopped early, else ''.
   """
-  workdir = workdir if metrics_lib.is_remote(workdir) else os.path.abspath(workdir)
+  workdir = workdir if storage.is_remote(workdir) else os.path.abspath(workdir)
   state = f'stopped by {stopped_by} at' if stopped_by else 'at'
   lines = [
     f'run summary ({state} step {step} of {num_steps})',

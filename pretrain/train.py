@@ -36,6 +36,7 @@ from pretrain import multihost
 from pretrain import metrics as metrics_lib
 from pretrain import probe as probe_lib
 from pretrain import progress
+from pretrain import sinks
 
 State = loop.State
 
@@ -359,7 +360,7 @@ def validate_train(t):
   for field in ('eval_every_steps', 'stop_after_steps', 'keep_every_steps', 'keep_best'):
     if t[field] < 0:
       raise ValueError(f'--config.train.{field}={t[field]} must be >= 0 (0: off).')
-  metrics_lib.validate_loggers(t)
+  sinks.validate_loggers(t)
 
 
 def validate(config, mesh=None):

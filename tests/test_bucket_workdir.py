@@ -81,13 +81,13 @@ _SLOW = _slow_launcher()
 # LEASE_TTL_SECONDS of failed refreshes on a real bucket, is then seen within a second.
 _SHORT_LEASE = _slow_launcher('guards.LEASE_TTL_SECONDS = 1.5')
 
-# Runs the launcher with pretrain.metrics.REMOTE_UPLOAD_SECONDS = 0: every log step is an
+# Runs the launcher with pretrain.sinks.REMOTE_UPLOAD_SECONDS = 0: every log step is an
 # upload interval, as every 30 s is in a run of hours (a long run, compressed).
 _UPLOAD_EVERY_WRITE = """
 import runpy, sys
-from pretrain import metrics
-assert hasattr(metrics, 'REMOTE_UPLOAD_SECONDS'), 'pretrain.metrics.REMOTE_UPLOAD_SECONDS is gone'
-metrics.REMOTE_UPLOAD_SECONDS = 0.0
+from pretrain import sinks
+assert hasattr(sinks, 'REMOTE_UPLOAD_SECONDS'), 'pretrain.sinks.REMOTE_UPLOAD_SECONDS is gone'
+sinks.REMOTE_UPLOAD_SECONDS = 0.0
 sys.argv = ['launch.pretrain', *sys.argv[1:]]
 runpy.run_module('launch.pretrain', run_name='__main__', alter_sys=True)
 """

@@ -145,8 +145,8 @@ import sys
 import jax
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                            process_id=int(sys.argv[2]))
-from pretrain import metrics
-print('PEAK', metrics.measured_matmul_peak())
+from pretrain import peak
+print('PEAK', peak.measured_matmul_peak())
 """
 
 
@@ -155,7 +155,7 @@ def test_each_process_measures_its_own_matmul_peak(tmp_path, monkeypatch):
   """MFU's CPU peak, measured by each of two processes into an empty cache, is its own
   device's: process 1 used to time a matmul placed on process 0's device (jax.devices()[0]),
   which ran nothing there, and cached ~1e5x the machine's peak for every later run."""
-  from pretrain import metrics  # pylint: disable=g-import-not-at-top
+  from pretrain import peak  # pylint: disable=g-import-not-at-top
 
   port = free_port()
   caches = [tmp_path / f'cache_process{i}' for i in range(2)]
@@ -174,5 +174,5 @@ def test_each_process_measures_its_own_matmul_peak(tmp_path, monkeypatch):
   assert [p.returncode for p in procs] == [0, 0], outs
   peaks = [float(out.split('PEAK ')[1].split()[0]) for out in outs]
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'own_cache'))
-  own_peak = metrics.measured_matmul_peak()
+  own_peak = peak.measured_matmul_peak()
   assert max(peaks) < 5 * own_peak, (peaks, own_peak)

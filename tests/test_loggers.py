@@ -12,6 +12,7 @@ import pytest
 
 from helpers import make_tiny_config
 from pretrain import metrics as metrics_lib
+from pretrain import sinks
 from pretrain import train
 
 wandb = pytest.importorskip('wandb')  # the `wandb` extra (also in `test`)
@@ -123,7 +124,7 @@ def test_every_sink_gets_the_same_scalars(tmp_path):
     2: {'train/loss': 5.0, 'train/learning_rate': pytest.approx(1e-3), 'eval/loss': 5.5},
     4: {'train/loss': 4.0, 'train/learning_rate': 2e-3},
   }
-  record = json.loads((tmp_path / metrics_lib.WANDB_RUN_FILE).read_text())
+  record = json.loads((tmp_path / sinks.WANDB_RUN_FILE).read_text())
   assert record == {'id': run.run_id, 'last_step': 4}
 
 
@@ -161,14 +162,12 @@ def test_a_resume_continues_the_wandb_run_and_sends_each_step_once(tmp_path):
 
 def test_bad_loggers_are_refused_naming_the_flag(tmp_path, monkeypatch):
   config = make_tiny_config(tmp_path, tmp_path, **{'train.loggers': 'tensorboard,mlflow'})
-  with pytest.raises(
-    metrics_lib.LoggerError, match=r"loggers='tensorboard,mlflow': 'mlflow' is not"
-  ):
-    metrics_lib.validate_loggers(config.train)
+  with pytest.raises(sinks.LoggerError, match=r"loggers='tensorboard,mlflow': 'mlflow' is not"):
+    sinks.validate_loggers(config.train)
   config.train.loggers = 'wandb'
-  monkeypatch.setattr(metrics_lib.importlib.util, 'find_spec', lambda name: None)
-  with pytest.raises(metrics_lib.LoggerError, match=r"pip install 'encoder-pretrain\[wandb\]'"):
-    metrics_lib.validate_loggers(config.train)
+  monkeypatch.setattr(sinks.importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(sinks.LoggerError, match=r"pip install 'encoder-pretrain\[wandb\]'"):
+    sinks.validate_loggers(config.train)
   # Disabled (processes other than 0): nothing is written, names are still checked.
   assert metrics_lib.MetricWriter(str(tmp_path / 'off'), enabled=False, loggers='wandb').sinks == []
   assert not (tmp_path / 'off').exists()

@@ -16,9 +16,9 @@ from helpers import make_tiny_config
 from helpers import ROOT
 from launch import cli
 from launch import tpu_vm
-from pretrain import metrics as metrics_lib
 from pretrain import progress
 from pretrain import report
+from pretrain import storage
 from pretrain import train
 
 POD = tpu_vm.Options(
@@ -284,7 +284,7 @@ def fake_gcs(tmp_path, monkeypatch):
   def no_gcs(shared=True):
     raise OSError('no GCS API in this test (etils.epath is faked)')
 
-  monkeypatch.setattr(metrics_lib, 'gcs_client', no_gcs)
+  monkeypatch.setattr(storage, 'gcs_client', no_gcs)
 
   root = tmp_path / 'gcs'
   root.mkdir()

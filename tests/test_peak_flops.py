@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pretrain import metrics
+from pretrain import peak
 
 
 @pytest.mark.parametrize(
@@ -28,11 +28,11 @@ from pretrain import metrics
   ],
 )
 def test_peak_flops_lookup_is_exact(kind, flops):
-  assert metrics.peak_flops_per_device(kind) == flops
+  assert peak.peak_flops_per_device(kind) == flops
 
 
 def test_every_entry_is_a_plausible_dense_bf16_peak():
-  for kind, flops in metrics.PEAK_FLOPS_BY_DEVICE_KIND.items():
+  for kind, flops in peak.PEAK_FLOPS_BY_DEVICE_KIND.items():
     assert 2e13 <= flops <= 1e15, kind
 
 
@@ -94,8 +94,8 @@ def test_model_flops_match_the_compiled_step(preset, objective, upper):
 
 def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
-  first = metrics.measured_matmul_peak('float32', size=256)
-  path = metrics.matmul_peak_cache_path()
+  first = peak.measured_matmul_peak('float32', size=256)
+  path = peak.matmul_peak_cache_path()
   assert path.startswith(str(tmp_path)) and 1e8 < first < 1e14
   with open(path) as f:
     ((key, cached),) = json.load(f).items()
@@ -103,21 +103,21 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
   # A cached figure is returned as is (planted, so a re-measurement would show).
   with open(path, 'w') as f:
     json.dump({key: 123.0}, f)
-  assert metrics.measured_matmul_peak('float32', size=256) == 123.0
-  assert metrics.measured_matmul_peak('float32', size=256, refresh=True) != 123.0
+  assert peak.measured_matmul_peak('float32', size=256) == 123.0
+  assert peak.measured_matmul_peak('float32', size=256, refresh=True) != 123.0
   # A refresh never lowers the cached figure (a busy machine measures low).
   with open(path, 'w') as f:
     json.dump({key: 1e15}, f)
-  assert metrics.measured_matmul_peak('float32', size=256, refresh=True) == 1e15
+  assert peak.measured_matmul_peak('float32', size=256, refresh=True) == 1e15
   # A damaged cache file is measured again, not an error.
   with open(path, 'w') as f:
     f.write('{not json')
-  assert metrics.measured_matmul_peak('float32', size=256) > 1e8
+  assert peak.measured_matmul_peak('float32', size=256) > 1e8
 
 
 def test_cpu_mfu_denominator_is_the_measured_peak_unless_configured(monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
 
-  monkeypatch.setattr(metrics, 'measured_matmul_peak', lambda dtype: {'float32': 7e10}[dtype])
-  assert metrics.peak_flops(0.0, 'float32') == 7e10  # one process, however many fake devices
-  assert metrics.peak_flops(5e11) == 5e11 * len(jax.devices())
+  monkeypatch.setattr(peak, 'measured_matmul_peak', lambda dtype: {'float32': 7e10}[dtype])
+  assert peak.peak_flops(0.0, 'float32') == 7e10  # one process, however many fake devices
+  assert peak.peak_flops(5e11) == 5e11 * len(jax.devices())

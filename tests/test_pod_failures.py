@@ -28,7 +28,7 @@ pytestmark = pytest.mark.two_process
 _INJECT = """
 import os, runpy, sys
 import jax
-from pretrain import checkpointing, metrics
+from pretrain import checkpointing, sinks
 where, at = os.environ['FAIL_WHERE'], int(os.environ['FAIL_AT_STEP'])
 who = int(os.environ['FAIL_PROCESS'])
 if where == 'async_save':
@@ -63,12 +63,12 @@ elif where == 'data':
     return source, tokenizer, FailingBatches(train_iter), eval_set
   train._load_data = failing_load_data
 elif where == 'metrics':
-  write = metrics.JsonlSink.write
+  write = sinks.JsonlSink.write
   def failing_write(self, step, split, scalars):
     if step >= at:
       raise OSError(28, f'No space left on device (injected at step {step})')
     return write(self, step, split, scalars)
-  metrics.JsonlSink.write = failing_write
+  sinks.JsonlSink.write = failing_write
 sys.argv = ['launch.pretrain', *sys.argv[1:]]
 runpy.run_module('launch.pretrain', run_name='__main__', alter_sys=True)
 """
