@@ -10,7 +10,7 @@ each with and without the checks (`Checkpointer(checksums=False)` is orbax alone
 - save, the part the training loop waits for (`Checkpointer.save`: the checksums, the copy to
   host memory, dispatch of the write) and until written (`+ wait`);
 - restore (`Checkpointer.restore` onto the same shardings: read, then the verification);
-- the checksum reduction alone (`checkpointing.state_checksums`), and its first call, which
+- the checksum reduction alone (`checksums.state_checksums`), and its first call, which
   compiles it (once per run and mesh).
 
 Then writes 20 KB of random bytes over the largest file of a saved checkpoint (size intact,
@@ -34,6 +34,7 @@ import numpy as np
 from bench_utils import time_train_step
 from launch.configs import roformer
 from pretrain import checkpointing
+from pretrain import checksums
 from pretrain import mesh as mesh_lib
 from pretrain import train
 
@@ -67,9 +68,9 @@ def main(argv):
   repeats = _REPEATS.value
 
   start = time.perf_counter()
-  jax.block_until_ready(checkpointing.state_checksums(state))
+  jax.block_until_ready(checksums.state_checksums(state))
   first_checksum = time.perf_counter() - start
-  checksum = _median_seconds(lambda: checkpointing.state_checksums(state), repeats)
+  checksum = _median_seconds(lambda: checksums.state_checksums(state), repeats)
 
   rows = {}
   with tempfile.TemporaryDirectory() as root:
@@ -108,7 +109,7 @@ def main(argv):
         try:
           ckpt.restore(step, abstract)
           outcome.append('restored')
-        except checkpointing.ChecksumError:
+        except checksums.ChecksumError:
           outcome.append('checksum')
         except Exception:  # pylint: disable=broad-except
           outcome.append('read error')

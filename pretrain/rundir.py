@@ -24,6 +24,7 @@ import jax
 import ml_collections
 
 from pretrain import checkpointing
+from pretrain import checksums
 from pretrain import config as config_schema
 from pretrain import mesh as mesh_lib
 from pretrain import train
@@ -135,7 +136,7 @@ def read_checkpoint(
         except train.InputError:
           raise
         except Exception as e:  # pylint: disable=broad-except
-          cause = str(e) if isinstance(e, checkpointing.ChecksumError) else None
+          cause = str(e) if isinstance(e, checksums.ChecksumError) else None
           cause = cause or checkpointing.describe_error(e)
           continue
         for bad, bad_cause in failures:
@@ -182,7 +183,7 @@ def read_params(ckpt: checkpointing.Checkpointer, step: int, meta: dict):
     (params: a pure dict of jax.Arrays, number of parameters).
 
   Raises:
-    checkpointing.ChecksumError: the arrays read differ from what was saved.
+    checksums.ChecksumError: the arrays read differ from what was saved.
   """
   config = config_from_meta(meta['config'])
   config.mesh.shape = (-1, 1, 1)
@@ -203,7 +204,7 @@ def restore_params(from_workdir: str, step: int, abstract_params):
   ckpt = checkpointing.Checkpointer(from_workdir, read_only=True)
   try:
     return ckpt.restore(step, {'params': abstract_params}, partial=True)['params']
-  except checkpointing.ChecksumError as e:
+  except checksums.ChecksumError as e:
     raise train.InputError(f'checkpoint {ckpt.path(step)} cannot be restored: {e}.') from e
   except Exception as e:  # pylint: disable=broad-except
     raise train.InputError(

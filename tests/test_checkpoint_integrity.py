@@ -26,7 +26,7 @@ from helpers import copy_run
 from helpers import make_tiny_config
 from helpers import orbax_state as _orbax_state
 from helpers import state_files as _state_files
-from pretrain import checkpointing
+from pretrain import checksums
 from pretrain import finetune
 from pretrain import guards
 from pretrain import hf_io
@@ -124,15 +124,15 @@ def test_checksums_do_not_depend_on_the_sharding_and_see_one_bit():
   }
   specs = {'w': P('data', 'fsdp'), 'b': P(None, 'tensor'), 'mask': P(), 'step': P()}
   sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
-  sums = checkpointing.state_checksums(sharded)
-  assert sums == checkpointing.state_checksums(tree)  # on one device
+  sums = checksums.state_checksums(sharded)
+  assert sums == checksums.state_checksums(tree)  # on one device
   assert set(sums) == {'w', 'b', 'mask', 'step'} and sums['b'].startswith('bfloat16:')
   for bit in (0, 23, 31):
     flipped = dict(tree, w=tree['w'].copy())
     flipped['w'].reshape(-1).view(np.uint32)[13] ^= np.uint32(1 << bit)
-    assert checkpointing.state_checksums(flipped)['w'] != sums['w']
+    assert checksums.state_checksums(flipped)['w'] != sums['w']
   swapped = dict(tree, w=tree['w'][::-1].copy())  # the same values elsewhere
-  assert checkpointing.state_checksums(swapped)['w'] != sums['w']
+  assert checksums.state_checksums(swapped)['w'] != sums['w']
 
 
 @pytest.mark.parametrize('damage', list(DAMAGE))
