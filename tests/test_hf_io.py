@@ -29,6 +29,7 @@ from models import hf_export
 from models import hf_import
 from pretrain import checkpointing
 from pretrain import hf_io
+from pretrain import hf_weights
 from pretrain import mesh as mesh_lib
 from pretrain import rundir
 from pretrain import train
@@ -133,7 +134,7 @@ def test_export_loads_in_transformers_flax_with_our_logits_and_ids(v1_export, tm
   np.testing.assert_allclose(ours[valid == 1], ref[valid == 1], atol=1e-5, rtol=0)
   # transformers' own Flax save (flax_model.msgpack) imports back to the same parameters.
   hf_model.save_pretrained(str(tmp_path), safe_serialization=False)
-  name, state_dict = hf_io.read_weights(str(tmp_path))
+  name, state_dict = hf_weights.read_weights(str(tmp_path))
   assert name == 'flax_model.msgpack'
   assert _same_tree(hf_import.from_torch(state_dict, config)[0], params)
 
@@ -489,7 +490,9 @@ def _edited_export(root, target, config_edit=None, weights=None):
     config_edit(hf)
     (target / 'config.json').write_text(json.dumps(hf))
   if weights:
-    (target / hf_io.WEIGHTS).write_bytes(weights((root / 'hf' / hf_io.WEIGHTS).read_bytes()))
+    (target / hf_weights.WEIGHTS).write_bytes(
+      weights((root / 'hf' / hf_weights.WEIGHTS).read_bytes())
+    )
   return target
 
 
@@ -515,7 +518,7 @@ def _import_error(directory, workdir, config) -> str:
 
 def test_malformed_safetensors_is_named_before_the_library_reads_it(v1_export, tmp_path):
   config, root = v1_export[0], v1_export[4]
-  size = (root / 'hf' / hf_io.WEIGHTS).stat().st_size
+  size = (root / 'hf' / hf_weights.WEIGHTS).stat().st_size
   cases = {
     'offsets': (
       _moved_past_the_end,
@@ -564,7 +567,7 @@ def test_config_json_is_checked_against_the_weight_shapes_first(v1_export, tmp_p
     )
     msg = _import_error(directory, tmp_path / 'never', config)
     assert f'config.json: {key}={value} ' in msg or f'config.json {key}={value} ' in msg, msg
-    assert message.format(directory / hf_io.WEIGHTS) in msg, msg
+    assert message.format(directory / hf_weights.WEIGHTS) in msg, msg
 
 
 def test_convert_refuses_a_million_layers_at_once(v1_export, tmp_path):
@@ -579,7 +582,8 @@ def test_convert_refuses_a_million_layers_at_once(v1_export, tmp_path):
     timeout=60,
   )
   assert result.returncode == 2, result.stderr[-2000:]
+  weights_file = directory / hf_weights.WEIGHTS
   assert (
-    f'error: config.json: num_hidden_layers=1000000 but {directory / hf_io.WEIGHTS} holds 2 layers'
+    f'error: config.json: num_hidden_layers=1000000 but {weights_file} holds 2 layers'
   ) in result.stderr
   assert 'Traceback' not in result.stderr and not (tmp_path / 'w').exists()

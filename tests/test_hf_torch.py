@@ -24,6 +24,7 @@ from helpers import make_tiny_config
 from models import hf_export
 from models import hf_import
 from pretrain import hf_io
+from pretrain import hf_weights
 from test_hf_io import _logits
 from test_hf_io import _random_params
 from test_hf_io import _same_tree
@@ -152,7 +153,7 @@ def test_exports_load_in_pytorch_auto_classes_with_our_logits(
         got['hidden'][keep] @ embedding.T, ours[keep], atol=1e-4, rtol=0, err_msg=name
       )
     # What PyTorch saves (tied decoder dropped) imports back to our parameters.
-    _, state_dict = hf_io.read_weights(str(out / 'saved'))
+    _, state_dict = hf_weights.read_weights(str(out / 'saved'))
     back, _ = hf_import.from_torch(state_dict, config)
     assert _same_tree(back, params), name
     assert hf.get('auto_map') == hf_export.AUTO_MAP.get(family), name
