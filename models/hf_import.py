@@ -15,7 +15,8 @@ kernels need no column permutation. (A LLaMA-style "rotate_half" checkpoint woul
 see `permute_qk_rotate_half`.) HF's rotary base is fixed at 10000: set model.rotary_base=10000.
 
 `roformer_from_hf(hf_model.params, config)` maps the Flax FlaxRoFormerForMaskedLM tree
-directly (the golden test). Pure NumPy: no file is read here (pretrain/hf_io.py does the I/O).
+directly (the golden test). Pure NumPy: no file is read here (pretrain/hf_io.py and
+pretrain/hf_weights.py do the I/O).
 """
 
 from __future__ import annotations

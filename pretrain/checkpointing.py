@@ -367,7 +367,7 @@ class Checkpointer:
     eval_loss: float | None = None,
   ):
     """Starts saving `state` (pytree of jax.Arrays), the iterator state and `meta` at `step`;
-    `meta` gets the state's checksums (`checksum_record`, computed before this returns, so
+    `meta` gets the state's checksums (`checksums.checksum_record`, computed before this returns, so
     the caller may donate `state` afterwards). `eval_loss`: the loss of the evaluation at
     `step`, recorded in orbax's metrics of the step (None, or not finite: the step has
     none).
@@ -534,7 +534,8 @@ class Checkpointer:
     """`read`, then the arrays verified against the checksums saved with them.
 
     Raises:
-      ChecksumError: the arrays read differ from what was saved (the files were damaged).
+      checksums.ChecksumError: the arrays read differ from what was saved (the files were
+        damaged).
       Exception: whatever orbax raises for a checkpoint that cannot be read.
     """
     state, meta = self.read(step, abstract_state, data_iterator, partial)

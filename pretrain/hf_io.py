@@ -371,8 +371,8 @@ def import_run(
   """Writes a Hugging Face checkpoint directory as step 0 of a new run `workdir`.
 
   Args:
-    from_hf: a directory with config.json, weights (see read_weights) and a vocab.txt or
-      tokenizer.model.
+    from_hf: a directory with config.json, weights (see `hf_weights.read_weights`) and a
+      vocab.txt or tokenizer.model.
     workdir: the new run directory; must hold no checkpoint.
     config: the run's config (data, optimizer, schedule; its model fields are replaced by the
       checkpoint's); None: `launch/configs/<family>.py:tiny`.

@@ -101,7 +101,7 @@ class Sink:
 
 class JsonlSink(Sink):
   """`<workdir>/metrics.jsonl`: one line {'step', 'split', 'time' (seconds since the epoch),
-  **scalars} per write; `launch.report` reads it and `truncate_history` keeps it honest.
+  **scalars} per write; `launch.report` reads it and `metrics.truncate_history` keeps it honest.
 
   A local workdir gets each line appended and flushed. A remote one (a bucket has no appends)
   gets the lines written since its last upload at most every REMOTE_UPLOAD_SECONDS and at
