@@ -11,6 +11,14 @@ then half the batch per step with twice the gradient accumulation (same tokens p
 until it fits or the batch is one row per chip. Each result is appended to --out as one JSON
 line (an interrupted run resumes where it stopped) and the markdown table is printed from
 that file at the end.
+
+With --roofline (issue 25, item 4) the setting that fits is also costed with every layer
+counted (`aot.layer_corrected_cost`: two more compiles, 1 and 2 layers unrolled) and bounded
+on every TPU generation's datasheet peak and HBM bandwidth (`aot.CHIPS`): a second table gives
+per preset the step's FLOPs and bytes per device, its arithmetic intensity, the bound step
+time and MFU on each chip, and for a memory-bound step the config's levers (`aot.lever`):
+
+  python benchmarks/aot_table.py --topologies=v5e-8 --roofline --out=roofline.jsonl
 """
 
 import dataclasses
@@ -32,6 +40,9 @@ _CONFIGS = flags.DEFINE_list(
 )
 _PRESETS = flags.DEFINE_list('presets', [], 'Only these presets (default: all of each module).')
 _OUT = flags.DEFINE_string('out', 'aot_table.jsonl', 'Results, one JSON line per compile.')
+_ROOFLINE = flags.DEFINE_bool(
+  'roofline', False, 'Also cost the fitting setting per layer and bound it on every TPU chip.'
+)
 
 GIB = 2.0**30
 
@@ -72,7 +83,33 @@ def attempts(config, chips: int):
     )
 
 
-def run_one(module_name: str, preset: str, topology: str) -> dict:
+def roofline_of(config, topology: str, model_flops: float) -> dict:
+  """The layer-corrected cost of `config`'s step compiled for `topology`, per device, and its
+  roofline bound on one chip of each generation in aot.CHIPS: {'flops', 'bytes_accessed',
+  'intensity', 'chips': {chip: {'bound_ms', 'mfu', 'memory_bound', 'lever'}}}."""
+  devices = aot.topology_devices(topology)
+  cost = aot.layer_corrected_cost(config, devices)
+  # Bounded per chip (a v4 compile has 2 devices per chip): one chip's share of the step.
+  per_chip = max(len(devices) // aot.chips(topology), 1)
+  chip_cost = aot.StepCost(cost.flops * per_chip, cost.bytes_accessed * per_chip)
+  chips = {}
+  for name in aot.CHIPS:
+    bound = aot.roofline(chip_cost, name, model_flops / aot.chips(topology))
+    chips[name] = {
+      'bound_ms': bound.bound_s * 1e3,
+      'mfu': bound.mfu,
+      'memory_bound': bound.memory_bound,
+      'lever': aot.lever(bound, config, len(devices)),
+    }
+  return {
+    'flops': cost.flops,
+    'bytes_accessed': cost.bytes_accessed,
+    'intensity': cost.intensity,
+    'chips': chips,
+  }
+
+
+def run_one(module_name: str, preset: str, topology: str, roofline: bool = False) -> dict:
   config = importlib.import_module(f'launch.configs.{module_name}').get_config(preset)
   row = {'config': module_name, 'preset': preset, 'topology': topology}
   start = time.time()
@@ -97,6 +134,8 @@ def run_one(module_name: str, preset: str, topology: str) -> dict:
     )
     row.pop('error', None)
     if r.fits:
+      if roofline:
+        row['roofline'] = roofline_of(candidate, topology, r.model_flops)
       break
   row['compile_seconds'] = round(time.time() - start, 1)
   return row
@@ -127,13 +166,54 @@ def table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def _sci(x: float) -> str:
+  """3 significant digits, exponent without '+' or leading zeros: 3.65e9."""
+  return f'{x:.3g}'.replace('e+0', 'e').replace('e+', 'e')
+
+
+def roofline_table(rows: list[dict]) -> str:
+  """Markdown: per costed row, FLOPs and bytes per device, intensity, and per chip the bound
+  step time, the MFU it allows and whether memory bounds it; then the levers."""
+  rows = [r for r in rows if 'roofline' in r]
+  chips = list(aot.CHIPS)
+  lines = [
+    '| config:preset | compiled for | FLOPs / step / device | bytes / step / device | intensity '
+    '(FLOPs/B) | '
+    + ' | '.join(f'{c} (ridge {aot.CHIPS[c].ridge_point:.0f})' for c in chips)
+    + ' | lever where memory-bound |',
+    '|---|---|---|---|---|' + '---|' * len(chips) + '---|',
+  ]
+  for r in rows:
+    rf = r['roofline']
+    cells = []
+    for c in chips:
+      b = rf['chips'][c]
+      by = 'memory' if b['memory_bound'] else 'compute'
+      ms = b['bound_ms']
+      bound = f'{ms:,.0f} ms' if ms >= 100 else f'{ms:.3g} ms'
+      cells.append(f'{bound}, {b["mfu"]:.1%}, {by}')
+    levers = {b['lever'] for b in rf['chips'].values() if b['lever']}
+    lines.append(
+      f'| {r["config"]}:{r["preset"]} | {r["topology"]} ({r["setting"]}) | '
+      f'{_sci(rf["flops"])} | {_sci(rf["bytes_accessed"])} | {rf["intensity"]:.0f} | '
+      + ' | '.join(cells)
+      + f' | {"; ".join(sorted(levers)) or "-"} |'
+    )
+  return '\n'.join(lines)
+
+
 def main(argv):
   del argv
   aot.quiet_libtpu(_TOPOLOGIES.value[0])
-  done = []
+  rows = {}  # the last line of each (config, preset, topology) wins
   if os.path.exists(_OUT.value):
     with open(_OUT.value) as f:
-      done = [json.loads(line) for line in f if line.strip()]
+      for line in f:
+        if line.strip():
+          r = json.loads(line)
+          rows[r['config'], r['preset'], r['topology']] = r
+  # With --roofline a fitting row compiled without it is compiled again.
+  done = [r for r in rows.values() if not _ROOFLINE.value or 'roofline' in r or not r.get('fits')]
   seen = {(r['config'], r['preset'], r['topology']) for r in done}
   for module_name in _CONFIGS.value:
     for preset in presets_of(module_name):
@@ -142,7 +222,7 @@ def main(argv):
       for topology in _TOPOLOGIES.value:
         if (module_name, preset, topology) in seen:
           continue
-        row = run_one(module_name, preset, topology)
+        row = run_one(module_name, preset, topology, _ROOFLINE.value)
         print(
           f'{module_name}:{preset} {topology}: {row.get("setting")} '
           f'fits={row.get("fits")} ({row["compile_seconds"]} s)',
@@ -153,6 +233,9 @@ def main(argv):
         done.append(row)
   print()
   print(table(done))
+  if _ROOFLINE.value:
+    print()
+    print(roofline_table(done))
 
 
 if __name__ == '__main__':
