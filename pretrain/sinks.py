@@ -36,6 +36,16 @@ def _failure_kind(e: BaseException) -> str:
   return f'{type(e).__name__} {code}' if isinstance(code, int) else type(e).__name__
 
 
+def _warn_once_per_kind(warned: set[str], e: BaseException, message: str, *args):
+  """logging.warning(message, *args) unless a failure of e's kind was warned of already (a
+  bucket that refuses writes would otherwise warn at every upload); records the kind in
+  `warned`."""
+  kind = _failure_kind(e)
+  if kind not in warned:
+    warned.add(kind)
+    logging.warning(message, *args)
+
+
 # What --config.train.loggers means when no config is given (older callers, tests).
 DEFAULT_LOGGERS = 'tensorboard,jsonl'
 # W&B project when the config names none (docs/configuration.md 2).
@@ -159,15 +169,14 @@ class JsonlSink(Sink):
           self._rewrite(data)
         self._lines = []
     except Exception as e:  # pylint: disable=broad-except
-      kind = _failure_kind(e)
-      if kind not in self._warned:
-        self._warned.add(kind)
-        logging.warning(
-          'could not write %s (%s); retrying at the next upload (this warning is not repeated '
-          'for this kind of failure)',
-          self._remote_path,
-          e,
-        )
+      _warn_once_per_kind(
+        self._warned,
+        e,
+        'could not write %s (%s); retrying at the next upload (this warning is not repeated '
+        'for this kind of failure)',
+        self._remote_path,
+        e,
+      )
 
   def _rewrite(self, data: bytes):
     """The fallback of a failed append: the whole file rewritten through etils.epath (the
@@ -295,17 +304,16 @@ class TensorBoardSink(Sink):
       try:
         self._put(local, name)
       except Exception as e:  # pylint: disable=broad-except
-        kind = _failure_kind(e)
-        if kind not in self._warned:
-          self._warned.add(kind)
-          logging.warning(
-            'could not upload TensorBoard events to %s/%s (%s); training goes on, the events '
-            'are kept and retried at the next upload (this warning is not repeated for this '
-            'kind of failure)',
-            self._remote_dir,
-            name,
-            e,
-          )
+        _warn_once_per_kind(
+          self._warned,
+          e,
+          'could not upload TensorBoard events to %s/%s (%s); training goes on, the events '
+          'are kept and retried at the next upload (this warning is not repeated for this '
+          'kind of failure)',
+          self._remote_dir,
+          name,
+          e,
+        )
         return
       shutil.rmtree(os.path.dirname(local), ignore_errors=True)
       self._pending.pop(0)
