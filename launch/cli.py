@@ -32,11 +32,31 @@ FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
 
 def parse_flags(argv):
   """absl flag parsing (`app.run(main, flags_parser=parse_flags)`) whose errors (an unknown
-  config field, a bad value) exit with code 2 and one readable sentence."""
+  config field, a bad value, a config file that cannot be loaded) exit with code 2 and one
+  readable sentence."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except FLAG_ERRORS as e:
     fail(flag_error_message(e))
+  check_config_files()
+  return rest
+
+
+def check_config_files():
+  """Exits with code 2 if a config flag (`config_flags.DEFINE_config_file`) names a file that
+  could not be loaded: config_flags keeps that error until the config is first read, which
+  would be a traceback in the middle of a run's setup."""
+  for name in list(flags.FLAGS):
+    value = flags.FLAGS[name].value
+    # config_flags' stand-in for a config that failed to load (a private class, so by name).
+    if type(value).__name__ != '_ErrorConfig':
+      continue
+    lines = [l.strip() for l in str(getattr(value, '_error', '')).splitlines() if l.strip()]
+    fail(
+      f'bad flag: --{name}: the config file cannot be loaded '
+      f'({lines[-1] if lines else "no such file"}); give one of the files in launch/configs '
+      f'and a preset, e.g. --{name}=launch/configs/roformer.py:tiny.'
+    )
 
 
 def require(usage: str, **flag_values):

@@ -449,3 +449,22 @@ def test_aot_bad_flags_exit_2_without_a_traceback(flags, message):
   )
   assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
   assert 'Traceback' not in out.stderr
+
+
+@pytest.mark.parametrize('module', ['pretrain', 'finetune', 'convert', 'upscale', 'aot'])
+def test_a_config_file_that_does_not_exist_exits_2_before_any_work(module, tmp_path):
+  """config_flags keeps a failed load until the config is first read: the launchers used to
+  start (build data, restore a run) and end in a traceback there."""
+  out = subprocess.run(
+    [sys.executable, '-m', f'launch.{module}', '--config=launch/configs/roformr.py:tiny'],
+    cwd=ROOT,
+    env=cpu_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert 'bad flag: --config: the config file cannot be loaded ([Errno 2] No such file' in (
+    out.stderr
+  )
+  assert 'launch/configs/roformr.py' in out.stderr and 'Traceback' not in out.stderr
