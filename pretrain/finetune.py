@@ -688,6 +688,7 @@ def finetune(
     try:
       config = config_schema.get_finetune_config() if config is None else config
       validate(config)
+      guards.check_workdir_kind(workdir, 'fine-tuning')  # before the lock writes its file
       lock.acquire()
       start = resolve_start(from_workdir, config, tokenizer_path, from_step)
       ft = start.config.finetune

@@ -577,3 +577,60 @@ def check_writable_dir(path: str, flag: str = '--workdir'):
       f'{flag}={path} is not a writable directory ({e.strerror or e}); give a '
       f'directory you can write to.'
     ) from None
+
+
+# What `check_workdir_kind` looks for: a pretraining run keeps its checkpoints at the top of its
+# workdir; a fine-tuning sweep keeps results.json there and one directory per learning rate and
+# seed (pretrain/finetune.py).
+_KINDS = ('pretraining', 'fine-tuning')
+
+
+def _workdir_kind(workdir: str) -> str | None:
+  """'pretraining', 'fine-tuning' or None (empty, new, or neither) for `workdir`."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  root = epath.Path(workdir)
+  try:
+    checkpoints = root / 'checkpoints'
+    if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+      return 'pretraining'
+    if (root / 'results.json').exists() or any(root.glob('lr*_seed*')):
+      return 'fine-tuning'
+  except OSError:  # unreadable: check_writable_dir and the lock say what is wrong
+    return None
+  return None
+
+
+def check_workdir_kind(workdir: str, kind: str, flag: str = '--workdir'):
+  """Refuses a workdir that holds a run of the other kind (every process gives the same
+  answer: process 0's finding is shared through an agreement, so no process raises alone).
+
+  A fine-tuning sweep written into a pretraining run would replace its config.json and
+  metrics.jsonl (and `launch.report` would show the fine-tuning losses as the run's); a
+  pretraining run started in a sweep's directory would move the sweep's metrics aside.
+
+  Args:
+    workdir: the directory the command is about to write (local or gs://).
+    kind: 'pretraining' or 'fine-tuning': what the command writes.
+    flag: the flag that named `workdir`, for the message.
+
+  Raises:
+    ValueError: `workdir` holds a run of the other kind; the message names the flag, what is
+      there and the fix (a directory of its own).
+  """
+  if kind not in _KINDS:
+    raise ValueError(f'kind={kind!r}; use one of {_KINDS}')
+  found = _workdir_kind(workdir) if jax.process_index() == 0 else None
+  found = multihost.all_gather('workdir_kind', found or '')[0].decode() or None
+  if found is None or found == kind:
+    return
+  what = (
+    'its checkpoints/ are at the top'
+    if found == 'pretraining'
+    else 'results.json or lr*_seed*/ directories are at the top'
+  )
+  raise ValueError(
+    f'{flag}={workdir} holds a {found} run ({what}); {kind} there would overwrite its '
+    f'config.json and metrics.jsonl. Give the {kind} run a directory of its own, e.g. '
+    f'{flag}={workdir.rstrip("/")}_{"finetune" if kind == "fine-tuning" else "pretrain"}.'
+  )

@@ -461,6 +461,7 @@ def prepare(config, workdir: str) -> Run:
     if config.optim.weight_decay is None:  # print and record the value in force
       config.optim.weight_decay = optim.weight_decay(config)
     logging.info('resolved config:\n%s', config)
+    guards.check_workdir_kind(workdir, 'pretraining')  # before the lock writes its file
     lock.acquire()  # also checks that the workdir is a writable directory
     ckpt = checkpointing.Checkpointer.for_run(workdir, config.train)
     meta = ckpt.newest_meta()

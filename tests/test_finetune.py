@@ -27,6 +27,7 @@ from pretrain import mesh as mesh_lib
 from pretrain import report
 from pretrain import rundir
 from pretrain import task_metrics
+from pretrain import train
 
 WORDS = (
   'the a of to and in is it for on with as by this that from value list name file data'
@@ -481,6 +482,41 @@ def test_a_checkpoint_of_another_family_or_shape_is_refused(
     finetune.resolve_start(run_dir, wider)
   with pytest.raises(finetune.InputError, match='has no checkpoints/ directory'):
     finetune.resolve_start(os.path.dirname(run_dir))
+
+
+def _files(workdir) -> dict[str, bytes]:
+  return {
+    os.path.relpath(os.path.join(d, n), workdir): open(os.path.join(d, n), 'rb').read()
+    for d, _, names in os.walk(workdir)
+    for n in names
+  }
+
+
+def test_a_workdir_holding_a_run_of_the_other_kind_is_refused_untouched(
+  pretrained_run, marker_task, tiny_data, tmp_path
+):
+  """Fine-tuning into a pretraining run's workdir (--workdir = --from_workdir, a slip) used to
+  replace its config.json and metrics.jsonl; pretraining into a sweep's directory moved the
+  sweep's metrics aside. Both are refused before anything is written."""
+  run = tmp_path / 'pretraining_run'
+  (run / 'checkpoints' / '7').mkdir(parents=True)
+  (run / 'config.json').write_text('{"kind": "pretraining"}')
+  (run / 'metrics.jsonl').write_text('{"step": 7, "split": "train", "loss": 9.0}\n')
+  before = _files(run)
+  with pytest.raises(
+    finetune.InputError, match=r'holds a pretraining run .*a directory of its own'
+  ):
+    finetune.finetune(_config(marker_task), str(run), from_workdir=str(pretrained_run[0]))
+  assert _files(run) == before
+
+  sweep_dir = tmp_path / 'sweep'
+  (sweep_dir / 'lr0.001_seed0').mkdir(parents=True)
+  (sweep_dir / 'results.json').write_text('{}')
+  (sweep_dir / 'metrics.jsonl').write_text('{"step": 40, "split": "eval", "accuracy": 0.9}\n')
+  before = _files(sweep_dir)
+  with pytest.raises(train.InputError, match=r'holds a fine-tuning run .*--workdir=.*_pretrain'):
+    train.prepare(make_tiny_config_like(tiny_data[0]), str(sweep_dir))
+  assert _files(sweep_dir) == before
 
 
 def test_the_fine_tuning_preset_validates_and_takes_its_encoder_from_a_run(
