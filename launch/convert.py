@@ -50,10 +50,15 @@ def main(argv):
     from_hf=_FROM.value,
     workdir=_WORKDIR.value,
   )
+  from pretrain import guards  # pylint: disable=g-import-not-at-top
   from pretrain import hf_io  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)
+  try:
+    guards.check_dir_can_be_written(_WORKDIR.value)  # before the weights are read
+  except ValueError as e:
+    fail(str(e))
   config_flag = flags.FLAGS['config']
   spec, explicit = None, frozenset()
   if _CONFIG.value is not None:

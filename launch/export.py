@@ -53,11 +53,16 @@ def main(argv):
   require(
     'python -m launch.export --from_workdir=RUN --out=DIR', from_workdir=_FROM.value, out=_OUT.value
   )
+  from pretrain import guards  # pylint: disable=g-import-not-at-top
   from pretrain import hf_io  # pylint: disable=g-import-not-at-top
   from pretrain import rundir  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)
+  try:
+    guards.check_dir_can_be_written(_OUT.value, '--out')  # before the checkpoint is read
+  except ValueError as e:
+    fail(str(e))
   try:
     step = rundir.parse_step(_STEP.value)
     result = hf_io.export_run(_FROM.value, _OUT.value, step, _TOKENIZER.value, _MAX_POSITIONS.value)

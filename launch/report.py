@@ -24,8 +24,13 @@ def main(argv):
     fail('give one or more run directories: python -m launch.report runs/a runs/b --out=DIR.')
   if _NAMES.value and len(_NAMES.value) != len(run_dirs):
     fail(f'--names has {len(_NAMES.value)} labels for {len(run_dirs)} runs.')
+  from pretrain import guards  # pylint: disable=g-import-not-at-top
   from pretrain import report  # pylint: disable=g-import-not-at-top
 
+  try:
+    guards.check_dir_can_be_written(_OUT.value, '--out')
+  except ValueError as e:
+    fail(str(e))
   try:
     written = report.write_report(run_dirs, _OUT.value, _NAMES.value)
   except report.ReportError as e:

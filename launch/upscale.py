@@ -57,10 +57,15 @@ def main(argv):
     config=_CONFIG.value,
   )
   from pretrain import grow  # pylint: disable=g-import-not-at-top
+  from pretrain import guards  # pylint: disable=g-import-not-at-top
   from pretrain import rundir  # pylint: disable=g-import-not-at-top
   from pretrain import train  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)
+  try:
+    guards.check_dir_can_be_written(_WORKDIR.value)  # before the small run is restored and grown
+  except ValueError as e:
+    fail(str(e))
   config_flag = flags.FLAGS['config']
   explicit = frozenset(config_flags.get_override_values(config_flag))
   try:

@@ -554,6 +554,32 @@ class _Lease:
       logging.warning('could not delete the lease %s (%s); it expires by itself', self.uri, e)
 
 
+def check_dir_can_be_written(path: str, flag: str = '--workdir'):
+  """Checks, without creating or writing anything, that `path` is a writable directory or
+  can be created as one: for commands whose bad input must leave no trace (export, convert,
+  upscale, report write their output only once everything else is checked).
+
+  Raises:
+    ValueError: naming the flag, the path and what is wrong (a file, under a file, not
+      writable).
+  """
+  if storage.is_remote(path):  # orbax and epath create what they write there
+    return
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(
+      f'{flag}={path} is a file, not a directory; give a directory (it is created if missing).'
+    )
+  parent = os.path.abspath(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(
+      f'{flag}={path} is under {parent}, which is a file; give a directory path you can write to.'
+    )
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f'{flag}={path}: {parent} is not writable; give a directory you can write to.')
+
+
 def check_writable_dir(path: str, flag: str = '--workdir'):
   """Creates `path` if needed and checks that it is a writable directory.
 

@@ -468,3 +468,37 @@ def test_a_config_file_that_does_not_exist_exits_2_before_any_work(module, tmp_p
     out.stderr
   )
   assert 'launch/configs/roformr.py' in out.stderr and 'Traceback' not in out.stderr
+
+
+@pytest.mark.parametrize(
+  'module, flags',
+  [
+    ('export', ['--from_workdir=RUN', '--out=FILE/x']),
+    ('convert', ['--from_hf=RUN', '--workdir=FILE']),
+    (
+      'upscale',
+      ['--from_workdir=RUN', '--config=launch/configs/roformer.py:small', '--workdir=FILE/x'],
+    ),
+    ('report', ['RUN', '--out=FILE']),
+  ],
+)
+def test_an_output_directory_that_is_a_file_exits_2_before_any_work(module, flags, tmp_path):
+  """export, convert, upscale and report wrote their output where they first needed it: a
+  path that is (or is under) a file ended in a traceback, upscale's after restoring and
+  growing the model."""
+  (tmp_path / 'file').write_text('not a directory')
+  (tmp_path / 'run').mkdir()
+  flags = [
+    f.replace('FILE', str(tmp_path / 'file')).replace('RUN', str(tmp_path / 'run')) for f in flags
+  ]
+  out = subprocess.run(
+    [sys.executable, '-m', f'launch.{module}', *flags],
+    cwd=ROOT,
+    env=cpu_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert str(tmp_path / 'file') in out.stderr and 'Traceback' not in out.stderr
+  assert 'is a file, not a directory' in out.stderr or 'which is a file' in out.stderr
