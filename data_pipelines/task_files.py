@@ -164,6 +164,7 @@ def _read_local(path: str, options: tasks.TaskOptions, flag: str):
     }
     if pair_ref != '':
       keys['text_pair_column'] = pair_ref
+    _check_distinct(keys, path)
     first = rows[0][1]
     for field, key in keys.items():
       if key not in first:
@@ -190,6 +191,9 @@ def _read_local(path: str, options: tasks.TaskOptions, flag: str):
     _column(pair_ref, '', header, width, f'{tasks.FLAG}text_pair_column', path)
     if pair_ref != ''
     else None
+  )
+  _check_distinct(
+    {'label_column': label_col, 'text_column': text_col, 'text_pair_column': pair_col}, path
   )
   needed = max(c for c in (label_col, text_col, pair_col) if c is not None) + 1
   for number, row in rows:
@@ -402,3 +406,19 @@ def column_texts(path: str, column: str, flag: str) -> list[tuple[int, str]]:
       f'0-based indices 0-{width - 1} (TSV columns are separated by tabs).'
     )
   return [(n, row[index]) for n, row in rows if len(row) > index and row[index].strip()]
+
+
+def _check_distinct(columns: dict, path: str):
+  """Raises TaskError if two of the label / text / text-pair fields name the same column (a
+  label read as the text: the task then scores perfectly, and says nothing of the encoder).
+  `columns`: field name -> resolved column (index or key; None: unused)."""
+  seen = {}
+  for field, column in columns.items():
+    if column is None:
+      continue
+    if column in seen:
+      raise tasks.TaskError(
+        f'{tasks.FLAG}{seen[column]} and {tasks.FLAG}{field} both name column {column!r} of '
+        f'{path}; each must name its own column (TSV columns are 0-based).'
+      )
+    seen[column] = field

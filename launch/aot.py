@@ -88,6 +88,11 @@ def main(argv):
     aot.quiet_libtpu(_TOPOLOGY.value[0])
   except ValueError as e:
     fail(str(e))
+  if _TOKENS_PER_SEC.value < 0:
+    fail(
+      f"--tokens_per_sec={_TOKENS_PER_SEC.value}: give the slice's target throughput in "
+      f'tokens per second (> 0), or leave it out (0: no MFU column).'
+    )
   for chip in _ROOFLINE_CHIPS.value:
     if chip not in aot.CHIPS:
       fail(f'--roofline_chips: unknown chip {chip!r}; use one of {",".join(aot.CHIPS)}.')

@@ -69,10 +69,14 @@ def validate(config):
       f': give one or more learning rates > 0, e.g. '
       f'--config.finetune.learning_rates=1e-4,3e-4,1e-3.'
     )
-  if not ft.seeds or len(set(ft.seeds)) != len(ft.seeds):
+  if (
+    not ft.seeds
+    or len(set(ft.seeds)) != len(ft.seeds)
+    or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in ft.seeds)
+  ):
     raise ValueError(
       f'--config.finetune.seeds={",".join(map(str, ft.seeds))}: give one or '
-      f'more distinct integer seeds, e.g. --config.finetune.seeds=0,1,2.'
+      f'more distinct integer seeds >= 0, e.g. --config.finetune.seeds=0,1,2.'
     )
   if ft.batch_size < 1:
     raise ValueError(f'--config.finetune.batch_size={ft.batch_size} must be >= 1.')

@@ -275,5 +275,7 @@ def run_summary(
     # The new step count replaces the one on the command line (a flag given twice reads as a
     # mistake, whichever absl keeps).
     command = resume_command(drop=['--config.train.num_train_steps'])
-    lines.append(f'  continue     {command} --config.train.num_train_steps=<more than {num_steps}>')
+    # A run resumed with fewer steps than its checkpoint has stands at `step`, not num_steps.
+    done = max(step, num_steps)
+    lines.append(f'  continue     {command} --config.train.num_train_steps=<more than {done}>')
   return '\n'.join(lines)

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 from etils import epath
 import numpy as np
 
@@ -49,6 +50,21 @@ class RunHistory:
     return (np.array([l['step'] for l in lines], float), np.array([l[key] for l in lines], float))
 
 
+def _is_record(record) -> bool:
+  """Whether a parsed metrics.jsonl line is one the plots can use: a JSON object whose
+  "step" is an integer and whose other values, "split" aside, are numbers (or null)."""
+  if not isinstance(record, dict):
+    return False
+  step = record.get('step')
+  if not isinstance(step, int) or isinstance(step, bool):
+    return False
+  return all(
+    v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+    for k, v in record.items()
+    if k not in ('step', 'split')
+  )
+
+
 def load_run(run_dir: str, name: str | None = None) -> RunHistory:
   """Reads a run directory.
 
@@ -62,12 +78,23 @@ def load_run(run_dir: str, name: str | None = None) -> RunHistory:
       f'{run_dir} has no metrics.jsonl: give run directories written by '
       f'launch.pretrain (or launch.upscale followed by training).'
     )
-  lines = []
+  lines, skipped = [], 0
   for line in path.read_text().splitlines():
     try:
-      lines.append(json.loads(line))
-    except ValueError:
-      continue  # a torn last line of a killed run
+      record = json.loads(line)
+    except ValueError:  # a torn last line of a killed run
+      record = None
+    if _is_record(record):
+      lines.append(record)
+    elif line.strip():
+      skipped += 1
+  if skipped:
+    logging.warning(
+      '%s: skipped %d line(s) that are not metrics records (a JSON object with an integer '
+      '"step" and numeric values; a line torn by a kill, or edited by hand)',
+      path,
+      skipped,
+    )
   if not lines:
     raise ReportError(f'{path} is empty: the run has not logged a step yet.')
   tokens_per_step = 0

@@ -385,6 +385,16 @@ BAD_INPUTS = {
     ''.join(f'0\tsentence number {i}\n' for i in range(300)),
     'that is text, not class labels',
   ),
+  'label and text in one column': (
+    dict(label_column='0', text_column='0'),
+    '0\tgood\n1\tbad\n',
+    'label_column and --config.finetune.text_column both name column 0',
+  ),
+  'text and pair in one field': (
+    dict(file_format='jsonl', text_column='sentence', text_pair_column='sentence'),
+    '{"label": 0, "sentence": "good"}\n',
+    'text_column and --config.finetune.text_pair_column both name column .sentence.',
+  ),
   'empty file': (dict(), '', 'has no examples'),
   'only a header': (dict(header=True), 'label\ttext\n', 'has no examples'),
   'pair column missing': (
@@ -517,6 +527,14 @@ def test_a_workdir_holding_a_run_of_the_other_kind_is_refused_untouched(
   with pytest.raises(train.InputError, match=r'holds a fine-tuning run .*--workdir=.*_pretrain'):
     train.prepare(make_tiny_config_like(tiny_data[0]), str(sweep_dir))
   assert _files(sweep_dir) == before
+
+
+@pytest.mark.parametrize('seeds', [(), (0, 0), (-1,), (0, -3)])
+def test_seeds_must_be_distinct_and_not_negative(seeds, marker_task):
+  """A negative seed used to pass validation and fail after training, when the run's
+  data order was drawn (numpy takes no negative seed), leaving its directory behind."""
+  with pytest.raises(ValueError, match=r'finetune.seeds=.*distinct integer seeds >= 0'):
+    finetune.validate(_config(marker_task, **{'finetune.seeds': seeds}))
 
 
 def test_the_fine_tuning_preset_validates_and_takes_its_encoder_from_a_run(

@@ -278,6 +278,23 @@ def test_continue_command_sets_the_step_count_once(given, tmp_path, monkeypatch)
   )
 
 
+def test_continue_command_counts_from_the_checkpoint_when_it_is_past_the_step_count(tmp_path):
+  """Resumed at step 4 with --config.train.num_train_steps=2 (evaluation only), the summary
+  said to continue with more than 2 steps; more than 4 is what trains."""
+  text = progress.run_summary(
+    workdir=str(tmp_path),
+    start_step=4,
+    step=4,
+    num_steps=2,
+    tokens=0,
+    seconds=1.0,
+    evals=[],
+    latest_checkpoint=4,
+  )
+  (line,) = [l for l in text.splitlines() if l.startswith('  continue')]
+  assert line.endswith('--config.train.num_train_steps=<more than 4>'), line
+
+
 def test_torn_last_metrics_line_is_reported_apart_from_later_steps(tmp_path, warnings):
   records = [json.dumps({'step': s, 'split': 'train', 'loss': 1.0}) + '\n' for s in (1, 2, 3, 4)]
   path = tmp_path / 'metrics.jsonl'

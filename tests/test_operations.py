@@ -204,6 +204,22 @@ def test_report_draws_one_curve_per_run_and_split_and_a_table(tmp_path):
     report.load_run(str(tmp_path))
 
 
+def test_report_skips_lines_that_are_not_metrics_records(tmp_path, warnings):
+  """Valid JSON of the wrong shape (a step that is not an integer, no step, a text value)
+  ended `launch.report` in a traceback; such lines are skipped with one warning, as torn ones
+  always were."""
+  run = _fake_run(tmp_path / 'run', [6.0, 5.5, 5.0, 4.5])
+  with open(run / 'metrics.jsonl', 'a', encoding='utf-8') as f:
+    f.write('{"step": "x", "split": "train", "loss": 1.0}\n')
+    f.write('{"split": "train", "loss": 1.0}\n')
+    f.write('{"step": 9, "split": "train", "loss": "low"}\n')
+    f.write('[1, 2]\n{"step": 10, "spl')
+  loaded = report.load_run(str(run))
+  assert [r['step'] for r in loaded.train] == [1, 2, 3, 4]
+  assert len(warnings) == 1 and 'skipped 5 line(s) that are not metrics records' in warnings[0]
+  report.write_report([str(run)], str(tmp_path / 'out'))  # draws and tabulates what is left
+
+
 def test_report_cli_writes_the_files(tmp_path):
   a = _fake_run(tmp_path / 'a', [6.0, 5.0])
   out = subprocess.run(
@@ -436,6 +452,7 @@ def test_report_plots_the_probe_and_the_mixture_only_for_runs_that_have_them(tmp
     (['--config=launch/configs/roformer.py:tiny', '--config.model.bogus=1'], 'bad flag: bogus'),
     (['--topology=0xv5e-8'], 'the number of slices must be >= 1'),
     (['--topology=v9-8'], "--topology='v9-8' is not known"),
+    (['--topology=v5e-8', '--tokens_per_sec=-5'], '--tokens_per_sec=-5.0: give the slice'),
   ],
 )
 def test_aot_bad_flags_exit_2_without_a_traceback(flags, message):
