@@ -80,6 +80,11 @@ def validate(config):
     )
   if ft.batch_size < 1:
     raise ValueError(f'--config.finetune.batch_size={ft.batch_size} must be >= 1.')
+  if ft.max_seq_len > train.MAX_SEQ_LEN:
+    raise ValueError(
+      f'--config.finetune.max_seq_len={ft.max_seq_len:,} is beyond {train.MAX_SEQ_LEN:,} '
+      f'tokens per example; give a length that fits the task (BERT: 128 or 512).'
+    )
   if ft.num_steps < 0 or (ft.num_steps == 0 and not ft.num_epochs > 0):
     raise ValueError(
       f'--config.finetune.num_steps={ft.num_steps} / num_epochs='

@@ -301,10 +301,22 @@ def init_state(config, run_setup: Setup) -> State:
 # ----------------------------------------------------------------------------- helpers
 
 
+# The longest row any command accepts (tokens): 16x the longest that fits a TPU v5e chip with
+# the splash kernel (docs/tpu_fit.md). A longer one is a slip that would only exhaust host
+# memory while the first batches are packed, before any check of the device could say so.
+MAX_SEQ_LEN = 2**20
+
+
 def _validate_data(data, objective: str):
   """The data fields every objective needs in range (ValueError naming the field)."""
   if data.seq_len < 2:
     raise ValueError(f'--config.data.seq_len={data.seq_len} must be >= 2.')
+  if data.seq_len > MAX_SEQ_LEN:
+    raise ValueError(
+      f'--config.data.seq_len={data.seq_len:,} is beyond {MAX_SEQ_LEN:,} tokens per row; the '
+      f'longest a TPU chip holds is 65,536 (splash attention on v5e, docs/tpu_fit.md). Give a '
+      f'shorter seq_len.'
+    )
   if data.global_batch_size < 1:
     raise ValueError(
       f'--config.data.global_batch_size={data.global_batch_size} must be >= 1 '

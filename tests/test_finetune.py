@@ -537,6 +537,20 @@ def test_seeds_must_be_distinct_and_not_negative(seeds, marker_task):
     finetune.validate(_config(marker_task, **{'finetune.seeds': seeds}))
 
 
+def test_a_row_longer_than_any_device_holds_is_refused_before_any_work(marker_task, tiny_data):
+  """--config.data.seq_len=100000000 used to pass validation and exhaust host memory while
+  the first batches were packed (12 minutes, then the kernel's OOM kill); a fine-tuning
+  max_seq_len as large, while the task was padded."""
+  config = make_tiny_config_like(tiny_data[0])
+  config.data.seq_len = train.MAX_SEQ_LEN + 1
+  with pytest.raises(ValueError, match=r'--config.data.seq_len=1,048,577 is beyond 1,048,576'):
+    train.validate(config)
+  config.data.seq_len = train.MAX_SEQ_LEN  # the limit itself passes this check
+  train._validate_data(config.data, config.objective)
+  with pytest.raises(ValueError, match=r'--config.finetune.max_seq_len=1,048,577 is beyond'):
+    finetune.validate(_config(marker_task, **{'finetune.max_seq_len': train.MAX_SEQ_LEN + 1}))
+
+
 def test_the_fine_tuning_preset_validates_and_takes_its_encoder_from_a_run(
   pretrained_run, marker_task
 ):
