@@ -11,9 +11,9 @@ from absl import logging as absl_logging
 import numpy as np
 import pytest
 
-from helpers import cpu_env
 from helpers import make_tiny_config
 from helpers import ROOT
+from helpers import run_launcher
 from launch import cli
 from launch import tpu_vm
 from pretrain import progress
@@ -456,14 +456,7 @@ def test_report_plots_the_probe_and_the_mixture_only_for_runs_that_have_them(tmp
   ],
 )
 def test_aot_bad_flags_exit_2_without_a_traceback(flags, message):
-  out = subprocess.run(
-    [sys.executable, '-m', 'launch.aot', *flags],
-    cwd=ROOT,
-    env=cpu_env(),
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  out = run_launcher('launch.aot', *flags, timeout=120)
   assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
   assert 'Traceback' not in out.stderr
 
@@ -472,14 +465,7 @@ def test_aot_bad_flags_exit_2_without_a_traceback(flags, message):
 def test_a_config_file_that_does_not_exist_exits_2_before_any_work(module, tmp_path):
   """config_flags keeps a failed load until the config is first read: the launchers used to
   start (build data, restore a run) and end in a traceback there."""
-  out = subprocess.run(
-    [sys.executable, '-m', f'launch.{module}', '--config=launch/configs/roformr.py:tiny'],
-    cwd=ROOT,
-    env=cpu_env(),
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  out = run_launcher(f'launch.{module}', '--config=launch/configs/roformr.py:tiny', timeout=120)
   assert out.returncode == 2, out.stderr[-2000:]
   assert 'bad flag: --config: the config file cannot be loaded ([Errno 2] No such file' in (
     out.stderr
@@ -508,14 +494,7 @@ def test_an_output_directory_that_is_a_file_exits_2_before_any_work(module, flag
   flags = [
     f.replace('FILE', str(tmp_path / 'file')).replace('RUN', str(tmp_path / 'run')) for f in flags
   ]
-  out = subprocess.run(
-    [sys.executable, '-m', f'launch.{module}', *flags],
-    cwd=ROOT,
-    env=cpu_env(),
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  out = run_launcher(f'launch.{module}', *flags, timeout=120)
   assert out.returncode == 2, out.stderr[-2000:]
   assert str(tmp_path / 'file') in out.stderr and 'Traceback' not in out.stderr
   assert 'is a file, not a directory' in out.stderr or 'which is a file' in out.stderr
