@@ -707,6 +707,15 @@ def finetune(
         kept, held = tasks.hold_out(task.train, ft.validation_fraction)
         task = dataclasses.replace(task, train=kept)
         validation = tasks.encode(held, start.tokenizer, ft.max_seq_len)
+      if ft.batch_size > len(task.train):
+        # A batch of repeats of the same few examples; at 100,000 rows, a traceback from the
+        # device allocator at the first step instead of a message.
+        raise InputError(
+          f'--config.finetune.batch_size={ft.batch_size:,} is more than the '
+          f'{len(task.train):,} training examples'
+          f'{" left after validation_fraction" if ft.validation_fraction > 0 else ""}; give '
+          f'at most {len(task.train):,} (BERT: 16 or 32).'
+        )
       data = (
         tasks.encode(task.train, start.tokenizer, ft.max_seq_len),
         tasks.encode(task.dev, start.tokenizer, ft.max_seq_len),

@@ -551,6 +551,17 @@ def test_a_row_longer_than_any_device_holds_is_refused_before_any_work(marker_ta
     finetune.validate(_config(marker_task, **{'finetune.max_seq_len': train.MAX_SEQ_LEN + 1}))
 
 
+def test_a_batch_larger_than_the_training_set_is_refused_before_training(
+  pretrained_run, marker_task, tmp_path
+):
+  """--config.finetune.batch_size=100000 on a few hundred examples ended in the device
+  allocator's out-of-memory traceback at the first step."""
+  config = _config(marker_task, **{'finetune.batch_size': 100_000})
+  with pytest.raises(finetune.InputError, match=r'batch_size=100,000 is more than the \d+ train'):
+    finetune.finetune(config, str(tmp_path / 'ft'), from_workdir=str(pretrained_run[0]))
+  assert not any((tmp_path / 'ft').glob('lr*'))
+
+
 def test_the_fine_tuning_preset_validates_and_takes_its_encoder_from_a_run(
   pretrained_run, marker_task
 ):
