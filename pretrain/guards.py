@@ -554,6 +554,22 @@ class _Lease:
       logging.warning('could not delete the lease %s (%s); it expires by itself', self.uri, e)
 
 
+def _is_local_dir_path(path: str, flag: str) -> bool:
+  """False for a remote path (orbax and epath create what they write there); True for a local
+  one that is not a file.
+
+  Raises:
+    ValueError: `path` is a file.
+  """
+  if storage.is_remote(path):
+    return False
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(
+      f'{flag}={path} is a file, not a directory; give a directory (it is created if missing).'
+    )
+  return True
+
+
 def check_dir_can_be_written(path: str, flag: str = '--workdir'):
   """Checks, without creating or writing anything, that `path` is a writable directory or
   can be created as one: for commands whose bad input must leave no trace (export, convert,
@@ -563,12 +579,8 @@ def check_dir_can_be_written(path: str, flag: str = '--workdir'):
     ValueError: naming the flag, the path and what is wrong (a file, under a file, not
       writable).
   """
-  if storage.is_remote(path):  # orbax and epath create what they write there
+  if not _is_local_dir_path(path, flag):
     return
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(
-      f'{flag}={path} is a file, not a directory; give a directory (it is created if missing).'
-    )
   parent = os.path.abspath(path)
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
@@ -586,12 +598,8 @@ def check_writable_dir(path: str, flag: str = '--workdir'):
   Raises:
     ValueError: naming the flag, the path and what is wrong.
   """
-  if storage.is_remote(path):  # orbax and epath create what they write there
+  if not _is_local_dir_path(path, flag):
     return
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(
-      f'{flag}={path} is a file, not a directory; give a directory (it is created if missing).'
-    )
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f'.write_test_{os.getpid()}')
